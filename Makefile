@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The install is redone only when a requirements file or setup.cfg changes (a stamp on their hash).
+REQ_HASH := $(shell cat requirements.txt requirements-nodeps.txt setup.cfg | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: setup test test-fast assets demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@echo "== installing pinned dependencies into $(VENV) (first time: about 5 minutes here)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(FIND_LINKS) -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	@# simuleval pulls pytest-flake8, which stops pytest 9 from starting
+	$(PIP) uninstall -q -y pytest-flake8 2>/dev/null || true
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, importlib.util as u; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert u.find_spec('torchaudio') is None and u.find_spec('triton') is None, 'torchaudio/triton must not be installed'"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+assets: setup
+	$(BIN)/python -m speech_frontend.assets
+
+test: setup assets
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real" tests
+
+demo: setup
+	$(BIN)/python -m simul_agents.demo
+
+bench: setup
+	$(BIN)/python -m simul_agents.bench
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
