@@ -1,0 +1,164 @@
+"""Build, save and load a SpeechLLM: one directory of safetensors + config JSON + tokenizer files.
+
+Layout of a checkpoint directory::
+
+    checkpoint.json     {"format": "proactive-simulst", "version": 1, "delta": false, "tied": {...}}
+    config.json         SpeechLLMConfig
+    model.safetensors   weights (all of them, or with delta=true only the trained ones)
+    tokenizer*.json     the LM's tokenizer
+
+A *delta* checkpoint stores only the parameters that were trained (adapter, marker, probe, LoRA or
+fine-tuned layers) and rebuilds the rest from the base weights named in its config (``llm_path``,
+``whisper_path``), so a trained result stays small enough to keep in git.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import whisper.model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from speech_frontend.encoder import BlockCausalEncoder
+
+from .config import SPEECH, SpeechLLMConfig
+from .model import SpeechLLM, build_llm
+
+FORMAT = "proactive-simulst"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, foreign or does not match its config."""
+
+
+def build_model(config: SpeechLLMConfig, tokenizer, from_paths: bool = False) -> SpeechLLM:
+    """Modules for ``config``: random init, or the base weights named by its paths when ``from_paths``."""
+    llm = build_llm(config, from_path=from_paths)
+    encoder = None
+    if config.modality == SPEECH:
+        if from_paths and config.whisper_path:
+            from speech_frontend.convert import load_whisper
+
+            encoder = BlockCausalEncoder.from_whisper(load_whisper(config.whisper_path), config.block_frames)
+        else:
+            encoder = BlockCausalEncoder(whisper.model.ModelDimensions(**config.whisper_dims), config.block_frames)
+    return SpeechLLM(config, llm, tokenizer, encoder)
+
+
+def save_checkpoint(model: SpeechLLM, directory: str | Path, delta: bool = False, extra: dict | None = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (a temporary sibling renamed at the end)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    state, tied, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        if delta and name not in trained:
+            continue
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            tied[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        state[name] = tensor.detach().contiguous().cpu()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / "config.json").write_text(model.config.to_json(), encoding="utf-8")
+        model.tokenizer.save_pretrained(str(tmp))
+        meta = {"format": FORMAT, "version": VERSION, "delta": delta, "tied": tied, "extra": extra or {}}
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    meta_path = directory / "checkpoint.json"
+    if not meta_path.exists():
+        raise CheckpointError(
+            f"{directory}: not a {FORMAT} checkpoint (no checkpoint.json); pass a directory written by training.train"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{directory}: checkpoint version {meta['version']} is newer than this toolkit's")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SpeechLLM:
+    """Load a checkpoint; the weights are checked against the config and every mismatch is named."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        config = SpeechLLMConfig.load(directory / "config.json")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory}: bad config.json ({e})") from None
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = build_model(config, tokenizer, from_paths=bool(meta.get("delta")))
+    check_state(model, state, meta, str(directory))
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval()
+
+
+def check_state(model: SpeechLLM, state: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped weights."""
+    expected = model.state_dict()
+    tied = set(meta.get("tied", {}))
+    problems = []
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        problems.append(f"unexpected weights {_few(unexpected)}")
+    if not meta.get("delta"):
+        missing = sorted(set(expected) - set(state) - tied)
+        if missing:
+            problems.append(f"missing weights {_few(missing)}")
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the config"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match config.json: " + " | ".join(problems))
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

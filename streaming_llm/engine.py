@@ -1,0 +1,300 @@
+"""The incremental engine: feed source as it arrives, decode the next target word on request.
+
+Invariant (DESIGN.md section 3): the logits a ``StreamingSession`` produces step by step equal those of one
+masked full-sequence forward (``SpeechLLM.forward``) with the phi the session followed.
+
+How the caches stay valid:
+
+- the encoder encodes each block once (``BlockCausalEncoder.encode_block`` keeps per-layer K/V), and a
+  block is handed to the LLM only when it is complete, so no cached key ever goes stale;
+- source entries never attend to target entries (mask), and target positions are a fixed group
+  (``layout``), so the LLM's KV cache of both stays valid when more source arrives;
+- the row that predicts the *next* target token must see everything read so far: that one entry (the last
+  target-group token, "pending") is dropped from the cache and re-fed after new source. Everything else
+  is fed exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from speech_frontend.audio import to_mono_16k
+from speech_frontend.mel import StreamingMel
+
+from .config import SPEECH, TEXT
+from .model import SpeechLLM, eager_attention, run_llm
+
+PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
+
+
+@dataclass
+class StepSignals:
+    """What a decision head sees before each target word (all under the source read so far)."""
+
+    entropy: float  # entropy of the next-token distribution, in nats
+    top_prob: float  # probability of the greedy next token
+    next_token: int  # the greedy next token id
+    ends_sentence: bool  # the greedy next token is the end-of-sentence token
+    hidden: torch.Tensor  # (d_model,) last-layer hidden state of the pending target row
+    source_attention: torch.Tensor | None  # (units_read,) attention mass per source unit, or None if not asked
+    units_read: int
+    source_finished: bool
+    n_words: int  # target words written so far
+
+
+class StreamingSession:
+    """One utterance, streamed. Not thread-safe; one session per stream, one model shared by many.
+
+    Speech: ``push_audio`` (16 kHz mono float32 samples, any chunking) then ``finish_source``.
+    Text: ``push_words`` then ``finish_source``. Between pushes: ``signals()`` and ``write_word()``.
+    """
+
+    def __init__(
+        self,
+        model: SpeechLLM,
+        *,
+        attention_layers: Sequence[int] | None = None,
+        max_target_tokens: int = 256,
+    ):
+        self.model = model
+        self.config = model.config
+        self.attention_layers = None if attention_layers is None else list(attention_layers)
+        self.max_target_tokens = max_target_tokens
+        self.cache = DynamicCache()
+        self.kinds: list[int] = []  # kind of each cache entry, in cache order
+        self.entry_units: list[int] = []  # source unit (1..M) of each cache entry; 0 for others
+        self.n_source_embeddings = 0
+        self.units_read = 0
+        self.source_finished = False
+        self.finished = False
+        self.target_group: list[int] = []  # prefix ids then written target ids; the last is the pending row
+        self.words: list[str] = []
+        self._out = None  # the LM output of the last pending-row forward
+        if self.config.modality == SPEECH:
+            self.mel = StreamingMel(model.encoder.n_mels)
+            self.encoder_cache = model.encoder.new_cache()
+            self._mel_buffer = torch.zeros(model.encoder.n_mels, 0)
+            self.samples_in = 0
+        with torch.inference_mode():
+            self._feed(model.embed_ids(model.prompt_ids), PROMPT)
+            prefix = model.prefix_ids
+            if len(prefix) > 1:  # rows predicting prefix tokens see no source: committed now
+                self._feed_target(prefix[:-1])
+            self._feed_target(prefix[-1:])
+
+    # ---- source ------------------------------------------------------------------------------------
+
+    def push_audio(self, samples: np.ndarray, sample_rate: int = 16000) -> int:
+        """Append audio (any rate/channels/dtype: converted) -> number of new source units read."""
+        self._require(SPEECH, "push_audio")
+        if self.source_finished:
+            raise ValueError("push_audio after finish_source; start a new session for a new utterance")
+        if len(samples) == 0:
+            return 0
+        audio = to_mono_16k(samples, sample_rate, name="pushed audio")
+        self.samples_in += audio.shape[0]
+        return self._push_mel(self.mel.push(audio))
+
+    def push_words(self, words: Sequence[str]) -> int:
+        """Append source words (text modality) -> number of new units read."""
+        self._require(TEXT, "push_words")
+        if self.source_finished:
+            raise ValueError("push_words after finish_source; start a new session for a new sentence")
+        words = [w for w in words if w.strip()]
+        if not words:
+            return 0
+        with torch.inference_mode():
+            self._feed_source(self.model.text_units(words))
+        return len(words)
+
+    def finish_source(self) -> None:
+        """The source is complete: flush a partial block (zero-padded) and append the end-of-source marker."""
+        if self.source_finished:
+            return
+        if self.config.modality == SPEECH:
+            short = (-self.samples_in) % self.model.block_samples
+            if self.samples_in == 0:
+                raise ValueError("finish_source with no audio; a speech source needs at least one sample")
+            if short:
+                self.samples_in += short
+                self._push_mel(self.mel.push(np.zeros(short, dtype=np.float32)))
+            assert self._mel_buffer.shape[1] == 0, "audio padded to a whole block leaves no mel frames behind"
+        if self.units_read == 0:
+            raise ValueError("finish_source with no source units; push audio or words first")
+        self.source_finished = True
+        with torch.inference_mode():
+            self._drop_pending()
+            self._feed(self.model.end_of_source[None], SOURCE, unit=self.units_read)
+            self._refeed_pending()
+
+    def _push_mel(self, mel: torch.Tensor) -> int:
+        """Buffer new mel frames (n_mels, k); encode every complete block; feed its units to the LM."""
+        self._mel_buffer = torch.cat([self._mel_buffer, mel], dim=1)
+        per_block = self.model.encoder.mel_per_block
+        n_blocks = self._mel_buffer.shape[1] // per_block
+        if n_blocks == 0:
+            return 0
+        capacity = self.config.source_capacity
+        needed = self.n_source_embeddings + n_blocks * self.config.embeddings_per_block
+        if needed > capacity:
+            seconds = capacity * self.config.stack * 0.02
+            raise ValueError(
+                f"the source is longer than the model's {seconds:.1f} s context; segment long input "
+                "(e.g. at pauses) into utterances of at most that length"
+            )
+        model = self.model
+        with torch.inference_mode():
+            blocks = []
+            for _ in range(n_blocks):
+                mel_block = self._mel_buffer[:, :per_block]
+                self._mel_buffer = self._mel_buffer[:, per_block:]
+                frames = model.encoder.encode_block(
+                    mel_block[None].to(model.device, model.end_of_source.dtype), self.encoder_cache
+                )
+                blocks.append(frames[0])
+            self._feed_source(model.speech_units(torch.cat(blocks)))
+        return n_blocks
+
+    def _feed_source(self, units: list[torch.Tensor]) -> None:
+        capacity = self.config.source_capacity
+        if self.n_source_embeddings + sum(u.shape[0] for u in units) > capacity:
+            raise ValueError(f"the source exceeds the model's capacity of {capacity} embeddings")
+        self._drop_pending()
+        for unit in units:
+            self.units_read += 1
+            self._feed(unit, SOURCE, unit=self.units_read)
+        self._refeed_pending()
+
+    # ---- target ------------------------------------------------------------------------------------
+
+    def signals(self) -> StepSignals:
+        """The decision head's view of the current step."""
+        logits = self._out.logits[0, -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = int(logp.argmax())
+        entropy = float(-(logp.exp() * logp).sum())
+        return StepSignals(
+            entropy=entropy if math.isfinite(entropy) else float("inf"),
+            top_prob=float(logp[top].exp()),
+            next_token=top,
+            ends_sentence=top == self.model.eos_id,
+            hidden=self._out.hidden_states[-1][0, -1],
+            source_attention=self._source_attention(),
+            units_read=self.units_read,
+            source_finished=self.source_finished,
+            n_words=len(self.words),
+        )
+
+    def next_logits(self) -> torch.Tensor:
+        """(V,) logits for the next target token under the source read so far."""
+        return self._out.logits[0, -1]
+
+    def write_word(self) -> str | None:
+        """Greedily decode the next target word (tokens up to the next word boundary).
+
+        Returns None when the model would end the sentence: if the source is finished the session is then
+        finished; otherwise nothing is written (a policy should READ).
+        """
+        if self.finished:
+            return None
+        tokens: list[int] = []
+        with torch.inference_mode():
+            while True:
+                nxt = int(self._out.logits[0, -1].argmax())
+                if nxt == self.model.eos_id:
+                    if not tokens and self.source_finished:
+                        self._feed_target([nxt])
+                        self.finished = True
+                    break
+                if tokens and bool(self.model.word_start[nxt]):
+                    break
+                tokens.append(nxt)
+                self._feed_target([nxt])
+                if len(self.written) >= self.max_target_tokens:
+                    self.finished = True
+                    break
+        if not tokens:
+            return None
+        word = self.model.tokenizer.decode(tokens).strip()
+        self.words.append(word)
+        return word
+
+    def force_target(self, ids: Sequence[int]) -> None:
+        """Write the given target tokens (teacher forcing), one step each; for tests and analysis."""
+        with torch.inference_mode():
+            for i in ids:
+                self._feed_target([int(i)])
+                if int(i) == self.model.eos_id:
+                    self.finished = True
+
+    # ---- the cache ---------------------------------------------------------------------------------
+
+    @property
+    def written(self) -> list[int]:
+        """Target token ids written so far (the prefix excluded)."""
+        return self.target_group[len(self.model.prefix_ids) :]
+
+    def _feed_target(self, ids: list[int]) -> None:
+        """Append target-group tokens; the last one's row becomes the pending row."""
+        self._feed(self.model.embed_ids(ids), TARGET)
+        self.target_group += ids
+
+    def _drop_pending(self) -> None:
+        """Take the pending row out of the cache (it is re-fed once the new source is in)."""
+        self.cache.crop(-1)
+        self.kinds.pop()
+        self.entry_units.pop()
+        self._pending = self.target_group.pop()
+
+    def _refeed_pending(self) -> None:
+        self._feed_target([self._pending])
+
+    def _feed(self, embeds: torch.Tensor, kind: int, unit: int = 0) -> None:
+        """Run the LM over new entries (q, d) of one kind, appending them to the cache."""
+        model = self.model
+        q, past = embeds.shape[0], len(self.kinds)
+        if kind == TARGET:
+            start = model.target_offset + len(self.target_group)
+        elif kind == SOURCE:
+            start = len(model.prompt_ids) + self.n_source_embeddings
+            self.n_source_embeddings += q
+        else:
+            start = 0
+        positions = torch.arange(start, start + q, device=model.device)[None]
+        allowed = torch.ones(q, past + q, dtype=torch.bool)
+        allowed[:, past:] = torch.ones(q, q, dtype=torch.bool).tril()
+        if kind != TARGET and past:  # source and prompt never see target entries
+            allowed[:, :past] &= torch.tensor(self.kinds) != TARGET
+        mask = torch.zeros(1, 1, q, past + q, dtype=embeds.dtype)
+        mask.masked_fill_(~allowed[None, None], float("-inf"))
+        want_attention = kind == TARGET and self.attention_layers is not None
+        if want_attention:
+            with eager_attention(model.llm):
+                out = run_llm(model.llm, embeds[None], positions, mask.to(model.device), self.cache, attentions=True)
+        else:
+            out = run_llm(model.llm, embeds[None], positions, mask.to(model.device), self.cache)
+        self.kinds += [kind] * q
+        self.entry_units += [unit] * q
+        if kind == TARGET:
+            self._out = out
+
+    def _source_attention(self) -> torch.Tensor | None:
+        """(units_read,) attention of the pending row per source unit, averaged over heads and chosen layers."""
+        if self.attention_layers is None or not self._out.attentions:
+            return None
+        layers = self._out.attentions
+        chosen = [layers[i] for i in self.attention_layers] if self.attention_layers else list(layers)
+        row = torch.stack([a[0, :, -1].float().mean(0) for a in chosen]).mean(0)  # (kv,)
+        units = torch.tensor(self.entry_units, device=row.device)
+        mass = torch.zeros(self.units_read + 1, device=row.device).index_add_(0, units, row)
+        return mass[1:]
+
+    def _require(self, modality: str, what: str) -> None:
+        if self.config.modality != modality:
+            raise ValueError(f"{what} is for a {modality} model; this model's source is {self.config.modality}")

@@ -1,0 +1,221 @@
+"""The invariant of DESIGN.md section 3 and the engine's behaviour, on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from streaming_llm.engine import StreamingSession
+from streaming_llm.layout import Layout, attention_mask
+from streaming_llm.tiny import tiny_model
+
+SOURCE_WORDS = "I would like a cup of coffee in the garden .".split()
+TARGET_TEXT = "Ich möchte eine Tasse Kaffee im Garten."
+
+
+def random_phi(n_units: int, n_target: int, gen: torch.Generator) -> torch.Tensor:
+    """A monotonic read schedule ending at M (the training sampler has its own tests)."""
+    phi = torch.sort(torch.randint(0, n_units + 1, (n_target,), generator=gen)).values
+    phi[-1] = n_units
+    return phi
+
+
+def full_forward_logits(model, units, targets, phi) -> torch.Tensor:
+    """Logits of the rows that predict y_1..y_L in one masked forward."""
+    embeds, positions, layouts = model.assemble([units], [targets])
+    with torch.no_grad():
+        logits, _ = model(embeds, positions, layouts, [phi])
+    return logits[0, layouts[0].predictor_rows()]
+
+
+def streamed_logits(session: StreamingSession, targets, phi, read_unit) -> torch.Tensor:
+    """Follow phi with a session: read until phi(t) units are in, then take the logits and write y_t."""
+    steps = []
+    for t, y in enumerate(targets):
+        while session.units_read < int(phi[t]):
+            read_unit(session)
+        steps.append(session.next_logits().clone())
+        session.force_target([y])
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_text_logits_equal_masked_full_forward(seed):
+    model = tiny_model("text", seed=seed)
+    targets = model.target_ids(TARGET_TEXT)
+    m = len(SOURCE_WORDS)
+    phi = random_phi(m, len(targets), torch.Generator().manual_seed(seed))
+    words = iter(SOURCE_WORDS)
+
+    def read_unit(session):
+        session.push_words([next(words)])
+        if session.units_read == m:
+            session.finish_source()
+
+    session = StreamingSession(model)
+    streamed = streamed_logits(session, targets, phi, read_unit)
+    full = full_forward_logits(model, model.text_units(SOURCE_WORDS), targets, phi)
+    torch.testing.assert_close(streamed, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed,block_ms", [(0, 320), (1, 640)])
+def test_incremental_speech_logits_equal_masked_full_forward(seed, block_ms):
+    model = tiny_model("speech", seed=seed, block_ms=block_ms)
+    rng = np.random.default_rng(seed)
+    audio = (0.1 * rng.standard_normal(int(16000 * 2.3))).astype(np.float32)  # 2.3 s: last block partial
+    n_block = model.block_samples
+    m = -(-audio.shape[0] // n_block)
+    targets = model.target_ids(TARGET_TEXT)
+    phi = random_phi(m, len(targets), torch.Generator().manual_seed(seed))
+    state = {"at": 0}
+
+    def read_unit(session):
+        if session.units_read == m - 1:  # the last, partial block arrives with the end of the source
+            session.push_audio(audio[state["at"] :])
+            session.finish_source()
+            return
+        session.push_audio(audio[state["at"] : state["at"] + n_block])
+        state["at"] += n_block
+
+    session = StreamingSession(model)
+    streamed = streamed_logits(session, targets, phi, read_unit)
+    units = model.speech_units(model.encode_speech(audio))
+    assert len(units) == m
+    full = full_forward_logits(model, units, targets, phi)
+    torch.testing.assert_close(streamed, full, atol=1e-4, rtol=1e-4)
+
+
+def test_speech_units_do_not_depend_on_chunking():
+    model = tiny_model("speech")
+    audio = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    finals = []
+    for chunks in ([audio], np.array_split(audio, 7), np.array_split(audio, 100)):
+        session = StreamingSession(model)
+        for chunk in chunks:
+            session.push_audio(chunk)
+        session.finish_source()
+        finals.append(session.next_logits())
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(finals[0], finals[2], atol=1e-5, rtol=1e-5)
+
+
+def test_stream_mask_hides_unread_units_and_marker_until_the_end():
+    layout = Layout(n_prompt=2, unit_sizes=(2, 1), n_prefix=1, n_target=3, target_offset=10)
+    phi = torch.tensor([0, 1, 2])
+    mask = attention_mask([layout], [phi], layout.length + 1)[0, 0]
+    visible = mask == 0
+    rows = layout.predictor_rows()  # rows predicting y_1, y_2, y_3
+    units = layout.key_units()
+    marker = layout.target_start - 1
+    for row, seen in zip(rows.tolist(), phi.tolist(), strict=True):
+        assert visible[row, :2].all()  # the prompt
+        for key in range(2, marker):
+            assert bool(visible[row, key]) == (int(units[key]) <= seen)
+        assert bool(visible[row, marker]) == (seen == layout.n_units)
+    assert visible[layout.length, layout.length]  # padding row sees itself only
+    assert not visible[layout.length, : layout.length].any()
+    assert layout.positions()[layout.target_start] == 10
+
+
+def test_target_positions_do_not_depend_on_source_length():
+    model = tiny_model("text")
+    short = model.layout([1, 1], 4).positions()
+    long = model.layout([1, 1, 2, 3], 4).positions()
+    assert torch.equal(short[-5:], long[-5:])
+
+
+def test_write_word_returns_whole_words_and_stops_at_the_cap():
+    model = tiny_model("text")
+    session = StreamingSession(model, max_target_tokens=12)
+    session.push_words(SOURCE_WORDS)
+    session.finish_source()
+    words = []
+    while (word := session.write_word()) is not None:
+        words.append(word)
+        assert word and " " not in word
+    assert session.finished
+    assert len(session.written) <= 13
+    assert session.write_word() is None
+
+
+def test_end_of_sentence_before_the_source_ends_writes_nothing():
+    model = tiny_model("text")
+    session = StreamingSession(model)
+    session.push_words(SOURCE_WORDS[:2])
+    with torch.no_grad():  # make the end-of-sentence token the greedy choice
+        model.llm.lm_head.weight[model.eos_id] += 100.0 * session.signals().hidden
+    try:
+        session = StreamingSession(model)
+        session.push_words(SOURCE_WORDS[:2])
+        assert session.signals().ends_sentence
+        assert session.write_word() is None and not session.finished
+    finally:
+        model.llm.lm_head.weight.data[model.eos_id] -= 100.0 * session.signals().hidden
+
+
+def test_signals_report_entropy_attention_and_units():
+    model = tiny_model("text")
+    session = StreamingSession(model, attention_layers=[])
+    session.push_words(SOURCE_WORDS[:3])
+    sig = session.signals()
+    assert sig.units_read == 3 and not sig.source_finished
+    assert 0 <= sig.entropy <= np.log(model.vocab_size) + 1e-4
+    assert sig.source_attention.shape == (3,)
+    assert 0 < float(sig.source_attention.sum()) <= 1 + 1e-5
+    assert sig.hidden.shape == (model.hidden_size,)
+
+
+def test_attention_signal_does_not_change_the_logits():
+    model = tiny_model("text")
+    plain, watched = StreamingSession(model), StreamingSession(model, attention_layers=[1])
+    for s in (plain, watched):
+        s.push_words(SOURCE_WORDS[:4])
+    torch.testing.assert_close(plain.next_logits(), watched.next_logits(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_source_is_refused_with_a_clear_error():
+    speech = tiny_model("speech")
+    session = StreamingSession(speech)
+    with pytest.raises(ValueError, match="NaN"):
+        session.push_audio(np.array([0.0, np.nan, 0.1], dtype=np.float32))
+    with pytest.raises(ValueError, match="no audio"):
+        session.finish_source()
+    with pytest.raises(ValueError, match="text model|speech model"):
+        session.push_words(["hello"])
+    too_long = np.zeros(16000 * 31, dtype=np.float32)
+    with pytest.raises(ValueError, match="context"):
+        StreamingSession(speech).push_audio(too_long)
+    text = StreamingSession(tiny_model("text"))
+    with pytest.raises(ValueError, match="no source"):
+        text.finish_source()
+
+
+def test_checkpoint_round_trip_keeps_the_logits(tmp_path):
+    model = tiny_model("speech", seed=3)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    audio = (0.1 * np.random.default_rng(1).standard_normal(8000)).astype(np.float32)
+    logits = []
+    for m in (model, loaded):
+        session = StreamingSession(m)
+        session.push_audio(audio)
+        session.finish_source()
+        logits.append(session.next_logits())
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+
+
+def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
+    save_checkpoint(tiny_model("text"), tmp_path / "ckpt")
+    config = (tmp_path / "ckpt" / "config.json").read_text()
+    (tmp_path / "ckpt" / "config.json").write_text(
+        config.replace('"adapter_hidden": 64', '"adapter_hidden": 64,\n"probe_hidden": 8').replace(
+            '"probe_hidden": 16,', ""
+        )
+    )
+    with pytest.raises(CheckpointError, match="probe"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match="not a proactive-simulst checkpoint"):
+        load_checkpoint(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing")
