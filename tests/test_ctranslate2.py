@@ -1,0 +1,172 @@
+"""CTranslate2 model.bin reader/writer and the CT2 -> openai-whisper conversion, on a tiny random model."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from speech_frontend.convert import ConversionError, convert_ct2_whisper, load_whisper, whisper_dims
+from speech_frontend.ctranslate2 import CT2FormatError, load_variables, read_model_bin, write_model_bin
+
+DIMS = {"n_mels": 4, "n_audio_ctx": 6, "n_audio_state": 8, "n_audio_head": 2, "n_audio_layer": 2,
+        "n_vocab": 20, "n_text_ctx": 5, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1}
+ALIASES = {"decoder/projection/weight": "decoder/embeddings/weight"}
+
+
+def _tiny_ct2_whisper(seed: int = 0) -> dict[str, np.ndarray]:
+    """Variables named and shaped like a real CT2 Whisper model.bin (float16 weights, int scalars)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float16)
+
+    def attention(prefix: str, s: int, fused: int) -> dict[str, np.ndarray]:
+        return {f"{prefix}/linear_0/weight": w(fused * s, s), f"{prefix}/linear_0/bias": w(fused * s),
+                f"{prefix}/linear_1/weight": w(s, s), f"{prefix}/linear_1/bias": w(s),
+                f"{prefix}/layer_norm/gamma": w(s), f"{prefix}/layer_norm/beta": w(s)}
+
+    def layer(prefix: str, s: int, cross: bool) -> dict[str, np.ndarray]:
+        out = attention(f"{prefix}/self_attention", s, 3)
+        if cross:
+            out |= {f"{prefix}/attention/linear_0/weight": w(s, s), f"{prefix}/attention/linear_0/bias": w(s),
+                    f"{prefix}/attention/linear_1/weight": w(2 * s, s), f"{prefix}/attention/linear_1/bias": w(2 * s),
+                    f"{prefix}/attention/linear_2/weight": w(s, s), f"{prefix}/attention/linear_2/bias": w(s),
+                    f"{prefix}/attention/layer_norm/gamma": w(s), f"{prefix}/attention/layer_norm/beta": w(s)}
+        return out | {f"{prefix}/ffn/linear_0/weight": w(4 * s, s), f"{prefix}/ffn/linear_0/bias": w(4 * s),
+                      f"{prefix}/ffn/linear_1/weight": w(s, 4 * s), f"{prefix}/ffn/linear_1/bias": w(s),
+                      f"{prefix}/ffn/layer_norm/gamma": w(s), f"{prefix}/ffn/layer_norm/beta": w(s)}
+
+    a, t = DIMS["n_audio_state"], DIMS["n_text_state"]
+    v: dict[str, np.ndarray] = {
+        "decoder/activation": np.array(3, np.int8),
+        "decoder/alignment_heads": np.array(1, np.int16),
+        "decoder/embeddings/weight": w(DIMS["n_vocab"], t),
+        "decoder/num_heads": np.array(DIMS["n_text_head"], np.int16),
+        "decoder/position_encodings/encodings": w(DIMS["n_text_ctx"], t),
+        "decoder/scale_embeddings": np.array(0, np.int8),
+        "decoder/layer_norm/gamma": w(t), "decoder/layer_norm/beta": w(t),
+        "encoder/conv1/weight": w(a, DIMS["n_mels"], 3), "encoder/conv1/bias": w(a),
+        "encoder/conv2/weight": w(a, a, 3), "encoder/conv2/bias": w(a),
+        "encoder/num_heads": np.array(DIMS["n_audio_head"], np.int16),
+        "encoder/position_encodings/encodings": w(DIMS["n_audio_ctx"], a),
+        "encoder/layer_norm/gamma": w(a), "encoder/layer_norm/beta": w(a),
+    }
+    for i in range(DIMS["n_audio_layer"]):
+        v |= layer(f"encoder/layer_{i}", a, cross=False)
+    for i in range(DIMS["n_text_layer"]):
+        v |= layer(f"decoder/layer_{i}", t, cross=True)
+    return v
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    variables = _tiny_ct2_whisper()
+    write_model_bin(tmp_path / "model.bin", variables, aliases=ALIASES)
+    return tmp_path, variables
+
+
+def test_round_trip_is_exact(tiny_model_dir):
+    path, variables = tiny_model_dir
+    model = read_model_bin(path)  # a directory reads its model.bin
+    assert (model.spec, model.revision, model.version) == ("WhisperSpec", 3, 6)
+    assert model.aliases == ALIASES
+    assert list(model.variables) == list(variables)
+    for name, array in variables.items():
+        got = model.variables[name]
+        assert got.dtype == array.dtype and got.shape == array.shape, name
+        np.testing.assert_array_equal(got, array)
+    resolved = load_variables(path / "model.bin")
+    assert resolved["decoder/projection/weight"] is resolved["decoder/embeddings/weight"]
+
+
+def test_split_parts_read_as_one(tiny_model_dir, tmp_path_factory):
+    path, variables = tiny_model_dir
+    raw = (path / "model.bin").read_bytes()
+    parts = tmp_path_factory.mktemp("parts")
+    (parts / "model.bin.part1").write_bytes(raw[: len(raw) // 2])
+    (parts / "model.bin.part2").write_bytes(raw[len(raw) // 2 :])
+    got = read_model_bin([parts / "model.bin.part1", parts / "model.bin.part2"]).variables
+    np.testing.assert_array_equal(got["encoder/conv2/weight"], variables["encoder/conv2/weight"])
+
+
+def test_bfloat16_is_widened_to_float32(tmp_path):
+    values = np.array([1.5, -2.25, 3.0e-3], np.float32)
+    bits = (values.view(np.uint32) >> 16).astype("<u2")  # exact for these values' top halves
+    name = b"x\0"
+    blob = (struct.pack("<I", 6) + struct.pack("<H", 3) + b"Sp\0" + struct.pack("<II", 1, 1)
+            + struct.pack("<H", len(name)) + name + struct.pack("<BIBI", 1, 3, 5, 6) + bits.tobytes()
+            + struct.pack("<I", 0))
+    (tmp_path / "model.bin").write_bytes(blob)
+    got = load_variables(tmp_path / "model.bin")["x"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, (bits.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_truncated_and_foreign_files_say_what_is_wrong(tiny_model_dir, tmp_path_factory):
+    path, _ = tiny_model_dir
+    bad = tmp_path_factory.mktemp("bad")
+    truncated = bad / "truncated.bin"
+    truncated.write_bytes((path / "model.bin").read_bytes()[:-100])
+    with pytest.raises(CT2FormatError, match=r"truncated.bin: truncated CTranslate2 model\.bin") as err:
+        read_model_bin(truncated)
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+    foreign = bad / "foreign.bin"
+    foreign.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ValueError, match=r"foreign.bin: not a CTranslate2 model\.bin \(binary version"):
+        read_model_bin(foreign)
+    with pytest.raises(ValueError, match="no such file"):
+        read_model_bin(bad / "absent.bin")
+
+
+def test_converted_checkpoint_loads_in_whisper_and_runs(tiny_model_dir, tmp_path_factory):
+    path, v = tiny_model_dir
+    out = convert_ct2_whisper(path, tmp_path_factory.mktemp("out") / "tiny.pt")
+    model = whisper.load_model(str(out), device="cpu")
+    assert model.dims.__dict__ == DIMS
+    sd = model.state_dict()
+    s = DIMS["n_audio_state"]
+    qkv_w = torch.from_numpy(v["encoder/layer_1/self_attention/linear_0/weight"].astype(np.float32))
+    qkv_b = torch.from_numpy(v["encoder/layer_1/self_attention/linear_0/bias"].astype(np.float32))
+    assert torch.equal(sd["encoder.blocks.1.attn.key.weight"], qkv_w[s : 2 * s])
+    assert torch.equal(sd["encoder.blocks.1.attn.value.bias"], qkv_b[2 * s :])
+    assert model.encoder.blocks[1].attn.key.bias is None
+    kv_w = torch.from_numpy(v["decoder/layer_0/attention/linear_1/weight"].astype(np.float32))
+    assert torch.equal(sd["decoder.blocks.0.cross_attn.value.weight"], kv_w[s:])
+    assert all(t.dtype == torch.float32 for t in sd.values() if t.is_floating_point())
+
+    mel = torch.randn(1, DIMS["n_mels"], 2 * DIMS["n_audio_ctx"])
+    with torch.inference_mode():
+        features = model.encoder(mel)
+        logits = model.decoder(torch.tensor([[1, 2, 3]]), features)
+    assert features.shape == (1, DIMS["n_audio_ctx"], s) and torch.isfinite(features).all()
+    assert logits.shape == (1, 3, DIMS["n_vocab"])
+
+    in_memory = load_whisper(path / "model.bin")
+    assert all(torch.equal(t, in_memory.state_dict()[k]) for k, t in sd.items())
+    from_pt = load_whisper(out)
+    assert all(torch.equal(t, from_pt.state_dict()[k]) for k, t in sd.items())
+
+
+def test_head_count_falls_back_to_width_over_64():
+    variables = _tiny_ct2_whisper()
+    del variables["encoder/num_heads"]
+    variables["encoder/conv1/weight"] = np.zeros((128, 4, 3), np.float16)
+    assert whisper_dims(variables)["n_audio_head"] == 2  # 128 / 64, the head width of every Whisper size
+    assert whisper_dims(variables, n_audio_head=4)["n_audio_head"] == 4
+
+
+def test_missing_weight_is_named(tmp_path):
+    variables = _tiny_ct2_whisper()
+    del variables["decoder/layer_0/attention/linear_2/bias"]
+    with pytest.raises(ConversionError, match="decoder/layer_0/attention/linear_2/bias is missing"):
+        convert_ct2_whisper(variables, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_load_whisper_refuses_a_model_name():
+    with pytest.raises(FileNotFoundError, match="make assets"):
+        load_whisper("tiny.en")
