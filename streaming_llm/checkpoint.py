@@ -51,7 +51,30 @@ def build_model(config: SpeechLLMConfig, tokenizer, from_paths: bool = False) ->
             encoder = BlockCausalEncoder.from_whisper(load_whisper(config.whisper_path), config.block_frames)
         else:
             encoder = BlockCausalEncoder(whisper.model.ModelDimensions(**config.whisper_dims), config.block_frames)
-    return SpeechLLM(config, llm, tokenizer, encoder)
+    model = SpeechLLM(config, llm, tokenizer, encoder)
+    apply_lora(model)
+    return model
+
+
+def apply_lora(model: SpeechLLM) -> None:
+    """Inject the LoRA adapters the config asks for (peft), on the LM and/or the encoder's attention."""
+    config = model.config
+    if not (config.llm_lora_r or config.encoder_lora_r):
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if config.llm_lora_r:
+        lora = LoraConfig(
+            r=config.llm_lora_r, lora_alpha=config.llm_lora_alpha, target_modules=list(config.llm_lora_targets)
+        )
+        inject_adapter_in_model(lora, model.llm)
+    if config.encoder_lora_r and model.encoder is not None:
+        lora = LoraConfig(
+            r=config.encoder_lora_r,
+            lora_alpha=config.encoder_lora_alpha,
+            target_modules=["query", "key", "value", "out"],
+        )
+        inject_adapter_in_model(lora, model.encoder)
 
 
 def save_checkpoint(model: SpeechLLM, directory: str | Path, delta: bool = False, extra: dict | None = None) -> Path:

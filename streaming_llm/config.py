@@ -33,6 +33,11 @@ class SpeechLLMConfig:
     target_prefix: str = "\nGerman:"
     max_source_embeddings: int = 0  # 0: derived (speech: the encoder's context / stack; text: 512)
     probe_hidden: int = 256  # the learned decision probe's MLP width (0: no probe)
+    llm_lora_r: int = 0  # LoRA rank on the LM's attention projections (0: none)
+    llm_lora_alpha: int = 32
+    llm_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    encoder_lora_r: int = 0  # LoRA rank on the encoder's attention (0: none)
+    encoder_lora_alpha: int = 32
 
     def __post_init__(self) -> None:
         if self.modality not in (SPEECH, TEXT):
@@ -75,6 +80,8 @@ class SpeechLLMConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown config keys {unknown}; is this a proactive-simulst checkpoint?")
+        if isinstance(data.get("llm_lora_targets"), list):
+            data = {**data, "llm_lora_targets": tuple(data["llm_lora_targets"])}
         return cls(**data)
 
     @classmethod

@@ -9,9 +9,9 @@ How the caches stay valid:
   block is handed to the LLM only when it is complete, so no cached key ever goes stale;
 - source entries never attend to target entries (mask), and target positions are a fixed group
   (``layout``), so the LLM's KV cache of both stays valid when more source arrives;
-- the row that predicts the *next* target token must see everything read so far: that one entry (the last
-  target-group token, "pending") is dropped from the cache and re-fed after new source. Everything else
-  is fed exactly once.
+- the row that predicts the *next* target token must see everything read so far: that entry (the last
+  target-group token; before the first write, the whole target prefix: the "pending" rows) is dropped
+  from the cache and re-fed after new source. Everything else is fed exactly once.
 """
 
 from __future__ import annotations
@@ -83,10 +83,7 @@ class StreamingSession:
             self.samples_in = 0
         with torch.inference_mode():
             self._feed(model.embed_ids(model.prompt_ids), PROMPT)
-            prefix = model.prefix_ids
-            if len(prefix) > 1:  # rows predicting prefix tokens see no source: committed now
-                self._feed_target(prefix[:-1])
-            self._feed_target(prefix[-1:])
+            self._feed_target(model.prefix_ids)  # pending until the first write: it sees what y_1 sees
 
     # ---- source ------------------------------------------------------------------------------------
 
@@ -241,19 +238,21 @@ class StreamingSession:
         return self.target_group[len(self.model.prefix_ids) :]
 
     def _feed_target(self, ids: list[int]) -> None:
-        """Append target-group tokens; the last one's row becomes the pending row."""
+        """Append target-group tokens: the rows fed before them are final, these are now the pending rows."""
         self._feed(self.model.embed_ids(ids), TARGET)
         self.target_group += ids
+        self._n_pending = len(ids)
 
     def _drop_pending(self) -> None:
-        """Take the pending row out of the cache (it is re-fed once the new source is in)."""
-        self.cache.crop(-1)
-        self.kinds.pop()
-        self.entry_units.pop()
-        self._pending = self.target_group.pop()
+        """Take the pending rows out of the cache (they are re-fed once the new source is in)."""
+        n = self._n_pending
+        self.cache.crop(-n)
+        del self.kinds[-n:], self.entry_units[-n:]
+        self._pending = self.target_group[-n:]
+        del self.target_group[-n:]
 
     def _refeed_pending(self) -> None:
-        self._feed_target([self._pending])
+        self._feed_target(self._pending)
 
     def _feed(self, embeds: torch.Tensor, kind: int, unit: int = 0) -> None:
         """Run the LM over new entries (q, d) of one kind, appending them to the cache."""
@@ -298,3 +297,16 @@ class StreamingSession:
     def _require(self, modality: str, what: str) -> None:
         if self.config.modality != modality:
             raise ValueError(f"{what} is for a {modality} model; this model's source is {self.config.modality}")
+
+
+def translate_offline(model: SpeechLLM, source: np.ndarray | Sequence[str], max_target_tokens: int = 200) -> str:
+    """The full-source (offline) greedy translation: read everything, then write until the end."""
+    session = StreamingSession(model, max_target_tokens=max_target_tokens)
+    if model.config.modality == SPEECH:
+        session.push_audio(source)
+    else:
+        session.push_words(list(source))
+    session.finish_source()
+    while session.write_word() is not None:
+        pass
+    return " ".join(session.words)

@@ -11,8 +11,9 @@ A training sequence is laid out ``[prompt][source units][end-of-source][target p
 
 ``phi`` (L,) says how many source units were read when y_t was written. The hidden state of row p predicts
 the token at p+1, so row p carries the visibility of the token it predicts: the row predicting y_t sees
-source units ``1 .. phi(t)``; rows predicting prefix tokens see none (the prefix is known before any
-source); the end-of-source marker belongs to the last unit, so it is seen exactly when ``phi(t) = M``.
+source units ``1 .. phi(t)``; the rows of the target prefix see what the first target token sees (the
+prefix is fed, like the first word, at the first write); the end-of-source marker belongs to the last unit,
+so it is seen exactly when ``phi(t) = M``.
 The full (offline) view is ``phi(t) = M`` for every t.
 """
 
@@ -79,7 +80,7 @@ class Layout:
             raise ValueError(f"phi has shape {tuple(phi.shape)}; expected ({self.n_target},), one per target token")
         m = self.n_units
         vis = torch.full((self.length,), m + 1, dtype=torch.long)
-        vis[self.target_start : self.target_start + self.n_prefix] = 0  # rows predicting prefix tokens
+        vis[self.target_start : self.target_start + self.n_prefix] = phi[0]  # the prefix goes with y_1
         vis[self.predictor_rows()] = phi.long()
         vis[self.length - 1] = m  # y_L predicts nothing; it was written after everything
         return vis

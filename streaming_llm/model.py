@@ -162,13 +162,24 @@ class SpeechLLM(nn.Module):
             positions[b, : layout.length] = layout.positions().to(self.device)
         return embeds, positions, layouts
 
+    def hidden(
+        self, embeds: torch.Tensor, positions: torch.Tensor, layouts: list[Layout], phis: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One masked forward of the LM body -> last hidden states (B, T, d), after the final norm."""
+        mask = attention_mask(layouts, phis, embeds.shape[1], dtype=embeds.dtype).to(self.device)
+        body = self.llm.get_decoder()
+        return body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., V)."""
+        return self.llm.get_output_embeddings()(hidden)
+
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, layouts: list[Layout], phis: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One masked forward -> (logits (B, T, V), last hidden states (B, T, d))."""
-        mask = attention_mask(layouts, phis, embeds.shape[1], dtype=embeds.dtype).to(self.device)
-        out = run_llm(self.llm, embeds, positions, mask)
-        return out.logits, out.hidden_states[-1]
+        hidden = self.hidden(embeds, positions, layouts, phis)
+        return self.lm_logits(hidden), hidden
 
     def probe_logit(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., d) -> (...) logit of "the stream prediction already agrees with the full view"."""
@@ -221,10 +232,10 @@ def _word_start_table(tokenizer, vocab_size: int, eos_id: int) -> torch.Tensor:
 def build_llm(config: SpeechLLMConfig, from_path: bool = True) -> PreTrainedModel:
     """The causal LM: from ``llm_path`` (a local Hugging Face directory) or a random init of ``llm_config``."""
     if from_path and config.llm_path:
-        return AutoModelForCausalLM.from_pretrained(config.llm_path, torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(config.llm_path, dtype=torch.float32)
     data = dict(config.llm_config)
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ValueError("llm_config has no model_type; store `llm.config.to_dict()`")
     hf_config = AutoConfig.for_model(model_type, **data)
-    return AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)

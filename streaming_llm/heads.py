@@ -1,0 +1,382 @@
+"""Decision heads: before each target word, READ more source or WRITE the word.
+
+A head is a small frozen dataclass with ``decide(signals, session, memory) -> Decision``. ``signals`` is the
+step's ``StepSignals``; ``session`` the ``StreamingSession`` (for heads that need more than the signals);
+``memory`` a dict owned by the caller, one per utterance, where a stateful head (LocalAgreement, oracle)
+keeps what it remembers: a head object itself never holds per-utterance state, so one head serves many
+streams. Use ``decide(head, session, memory)``: it applies the rules every head shares, then the head.
+
+Shared rules, in order:
+- the source is finished: WRITE (flush; ``write_word`` returns None once the model ends the sentence);
+- the greedy next token ends the sentence while the source is not finished: READ;
+- nothing has been read yet: READ.
+
+Heads (``make_head(name, **params)``; parameters from the command line or a checkpoint's
+``checkpoint.json`` ``extra.heads.<name>``):
+
+==================  ==========================================================================================
+``entropy``         WRITE when the next-token entropy (nats) < ``threshold`` (the paper's head)
+``attention``       WRITE when the pending target row's source attention is concentrated away from the unread
+                    frontier: mass on the last ``frontier`` units / ``normalise`` mass < ``threshold``
+``wait-k``          WRITE while words written < units read - ``k`` + 1 (a unit: one encoder block for speech,
+                    ``config.block_ms`` long, e.g. 320 or 640 ms; one word for text)
+``fixed-chunk``     WRITE while words written < ``words`` * (units read // ``chunk``)
+``local-agreement`` LocalAgreement-``n``: WRITE the longest common prefix of the greedy continuations decoded
+                    after each of the last ``n`` source prefixes, beyond what is written
+``probe``           WRITE when sigmoid(model.probe_logit(hidden)) > ``threshold``
+``oracle``          ANALYSIS ONLY, needs the whole source: WRITE when the greedy next word under the prefix
+                    equals the word the full-source model would write next after the same target prefix
+``offline``         READ until the source is finished (the full-source decode, the top line of a sweep)
+==================  ==========================================================================================
+
+Attention head defaults (``layers="upper"``, ``normalise="source"``, ``frontier=1``, ``threshold=0.5``): in a
+decoder-only LM the lower layers attend mostly by position (recent tokens and the first, "sink" token), while
+attention that follows the content of the source (alignment) appears in the middle and upper layers, so the
+upper half is the default; the mass is normalised over the source units only, so the large and variable
+share that goes to the prompt's sink token does not move the threshold. The measurement that should settle
+both on a trained model: for each layer (and layer set), how often the unit of maximum attention lies behind
+the frontier exactly when the oracle head says WRITE (agreement with the oracle over a dev set); pick the
+layers that maximise it and sweep ``threshold``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .config import SPEECH
+from .engine import StepSignals, StreamingSession
+
+
+class Decision(enum.Enum):
+    READ = "READ"
+    WRITE = "WRITE"
+
+
+READ, WRITE = Decision.READ, Decision.WRITE
+
+
+@dataclass(frozen=True)
+class Head:
+    """Base class: a head's parameters are its dataclass fields; the per-utterance state lives in ``memory``."""
+
+    name: ClassVar[str] = ""
+    needs_full_source: ClassVar[bool] = False  # the caller puts the whole source in memory["full_source"]
+
+    def session_options(self, model) -> dict[str, Any]:
+        """Keyword arguments for ``StreamingSession(model, ...)``; also checks the head fits the model."""
+        return {}
+
+    def decide(self, signals: StepSignals, session: StreamingSession, memory: dict) -> Decision:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """'entropy(threshold=0.6)'"""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{self.name}({fields})"
+
+
+def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
+    """The shared rules (flush a finished source, never write the sentence end early), then the head."""
+    signals = session.signals()
+    if signals.source_finished:
+        return WRITE
+    if signals.ends_sentence or signals.units_read == 0:
+        return READ
+    return head.decide(signals, session, memory)
+
+
+# ---- heads -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntropyHead(Head):
+    threshold: float = 1.0  # nats
+
+    name: ClassVar[str] = "entropy"
+
+    def decide(self, signals, session, memory):
+        return WRITE if signals.entropy < self.threshold else READ
+
+
+@dataclass(frozen=True)
+class AttentionHead(Head):
+    threshold: float = 0.5  # WRITE when frontier mass / normalising mass < threshold
+    frontier: int = 1  # the last `frontier` source units read count as the frontier
+    layers: str = "upper"  # "upper" (upper half), "all", "last", or indices "4,5,-1"
+    normalise: str = "source"  # "source": over the source units' mass; "all": over all attention (raw mass)
+
+    name: ClassVar[str] = "attention"
+
+    def __post_init__(self):
+        if self.frontier < 1:
+            raise ValueError(f"attention head: frontier={self.frontier}; it must be at least 1 unit")
+        if self.normalise not in ("source", "all"):
+            raise ValueError(f"attention head: normalise={self.normalise!r}; expected 'source' or 'all'")
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        spec = self.layers.strip().lower()
+        if spec == "upper":
+            return list(range(n_layers // 2, n_layers))
+        if spec == "all":
+            return list(range(n_layers))
+        if spec == "last":
+            return [n_layers - 1]
+        try:
+            picked = [int(x) for x in spec.replace(";", ",").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"attention head: layers={self.layers!r}; expected 'upper', 'all', 'last' or indices like '4,5,-1'"
+            ) from None
+        bad = [i for i in picked if not -n_layers <= i < n_layers]
+        if not picked or bad:
+            raise ValueError(f"attention head: layers {bad or self.layers!r} out of range for a {n_layers}-layer LM")
+        return sorted({i % n_layers for i in picked})
+
+    def session_options(self, model):
+        return {"attention_layers": self.layer_indices(model.llm.config.num_hidden_layers)}
+
+    def frontier_share(self, attention: torch.Tensor) -> float:
+        """attention: (units_read,) mass per source unit -> share of the frontier."""
+        frontier = float(attention[-self.frontier :].sum())
+        total = float(attention.sum()) if self.normalise == "source" else 1.0
+        return frontier / total if total > 0 else 1.0
+
+    def decide(self, signals, session, memory):
+        if signals.source_attention is None:
+            raise ValueError(
+                "attention head: the session returns no attention; make it with "
+                "StreamingSession(model, **head.session_options(model))"
+            )
+        return WRITE if self.frontier_share(signals.source_attention) < self.threshold else READ
+
+
+@dataclass(frozen=True)
+class WaitKHead(Head):
+    k: int = 3  # units of lag (speech: encoder blocks of config.block_ms; text: words)
+
+    name: ClassVar[str] = "wait-k"
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"wait-k: k={self.k}; k counts source units read before the first word, at least 1")
+
+    def decide(self, signals, session, memory):
+        return WRITE if signals.n_words < signals.units_read - self.k + 1 else READ
+
+
+@dataclass(frozen=True)
+class FixedChunkHead(Head):
+    chunk: int = 1  # source units per chunk
+    words: int = 1  # target words written after each chunk
+
+    name: ClassVar[str] = "fixed-chunk"
+
+    def __post_init__(self):
+        if self.chunk < 1 or self.words < 1:
+            raise ValueError(f"fixed-chunk: chunk={self.chunk}, words={self.words}; both must be at least 1")
+
+    def decide(self, signals, session, memory):
+        return WRITE if signals.n_words < self.words * (signals.units_read // self.chunk) else READ
+
+
+@dataclass(frozen=True)
+class LocalAgreementHead(Head):
+    n: int = 2  # agree over the hypotheses of the last n source prefixes
+    horizon: int = 32  # words decoded ahead for each hypothesis
+
+    name: ClassVar[str] = "local-agreement"
+
+    def __post_init__(self):
+        if self.n < 1 or self.horizon < 1:
+            raise ValueError(f"local-agreement: n={self.n}, horizon={self.horizon}; both must be at least 1")
+
+    def decide(self, signals, session, memory):
+        history = memory.setdefault("local_agreement", [])  # [(units_read, words)], newest last
+        if not history or history[-1][0] != signals.units_read:
+            history.append((signals.units_read, list(session.words) + peek_words(session, self.horizon)))
+            del history[: -self.n]
+        if len(history) < self.n:
+            return READ
+        agreed = common_prefix([words for _, words in history])
+        return WRITE if len(agreed) > signals.n_words else READ
+
+
+@dataclass(frozen=True)
+class ProbeHead(Head):
+    threshold: float = 0.5  # WRITE when P(stream prediction already equals the full view's) > threshold
+
+    name: ClassVar[str] = "probe"
+
+    def session_options(self, model):
+        if getattr(model, "probe", None) is None:
+            raise ValueError(
+                "probe head: this checkpoint has no probe (probe_hidden=0 or untrained); "
+                "train one with the probe trainer or pick another head"
+            )
+        return {}
+
+    def decide(self, signals, session, memory):
+        with torch.inference_mode():
+            logit = session.model.probe_logit(signals.hidden.to(session.model.device))
+        return WRITE if torch.sigmoid(logit.float()).item() > self.threshold else READ
+
+
+@dataclass(frozen=True)
+class OracleHead(Head):
+    """ANALYSIS ONLY: it reads the whole source (``memory["full_source"]``), so it is not a policy.
+
+    READ until the greedy next word under the source read so far equals the word that a session over the
+    full source writes next after the same target prefix: the latency floor for this model's own output.
+    """
+
+    name: ClassVar[str] = "oracle"
+    needs_full_source: ClassVar[bool] = True
+
+    def decide(self, signals, session, memory):
+        full = memory.get("oracle_session")
+        if full is None:
+            if "full_source" not in memory:
+                raise ValueError("oracle head: memory['full_source'] is missing; the caller must put the source there")
+            full = StreamingSession(session.model, max_target_tokens=session.max_target_tokens)
+            source = memory["full_source"]
+            if session.config.modality == SPEECH:
+                full.push_audio(np.asarray(source, dtype=np.float32))
+            else:
+                full.push_words(list(source))
+            full.finish_source()
+            memory["oracle_session"], memory["oracle_synced"] = full, 0
+        written = session.written
+        synced = memory["oracle_synced"]
+        if len(written) > synced:  # give the full view the same target prefix
+            full.force_target(written[synced:])
+            memory["oracle_synced"] = len(written)
+        target = peek_words(full, 1)
+        return WRITE if target and peek_words(session, 1) == target else READ
+
+
+@dataclass(frozen=True)
+class OfflineHead(Head):
+    """READ until the source is finished: the full-source (offline) decode of the same model."""
+
+    name: ClassVar[str] = "offline"
+
+    def decide(self, signals, session, memory):
+        return READ
+
+
+HEADS: dict[str, type[Head]] = {
+    cls.name: cls
+    for cls in (
+        EntropyHead, AttentionHead, WaitKHead, FixedChunkHead, LocalAgreementHead, ProbeHead, OracleHead, OfflineHead
+    )
+}  # fmt: skip
+ALIASES = {"waitk": "wait-k", "wait_k": "wait-k", "fixed_chunk": "fixed-chunk", "la": "local-agreement",
+           "local_agreement": "local-agreement", "localagreement": "local-agreement"}  # fmt: skip
+
+
+def head_name(name: str) -> str:
+    """Canonical head name ('waitk' -> 'wait-k'); raises with the list of heads if unknown."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+    return key
+
+
+def make_head(name: str, **params) -> Head:
+    """A head by name; parameters may be strings (from a command line): they are converted to the field type."""
+    cls = HEADS[head_name(name)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields) or "none"
+        raise ValueError(f"head {cls.name!r} has no parameter {', '.join(unknown)}; its parameters: {allowed}")
+    values = {}
+    for key, value in params.items():
+        kind = type(fields[key].default)
+        try:
+            values[key] = _convert(value, kind)
+        except ValueError:
+            raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a valid {kind.__name__}") from None
+    return cls(**values)
+
+
+def _convert(value, kind: type):
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    if kind is int:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    if kind is float:
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError(value)
+        return number
+    return kind(value)
+
+
+def parse_head_params(items: Sequence[str]) -> dict[str, str]:
+    """['k=3', 'layers=4,5'] -> {'k': '3', 'layers': '4,5'} (also accepts one comma-free 'a=1 b=2' string)."""
+    params: dict[str, str] = {}
+    for item in items:
+        for part in str(item).split():
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise ValueError(f"head parameter {part!r}: expected KEY=VALUE, e.g. threshold=0.6")
+            params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+# ---- decoding ahead without committing -----------------------------------------------------------------
+
+
+def peek_words(session: StreamingSession, n: int) -> list[str]:
+    """Greedily decode up to ``n`` words from the session's state, then put the session back exactly as it was.
+
+    Writing only appends to the KV cache and to the session's own attributes, so the cache is cropped back to
+    its length before the peek and every attribute is restored (lists in place); this costs the forward
+    passes only, no copy of the cache. Stops early when the model would end the sentence.
+    (An engine method ``StreamingSession.peek_words`` / ``snapshot``-``rollback`` would be the clean home.)
+    """
+    n_cached = session.cache.get_seq_length()
+    saved = {key: (list(value) if isinstance(value, list) else value) for key, value in vars(session).items()}
+    try:
+        words: list[str] = []
+        while len(words) < n and not session.finished:
+            word = session.write_word()
+            if word is None:
+                break
+            words.append(word)
+        return words
+    finally:
+        added = session.cache.get_seq_length() - n_cached
+        if added > 0:  # transformers 5 crops by a negative count of entries to remove
+            session.cache.crop(-added)
+        for key, value in saved.items():
+            current = getattr(session, key)
+            if isinstance(value, list) and isinstance(current, list):
+                current[:] = value
+            else:
+                setattr(session, key, value)
+
+
+def common_prefix(sequences: Sequence[Sequence[str]]) -> list[str]:
+    """Longest common prefix of word lists."""
+    if not sequences:
+        return []
+    prefix = []
+    for column in zip(*sequences, strict=False):
+        if any(word != column[0] for word in column[1:]):
+            break
+        prefix.append(column[0])
+    return prefix

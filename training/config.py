@@ -1,0 +1,122 @@
+"""Training configuration: YAML files in ``training/configs/`` plus ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .losses import LossConfig
+
+LLM_MODES = ("none", "lora", "full")
+ENCODER_MODES = ("frozen", "lora", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model: "tiny" builds random tiny modules; otherwise paths, or "asset:NAME" for `make assets` models
+    modality: str = "speech"
+    llm: str = "tiny"
+    whisper: str = "tiny"
+    block_ms: int = 640
+    stack: int = 4
+    adapter_hidden: int = 1024
+    prompt: str = ""  # "" = the model's default for the modality
+    target_prefix: str = "\nGerman:"
+    probe_hidden: int = 256
+    # what to train
+    train_llm: str = "full"  # none | lora | full
+    freeze_embeddings: bool = False  # keep the (often tied) embedding / output matrix frozen
+    lora_r: int = 16
+    lora_alpha: int = 32
+    train_encoder: str = "frozen"  # frozen | lora | full
+    # data
+    train_manifest: str = ""
+    dev_manifest: str = ""
+    max_source_seconds: float = 30.0
+    max_source_words: int = 200
+    max_target_tokens: int = 200
+    skip_bad: bool = False
+    encoder_cache: str = ""  # "" = <out_dir>/encoder_cache; "none" disables it
+    # objective (see training/losses.py)
+    w_full: float = 1.0
+    w_mslm: float = 1.0
+    spsd_lambda: float = 1.0
+    spsd_topk: int = 100
+    spsd_temperature: float = 1.0
+    spsd_stop_grad: bool = True
+    phi_skew: float = 0.0
+    probe: bool = True
+    probe_label: str = "top1"
+    probe_kl_bound: float = 0.1
+    # optimisation
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    batch_size: int = 8  # examples per micro-batch, over all ranks
+    grad_accum: int = 1
+    clip_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    # bookkeeping
+    out_dir: str = "runs/default"
+    save_every: int = 200
+    keep_last: int = 3
+    eval_every: int = 200
+    dev_subset: int = 64
+    dev_bleu_subset: int = 32
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.train_llm not in LLM_MODES:
+            raise ValueError(f"train_llm={self.train_llm!r}: expected one of {LLM_MODES}")
+        if self.train_encoder not in ENCODER_MODES:
+            raise ValueError(f"train_encoder={self.train_encoder!r}: expected one of {ENCODER_MODES}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("batch_size, grad_accum and max_steps must be at least 1")
+        _ = self.loss  # validates the objective's fields
+
+    @property
+    def loss(self) -> LossConfig:
+        names = {f.name for f in dataclasses.fields(LossConfig)}
+        return LossConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["lr=1e-4", "bf16=true"] -> {"lr": 0.0001, "bf16": True} (values parsed as YAML scalars)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"{path}: no such config; the shipped ones are in training/configs/")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+    data.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}; see training/config.py for the list")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in list(data.items()):
+        if types[key] == "float" and isinstance(value, int):
+            data[key] = float(value)
+        elif types[key] == "str" and value is not None and not isinstance(value, str):
+            data[key] = str(value)
+    return TrainConfig(**data)

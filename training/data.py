@@ -1,0 +1,145 @@
+"""Training examples from manifests: validation, length-bucketed batches, and the encoder-output cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio_spec, parse_audio_spec
+from streaming_llm.config import SPEECH
+from streaming_llm.model import SpeechLLM
+
+from .corpus.manifest import read_manifest
+
+log = logging.getLogger("training")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    source: str  # speech: the manifest's audio field (a path or path:offset:frames); text: the sentence
+    target: str
+    length: int  # for bucketing: samples (speech) or words (text)
+
+
+def load_examples(
+    manifest: str | Path, modality: str, max_source_seconds: float, max_source_words: int, skip_bad: bool
+) -> list[Example]:
+    """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip."""
+    skipped: list[str] = []
+
+    def bad(message: str) -> None:
+        if not skip_bad:
+            raise ValueError(f"{message} (pass skip_bad=true to skip such rows)")
+        log.warning("skipping: %s", message)
+        skipped.append(message)
+
+    def on_error(error: Exception) -> None:
+        bad(str(error))
+
+    rows = read_manifest(manifest, on_error=on_error if skip_bad else None)
+    examples = []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{manifest}:{i} (id {row.id})"
+        if not row.tgt_text.strip():
+            bad(f"{where}: empty target text")
+            continue
+        if modality == SPEECH:
+            path = parse_audio_spec(row.audio)[0] if row.audio else ""
+            if not path or not os.path.exists(path):
+                bad(f"{where}: audio {row.audio or '(none)'} is missing")
+                continue
+            if row.n_frames > max_source_seconds * SAMPLE_RATE:
+                seconds = row.n_frames / SAMPLE_RATE
+                bad(f"{where}: {seconds:.1f} s of audio, more than max_source_seconds={max_source_seconds}")
+                continue
+            examples.append(Example(row.id, row.audio, row.tgt_text, max(row.n_frames, 1)))
+        else:
+            words = row.src_text.split()
+            if not words:
+                bad(f"{where}: empty source text")
+                continue
+            if len(words) > max_source_words:
+                bad(f"{where}: {len(words)} source words, more than max_source_words={max_source_words}")
+                continue
+            examples.append(Example(row.id, row.src_text, row.tgt_text, len(words)))
+    if skipped:
+        log.warning("%s: skipped %d bad rows of %d", manifest, len(skipped), len(rows))
+    if not examples:
+        raise ValueError(f"{manifest}: no usable examples")
+    return examples
+
+
+def bucket_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of similar length, in a shuffled order that depends only on (seed, epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].length, rng.random()))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class SourceUnits:
+    """Example -> the model's source units, with the frozen encoder's outputs cached on disk.
+
+    The cached frames are exactly what streaming inference computes (block-causal encoder over the
+    zero-padded audio), so a CPU epoch pays for the encoder once.
+    """
+
+    def __init__(self, model: SpeechLLM, cache_dir: str | Path | None, encoder_trained: bool):
+        self.model = model
+        self.encoder_trained = encoder_trained
+        speech = model.config.modality == SPEECH
+        self.cache_dir = Path(cache_dir) if cache_dir and speech and not encoder_trained else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._tag = self._encoder_tag()
+
+    def __call__(self, example: Example) -> list[torch.Tensor]:
+        model = self.model
+        if model.config.modality != SPEECH:
+            return model.text_units(example.source.split())
+        return model.speech_units(self.frames(example))
+
+    def frames(self, example: Example) -> torch.Tensor:
+        if self.encoder_trained:
+            return self.model.encode_speech(self._audio(example))
+        path = self._cache_path(example) if self.cache_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                return torch.load(path, weights_only=True).to(self.model.device)
+            except (RuntimeError, EOFError, OSError):
+                log.warning("%s: unreadable cache entry, recomputing", path)
+        with torch.no_grad():
+            frames = self.model.encode_speech(self._audio(example)).float()
+        if path is not None:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(frames.cpu(), tmp)
+            os.replace(tmp, path)
+        return frames
+
+    def _audio(self, example: Example):
+        try:
+            return load_audio_spec(example.source)
+        except AudioError as e:
+            raise ValueError(f"example {example.id}: {e}") from None
+
+    def _encoder_tag(self) -> str:
+        """Identifies the encoder weights and block size, so a changed encoder never reads stale outputs."""
+        h = hashlib.sha1(f"{self.model.config.block_ms}".encode())
+        for name, tensor in sorted(self.model.encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 64)].numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def _cache_path(self, example: Example) -> Path:
+        path = parse_audio_spec(example.source)[0]
+        stat = os.stat(path)
+        key = f"{self._tag}|{example.source}|{stat.st_size}|{int(stat.st_mtime)}"
+        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"

@@ -1,0 +1,461 @@
+"""The trainer: a plain PyTorch loop over MSLM + SPSD (+ the probe head).
+
+    python -m training.train --config training/configs/tiny_text.yaml [key=value ...] [--resume]
+    torchrun --nproc_per_node 2 -m training.train --config ...   # DistributedDataParallel (gloo on CPU)
+
+Everything a run needs to continue exactly is in its checkpoints (``<out_dir>/checkpoints/step-N/``): the
+trained weights, AdamW and scheduler state, the RNG states and the step. The data order and every phi are
+functions of (seed, step, example), so ``--resume`` reproduces the uninterrupted run, on any world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from streaming_llm.checkpoint import WEIGHTS, build_model, check_state, read_meta, save_checkpoint
+from streaming_llm.config import SPEECH, SpeechLLMConfig
+from streaming_llm.engine import translate_offline
+from streaming_llm.model import SpeechLLM
+
+from .config import TrainConfig, load_config, parse_overrides
+from .data import Example, SourceUnits, bucket_batches, load_examples
+from .losses import LossConfig, streaming_losses
+from .phi import sample_token_phi
+
+log = logging.getLogger("training")
+LOGGED = ("loss", "full", "mslm", "spsd", "probe", "probe_acc", "agree")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, a checkpoint that cannot be written); the message says where."""
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+
+def resolve_path(spec: str) -> str:
+    """ "asset:NAME" -> the file or directory `make assets` built; anything else is a path."""
+    if spec.startswith("asset:"):
+        from speech_frontend.assets import asset_file
+
+        return str(asset_file(spec.split(":", 1)[1]))
+    if not Path(spec).exists():
+        raise ValueError(f"{spec}: no such model path")
+    return spec
+
+
+def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
+    """The SpeechLLMConfig and tokenizer a training config asks for."""
+    lora = dict(
+        llm_lora_r=cfg.lora_r if cfg.train_llm == "lora" else 0,
+        llm_lora_alpha=cfg.lora_alpha,
+        encoder_lora_r=cfg.lora_r if cfg.train_encoder == "lora" else 0,
+        encoder_lora_alpha=cfg.lora_alpha,
+    )
+    shared = dict(
+        modality=cfg.modality, block_ms=cfg.block_ms, stack=cfg.stack, adapter_hidden=cfg.adapter_hidden,
+        target_prefix=cfg.target_prefix, probe_hidden=cfg.probe_hidden, **lora,
+    )  # fmt: skip
+    if cfg.prompt:
+        shared["prompt"] = cfg.prompt
+    elif cfg.modality != SPEECH:
+        shared["prompt"] = "Translate English to German.\nEnglish:"
+    if cfg.llm == "tiny":
+        from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+        if cfg.modality == SPEECH and cfg.whisper != "tiny":
+            raise ValueError("llm=tiny goes with whisper=tiny")
+        modality = shared.pop("modality")
+        return tiny_config(modality, **{**shared, "adapter_hidden": cfg.adapter_hidden}), tiny_tokenizer()
+    from transformers import AutoConfig, AutoTokenizer
+
+    llm_path = resolve_path(cfg.llm)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    llm_config = AutoConfig.from_pretrained(llm_path).to_dict()
+    whisper_path, dims = "", None
+    if cfg.modality == SPEECH:
+        whisper_path = resolve_path(cfg.whisper)
+        from speech_frontend.convert import load_whisper
+
+        dims = load_whisper(whisper_path).dims.__dict__
+    config = SpeechLLMConfig(
+        llm_config=llm_config, llm_path=llm_path, whisper_dims=dims, whisper_path=whisper_path, **shared
+    )
+    return config, tokenizer
+
+
+def build_training_model(cfg: TrainConfig) -> SpeechLLM:
+    config, tokenizer = model_config(cfg)
+    model = build_model(config, tokenizer, from_paths=cfg.llm != "tiny")
+    set_trainable(model, cfg)
+    return model
+
+
+def set_trainable(model: SpeechLLM, cfg: TrainConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.end_of_source.requires_grad_(True)
+    if model.adapter is not None:
+        model.adapter.requires_grad_(True)
+    if model.probe is not None and cfg.probe:
+        model.probe.requires_grad_(True)
+    if cfg.train_llm == "full":
+        model.llm.requires_grad_(True)
+        if cfg.freeze_embeddings:
+            model.llm.get_input_embeddings().weight.requires_grad_(False)
+            model.llm.get_output_embeddings().weight.requires_grad_(False)
+    elif cfg.train_llm == "lora":
+        for name, p in model.llm.named_parameters():
+            p.requires_grad_("lora_" in name)
+    if model.encoder is not None:
+        if cfg.train_encoder == "full":
+            model.encoder.requires_grad_(True)
+        elif cfg.train_encoder == "lora":
+            for name, p in model.encoder.named_parameters():
+                p.requires_grad_("lora_" in name)
+
+
+def is_delta(model: SpeechLLM) -> bool:
+    """Checkpoints store only trained weights when the frozen rest can be rebuilt from named base files."""
+    config = model.config
+    return bool(config.llm_path) and (config.modality != SPEECH or bool(config.whisper_path))
+
+
+class TrainStep(nn.Module):
+    """One micro-batch's losses; wrapped by DistributedDataParallel when several processes train."""
+
+    def __init__(self, model: SpeechLLM, units: SourceUnits, loss: LossConfig, skew: float):
+        super().__init__()
+        self.model = model
+        self.units = units
+        self.loss = loss
+        self.skew = skew
+
+    def forward(self, examples: list[Example], seeds: list[int], n_tokens: float) -> dict[str, torch.Tensor]:
+        model = self.model
+        units = [self.units(ex) for ex in examples]
+        targets = [model.target_ids(ex.target) for ex in examples]
+        phis = [
+            sample_token_phi(len(u), t, model.word_start, torch.Generator().manual_seed(s), self.skew)
+            for u, t, s in zip(units, targets, seeds, strict=True)
+        ]
+        return streaming_losses(model, units, targets, phis, self.loss, n_tokens=n_tokens)
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def example_seed(seed: int, step: int, index: int) -> int:
+    """The phi generator's seed for one example at one step: independent of rank and world size."""
+    return int(hashlib.sha1(f"{seed}:{step}:{index}".encode()).hexdigest()[:15], 16)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    rank, world = init_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+
+    model = build_training_model(cfg)
+    train_ex = load_examples(
+        cfg.train_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad
+    )
+    dev_ex = (
+        load_examples(cfg.dev_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad)
+        if cfg.dev_manifest
+        else []
+    )
+    cache = None if cfg.encoder_cache == "none" else (cfg.encoder_cache or out / "encoder_cache")
+    units = SourceUnits(model, cache, encoder_trained=cfg.train_encoder != "frozen")
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
+    step = 0
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            log.info("no checkpoint in %s: starting from step 0", ckpt_root)
+        else:
+            step = restore(found, model, optimizer, scheduler)
+            log.info("resumed from %s (step %d)", found, step)
+    if rank == 0:
+        _truncate_log(out / "log.jsonl", step)
+
+    step_module = TrainStep(model, units, cfg.loss, cfg.phi_skew)
+    runner = step_module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+    n_trainable = sum(p.numel() for p in params)
+    if rank == 0:
+        log.info(
+            "training %s on %d examples (%d dev): %.2fM trained parameters, %d steps, world size %d",
+            cfg.modality, len(train_ex), len(dev_ex), n_trainable / 1e6, cfg.max_steps, world,
+        )  # fmt: skip
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
+    epoch_batches: dict[int, list[list[int]]] = {}
+    last_saved = latest_checkpoint(ckpt_root)
+    while step < cfg.max_steps:
+        started = time.time()
+        micro = micro_batches(train_ex, cfg, step, world, epoch_batches)
+        n_tokens = float(sum(len(model.target_ids(train_ex[i].target)) for idx in micro for i in idx))
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = defaultdict(float)
+        for j, idx in enumerate(micro):
+            mine = idx[rank::world]
+            seeds = [example_seed(cfg.seed, step, i) for i in mine]
+            sync = j == len(micro) - 1 or world == 1
+            ctx = runner.no_sync() if (world > 1 and not sync) else _nullcontext()
+            with ctx, torch.autocast("cpu" if model.device.type == "cpu" else "cuda", torch.bfloat16, enabled=cfg.bf16):
+                losses = runner([train_ex[i] for i in mine], seeds, n_tokens / world)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {float(loss)} at step {step} (batch ids {[train_ex[i].id for i in mine]}); "
+                    f"the last good checkpoint is {last_saved or 'none'}: lower lr or check those rows, then --resume"
+                )
+            loss.backward()
+            for k in LOGGED:
+                sums[k] += float(losses[k]) * (1.0 if k not in ("probe_acc", "agree") else 1.0 / len(micro))
+        if world > 1:  # each rank's terms are scaled by world (DDP averages gradients): the mean is global
+            totals = torch.tensor([sums[k] for k in LOGGED], dtype=torch.float64)
+            dist.all_reduce(totals)
+            sums = {k: float(v) / world for k, v in zip(LOGGED, totals, strict=True)}
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm > 0 else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seconds = time.time() - started
+        if rank == 0:
+            record = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: round(sums[k], 6) for k in LOGGED}}
+            record.update(grad_norm=round(float(grad_norm), 4), tokens=int(n_tokens), s_per_step=round(seconds, 3),
+                          tokens_per_s=round(n_tokens / max(seconds, 1e-9), 1))  # fmt: skip
+            _append_log(out / "log.jsonl", record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", mslm=f"{sums['mslm']:.3f}", spsd=f"{sums['spsd']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if rank == 0:
+                last_saved = save_training_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg)
+            _barrier(world)
+        if dev_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            if rank == 0:
+                record = evaluate(model, dev_ex, units, cfg, step)
+                _append_log(out / "log.jsonl", record)
+                bar.write(f"dev @ {step}: " + ", ".join(f"{k}={v}" for k, v in record.items() if k != "step"))
+            _barrier(world)
+    bar.close()
+    final = out / "final"
+    if rank == 0:
+        save_checkpoint(model, final, delta=is_delta(model), extra={"step": step, "train_config": cfg.to_dict()})
+        log.info("final model: %s", final)
+    _barrier(world)
+    if world > 1:
+        dist.destroy_process_group()
+    return final
+
+
+def micro_batches(
+    examples: list[Example], cfg: TrainConfig, step: int, world: int, cache: dict[int, list[list[int]]]
+) -> list[list[int]]:
+    """The grad_accum micro-batches (global example indices) of one optimizer step."""
+    n_batches = len(bucket_batches(examples, cfg.batch_size, cfg.seed, 0))
+    per_epoch = max(1, n_batches // cfg.grad_accum)
+    epoch, within = divmod(step, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        batches = [b for b in bucket_batches(examples, cfg.batch_size, cfg.seed, epoch) if len(b) >= world]
+        cache[epoch] = batches
+    batches = cache[epoch]
+    chosen = batches[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
+    return chosen or batches[: cfg.grad_accum]
+
+
+def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg: TrainConfig, step: int) -> dict:
+    """Dev losses (fixed phi seeds) and offline greedy BLEU/chrF on a dev subset."""
+    import sacrebleu
+
+    from speech_frontend.audio import load_audio_spec
+
+    model.eval()
+    subset = examples[: cfg.dev_subset]
+    sums: dict[str, float] = defaultdict(float)
+    n_tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, len(subset), cfg.batch_size):
+            batch = subset[i : i + cfg.batch_size]
+            tokens = float(sum(len(model.target_ids(ex.target)) for ex in batch))
+            losses = TrainStep(model, units, cfg.loss, cfg.phi_skew)(
+                batch, [example_seed(0, 0, i + k) for k in range(len(batch))], tokens
+            )
+            for k in ("full", "mslm", "spsd", "probe_acc", "agree"):
+                sums[k] += float(losses[k]) * tokens
+            n_tokens += tokens
+        hyps, refs = [], []
+        for ex in tqdm(examples[: cfg.dev_bleu_subset], desc="dev decode", leave=False, disable=None):
+            source = load_audio_spec(ex.source) if cfg.modality == SPEECH else ex.source.split()
+            hyps.append(translate_offline(model, source, cfg.max_target_tokens))
+            refs.append(ex.target)
+    model.train()
+    record = {"step": step, **{f"dev_{k}": round(v / max(n_tokens, 1), 4) for k, v in sums.items()}}
+    if hyps:
+        record["dev_bleu"] = round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+        record["dev_chrf"] = round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
+    return record
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(root: Path, step: int, model: SpeechLLM, optimizer, scheduler, cfg: TrainConfig) -> Path:
+    """Write step-N atomically (temporary directory renamed at the end); keep the last ``keep_last``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_checkpoint(model, tmp / "model", delta=is_delta(model), extra={"step": step})
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": cfg.to_dict(),
+        }
+        torch.save(state, tmp / "trainer.pt")
+        with open(tmp / "trainer.pt", "rb") as f:
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        raise TrainingError(
+            f"could not write the checkpoint of step {step} in {root} ({e.strerror or e}; is the disk full?); "
+            f"the previous checkpoint is kept: {previous or 'none'}"
+        ) from e
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[: -cfg.keep_last] if cfg.keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (an interrupted write never counts)."""
+    if not root.is_dir():
+        return None
+    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+        if (path / "trainer.pt").exists() and (path / "model" / "checkpoint.json").exists():
+            return path
+        log.warning("%s: incomplete checkpoint, ignored", path)
+    return None
+
+
+def restore(path: Path, model: SpeechLLM, optimizer, scheduler) -> int:
+    """Load a training checkpoint into the freshly built model, optimizer and scheduler -> its step."""
+    meta = read_meta(path / "model")
+    try:
+        state = load_file(str(path / "model" / WEIGHTS))
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+    check_state(model, state, meta, str(path / "model"))
+    model.load_state_dict(state, strict=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    np.random.set_state(trainer["rng"]["numpy"])
+    random.setstate(trainer["rng"]["python"])
+    return int(trainer["step"])
+
+
+# ---- plumbing --------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the resumed step (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a YAML file from training/configs/")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, parse_overrides(args.overrides))
+        final = train(cfg, resume=args.resume)
+    except (ValueError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
