@@ -15,6 +15,12 @@ source units ``1 .. phi(t)``; the rows of the target prefix see what the first t
 prefix is fed, like the first word, at the first write); the end-of-source marker belongs to the last unit,
 so it is seen exactly when ``phi(t) = M``.
 The full (offline) view is ``phi(t) = M`` for every t.
+
+Several views of one example share one forward: ``views=2`` lays the target group out twice after one copy
+of prompt and source, ``[prompt][source][eos-src][target, view 1][target, view 2]``. Both copies carry the
+same target positions; each attends to the shared part under its own phi and to its own copy's earlier
+targets only. Prompt and source rows never see targets, so they are identical in every view and computed
+once: that is how SPSD's two views (stream and full) cost far less than two forwards.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Layout:
     n_prefix: int  # target prefix tokens ("\nGerman:")
     n_target: int  # L: target tokens including the final end-of-sentence token
     target_offset: int  # T0, the first position of the target group
+    views: int = 1  # copies of the target group (one per phi)
 
     @property
     def n_units(self) -> int:
@@ -49,14 +56,25 @@ class Layout:
         return self.n_prompt + self.n_source
 
     @property
+    def group_length(self) -> int:
+        """Entries of one target group: prefix and target tokens."""
+        return self.n_prefix + self.n_target
+
+    @property
     def length(self) -> int:
-        return self.target_start + self.n_prefix + self.n_target
+        return self.target_start + self.views * self.group_length
 
     def positions(self) -> torch.Tensor:
         """(T,) group position ids."""
         head = torch.arange(self.target_start)
-        tail = self.target_offset + torch.arange(self.n_prefix + self.n_target)
-        return torch.cat([head, tail])
+        tail = self.target_offset + torch.arange(self.group_length)
+        return torch.cat([head, *[tail] * self.views])
+
+    def key_views(self) -> torch.Tensor:
+        """(T,) 0 for the shared prompt and source, v + 1 for the entries of view v's target group."""
+        views = torch.zeros(self.length, dtype=torch.long)
+        views[self.target_start :] = 1 + torch.arange(self.views).repeat_interleave(self.group_length)
+        return views
 
     def key_units(self) -> torch.Tensor:
         """(T,) the source unit (1..M) each entry belongs to; the marker counts as unit M; 0 elsewhere."""
@@ -67,22 +85,28 @@ class Layout:
         units[self.target_start - 1] = self.n_units  # the end-of-source marker
         return units
 
-    def predictor_rows(self) -> torch.Tensor:
-        """(L,) the row whose hidden state predicts y_t, for t = 1..L."""
-        return self.target_start + self.n_prefix - 1 + torch.arange(self.n_target)
+    def predictor_rows(self, view: int = 0) -> torch.Tensor:
+        """(L,) the row whose hidden state predicts y_t, for t = 1..L, in the given view."""
+        return self.target_start + view * self.group_length + self.n_prefix - 1 + torch.arange(self.n_target)
 
     def row_visibility(self, phi: torch.Tensor) -> torch.Tensor:
-        """phi: (L,) units read before each y_t -> (T,) how many units each row may see.
+        """phi: (L,) or (views, L) units read before each y_t -> (T,) how many units each row may see.
 
-        Rows outside the target group get M + 1 (they are limited by causality alone).
+        Rows outside the target groups get M + 1 (they are limited by causality alone).
         """
-        if phi.shape != (self.n_target,):
-            raise ValueError(f"phi has shape {tuple(phi.shape)}; expected ({self.n_target},), one per target token")
+        phi = phi.reshape(-1, phi.shape[-1]) if phi.ndim else phi
+        if phi.shape != (self.views, self.n_target):
+            raise ValueError(
+                f"phi has shape {tuple(phi.shape)}; expected ({self.views}, {self.n_target}): one per target token"
+                " and view"
+            )
         m = self.n_units
         vis = torch.full((self.length,), m + 1, dtype=torch.long)
-        vis[self.target_start : self.target_start + self.n_prefix] = phi[0]  # the prefix goes with y_1
-        vis[self.predictor_rows()] = phi.long()
-        vis[self.length - 1] = m  # y_L predicts nothing; it was written after everything
+        for v in range(self.views):
+            start = self.target_start + v * self.group_length
+            vis[start : start + self.n_prefix] = phi[v, 0]  # the prefix goes with y_1
+            vis[self.predictor_rows(v)] = phi[v].long()
+            vis[start + self.group_length - 1] = m  # y_L predicts nothing; it was written after everything
         return vis
 
     def full_phi(self) -> torch.Tensor:
@@ -106,7 +130,9 @@ def attention_mask(layouts: list[Layout], phis: list[torch.Tensor], length: int,
             raise ValueError(f"sequence {b} has {t} entries, more than the padded length {length}")
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         visible = layout.key_units()[None, :] <= layout.row_visibility(phi)[:, None]
-        allowed[b, :t, :t] = causal & visible
+        kv = layout.key_views()
+        own_view = (kv[None, :] == 0) | (kv[None, :] == kv[:, None])
+        allowed[b, :t, :t] = causal & visible & own_view
         pad = torch.arange(t, length)
         allowed[b, pad, pad] = True
     mask = torch.zeros(allowed.shape, dtype=dtype)

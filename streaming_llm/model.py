@@ -138,26 +138,31 @@ class SpeechLLM(nn.Module):
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def layout(self, unit_sizes: Sequence[int], n_target: int) -> Layout:
+    def layout(self, unit_sizes: Sequence[int], n_target: int, views: int = 1) -> Layout:
         if sum(unit_sizes) > self.config.source_capacity:
             raise ValueError(
                 f"source of {sum(unit_sizes)} embeddings exceeds the model's capacity of "
                 f"{self.config.source_capacity}; split the input or raise max_source_embeddings"
             )
-        return Layout(len(self.prompt_ids), tuple(unit_sizes), len(self.prefix_ids), n_target, self.target_offset)
+        return Layout(
+            len(self.prompt_ids), tuple(unit_sizes), len(self.prefix_ids), n_target, self.target_offset, views
+        )
 
     def assemble(
-        self, units: Sequence[Sequence[torch.Tensor]], targets: Sequence[Sequence[int]]
+        self, units: Sequence[Sequence[torch.Tensor]], targets: Sequence[Sequence[int]], views: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, list[Layout]]:
-        """Lay out a batch -> (embeds (B, T, d), positions (B, T), layouts), right-padded to the longest."""
-        layouts = [self.layout([u.shape[0] for u in us], len(ys)) for us, ys in zip(units, targets, strict=True)]
+        """Lay out a batch -> (embeds (B, T, d), positions (B, T), layouts), right-padded to the longest.
+
+        With ``views`` > 1 each sequence holds that many copies of its target group (see ``layout``).
+        """
+        layouts = [self.layout([u.shape[0] for u in us], len(ys), views) for us, ys in zip(units, targets, strict=True)]
         length = max(layout.length for layout in layouts)
         embeds = torch.zeros(len(layouts), length, self.hidden_size, device=self.device, dtype=self.end_of_source.dtype)
         positions = torch.zeros(len(layouts), length, dtype=torch.long, device=self.device)
         prompt = self.embed_ids(self.prompt_ids)
         for b, (us, ys, layout) in enumerate(zip(units, targets, layouts, strict=True)):
             target_group = self.embed_ids(self.prefix_ids + list(ys))
-            row = torch.cat([prompt, *us, self.end_of_source[None], target_group])
+            row = torch.cat([prompt, *us, self.end_of_source[None], *[target_group] * views])
             embeds[b, : layout.length] = row
             positions[b, : layout.length] = layout.positions().to(self.device)
         return embeds, positions, layouts

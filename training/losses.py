@@ -1,7 +1,8 @@
 """The training objective: full-view NLL + MSLM NLL + lambda * SPSD KL, and the probe head's loss.
 
-Both views come out of ONE forward pass: the batch is stacked twice along the batch axis, the first half
-under the sampled stream masks, the second under the full-source masks (``layout.attention_mask``).
+Both views come out of ONE forward pass: each sequence holds one copy of prompt and source and two copies of
+its target group (``layout.Layout(views=2)``), the first under the sampled stream mask, the second under the
+full-source mask, so the shared prompt and source are computed once.
 
 - ``full``: -log P(y_t | y_<t, whole source), the offline view;
 - ``mslm``: -log P(y_t | y_<t, x_1..phi(t)), the stream view;
@@ -72,27 +73,22 @@ def streaming_losses(
     Each term is a sum over target tokens divided by ``n_tokens`` (default: this batch's count; the trainer
     passes the global count across gradient-accumulation steps and ranks, so the gradient is exact).
     """
-    embeds, positions, layouts = model.assemble(units, targets)
-    full_phis = [layout.full_phi() for layout in layouts]
-    views = []
-    if config.needs_stream:
-        views.append(("stream", phis))
-    if config.needs_full:
-        views.append(("full", full_phis))
-    batch = len(layouts)
-    stacked = torch.cat([embeds] * len(views))
-    hidden = model.hidden(
-        stacked, torch.cat([positions] * len(views)), layouts * len(views), [p for _, ps in views for p in ps]
-    )
+    views = [name for name, needed in (("stream", config.needs_stream), ("full", config.needs_full)) if needed]
+    embeds, positions, layouts = model.assemble(units, targets, views=len(views))
+    view_phis = [
+        torch.stack([phi if name == "stream" else layout.full_phi() for name in views])
+        for phi, layout in zip(phis, layouts, strict=True)
+    ]
+    hidden = model.hidden(embeds, positions, layouts, view_phis)
     b_idx = torch.cat([torch.full((layout.n_target,), b) for b, layout in enumerate(layouts)])
-    r_idx = torch.cat([layout.predictor_rows() for layout in layouts])
     labels = torch.tensor([y for ys in targets for y in ys], device=hidden.device)
     count = float(n_tokens if n_tokens is not None else labels.numel())
     zero = hidden.new_zeros(())
     out = {"tokens": torch.tensor(float(labels.numel()))}
     per_view = {}
-    for v, (name, _) in enumerate(views):
-        h = hidden[v * batch + b_idx, r_idx]  # (N, d) the rows that predict y_t
+    for v, name in enumerate(views):
+        r_idx = torch.cat([layout.predictor_rows(v) for layout in layouts])
+        h = hidden[b_idx, r_idx]  # (N, d) the rows that predict y_t in this view
         per_view[name] = (h, model.lm_logits(h).float())
     stream_h, stream_logits = per_view.get("stream", (None, None))
     full_h, full_logits = per_view.get("full", (None, None))
