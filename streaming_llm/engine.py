@@ -163,9 +163,9 @@ class StreamingSession:
         if self.n_source_embeddings + sum(u.shape[0] for u in units) > capacity:
             raise ValueError(f"the source exceeds the model's capacity of {capacity} embeddings")
         self._drop_pending()
-        for unit in units:
-            self.units_read += 1
-            self._feed(unit, SOURCE, unit=self.units_read)
+        unit_ids = [self.units_read + 1 + i for i, u in enumerate(units) for _ in range(u.shape[0])]
+        self.units_read += len(units)
+        self._feed(torch.cat(units), SOURCE, unit=unit_ids)  # all new units in one forward
         self._refeed_pending()
 
     # ---- target ------------------------------------------------------------------------------------
@@ -254,8 +254,11 @@ class StreamingSession:
     def _refeed_pending(self) -> None:
         self._feed_target(self._pending)
 
-    def _feed(self, embeds: torch.Tensor, kind: int, unit: int = 0) -> None:
-        """Run the LM over new entries (q, d) of one kind, appending them to the cache."""
+    def _feed(self, embeds: torch.Tensor, kind: int, unit: int | list[int] = 0) -> None:
+        """Run the LM over new entries (q, d) of one kind, appending them to the cache.
+
+        ``unit``: the source unit of every entry (a list), or one for all of them.
+        """
         model = self.model
         q, past = embeds.shape[0], len(self.kinds)
         if kind == TARGET:
@@ -279,7 +282,7 @@ class StreamingSession:
         else:
             out = run_llm(model.llm, embeds[None], positions, mask.to(model.device), self.cache)
         self.kinds += [kind] * q
-        self.entry_units += [unit] * q
+        self.entry_units += unit if isinstance(unit, list) else [unit] * q
         if kind == TARGET:
             self._out = out
 

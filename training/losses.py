@@ -80,14 +80,14 @@ def streaming_losses(
         for phi, layout in zip(phis, layouts, strict=True)
     ]
     hidden = model.hidden(embeds, positions, layouts, view_phis)
-    b_idx = torch.cat([torch.full((layout.n_target,), b) for b, layout in enumerate(layouts)])
+    b_idx = torch.cat([torch.full((layout.n_target,), b) for b, layout in enumerate(layouts)]).to(hidden.device)
     labels = torch.tensor([y for ys in targets for y in ys], device=hidden.device)
     count = float(n_tokens if n_tokens is not None else labels.numel())
     zero = hidden.new_zeros(())
     out = {"tokens": torch.tensor(float(labels.numel()))}
     per_view = {}
     for v, name in enumerate(views):
-        r_idx = torch.cat([layout.predictor_rows(v) for layout in layouts])
+        r_idx = torch.cat([layout.predictor_rows(v) for layout in layouts]).to(hidden.device)
         h = hidden[b_idx, r_idx]  # (N, d) the rows that predict y_t in this view
         per_view[name] = (h, model.lm_logits(h).float())
     stream_h, stream_logits = per_view.get("stream", (None, None))

@@ -187,7 +187,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
-    model = build_training_model(cfg)
+    model = build_training_model(cfg).to(training_device())
     train_ex = load_examples(
         cfg.train_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad
     )
@@ -219,7 +219,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     step_module = TrainStep(model, units, cfg.loss, cfg.phi_skew)
     runner = step_module
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+        device_ids = [model.device] if model.device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(step_module, device_ids=device_ids, find_unused_parameters=True)
     n_trainable = sum(p.numel() for p in params)
     if rank == 0:
         log.info(
@@ -412,6 +413,15 @@ def init_distributed() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def training_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def _barrier(world: int) -> None:

@@ -1,0 +1,194 @@
+"""``python -m training.corpus {build,check,simuleval,mustc,covost,tsv} ...``; ``--help`` on each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .audio_files import AUDIO_FORMATS
+from .check import check_manifest, format_report
+from .covost import covost_tsv_name, read_covost
+from .ding import DingFilter
+from .errors import BadInput, CorpusError
+from .manifest import write_manifest
+from .mustc import read_mustc
+from .offline import build_offline_corpus
+from .simuleval_files import write_simuleval_files
+from .sources import AssetMissing
+from .splits import SplitShares
+from .synth import VOICES, SynthesisError
+from .user_tsv import read_user_tsv
+
+log = logging.getLogger("training.corpus")
+
+
+def _build(args: argparse.Namespace) -> int:
+    report = build_offline_corpus(
+        args.out,
+        max_utterances=args.max_utterances,
+        voice=args.voice,
+        audio_format=args.format,
+        workers=args.workers,
+        shares=SplitShares(dev=args.dev_share, test=args.test_share),
+        filt=DingFilter(min_words=args.min_words, max_words=args.max_words),
+        ding=args.ding,
+        text_only=args.text_only,
+    )
+    print(
+        f"{args.out}: "
+        + ", ".join(f"{s} {n}" for s, n in report.counts.items())
+        + (
+            f"; made {report.made} in {report.seconds:.1f} s ({report.utterances_per_second:.2f} utt/s),"
+            f" reused {report.reused}, {report.audio_hours:.2f} h of audio"
+            if not args.text_only
+            else ""
+        )
+    )
+    if report.failed:
+        print(f"{len(report.failed)} sentence(s) could not be synthesised (see warnings); rerun to retry them")
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    status = 0
+    for manifest in args.manifest:
+        report = check_manifest(manifest, decode=args.decode)
+        print(format_report(report))
+        status |= 0 if report.ok else 1
+    return status
+
+
+def _simuleval(args: argparse.Namespace) -> int:
+    files = write_simuleval_files(
+        args.manifest, args.out, max_utterances=args.max_utterances, seed=args.seed, text=args.text
+    )
+    print(f"{files.count} utterances: {files.source}, {files.target}, {files.ids}")
+    return 0
+
+
+def _write_splits(out: Path, rows_by_split: dict, bad: BadInput) -> int:
+    for split, rows in rows_by_split.items():
+        n = write_manifest(out / f"{split}.tsv", rows)
+        print(f"{out / f'{split}.tsv'}: {n} rows")
+    print(bad.summary())
+    return 0
+
+
+def _mustc(args: argparse.Namespace) -> int:
+    bad = BadInput(args.skip_bad)
+    rows = {split: read_mustc(args.root, split, args.lang_pair, bad) for split in args.splits}
+    return _write_splits(Path(args.out), rows, bad)
+
+
+def _covost(args: argparse.Namespace) -> int:
+    bad = BadInput(args.skip_bad)
+    tsv_dir = Path(args.tsv_dir)
+    rows = {
+        split: read_covost(
+            tsv_dir / covost_tsv_name(split, args.lang_pair),
+            args.clips,
+            to_flac=Path(args.to_flac) / split if args.to_flac else None,
+            decode=not args.header_only,
+            bad=bad,
+        )
+        for split in args.splits
+    }
+    return _write_splits(Path(args.out), rows, bad)
+
+
+def _tsv(args: argparse.Namespace) -> int:
+    bad = BadInput(args.skip_bad)
+    rows = read_user_tsv(
+        args.tsv,
+        audio_column=args.audio_column or None,
+        src_column=args.src_column,
+        tgt_column=args.tgt_column,
+        id_column=args.id_column,
+        speaker_column=args.speaker_column,
+        audio_root=args.audio_root,
+        bad=bad,
+    )
+    print(f"{args.out}: {write_manifest(args.out, rows)} rows")
+    print(bad.summary())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.corpus", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="the offline corpus: Ding sentence pairs + synthetic English speech")
+    b.add_argument("--out", required=True, help="folder for audio/ and {train,dev,test}.tsv")
+    b.add_argument("--max-utterances", type=int, help="first N of a stable hash order (bigger N: a superset)")
+    b.add_argument("--voice", choices=VOICES, default="piper")
+    b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac")
+    b.add_argument("--workers", type=int, default=1, help="synthesis processes (one ONNX thread each)")
+    b.add_argument("--dev-share", type=float, default=SplitShares.dev)
+    b.add_argument("--test-share", type=float, default=SplitShares.test)
+    b.add_argument("--min-words", type=int, default=DingFilter.min_words, help="English words")
+    b.add_argument("--max-words", type=int, default=DingFilter.max_words, help="English words")
+    b.add_argument("--ding", help="the Ding file (default: the ding asset or /usr/share/trans/de-en)")
+    b.add_argument("--text-only", action="store_true", help="text-to-text manifests, no audio")
+    b.set_defaults(run=_build)
+
+    c = sub.add_parser("check", help="validate manifests; exit 1 when anything is wrong")
+    c.add_argument("manifest", nargs="+")
+    c.add_argument("--decode", action="store_true", help="also decode every utterance (slow)")
+    c.set_defaults(run=_check)
+
+    s = sub.add_parser("simuleval", help="source.txt / target.txt for SimulEval from a manifest")
+    s.add_argument("manifest")
+    s.add_argument("--out", required=True)
+    s.add_argument("--max-utterances", type=int)
+    s.add_argument("--seed", type=int, help="with --max-utterances: a seeded random subset (else the first N)")
+    s.add_argument("--text", action="store_true", help="source.txt holds source sentences (text-to-text)")
+    s.set_defaults(run=_simuleval)
+
+    m = sub.add_parser("mustc", help="MuST-C release -> OUT/{split}.tsv (path:offset:frames slices)")
+    m.add_argument("root", help="the release folder holding en-de/ (or the en-de folder itself)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--splits", nargs="+", default=["train", "dev", "tst-COMMON"])
+    m.add_argument("--lang-pair", default="en-de")
+    m.add_argument("--skip-bad", action="store_true", help="log and count bad segments instead of stopping")
+    m.set_defaults(run=_mustc)
+
+    v = sub.add_parser("covost", help="CoVoST 2 TSVs + Common Voice clips -> OUT/{split}.tsv")
+    v.add_argument("--tsv-dir", required=True, help="folder with covost_v2.en_de.{split}.tsv")
+    v.add_argument("--clips", required=True, help="Common Voice clips/ folder")
+    v.add_argument("--out", required=True)
+    v.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
+    v.add_argument("--lang-pair", default="en_de")
+    v.add_argument("--to-flac", help="convert clips once to 16 kHz FLAC under TO_FLAC/{split}/")
+    v.add_argument("--header-only", action="store_true", help="do not decode clips (fast; unchecked)")
+    v.add_argument("--skip-bad", action="store_true", help="log and count bad lines instead of stopping")
+    v.set_defaults(run=_covost)
+
+    t = sub.add_parser("tsv", help="your own TSV (columns named by options) -> a manifest")
+    t.add_argument("tsv")
+    t.add_argument("--out", required=True, help="the manifest to write")
+    t.add_argument("--audio-column", default="audio", help="'' for text-to-text")
+    t.add_argument("--src-column", default="src_text")
+    t.add_argument("--tgt-column", default="tgt_text")
+    t.add_argument("--id-column")
+    t.add_argument("--speaker-column")
+    t.add_argument("--audio-root", help="relative audio paths are under this (default: the TSV's folder)")
+    t.add_argument("--skip-bad", action="store_true", help="log and count bad lines instead of stopping")
+    t.set_defaults(run=_tsv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.run(args)
+    except (CorpusError, AssetMissing, SynthesisError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

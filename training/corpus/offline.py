@@ -1,0 +1,249 @@
+"""The offline speech translation corpus: Ding sentence pairs with synthetic English speech.
+
+``build_offline_corpus(out_dir)`` writes ``out_dir/audio/<id>.flac`` (16 kHz mono) and the manifests
+``out_dir/{train,dev,test}.tsv``. Splits come from a hash of the normalised English sentence (stable when the
+dictionary grows); ``max_utterances`` takes the first N sentences of a second, independent hash order, so the
+subset grows with N and each split gets its proportional share in expectation (no per-split cap).
+
+The build is resumable: an audio file is written under a temporary name and renamed when complete, a second
+run synthesises only the files that are missing, and the manifests list exactly the files that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from speech_frontend.audio import SAMPLE_RATE, AudioError, to_mono_16k
+
+from .audio_files import AUDIO_FORMATS, PART_SUFFIX, probe_audio, write_audio
+from .ding import DingFilter, SentencePair, read_ding
+from .errors import CorpusError
+from .manifest import SPLITS, Row, write_manifest
+from .sources import ding_file
+from .splits import SplitShares, selection_rank, split_of, stable_id
+from .synth import SPEAKERS, VOICES, Synthesizer, make_synthesizer
+
+log = logging.getLogger("training.corpus")
+
+AUDIO_DIR = "audio"
+META_FILE = "corpus.json"  # how the folder was built; a resumed run must use the same voice and format
+ID_PREFIX = "ding"
+
+
+@dataclass(frozen=True)
+class PlannedUtterance:
+    id: str
+    split: str
+    pair: SentencePair
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build did. ``counts`` are manifest rows per split."""
+
+    counts: dict[str, int]
+    made: int
+    reused: int
+    failed: list[str] = field(default_factory=list)  # ids whose synthesis failed (logged with the reason)
+    seconds: float = 0.0
+    audio_hours: float = 0.0
+
+    @property
+    def utterances_per_second(self) -> float:
+        return self.made / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan_corpus(
+    pairs: list[SentencePair], max_utterances: int | None = None, shares: SplitShares | None = None
+) -> list[PlannedUtterance]:
+    """Assign ids and splits; keep the first ``max_utterances`` of the stable order. Result in file order."""
+    shares = shares or SplitShares()
+    chosen = pairs
+    if max_utterances is not None:
+        if max_utterances < 0:
+            raise ValueError(f"max_utterances {max_utterances} is negative")
+        chosen = sorted(pairs, key=lambda p: selection_rank(p.key))[:max_utterances]
+        chosen.sort(key=lambda p: p.line)
+    planned = [PlannedUtterance(stable_id(ID_PREFIX, p.key), split_of(p.key, shares), p) for p in chosen]
+    ids = Counter(u.id for u in planned)
+    clash = [i for i, n in ids.items() if n > 1]
+    if clash:  # 48-bit ids over ~20k sentences: practically never
+        raise RuntimeError(f"id collision for {clash[:3]}; lengthen stable_id")
+    return planned
+
+
+# --- synthesis, in this process or in worker processes -------------------------------------------------
+
+_worker_synthesize: Synthesizer | None = None
+
+
+def _init_worker(voice: str) -> None:
+    global _worker_synthesize
+    _worker_synthesize = make_synthesizer(voice, threads=1)
+
+
+def _make_one(job: tuple[str, str, str, str], synthesize: Synthesizer) -> tuple[str, str | None]:
+    """Synthesise one text into one file; (id, None) or (id, why it failed)."""
+    utt_id, text, path, audio_format = job
+    try:
+        samples, rate = synthesize(text)
+        write_audio(path, to_mono_16k(samples, rate, name=utt_id), audio_format)
+    except (AudioError, RuntimeError, ValueError, OSError) as e:
+        return utt_id, f"{type(e).__name__}: {e}"
+    return utt_id, None
+
+
+def _make_in_worker(job: tuple[str, str, str, str]) -> tuple[str, str | None]:
+    assert _worker_synthesize is not None
+    return _make_one(job, _worker_synthesize)
+
+
+def _check_meta(out_dir: Path, meta: dict) -> None:
+    path = out_dir / META_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("voice", "format"):
+            if old.get(key) != meta[key]:
+                raise CorpusError(
+                    path,
+                    None,
+                    f"this folder was built with {key} {old.get(key)!r}, not "
+                    f"{meta[key]!r}; pass --{key} {old.get(key)} or a new --out",
+                )
+    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def build_offline_corpus(
+    out_dir: str | os.PathLike,
+    *,
+    max_utterances: int | None = None,
+    voice: str = "piper",
+    audio_format: str = "flac",
+    workers: int = 1,
+    shares: SplitShares | None = None,
+    filt: DingFilter | None = None,
+    ding: str | os.PathLike | None = None,
+    synthesize: Synthesizer | None = None,
+    text_only: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Build (or complete) the offline corpus in ``out_dir``; see the module docstring.
+
+    ``synthesize`` replaces the named voice (runs in this process; ``voice`` then only names the speaker).
+    ``workers`` > 1 synthesises in that many processes with one ONNX thread each. ``text_only`` writes
+    text-to-text manifests (empty audio) and synthesises nothing.
+    """
+    if voice not in VOICES:
+        raise ValueError(f"voice {voice!r}; choose one of {', '.join(VOICES)}")
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"format {audio_format!r}; choose one of {', '.join(AUDIO_FORMATS)}")
+    shares, filt = shares or SplitShares(), filt or DingFilter()
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    ding_path = Path(ding) if ding is not None else ding_file()
+    pairs = read_ding(ding_path, filt)
+    planned = plan_corpus(pairs, max_utterances, shares)
+    log.info("%s: %d sentence pairs; building %d", ding_path, len(pairs), len(planned))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if text_only:
+        counts = {
+            s: write_manifest(
+                out_dir / f"{s}.tsv", [Row(u.id, "", 0, u.pair.en, u.pair.de) for u in planned if u.split == s]
+            )
+            for s in SPLITS
+        }
+        return BuildReport(counts, made=0, reused=0, seconds=time.perf_counter() - start)
+
+    audio_dir = out_dir / AUDIO_DIR
+    audio_dir.mkdir(exist_ok=True)
+    _check_meta(
+        out_dir,
+        {
+            "voice": voice,
+            "speaker": SPEAKERS[voice],
+            "format": audio_format,
+            "sample_rate": SAMPLE_RATE,
+            "shares": asdict(shares),
+            "filter": asdict(filt),
+            "ding": str(ding_path),
+        },
+    )
+    for stale in audio_dir.glob(f"*{PART_SUFFIX}"):  # left by an interrupted run
+        stale.unlink()
+
+    def target(u: PlannedUtterance) -> Path:
+        return audio_dir / f"{u.id}.{audio_format}"
+
+    todo = [u for u in planned if not target(u).is_file()]
+    reused = len(planned) - len(todo)
+    jobs = [(u.id, u.pair.en, str(target(u)), audio_format) for u in todo]
+    failures: dict[str, str] = {}
+    synth_start = time.perf_counter()
+    if jobs:
+        log.info("synthesising %d utterances with %s (%d already there)", len(jobs), voice, reused)
+        bar = tqdm(total=len(jobs), unit="utt", desc="synthesising", disable=not progress, smoothing=0.1)
+        if synthesize is None and workers > 1:
+            context = multiprocessing.get_context("spawn")  # no ONNX session is ever shared through a fork
+            with context.Pool(workers, initializer=_init_worker, initargs=(voice,)) as pool:
+                for utt_id, error in pool.imap_unordered(_make_in_worker, jobs, chunksize=4):
+                    if error:
+                        failures[utt_id] = error
+                    bar.update()
+        else:
+            synth = synthesize or make_synthesizer(voice, threads=1)
+            for job in jobs:
+                utt_id, error = _make_one(job, synth)
+                if error:
+                    failures[utt_id] = error
+                bar.update()
+        bar.close()
+    synth_seconds = time.perf_counter() - synth_start
+    texts = {u.id: u.pair.en for u in todo}
+    for utt_id, error in sorted(failures.items()):
+        log.warning("no audio for %s (%r): %s", utt_id, texts[utt_id], error)
+
+    rows: dict[str, list[Row]] = {s: [] for s in SPLITS}
+    frames_total = 0
+    for u in planned:
+        path = target(u)
+        if not path.is_file():
+            continue
+        header = probe_audio(path)
+        if header.sample_rate != SAMPLE_RATE or header.channels != 1:
+            raise CorpusError(
+                path,
+                None,
+                f"{header.sample_rate} Hz, {header.channels} channels; expected 16 kHz mono: delete the file and rerun",
+            )
+        rows[u.split].append(Row(u.id, str(path), header.frames, u.pair.en, u.pair.de, SPEAKERS[voice]))
+        frames_total += header.frames
+    counts = {s: write_manifest(out_dir / f"{s}.tsv", rows[s]) for s in SPLITS}
+    report = BuildReport(
+        counts,
+        made=len(jobs) - len(failures),
+        reused=reused,
+        failed=sorted(failures),
+        seconds=synth_seconds,
+        audio_hours=frames_total / SAMPLE_RATE / 3600,
+    )
+    log.info(
+        "made %d utterances in %.1f s (%.2f utt/s), reused %d, failed %d; %s; %.2f h of audio",
+        report.made,
+        synth_seconds,
+        report.utterances_per_second,
+        reused,
+        len(failures),
+        ", ".join(f"{s} {n}" for s, n in counts.items()),
+        report.audio_hours,
+    )
+    return report
