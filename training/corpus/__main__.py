@@ -14,7 +14,7 @@ from .ding import DingFilter
 from .errors import BadInput, CorpusError
 from .manifest import write_manifest
 from .mustc import read_mustc
-from .offline import build_offline_corpus
+from .offline import DEFAULT_WORKERS, build_offline_corpus
 from .simuleval_files import write_simuleval_files
 from .sources import AssetMissing
 from .splits import SplitShares
@@ -125,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-utterances", type=int, help="first N of a stable hash order (bigger N: a superset)")
     b.add_argument("--voice", choices=VOICES, default="piper")
     b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac")
-    b.add_argument("--workers", type=int, default=1, help="synthesis processes (one ONNX thread each)")
+    b.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="synthesis processes, one ONNX thread each (default: %(default)s)")
     b.add_argument("--dev-share", type=float, default=SplitShares.dev)
     b.add_argument("--test-share", type=float, default=SplitShares.test)
     b.add_argument("--min-words", type=int, default=DingFilter.min_words, help="English words")

@@ -7,8 +7,8 @@ annotations. Most alternatives are words and phrases; some are example sentences
 - the first synonym of each aligned alternative, annotations removed, parenthesised optional words and
   glosses removed (``Is all the luggage on board (the car/train)?`` -> ``Is all the luggage on board?``),
   typographic apostrophes made ASCII, whitespace collapsed;
-- only when both sides end in ``.``, ``?`` or ``!`` and neither holds a ``/`` alternation (``gave/handed out``)
-  or an ellipsis;
+- only when both sides start with a capital, a digit or a quote, end in ``.``, ``?`` or ``!``, and neither
+  holds a ``/`` alternation (``gave/handed out``), an ellipsis or a placeholder (``sth.``, ``jdm.``);
 - only when the English side has ``min_words..max_words`` words;
 - each English sentence once (the first occurrence in the file, compared by ``normalise_key``).
 """
@@ -33,6 +33,8 @@ ANNOTATION = re.compile(r"\{[^{}]*\}|\[[^\[\]]*\]|<[^<>]*>")
 PARENTHESISED = re.compile(r"\([^()]*\)")
 SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,?!;:])")
 REJECT = ("/", "…", "...")  # alternations and elisions: not one sentence a speaker would say
+PLACEHOLDER = re.compile(r"\b(sth|sb|etw|jd|jdm|jdn|jds)\.")  # "on behalf of sb.": a template, not a sentence
+SENTENCE_START = "'\"„‚“‘¿¡("  # besides a capital letter or a digit
 APOSTROPHES = str.maketrans({"’": "'", "‘": "'"})
 
 
@@ -71,7 +73,13 @@ def clean_sentence(text: str) -> str:
 
 
 def _is_sentence(text: str) -> bool:
-    return bool(text) and text[-1] in SENTENCE_END and not any(r in text for r in REJECT)
+    return (
+        bool(text)
+        and text[-1] in SENTENCE_END
+        and (text[0].isupper() or text[0].isdigit() or text[0] in SENTENCE_START)
+        and not any(r in text for r in REJECT)
+        and not PLACEHOLDER.search(text)
+    )
 
 
 def sentence_pairs_in_line(line: str) -> Iterator[tuple[str, str]]:

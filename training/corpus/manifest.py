@@ -87,7 +87,7 @@ def _relativise(audio: str, folder: Path) -> str:
     if not audio:
         return ""
     path, offset, frames = parse_audio_spec(audio)
-    absolute = Path(path).resolve() if os.path.isabs(path) else (folder / path).resolve()
+    absolute = Path(path).resolve()  # a relative path in a Row is relative to the working directory
     try:
         path = str(absolute.relative_to(folder.resolve()))
     except ValueError:
@@ -163,7 +163,8 @@ def read_manifest(path: str | os.PathLike, on_error: Callable[[CorpusError], Non
 def write_manifest(path: str | os.PathLike, rows: Iterable[Row]) -> int:
     """Write rows (atomically: temp name, then rename); audio under the manifest's folder is stored relative.
 
-    A relative ``Row.audio`` is taken as relative to the manifest's folder (as ``read_manifest`` does).
+    A relative ``Row.audio`` is taken as relative to the current working directory (``read_manifest``
+    returns absolute paths, so rows read from one manifest can be written to another anywhere).
     Returns the number of rows. Text is whitespace-cleaned; a row that is still invalid raises ``ValueError``.
     """
     path = Path(path)

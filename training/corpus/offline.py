@@ -30,13 +30,14 @@ from .errors import CorpusError
 from .manifest import SPLITS, Row, write_manifest
 from .sources import ding_file
 from .splits import SplitShares, selection_rank, split_of, stable_id
-from .synth import SPEAKERS, VOICES, Synthesizer, make_synthesizer
+from .synth import SPEAKERS, VOICES, Synthesizer, check_voice, make_synthesizer
 
 log = logging.getLogger("training.corpus")
 
 AUDIO_DIR = "audio"
 META_FILE = "corpus.json"  # how the folder was built; a resumed run must use the same voice and format
 ID_PREFIX = "ding"
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)  # Piper is ~0.3 CPU-s per sentence with one thread
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,16 @@ def plan_corpus(
 # --- synthesis, in this process or in worker processes -------------------------------------------------
 
 _worker_synthesize: Synthesizer | None = None
+_worker_error = ""
 
 
 def _init_worker(voice: str) -> None:
-    global _worker_synthesize
-    _worker_synthesize = make_synthesizer(voice, threads=1)
+    # an initializer that raises makes multiprocessing restart workers forever: keep the error for the jobs
+    global _worker_synthesize, _worker_error
+    try:
+        _worker_synthesize = make_synthesizer(voice, threads=1)
+    except Exception as e:  # reported for every job of this worker, then by the builder
+        _worker_error = f"{type(e).__name__}: {e}"
 
 
 def _make_one(job: tuple[str, str, str, str], synthesize: Synthesizer) -> tuple[str, str | None]:
@@ -103,7 +109,8 @@ def _make_one(job: tuple[str, str, str, str], synthesize: Synthesizer) -> tuple[
 
 
 def _make_in_worker(job: tuple[str, str, str, str]) -> tuple[str, str | None]:
-    assert _worker_synthesize is not None
+    if _worker_synthesize is None:
+        return job[0], f"the voice did not load in this worker: {_worker_error}"
     return _make_one(job, _worker_synthesize)
 
 
@@ -128,7 +135,7 @@ def build_offline_corpus(
     max_utterances: int | None = None,
     voice: str = "piper",
     audio_format: str = "flac",
-    workers: int = 1,
+    workers: int = DEFAULT_WORKERS,
     shares: SplitShares | None = None,
     filt: DingFilter | None = None,
     ding: str | os.PathLike | None = None,
@@ -147,7 +154,7 @@ def build_offline_corpus(
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"format {audio_format!r}; choose one of {', '.join(AUDIO_FORMATS)}")
     shares, filt = shares or SplitShares(), filt or DingFilter()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     start = time.perf_counter()
     ding_path = Path(ding) if ding is not None else ding_file()
     pairs = read_ding(ding_path, filt)
@@ -189,8 +196,11 @@ def build_offline_corpus(
     jobs = [(u.id, u.pair.en, str(target(u)), audio_format) for u in todo]
     failures: dict[str, str] = {}
     synth_start = time.perf_counter()
+    workers = max(1, min(workers, len(jobs)))
     if jobs:
         log.info("synthesising %d utterances with %s (%d already there)", len(jobs), voice, reused)
+        if synthesize is None:
+            check_voice(voice)  # a missing voice stops here, with what to install, not in every worker
         bar = tqdm(total=len(jobs), unit="utt", desc="synthesising", disable=not progress, smoothing=0.1)
         if synthesize is None and workers > 1:
             context = multiprocessing.get_context("spawn")  # no ONNX session is ever shared through a fork
@@ -228,6 +238,11 @@ def build_offline_corpus(
         rows[u.split].append(Row(u.id, str(path), header.frames, u.pair.en, u.pair.de, SPEAKERS[voice]))
         frames_total += header.frames
     counts = {s: write_manifest(out_dir / f"{s}.tsv", rows[s]) for s in SPLITS}
+    chosen = {target(u).name for u in planned}
+    unused = [p for p in audio_dir.glob(f"*.{audio_format}") if p.name not in chosen]
+    if unused:
+        log.info("%d audio files in %s are not in this selection (another --max-utterances or filter); "
+                 "kept, not listed", len(unused), audio_dir)
     report = BuildReport(
         counts,
         made=len(jobs) - len(failures),

@@ -6,6 +6,7 @@ builds the named ones; each worker process of the builder calls it once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -86,6 +87,19 @@ def espeak_synthesizer(voice: str = ESPEAK_VOICE) -> Synthesizer:
         return samples, rate
 
     return synthesize
+
+
+def check_voice(voice: str) -> None:
+    """Raise (``SynthesisError`` or ``AssetMissing``, saying what to install) unless ``voice`` can load."""
+    if voice == "piper":
+        if importlib.util.find_spec("piper") is None or importlib.util.find_spec("onnxruntime") is None:
+            raise SynthesisError("Piper is not installed; pip install piper-tts==1.8.0, or use --voice espeak")
+        piper_voice_files()
+    elif voice == "espeak":
+        if shutil.which("espeak-ng") is None:
+            raise SynthesisError("espeak-ng is not installed; apt-get install espeak-ng, or use --voice piper")
+    else:
+        raise ValueError(f"voice {voice!r}; choose one of {', '.join(VOICES)}")
 
 
 def make_synthesizer(voice: str, threads: int = 1) -> Synthesizer:

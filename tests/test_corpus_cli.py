@@ -1,0 +1,100 @@
+"""The check and simuleval commands, and build through the command line."""
+
+from __future__ import annotations
+
+import soundfile as sf
+from fixtures_corpus import DING_LINES, tone, write_ding, write_mustc
+
+from training.corpus.__main__ import main
+from training.corpus.check import check_manifest
+from training.corpus.manifest import Row, read_manifest, write_manifest
+from training.corpus.mustc import read_mustc
+from training.corpus.simuleval_files import choose_rows, write_simuleval_files
+
+
+def _good_manifest(tmp_path):
+    write_mustc(tmp_path / "mustc")
+    manifest = tmp_path / "dev.tsv"
+    write_manifest(manifest, read_mustc(tmp_path / "mustc", "dev"))
+    return manifest
+
+
+def test_check_passes_a_good_manifest(tmp_path, capsys):
+    manifest = _good_manifest(tmp_path)
+    report = check_manifest(manifest, decode=True, progress=False)
+    assert report.ok and report.rows == report.speech_rows == 4
+    assert report.sample_rates == {16000: 1, 44100: 1}
+    assert abs(report.hours * 3600 - 3.75) < 1e-6
+    assert main(["check", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows (4 speech, 0 text)" in out and "44100 Hz: 1" in out and "no problems found" in out
+
+
+def test_check_fails_on_bad_manifests(tmp_path, capsys):
+    manifest = _good_manifest(tmp_path)
+    rows = read_manifest(manifest)
+    sf.write(tmp_path / "short.wav", tone(0.5), 16000)
+    broken = [
+        rows[0],
+        rows[0],  # duplicate id
+        Row("gone", str(tmp_path / "gone.wav"), 100, "Missing.", "Fehlt."),
+        Row("past", f"{tmp_path / 'short.wav'}:7000:5000", 5000, "Too long.", "Zu lang."),
+        Row("wrong", str(tmp_path / "short.wav"), 123, "Wrong length.", "Falsche Länge."),
+    ]
+    bad = tmp_path / "bad.tsv"
+    write_manifest(bad, broken)
+    with bad.open("ab") as f:
+        f.write(b"latin\t\t0\tGr\xfc\xdfe.\tHallo.\t\n" + b"empty\t\t0\tHi.\t\t\n")
+    report = check_manifest(bad, progress=False)
+    assert not report.ok
+    text = "\n".join(report.problems)
+    for expected in ("bad.tsv:7: not UTF-8", "bad.tsv:8: empty tgt_text", "id ted_1_0 appears 2 times",
+                     "gone.wav: no such file", "runs past the end", "n_frames 123, but the audio has 8000"):
+        assert expected in text
+    assert main(["check", str(bad)]) == 1
+    assert "6 problem(s)" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "nothing.tsv")]) == 1
+
+
+def test_simuleval_files_cut_slices_to_16k_wavs(tmp_path):
+    manifest = _good_manifest(tmp_path)
+    files = write_simuleval_files(manifest, tmp_path / "se", progress=False)
+    sources = files.source.read_text().splitlines()
+    targets = files.target.read_text().splitlines()
+    rows = read_manifest(manifest)
+    assert len(sources) == len(targets) == files.count == 4
+    assert targets == [r.tgt_text for r in rows] and files.ids.read_text().split() == [r.id for r in rows]
+    for source, row in zip(sources, rows, strict=True):
+        info = sf.info(source)
+        assert source.startswith("/") and info.samplerate == 16000 and info.frames == row.n_frames
+
+
+def test_simuleval_whole_16k_files_are_used_in_place(tmp_path):
+    sf.write(tmp_path / "a.flac", tone(1.0), 16000)
+    manifest = tmp_path / "m.tsv"
+    write_manifest(manifest, [Row("a", str(tmp_path / "a.flac"), 16000, "Hi.", "Hallo.")])
+    files = write_simuleval_files(manifest, tmp_path / "se", progress=False)
+    assert files.source.read_text() == f"{tmp_path / 'a.flac'}\n"
+
+
+def test_simuleval_text_and_seeded_subset(tmp_path, capsys):
+    rows = [Row(f"s{i}", "", 0, f"Sentence {i}.", f"Satz {i}.") for i in range(20)]
+    manifest = tmp_path / "text.tsv"
+    write_manifest(manifest, rows)
+    assert main(["simuleval", str(manifest), "--out", str(tmp_path / "a"), "--text", "--max-utterances", "5",
+                 "--seed", "3"]) == 0
+    a = (tmp_path / "a" / "source.txt").read_text().splitlines()
+    main(["simuleval", str(manifest), "--out", str(tmp_path / "b"), "--text", "--max-utterances", "5", "--seed", "3"])
+    assert a == (tmp_path / "b" / "source.txt").read_text().splitlines() and len(a) == 5
+    assert a == sorted(a, key=lambda s: int(s.split()[1][:-1]))  # manifest order kept
+    assert [r.id for r in choose_rows(rows, 3)] == ["s0", "s1", "s2"]
+    # speech files for text rows: refused with a hint
+    assert main(["simuleval", str(manifest), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_build_text_only_through_the_cli(tmp_path, capsys):
+    ding = write_ding(tmp_path / "de-en", DING_LINES)
+    assert main(["build", "--out", str(tmp_path / "t"), "--ding", str(ding), "--text-only"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and sum(len(read_manifest(tmp_path / "t" / f"{s}.tsv")) for s in
+                                  ("train", "dev", "test")) == 8

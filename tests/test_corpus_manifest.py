@@ -1,0 +1,94 @@
+"""The manifest format: round trip, relative paths, the n_frames convention, and errors naming file and line."""
+
+from __future__ import annotations
+
+import pytest
+import soundfile as sf
+from fixtures_corpus import tone
+
+from speech_frontend.audio import load_audio_spec
+from training.corpus.audio_files import frames_at_16k, probe_spec, write_audio
+from training.corpus.errors import BadInput, CorpusError
+from training.corpus.manifest import MANIFEST_COLUMNS, Row, read_manifest, write_manifest
+
+HEADER = "\t".join(MANIFEST_COLUMNS)
+
+
+def test_round_trip_with_relative_and_absolute_paths(tmp_path):
+    (tmp_path / "audio").mkdir()
+    write_audio(tmp_path / "audio" / "a.flac", tone(0.5), "flac")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-other.wav"
+    sf.write(elsewhere, tone(1.0, 8000), 8000)
+    rows = [
+        Row("a", str(tmp_path / "audio" / "a.flac"), 8000, "Hello  there.", "Hallo\tda.", "spk"),
+        Row("b", f"{elsewhere}:800:4000", frames_at_16k(4000, 8000), "A slice.", "Ein Stück."),
+        Row("c", "", 0, "Text only.", "Nur Text."),
+    ]
+    manifest = tmp_path / "m.tsv"
+    assert write_manifest(manifest, rows) == 3
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == HEADER
+    assert lines[1].split("\t")[1] == "audio/a.flac"  # under the manifest's folder: relative
+    assert lines[2].split("\t")[1] == f"{elsewhere}:800:4000"  # elsewhere: absolute
+    back = read_manifest(manifest)
+    assert back[0].audio == str(tmp_path / "audio" / "a.flac")
+    assert back[0].src_text == "Hello there." and back[0].tgt_text == "Hallo da."  # whitespace cleaned
+    assert back[2].is_text and back[2].n_frames == 0
+    # n_frames is the 16 kHz length of what load_audio_spec returns, slices in the file's own samples
+    for row in back[:2]:
+        assert len(load_audio_spec(row.audio)) == row.n_frames == probe_spec(row.audio)[1]
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 32000, 44100, 48000])
+def test_frames_at_16k_matches_the_resampler(tmp_path, rate):
+    path = tmp_path / "x.wav"
+    sf.write(path, tone(1.0, rate), rate)
+    for frames in (3, 5, 101, 4410):
+        assert len(load_audio_spec(f"{path}:7:{frames}")) == frames_at_16k(frames, rate)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"id\taudio\tn_frames\tsrc_text\ttgt_text\n", r"m.tsv:1: missing column\(s\) speaker"),
+        (f"{HEADER}\nx\t\t0\tHi.\tHallo.\n".encode(), r"m.tsv:2: 5 tab-separated fields, the header has 6"),
+        (f"{HEADER}\nx\t\t0\tHi.\tHallo.\t\n".encode() + b"y\t\t0\tGr\xfc\xdfe.\tHallo.\t\n", r"m.tsv:3: not UTF-8"),
+        (f"{HEADER}\nx\t\t0\t \tHallo.\t\n".encode(), r"m.tsv:2: empty src_text"),
+        (f"{HEADER}\nx\t\t0\tHi.\t\t\n".encode(), r"m.tsv:2: empty tgt_text"),
+        (f"{HEADER}\nx\t\tmany\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames 'many' is not an integer"),
+        (f"{HEADER}\nx\ta.wav\t0\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames is 0 for a row with audio"),
+        (b"", r"m.tsv:1: empty file"),
+    ],
+)
+def test_errors_name_file_and_line(tmp_path, content, message):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        read_manifest(manifest)
+
+
+def test_bad_lines_can_be_collected_or_skipped(tmp_path, caplog):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_bytes(f"{HEADER}\nx\t\t0\tHi.\tHallo.\t\ny\t\t0\t\tHallo.\t\nz\t\t0\tYo.\tJo.\t\n".encode())
+    errors: list[CorpusError] = []
+    assert [r.id for r in read_manifest(manifest, on_error=errors.append)] == ["x", "z"]
+    assert [e.line for e in errors] == [3]
+    bad = BadInput(skip_bad=True)
+    assert len(read_manifest(manifest, on_error=bad)) == 2
+    assert "skipped 1 bad entry" in bad.summary() and "m.tsv:3: empty src_text" in caplog.text
+
+
+def test_write_refuses_invalid_rows(tmp_path):
+    with pytest.raises(ValueError, match="empty tgt_text"):
+        write_manifest(tmp_path / "m.tsv", [Row("x", "", 0, "Hi.", " ")])
+    with pytest.raises(ValueError, match="whitespace"):
+        write_manifest(tmp_path / "m.tsv", [Row("x y", "", 0, "Hi.", "Hallo.")])
+
+
+def test_relative_row_audio_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "audio").mkdir(parents=True)
+    write_audio(tmp_path / "out" / "audio" / "a.wav", tone(0.5), "wav")
+    write_manifest("out/m.tsv", [Row("a", "out/audio/a.wav", 8000, "Hi.", "Hallo.")])
+    assert (tmp_path / "out" / "m.tsv").read_text().splitlines()[1].split("\t")[1] == "audio/a.wav"
+    assert read_manifest("out/m.tsv")[0].audio == str(tmp_path / "out" / "audio" / "a.wav")

@@ -1,0 +1,138 @@
+"""The offline corpus builder: manifests, resumability, a superset for bigger N, and the real Piper voice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import soundfile as sf
+from fixtures_corpus import fake_synthesizer, write_ding
+
+from speech_frontend.audio import SAMPLE_RATE
+from training.corpus.errors import CorpusError
+from training.corpus.manifest import SPLITS, read_manifest
+from training.corpus.offline import AUDIO_DIR, build_offline_corpus
+from training.corpus.splits import SplitShares
+
+SHARES = SplitShares(dev=0.2, test=0.3)  # a fixture of 60 sentences needs big shares to fill every split
+
+
+def _ding(tmp_path, n: int = 60):
+    lines = [f"Satz Nummer {i}. :: This is sentence number {i}." for i in range(n)]
+    return write_ding(tmp_path / "de-en", lines)
+
+
+def _all_rows(out):
+    return {r.id: r for s in SPLITS for r in read_manifest(out / f"{s}.tsv")}
+
+
+def test_build_writes_16k_audio_and_manifests(tmp_path):
+    out, calls = tmp_path / "corpus", []
+    report = build_offline_corpus(out, ding=_ding(tmp_path), voice="espeak", shares=SHARES,
+                                  synthesize=fake_synthesizer(calls), progress=False)
+    rows = _all_rows(out)
+    assert report.made == len(calls) == len(rows) == 60 and report.reused == 0
+    assert all(report.counts[s] > 0 for s in SPLITS) and sum(report.counts.values()) == 60
+    row = next(iter(rows.values()))
+    info = sf.info(row.audio)
+    assert info.samplerate == SAMPLE_RATE and info.channels == 1 and info.format == "FLAC"
+    assert info.frames == row.n_frames and row.speaker == "espeak-en-us"
+    assert row.src_text.startswith("This is sentence") and row.tgt_text.startswith("Satz Nummer")
+    assert (out / "train.tsv").read_text().splitlines()[1].split("\t")[1].startswith(f"{AUDIO_DIR}/")
+
+
+def test_build_is_resumable_and_a_bigger_n_is_a_superset(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path)
+    first: list[str] = []
+    build_offline_corpus(out, ding=ding, max_utterances=20, shares=SHARES, audio_format="wav",
+                         synthesize=fake_synthesizer(first), progress=False)
+    small = _all_rows(out)
+    assert len(small) == len(first) == 20
+
+    # an interrupted run: one file lost, one half-written temp file left behind
+    lost = next(iter(small.values()))
+    (out / AUDIO_DIR / "ding-000000000000.wav.part").write_bytes(b"junk")
+    os.unlink(lost.audio)
+    again: list[str] = []
+    report = build_offline_corpus(out, ding=ding, max_utterances=20, shares=SHARES, audio_format="wav",
+                                  synthesize=fake_synthesizer(again), progress=False)
+    assert again == [lost.src_text] and report.reused == 19 and report.made == 1
+    assert not list((out / AUDIO_DIR).glob("*.part"))
+
+    more: list[str] = []
+    build_offline_corpus(out, ding=ding, max_utterances=35, shares=SHARES, audio_format="wav",
+                         synthesize=fake_synthesizer(more), progress=False)
+    big = _all_rows(out)
+    assert len(more) == 15 and set(small) < set(big)
+    assert all(big[i].audio == small[i].audio for i in small)
+
+
+def test_failed_synthesis_is_reported_not_dropped_silently(tmp_path, caplog):
+    def flaky(text):
+        if "number 7." in text:
+            raise RuntimeError("voice crashed")
+        return fake_synthesizer()(text)
+
+    out = tmp_path / "corpus"
+    report = build_offline_corpus(out, ding=_ding(tmp_path, 10), synthesize=flaky, progress=False)
+    assert len(report.failed) == 1 and sum(report.counts.values()) == 9
+    assert "voice crashed" in caplog.text and "This is sentence number 7." in caplog.text
+
+
+def test_resuming_with_another_voice_is_refused(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, voice="espeak", synthesize=fake_synthesizer(), progress=False)
+    with pytest.raises(CorpusError, match="built with voice 'espeak'"):
+        build_offline_corpus(out, ding=ding, voice="piper", synthesize=fake_synthesizer(), progress=False)
+
+
+def test_text_only_build(tmp_path):
+    out = tmp_path / "text"
+    report = build_offline_corpus(out, ding=_ding(tmp_path), shares=SHARES, text_only=True, progress=False)
+    rows = _all_rows(out)
+    assert len(rows) == 60 and report.made == 0 and all(r.is_text for r in rows.values())
+    assert not (out / AUDIO_DIR).exists()
+
+
+@pytest.mark.real
+def test_real_piper_voice(tmp_path):
+    pytest.importorskip("piper", reason="piper-tts is not installed")
+    from training.corpus.sources import AssetMissing, piper_voice_files
+
+    try:
+        piper_voice_files()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    lines = ["Ich musste lachen. :: I couldn't help laughing.", "Karl wartete in der Nähe. :: Karl waited nearby."]
+    out = tmp_path / "corpus"
+    report = build_offline_corpus(out, ding=write_ding(tmp_path / "de-en", lines), voice="piper", progress=False)
+    rows = _all_rows(out)
+    assert report.made == 2 and len(rows) == 2
+    for row in rows.values():
+        assert row.speaker == "piper-joe" and 0.7 < row.duration_s < 4.0
+        assert sf.info(row.audio).samplerate == SAMPLE_RATE
+
+
+def test_relative_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_offline_corpus("data/offline", ding=_ding(tmp_path, 5), synthesize=fake_synthesizer(), progress=False)
+    for row in _all_rows(tmp_path / "data" / "offline").values():
+        assert sf.info(row.audio).frames == row.n_frames
+
+
+def test_a_missing_voice_stops_before_any_worker_starts(tmp_path, monkeypatch):
+    from training.corpus import synth
+
+    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
+    with pytest.raises(synth.SynthesisError, match="apt-get install espeak-ng"):
+        build_offline_corpus(tmp_path / "c", ding=_ding(tmp_path, 5), voice="espeak", workers=2, progress=False)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_worker_pool_with_espeak(tmp_path):
+    out = tmp_path / "corpus"
+    report = build_offline_corpus(out, ding=_ding(tmp_path, 6), voice="espeak", workers=2, progress=False)
+    rows = _all_rows(out)
+    assert report.made == 6 and len(rows) == 6 and not report.failed
+    assert all(r.speaker == "espeak-en-us" and 0.5 < r.duration_s < 5 for r in rows.values())

@@ -1,0 +1,210 @@
+"""MuST-C, CoVoST 2 and user TSV readers on fixtures in their exact layouts, and every bad input."""
+
+from __future__ import annotations
+
+import pytest
+import soundfile as sf
+from fixtures_corpus import COVOST_HEADER, MUSTC_SEGMENTS, corrupt_mp3, tone, write_covost, write_mustc
+
+from speech_frontend.audio import load_audio_spec
+from training.corpus.__main__ import main
+from training.corpus.covost import read_covost
+from training.corpus.errors import BadInput, CorpusError
+from training.corpus.manifest import read_manifest
+from training.corpus.mustc import read_mustc
+from training.corpus.user_tsv import read_user_tsv
+
+# --- MuST-C ------------------------------------------------------------------------------------------------
+
+
+def test_mustc_slices_in_the_wavs_own_samples(tmp_path):
+    write_mustc(tmp_path)
+    rows = read_mustc(tmp_path, "dev")
+    assert [r.id for r in rows] == ["ted_1_0", "ted_1_1", "ted_2_0", "ted_2_1"]
+    assert rows[0].audio.endswith("ted_1.wav:4000:16000") and rows[0].n_frames == 16000
+    assert rows[3].audio.endswith("ted_2.wav:33075:44100")  # 44.1 kHz talk: its own samples
+    assert rows[3].n_frames == 16000 and rows[3].speaker == "spk.2"
+    assert (rows[1].src_text, rows[1].tgt_text) == MUSTC_SEGMENTS[1][4:]
+    for row in rows:
+        assert len(load_audio_spec(row.audio)) == row.n_frames
+
+
+def test_mustc_cli_writes_a_manifest_per_split(tmp_path, capsys):
+    write_mustc(tmp_path / "mustc", "dev")
+    write_mustc(tmp_path / "mustc", "tst-COMMON")
+    assert main(["mustc", str(tmp_path / "mustc"), "--out", str(tmp_path / "out"), "--splits", "dev",
+                 "tst-COMMON"]) == 0
+    assert len(read_manifest(tmp_path / "out" / "tst-COMMON.tsv")) == 4
+    assert "no bad entries" in capsys.readouterr().out
+
+
+def _mustc_txt(tmp_path):
+    return write_mustc(tmp_path) / "txt"
+
+
+def test_mustc_missing_wav(tmp_path):
+    data = write_mustc(tmp_path)
+    (data / "wav" / "ted_2.wav").unlink()
+    with pytest.raises(CorpusError, match=r"dev\.yaml:3: segment 3: .*ted_2\.wav: no such file"):
+        read_mustc(tmp_path, "dev")
+    bad = BadInput(skip_bad=True)
+    assert [r.id for r in read_mustc(tmp_path, "dev", bad=bad)] == ["ted_1_0", "ted_1_1"]
+    assert len(bad.skipped) == 2 and bad.summary().startswith("skipped 2 bad entries")
+
+
+def test_mustc_yaml_with_fewer_segments_than_text_lines(tmp_path):
+    txt = _mustc_txt(tmp_path)
+    yaml = txt / "dev.yaml"
+    yaml.write_text("".join(yaml.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(CorpusError, match=r"dev\.en:4: no match for this line: dev\.yaml has 3 segments"):
+        read_mustc(tmp_path, "dev", bad=BadInput(skip_bad=True))  # misaligned files are never skipped
+
+
+def test_mustc_offset_beyond_the_end_of_the_wav(tmp_path):
+    txt = _mustc_txt(tmp_path)
+    yaml = txt / "dev.yaml"
+    yaml.write_text(yaml.read_text().replace("offset: 1.5,", "offset: 3.5,"))
+    with pytest.raises(CorpusError, match=r"dev\.yaml:2: offset 3\.5 s is beyond the end of ted_1\.wav"):
+        read_mustc(tmp_path, "dev")
+    yaml.write_text(yaml.read_text().replace("offset: 3.5,", "offset: 2.5,"))  # 2.5 + 1.25 > 3 s
+    with pytest.raises(CorpusError, match=r"dev\.yaml:2: segment 2\.5\+1\.25 s ends after the end"):
+        read_mustc(tmp_path, "dev")
+
+
+def test_mustc_empty_text(tmp_path):
+    txt = _mustc_txt(tmp_path)
+    (txt / "dev.de").write_text("Vielen Dank.\n \nHallo.\nGuten Morgen.\n")
+    with pytest.raises(CorpusError, match=r"dev\.de:2: empty translation"):
+        read_mustc(tmp_path, "dev")
+    bad = BadInput(skip_bad=True)
+    assert [r.id for r in read_mustc(tmp_path, "dev", bad=bad)] == ["ted_1_0", "ted_2_0", "ted_2_1"]
+
+
+def test_mustc_text_not_utf8(tmp_path):
+    txt = _mustc_txt(tmp_path)
+    (txt / "dev.de").write_bytes("Vielen Dank.\nEs ist mir eine große Ehre.\n".encode("latin-1") + b"Hallo.\nGuten.\n")
+    with pytest.raises(CorpusError, match=r"dev\.de:2: not UTF-8"):
+        read_mustc(tmp_path, "dev")
+
+
+def test_mustc_wrong_folder(tmp_path):
+    with pytest.raises(CorpusError, match="en-de/data/dev"):
+        read_mustc(tmp_path, "dev")
+
+
+def test_mustc_cli_skip_bad_prints_the_count(tmp_path, capsys, caplog):
+    data = write_mustc(tmp_path / "m")
+    (data / "txt" / "dev.en").write_text("Thank you so much.\n\nHello.\nGood morning.\n")
+    out = tmp_path / "out"
+    assert main(["mustc", str(tmp_path / "m"), "--out", str(out), "--splits", "dev"]) == 2
+    assert "dev.en:2: empty transcript" in caplog.text
+    assert main(["mustc", str(tmp_path / "m"), "--out", str(out), "--splits", "dev", "--skip-bad"]) == 0
+    assert "skipped 1 bad entry" in capsys.readouterr().out
+    assert len(read_manifest(out / "dev.tsv")) == 3
+
+
+# --- CoVoST 2 ----------------------------------------------------------------------------------------------
+
+
+def test_covost_decodes_mp3_clips(tmp_path):
+    tsv, clips = write_covost(tmp_path)
+    rows = read_covost(tsv, clips, progress=False)
+    assert [r.id for r in rows] == ["common_voice_en_1", "common_voice_en_2", "common_voice_en_3"]
+    assert rows[0].src_text == 'He said "yes".' and rows[0].tgt_text == "Er sagte „ja“."  # quotes kept as is
+    assert rows[0].audio.endswith(".mp3") and rows[0].speaker == "client-a"
+    for row in rows:
+        assert len(load_audio_spec(row.audio)) == row.n_frames
+
+
+def test_covost_to_flac_converts_once(tmp_path):
+    tsv, clips = write_covost(tmp_path)
+    flac = tmp_path / "flac"
+    rows = read_covost(tsv, clips, to_flac=flac, progress=False)
+    assert all(r.audio.endswith(".flac") and sf.info(r.audio).samplerate == 16000 for r in rows)
+    for clip in clips.iterdir():
+        clip.unlink()  # a second run reuses the FLAC files and needs no MP3
+    assert read_covost(tsv, clips, to_flac=flac, progress=False) == rows
+
+
+def test_covost_cli(tmp_path, capsys):
+    write_covost(tmp_path, "dev")
+    write_covost(tmp_path, "test")
+    assert main(["covost", "--tsv-dir", str(tmp_path), "--clips", str(tmp_path / "cv" / "clips"),
+                 "--out", str(tmp_path / "out"), "--splits", "dev", "test"]) == 0
+    assert len(read_manifest(tmp_path / "out" / "test.tsv")) == 3
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", r"\.tsv:3: clip .*common_voice_en_2\.mp3: no such file"),
+        ("undecodable", r"\.tsv:3: clip .*common_voice_en_2\.mp3: cannot be decoded as audio"),
+        ("empty", r"\.tsv:3: empty translation"),
+        ("latin1", r"\.tsv:3: not UTF-8"),
+        ("fields", r"\.tsv:3: 3 tab-separated fields, the header has 4"),
+    ],
+)
+def test_covost_bad_lines(tmp_path, caplog, damage, message):
+    tsv, clips = write_covost(tmp_path)
+    lines = tsv.read_bytes().split(b"\n")
+    if damage == "missing":
+        (clips / "common_voice_en_2.mp3").unlink()
+    elif damage == "undecodable":
+        corrupt_mp3(clips / "common_voice_en_2.mp3")
+    elif damage == "empty":
+        lines[2] = b"common_voice_en_2.mp3\tThe weather is fine.\t \tclient-b"
+    elif damage == "latin1":
+        lines[2] = "common_voice_en_2.mp3\tThe weather is fine.\tDas Wetter ist schön.\tc".encode("latin-1")
+    elif damage == "fields":
+        lines[2] = b"common_voice_en_2.mp3\tThe weather is fine.\tDas Wetter ist gut."
+    tsv.write_bytes(b"\n".join(lines))
+    with pytest.raises(CorpusError, match=message):
+        read_covost(tsv, clips, progress=False)
+    bad = BadInput(skip_bad=True)
+    rows = read_covost(tsv, clips, bad=bad, progress=False)
+    assert [r.id for r in rows] == ["common_voice_en_1", "common_voice_en_3"] and len(bad.skipped) == 1
+    assert "skipped" in caplog.text
+
+
+def test_covost_missing_column(tmp_path):
+    tsv, clips = write_covost(tmp_path)
+    tsv.write_text(tsv.read_text().replace(COVOST_HEADER, "path\tsentence\ttranslation\tspeaker"))
+    with pytest.raises(CorpusError, match=r"\.tsv:1: missing column\(s\) client_id"):
+        read_covost(tsv, clips, progress=False)
+
+
+# --- a user's TSV ------------------------------------------------------------------------------------------
+
+
+def test_user_tsv_with_named_columns(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(1.0, 22050), 22050)
+    sf.write(tmp_path / "long.flac", tone(3.0), 16000)
+    (tmp_path / "mine.tsv").write_text(
+        "utt\twav\ten\tde\n"
+        "u1\ta.wav\tHello.\tHallo.\n"
+        "u2\tlong.flac:16000:8000\tA slice.\tEin Stück.\n", encoding="utf-8")
+    rows = read_user_tsv(tmp_path / "mine.tsv", audio_column="wav", src_column="en", tgt_column="de",
+                         id_column="utt")
+    assert [(r.id, r.n_frames) for r in rows] == [("u1", 16000), ("u2", 8000)]
+    assert rows[1].audio == f"{tmp_path / 'long.flac'}:16000:8000"
+    text = read_user_tsv(tmp_path / "mine.tsv", audio_column=None, src_column="en", tgt_column="de")
+    assert text[0].id == "mine-2" and text[0].is_text
+
+
+def test_user_tsv_bad_lines(tmp_path):
+    (tmp_path / "mine.tsv").write_text("audio\tsrc_text\ttgt_text\nnope.wav\tHi.\tHallo.\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"mine\.tsv:2: .*nope\.wav: no such file"):
+        read_user_tsv(tmp_path / "mine.tsv")
+    sf.write(tmp_path / "short.wav", tone(0.5), 16000)
+    (tmp_path / "mine.tsv").write_text("audio\tsrc_text\ttgt_text\nshort.wav:9000:10\tHi.\tHallo.\n")
+    with pytest.raises(CorpusError, match=r"mine\.tsv:2: .*offset 9000 is beyond the end"):
+        read_user_tsv(tmp_path / "mine.tsv")
+
+
+def test_user_tsv_cli(tmp_path, capsys):
+    (tmp_path / "mine.tsv").write_text("src\ttgt\nHi there.\tHallo.\n\t\n", encoding="utf-8")
+    args = ["tsv", str(tmp_path / "mine.tsv"), "--out", str(tmp_path / "m.tsv"), "--audio-column", "",
+            "--src-column", "src", "--tgt-column", "tgt"]
+    assert main(args) == 2
+    assert main([*args, "--skip-bad"]) == 0
+    assert len(read_manifest(tmp_path / "m.tsv")) == 1
