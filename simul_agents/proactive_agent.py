@@ -1,0 +1,422 @@
+"""SimulEval agents for a proactive streaming LLM: speech-to-text and text-to-text, one file.
+
+    simuleval --agent simul_agents/proactive_agent.py --checkpoint CKPT --head entropy --threshold 0.6 \\
+        --source-segment-size 320 --source source.txt --target target.txt --output OUT
+
+SimulEval imports this file and evaluates the one class marked ``@entrypoint``: ``ProactiveAgent``, whose
+``from_args`` loads the checkpoint and returns a ``ProactiveSpeechAgent`` or a ``ProactiveTextAgent`` by the
+checkpoint's modality (the evaluator then picks its dataloader from that instance's source type). Both
+classes can also be used directly (``simuleval.cli.evaluate(ProactiveTextAgent, config)``).
+
+SimulEval 1.1.4's loop, and what the agent does about it:
+
+- ``policy()`` is called once per source segment, even after a write: every word decided at that moment
+  goes out in one ``WriteAction``, joined by spaces;
+- when the source is finished (speech: the last segment; text: the last word or the empty final segment) the
+  agent flushes everything in one ``WriteAction(..., finished=True)``: it always finishes, so ``reset()``
+  (called only on finish) always runs and nothing leaks into the next utterance. It never finishes earlier
+  (for speech an early finish would reset the agent mid-utterance);
+- at most ``floor(max_len_a * units + max_len_b)`` target words (units read so far) and
+  ``max_target_tokens`` tokens, so a degenerate model cannot loop.
+
+Errors: a missing or foreign checkpoint, an empty or unreadable source, mismatched source/target files stop
+the run before the first instance with one line naming the problem (``SystemExit``). An exception inside the
+model raises ``InstanceError`` naming the instance index; with ``--skip-failed`` the instance is logged
+(warning, and a line in ``OUTPUT/failed.jsonl``), it gets whatever was written before the failure (often an
+empty prediction, which SimulEval's latency scorers skip and BLEU counts), and the run continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from argparse import ArgumentParser, Namespace
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+from simuleval.agents import ReadAction, SpeechToTextAgent, TextToTextAgent, WriteAction
+from simuleval.agents.agent import GenericAgent
+from simuleval.agents.states import AgentStates
+from simuleval.utils import entrypoint
+
+from speech_frontend.audio import SAMPLE_RATE, AudioError, to_mono_16k
+from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
+from streaming_llm.config import SPEECH, TEXT
+from streaming_llm.engine import StreamingSession
+from streaming_llm.heads import HEADS, READ, Head, decide, head_name, make_head, parse_head_params
+
+logger = logging.getLogger("simul_agents.proactive_agent")
+
+MIN_SEGMENT_MS = 20  # below this a speech run is almost surely SimulEval's 1 ms default by mistake
+_MODELS: dict[tuple[str, float], object] = {}  # loaded checkpoints, so an in-process sweep loads each once
+
+
+class InstanceError(RuntimeError):
+    """An instance failed inside the model; the message names its index."""
+
+
+class SetupError(ValueError):
+    """Arguments, checkpoint or data that cannot work; raised before the first instance."""
+
+
+# ---- setup -----------------------------------------------------------------------------------------------
+
+
+def load_model(checkpoint: str):
+    """Load a checkpoint once per process (keyed by path and modification time)."""
+    path = Path(checkpoint)
+    meta_file = path / "checkpoint.json"
+    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_checkpoint(path)
+    return _MODELS[key]
+
+
+def build_head(args: Namespace) -> Head:
+    """The head from ``--head`` and its parameters: command line over the checkpoint's defaults over the class's."""
+    name = head_name(args.head)
+    params: dict = {}
+    try:
+        params.update(read_meta(args.checkpoint).get("extra", {}).get("heads", {}).get(name, {}))
+    except CheckpointError:
+        pass  # load_model reports it
+    params.update(parse_head_params(args.head_param or []))
+    fields = {f.name for f in dataclasses.fields(HEADS[name])}
+    if args.threshold is not None:
+        if "threshold" not in fields:
+            raise SetupError(f"--threshold does not apply to the {name!r} head (its parameters: {sorted(fields)})")
+        params["threshold"] = args.threshold
+    if args.k is not None:
+        key = {"wait-k": "k", "fixed-chunk": "chunk", "local-agreement": "n"}.get(name)
+        if key is None:
+            raise SetupError(f"--k does not apply to the {name!r} head; use --head-param")
+        params[key] = args.k
+    return make_head(name, **params)
+
+
+def read_sources(args: Namespace, modality: str) -> list[str]:
+    """The source lines (text: sentences; speech: audio paths), checked over the evaluated index range."""
+    if not args.source:
+        raise SetupError("--source is required: a file with one source per line")
+    source = Path(args.source)
+    if not source.is_file():
+        raise SetupError(f"--source {source}: no such file")
+    try:
+        with open(source, encoding="utf-8") as f:
+            lines = f.readlines()  # as SimulEval's dataloaders read it
+    except UnicodeDecodeError as e:
+        raise SetupError(f"--source {source}: not UTF-8 text ({e})") from None
+    if not lines:
+        raise SetupError(f"--source {source}: empty file; it needs one source per line")
+    if args.target:
+        target = Path(args.target)
+        if not target.is_file():
+            raise SetupError(f"--target {target}: no such file")
+        with open(target, encoding="utf-8", errors="replace") as f:
+            n_target = len(f.readlines())
+        if n_target != len(lines):
+            raise SetupError(f"--source has {len(lines)} lines but --target has {n_target}; they must pair up")
+    start = args.start_index
+    end = len(lines) if args.end_index < 0 else min(args.end_index, len(lines))
+    for i in range(start, end):
+        line = lines[i].strip()
+        where = f"--source {source} line {i + 1} (instance {i})"
+        if not line:
+            what = "an audio path" if modality == SPEECH else "a sentence"
+            raise SetupError(f"{where} is empty; every line needs {what}")
+        if modality == SPEECH:
+            check_audio_file(line, where)
+    return [line.strip() for line in lines]
+
+
+def check_audio_file(path: str, where: str) -> None:
+    if not Path(path).is_file():
+        raise SetupError(f"{where}: audio file {path} does not exist (paths are relative to the current directory)")
+    try:
+        info = soundfile.info(path)
+    except (soundfile.LibsndfileError, RuntimeError) as e:
+        raise SetupError(f"{where}: {path} cannot be read as audio ({str(e).strip()})") from None
+    if info.frames == 0:
+        raise SetupError(f"{where}: {path} holds no audio (0 samples)")
+
+
+def first_index(args: Namespace) -> int:
+    """The index of the first instance this run evaluates (SimulEval's --start-index / --continue-unfinished)."""
+    if getattr(args, "continue_unfinished", False) and args.output:
+        log = Path(args.output) / "instances.log"
+        if log.exists():
+            last = None
+            for line in log.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    last = line
+            if last is not None:
+                return json.loads(last)["index"] + 1
+    return args.start_index
+
+
+# ---- streaming audio in ----------------------------------------------------------------------------------
+
+
+class AudioInput:
+    """SimulEval's sample lists (any rate, mono or (n, channels)) -> new 16 kHz mono samples for the engine.
+
+    At 16 kHz the samples pass through. At another rate the whole prefix received so far is resampled (soxr) and
+    only the new output samples are returned, so a block completes at the same segment as at 16 kHz; the prefix
+    is extended by an odd reflection before resampling so that its last samples are not pulled towards zero.
+    """
+
+    PAD = 128  # input samples of reflection at the growing end
+
+    def __init__(self):
+        self.rate: int | None = None
+        self.raw = np.zeros(0, dtype=np.float32)
+        self.n_out = 0
+
+    def push(self, samples, rate: int) -> np.ndarray:
+        audio = np.asarray(samples, dtype=np.float32)
+        if audio.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        if audio.ndim == 2:
+            audio = audio.mean(axis=1)
+        if audio.ndim != 1:
+            raise AudioError(f"source segment of shape {audio.shape}; expected samples or (samples, channels)")
+        if self.rate is not None and rate != self.rate:
+            raise AudioError(f"the sample rate changed from {self.rate} to {rate} Hz within one utterance")
+        self.rate = int(rate)
+        if self.rate == SAMPLE_RATE:
+            return to_mono_16k(audio, SAMPLE_RATE, name="source segment")
+        self.raw = np.concatenate([self.raw, audio])
+        pad = min(self.PAD, self.raw.shape[0] - 1)
+        padded = np.pad(self.raw, (0, pad), mode="reflect", reflect_type="odd") if pad > 0 else self.raw
+        n_total = round(self.raw.shape[0] * SAMPLE_RATE / self.rate)
+        out = to_mono_16k(padded, self.rate, name="source segment")[:n_total]
+        new = out[self.n_out :]
+        self.n_out = max(self.n_out, out.shape[0])
+        return new
+
+
+# ---- the agents ------------------------------------------------------------------------------------------
+
+
+class ProactiveStates(AgentStates):
+    """SimulEval's states plus one utterance's session; ``reset`` (on every finish) drops all of it."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.session: StreamingSession | None = None
+        self.memory: dict = {}  # the head's per-utterance memory
+        self.consumed = 0  # items of self.source already given to the session
+        self.audio = AudioInput()
+        self.failed = False
+
+
+class ProactiveBase(GenericAgent):
+    """Shared by the speech and text agents: the policy loop over a ``StreamingSession`` and a decision head."""
+
+    modality = ""
+
+    def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None):
+        self.model = model if model is not None else load_model(args.checkpoint)
+        self.head = head if head is not None else build_head(args)
+        self.session_options = self.head.session_options(self.model)
+        self.sources = sources
+        self.max_len_a = args.max_len_a
+        self.max_len_b = args.max_len_b
+        self.max_target_tokens = args.max_target_tokens
+        self.skip_failed = args.skip_failed
+        self.output = Path(args.output) if getattr(args, "output", None) else None
+        self.index = first_index(args)
+        self.n_failed = 0
+        if self.output is not None and not getattr(args, "continue_unfinished", False):
+            (self.output / "failed.jsonl").unlink(missing_ok=True)  # SimulEval restarts instances.log too
+        super().__init__(args)
+
+    # -- SimulEval hooks --
+
+    @staticmethod
+    def add_args(parser: ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="checkpoint directory (streaming_llm.checkpoint)")
+        parser.add_argument("--head", default="entropy", help=f"decision head: {', '.join(HEADS)}")
+        parser.add_argument("--threshold", type=float, default=None, help="the head's threshold (entropy: nats)")
+        parser.add_argument("--k", type=int, default=None, help="wait-k: k; fixed-chunk: chunk; local-agreement: n")
+        parser.add_argument(
+            "--head-param", action="append", default=None, metavar="KEY=VALUE",
+            help="any head parameter, repeatable (e.g. frontier=2, layers=4,5,6)",
+        )  # fmt: skip
+        parser.add_argument("--max-len-a", type=float, default=2.0, help="at most a * source units + b target words")
+        parser.add_argument("--max-len-b", type=float, default=10.0, help="at most a * source units + b target words")
+        parser.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
+        parser.add_argument("--skip-failed", action="store_true", help="log a failing instance and go on")
+        parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> ProactiveBase:
+        try:
+            if getattr(args, "threads", 0):
+                torch.set_num_threads(args.threads)
+            model = load_model(args.checkpoint)
+            modality = model.config.modality
+            agent_cls = cls if cls.modality else (ProactiveSpeechAgent if modality == SPEECH else ProactiveTextAgent)
+            if agent_cls.modality != modality:
+                raise SetupError(
+                    f"{agent_cls.__name__} needs a {agent_cls.modality} checkpoint; {args.checkpoint} is {modality}"
+                )
+            if modality == SPEECH and getattr(args, "source_segment_size", MIN_SEGMENT_MS) < MIN_SEGMENT_MS:
+                raise SetupError(
+                    f"--source-segment-size is {args.source_segment_size} ms (SimulEval's default is 1); pass the "
+                    f"segment length in ms, e.g. --source-segment-size {model.config.block_ms}"
+                )
+            if args.max_len_a < 0 or args.max_len_b < 0 or args.max_target_tokens < 1:
+                raise SetupError("--max-len-a and --max-len-b must be >= 0 and --max-target-tokens >= 1")
+            head = build_head(args)
+            head.session_options(model)  # checks the head against the model (probe present, layers in range)
+            sources = read_sources(args, modality) if getattr(args, "source", None) or head.needs_full_source else None
+        except (SetupError, CheckpointError, AudioError, ValueError) as e:
+            raise SystemExit(f"proactive_agent: error: {e}") from None
+        return agent_cls(args, model=model, head=head, sources=sources)
+
+    def build_states(self) -> ProactiveStates:
+        return ProactiveStates()
+
+    def to(self, device: str, *args, fp16: bool = False, **kwargs) -> None:
+        self.model.to(device, torch.float16) if fp16 else self.model.to(device)
+
+    def policy(self):
+        states = self.states
+        if states.failed:
+            return self._after_failure(states)
+        try:
+            words = self._step(states)
+        except Exception as e:  # any model failure is reported with the instance index
+            return self._fail(states, e)
+        content = " ".join(words)
+        if states.source_finished:
+            self._finish()
+            return WriteAction(content, finished=True)
+        return WriteAction(content, finished=False) if content else ReadAction()
+
+    # -- the loop --
+
+    def _step(self, states: ProactiveStates) -> list[str]:
+        if states.session is None:
+            states.session = StreamingSession(
+                self.model, max_target_tokens=self.max_target_tokens, **self.session_options
+            )
+            if self.head.needs_full_source:
+                states.memory["full_source"] = self._full_source()
+        session = states.session
+        self._push_source(states, session)
+        if states.source_finished and not session.source_finished:
+            if session.units_read == 0 and not self._has_input(session):
+                logger.warning("instance %d: the source is empty; writing nothing", self.index)
+                return []
+            session.finish_source()
+        words = []
+        while not session.finished:
+            if len(session.words) >= self._max_words(session.units_read):
+                break
+            if decide(self.head, session, states.memory) is READ:
+                break
+            word = session.write_word()
+            if word is None:  # the model ends the sentence: finished, or wait for more source
+                break
+            words.append("".join(word.split()))  # one model word is one SimulEval word (it splits on whitespace)
+        return [w for w in words if w]
+
+    def _max_words(self, units: int) -> int:
+        return math.floor(self.max_len_a * units + self.max_len_b)
+
+    def _finish(self) -> None:
+        self.index += 1
+
+    def _fail(self, states: ProactiveStates, error: Exception):
+        message = f"instance {self.index}: {type(error).__name__}: {error}"
+        if not self.skip_failed:
+            raise InstanceError(message + " (pass --skip-failed to log it and go on)") from error
+        self.n_failed += 1
+        logger.warning("%s; skipped (--skip-failed), %d failed so far", message, self.n_failed)
+        if self.output is not None:
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "failed.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"index": self.index, "error": f"{type(error).__name__}: {error}"}) + "\n")
+        states.failed = True
+        return self._after_failure(states)
+
+    def _after_failure(self, states: ProactiveStates):
+        """Read to the end of the failed source (finishing early would reset the agent mid-utterance)."""
+        if states.source_finished:
+            self._finish()
+            return WriteAction("", finished=True)
+        return ReadAction()
+
+    def _full_source(self):
+        if self.sources is None or not 0 <= self.index < len(self.sources):
+            raise SetupError(
+                f"the {self.head.name} head needs the whole source of instance {self.index}: pass --source"
+            )
+        return self._load_source(self.sources[self.index])
+
+    # -- per modality --
+
+    def _push_source(self, states: ProactiveStates, session: StreamingSession) -> None:
+        raise NotImplementedError
+
+    def _has_input(self, session: StreamingSession) -> bool:
+        raise NotImplementedError
+
+    def _load_source(self, line: str):
+        raise NotImplementedError
+
+
+class ProactiveSpeechAgent(ProactiveBase, SpeechToTextAgent):
+    """Speech in (SimulEval segments of any rate and channel count), text out."""
+
+    modality = SPEECH
+
+    def _push_source(self, states, session):
+        new = states.source[states.consumed :]
+        states.consumed = len(states.source)
+        if new:
+            rate = states.source_sample_rate or SAMPLE_RATE
+            samples = states.audio.push(new, rate)
+            if samples.shape[0]:
+                session.push_audio(samples, SAMPLE_RATE)
+
+    def _has_input(self, session):
+        return session.samples_in > 0
+
+    def _load_source(self, line):
+        from speech_frontend.audio import load_audio
+
+        return load_audio(line)
+
+
+class ProactiveTextAgent(ProactiveBase, TextToTextAgent):
+    """Text in (one word per SimulEval segment), text out."""
+
+    modality = TEXT
+
+    def _push_source(self, states, session):
+        new = states.source[states.consumed :]
+        states.consumed = len(states.source)
+        if new:
+            session.push_words(new)
+
+    def _has_input(self, session):
+        return session.units_read > 0
+
+    def _load_source(self, line):
+        return line.split()
+
+
+@entrypoint
+class ProactiveAgent(ProactiveBase):
+    """The entrypoint: ``from_args`` returns the speech or the text agent, by the checkpoint's modality."""
+
+    source_type = "speech"  # placeholders; never instantiated (from_args returns a concrete agent)
+    target_type = "text"

@@ -1,0 +1,171 @@
+"""Score a SimulEval output directory from its ``instances.log``: quality, latency, computation-aware latency.
+
+    python -m simul_agents.score OUTPUT_DIR [--tokenize 13a] [--json FILE]
+
+Writes ``OUTPUT_DIR/scores.json`` and prints a one-line table. Metrics:
+
+- BLEU and chrF (sacrebleu, corpus level, over every instance; an empty prediction counts as empty);
+- AL, LAAL, DAL, AP, ATD, StartOffset, EndOffset from ``delays``, equal to SimulEval 1.1.4's own numbers
+  (mean over the instances that wrote something), except ATD for text input, which SimulEval computes with its
+  speech constants when it rescores from ``--output``; here it is the text ATD;
+- the same with ``_CA`` from ``elapsed`` (computation-aware: speech only; SimulEval 1.1.4 overwrites plain AL
+  with the CA value under ``--computation-aware``, so both are recomputed here);
+- RCO and AIL (``simul_agents.latency``); n_instances, n_empty (wrote nothing), n_failed (``failed.jsonl``),
+  mean_source_length. Latencies and source lengths are in ms for speech, in words for text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import mean
+
+import yaml
+from sacrebleu.metrics import BLEU, CHRF
+
+from . import latency as L
+
+LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
+TABLE = ("BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
+
+
+class ScoreError(ValueError):
+    """An output directory that cannot be scored; the message says why."""
+
+
+def read_instances(output: str | Path) -> list[dict]:
+    """The instances of ``instances.log``, sorted by index (a merged, sharded log may be out of order)."""
+    path = Path(output) / "instances.log"
+    if not path.is_file():
+        raise ScoreError(f"{path}: no such file; run simuleval with --output {output} first")
+    instances = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                instances.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ScoreError(f"{path} line {number}: not JSON ({e}); was the run interrupted?") from None
+    if not instances:
+        raise ScoreError(f"{path}: no instances")
+    return sorted(instances, key=lambda ins: ins["index"])
+
+
+def source_type(output: str | Path, instances: Sequence[dict]) -> str:
+    """'speech' or 'text': from SimulEval's config.yaml, else from the log (speech logs list the audio info)."""
+    config = Path(output) / "config.yaml"
+    if config.is_file():
+        kind = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("source_type")
+        if kind in ("speech", "text"):
+            return kind
+    return "speech" if isinstance(instances[0].get("source"), list) else "text"
+
+
+def reference_length(instance: dict) -> int:
+    return len(instance["reference"].split(" "))
+
+
+def _mean_over(instances: Sequence[dict], key: str, metric: Callable[[dict, list], float]) -> float | None:
+    """Mean of ``metric`` over the instances with a non-empty ``key`` list (SimulEval skips the others)."""
+    values = [metric(ins, ins[key]) for ins in instances if ins.get(key)]
+    return mean(values) if values else None
+
+
+def latency_scores(instances: Sequence[dict], speech: bool, key: str = "delays") -> dict[str, float | None]:
+    """AL, LAAL, DAL, AP, ATD, StartOffset, EndOffset over ``key`` ('delays' or 'elapsed')."""
+    metrics: dict[str, Callable[[dict, list], float]] = {
+        "AL": lambda ins, d: L.average_lagging(d, ins["source_length"], reference_length(ins)),
+        "LAAL": lambda ins, d: L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)),
+        "DAL": lambda ins, d: L.differentiable_average_lagging(d, ins["source_length"]),
+        "AP": lambda ins, d: L.average_proportion(d, ins["source_length"], reference_length(ins)),
+        "StartOffset": lambda ins, d: L.start_offset(d),
+        "EndOffset": lambda ins, d: L.end_offset(d, ins["source_length"]),
+    }
+    scores = {name: _mean_over(instances, key, fn) for name, fn in metrics.items()}
+    if key == "delays":
+        scores["ATD"] = _mean_over(instances, "delays", lambda ins, d: L.average_token_delay(d, speech))
+    else:
+        scores["ATD"] = _mean_over(
+            [ins for ins in instances if ins.get("elapsed")],
+            "delays",
+            lambda ins, d: L.average_token_delay(d, speech, elapsed=ins["elapsed"]),
+        )
+    return {name: scores[name] for name in LATENCY_METRICS}
+
+
+def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13a") -> dict:
+    """Every metric of the module docstring, as a flat dict."""
+    predictions = [ins["prediction"] for ins in instances]
+    references = [ins["reference"] for ins in instances]
+    scores: dict = {
+        "BLEU": BLEU(tokenize=tokenize).corpus_score(predictions, [references]).score,
+        "chrF": CHRF().corpus_score(predictions, [references]).score,
+    }
+    scores.update(latency_scores(instances, speech))
+    computation_aware = speech and any(ins.get("elapsed") for ins in instances)
+    for name, value in latency_scores(instances, speech, key="elapsed").items():
+        scores[f"{name}_CA"] = value if computation_aware else None
+    scores["RCO"] = _mean_over(instances, "delays", lambda ins, d: L.read_content_overhead(d, ins["source_length"]))
+    scores["AIL"] = _mean_over(instances, "delays", lambda ins, d: L.average_incremental_lag(d, ins["source_length"]))
+    scores["n_instances"] = len(instances)
+    scores["n_empty"] = sum(1 for ins in instances if not ins.get("delays"))
+    scores["mean_source_length"] = mean(float(ins["source_length"]) for ins in instances)
+    scores["latency_unit"] = "ms" if speech else "words"
+    return scores
+
+
+def score_output(output: str | Path, tokenize: str = "13a", write: bool = True) -> dict:
+    """Score ``output``/instances.log; writes ``output``/scores.json unless ``write`` is False."""
+    output = Path(output)
+    instances = read_instances(output)
+    kind = source_type(output, instances)
+    scores = {"source_type": kind, **score_instances(instances, kind == "speech", tokenize)}
+    failed = output / "failed.jsonl"
+    scores["n_failed"] = (
+        sum(1 for line in failed.read_text(encoding="utf-8").splitlines() if line.strip()) if failed.is_file() else 0
+    )
+    if write:
+        (output / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    return scores
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE) -> str:
+    """A header line and one line per row, fixed width."""
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simul_agents.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", help="a SimulEval --output directory (with instances.log)")
+    parser.add_argument("--tokenize", default="13a", help="sacrebleu BLEU tokenizer (SimulEval's default: 13a)")
+    parser.add_argument("--json", default=None, help="also write the scores to this file")
+    args = parser.parse_args(argv)
+    try:
+        scores = score_output(args.output, args.tokenize)
+    except ScoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    print(format_table([scores]))
+    print(f"(latency in {scores['latency_unit']}; {Path(args.output) / 'scores.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Sweep decision heads and their thresholds with SimulEval; one CSV, one Markdown table, one plot.
+
+    python -m simul_agents.sweep eval_configs/offline-text-en-de.yaml [--jobs N] [--shards K]
+
+The YAML (see ``eval_configs/``)::
+
+    task: offline-text-en-de
+    checkpoint: checkpoints/offline-text-en-de
+    source: data/offline/simuleval/text/source.txt
+    target: data/offline/simuleval/text/target.txt
+    output: runs/offline-text-en-de
+    source_segment_size: 320      # speech only, in ms
+    shards: 1                     # split the test set into this many SimulEval processes per run
+    agent_args: {max_len_a: 2, max_len_b: 10}   # passed to every run as --max-len-a 2 ...
+    heads:
+      entropy: {threshold: [0.5, 1.0, 2.0]}     # a list is swept, a scalar is fixed
+      wait-k: {k: [1, 3, 5]}
+
+Every (head, parameter combination) is one run in ``output/<head>/<param>``; the ``offline`` head (READ until
+the source ends: the full-source decode) is added unless ``heads`` says ``offline: false``, and drawn as a
+horizontal line. Paths are relative to the current directory (run from the repository root).
+
+- ``--jobs 1`` (default) runs SimulEval in this process, one run after another (the checkpoint loads once);
+  ``--jobs N`` runs up to N SimulEval subprocesses at once (``simuleval --agent simul_agents/proactive_agent.py``),
+  each with ``cpu_count // N`` torch threads and its log in ``<run>/simuleval.log``.
+- ``--shards K`` splits each run's instances into K ranges (``--start-index/--end-index``), run as separate
+  jobs; their ``instances.log`` files are merged (by index) into the run's before scoring.
+- Resumable: a run (or shard) whose ``instances.log`` holds every index of its range is not run again; an
+  incomplete one is run again from its start.
+- Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv``,
+  ``sweep.md`` and ``sweep.png`` (BLEU vs LAAL) in ``output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .score import ScoreError, score_output
+
+AGENT_FILE = Path(__file__).with_name("proactive_agent.py")
+CHRF_MODULE = Path(__file__).with_name("chrf_scorer")  # --user-dir takes the module path without .py
+LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
+COLUMNS = (
+    "task", "head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset",
+    "AL_CA", "LAAL_CA", "DAL_CA", "AP_CA", "ATD_CA", "RCO", "AIL", "n_instances", "n_failed", "n_empty",
+    "mean_source_length", "latency_unit", "output",
+)  # fmt: skip
+KNOWN_KEYS = {"task", "checkpoint", "source", "target", "output", "source_segment_size", "shards", "agent_args",
+              "heads"}  # fmt: skip
+
+
+class SweepError(ValueError):
+    """A sweep configuration that cannot run; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    task: str
+    checkpoint: str
+    source: str
+    target: str
+    output: Path
+    heads: dict
+    source_segment_size: int | None = None
+    shards: int = 1
+    agent_args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    head: str
+    params: tuple[tuple[str, object], ...]  # every parameter given to the head
+    label: str  # the swept ones, 'k=3' ('-' if none)
+    output: Path
+
+
+@dataclass(frozen=True)
+class Job:
+    run: Run
+    start: int
+    end: int
+    output: Path  # the run's output, or one shard's
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a mapping with task, checkpoint, source, target, output, heads")
+    unknown = sorted(set(data) - KNOWN_KEYS)
+    if unknown:
+        raise SweepError(f"{path}: unknown keys {unknown}; known: {sorted(KNOWN_KEYS)}")
+    missing = [k for k in ("task", "checkpoint", "source", "target", "output", "heads") if not data.get(k)]
+    if missing:
+        raise SweepError(f"{path}: missing {', '.join(missing)}")
+    heads = dict(data["heads"])
+    if "offline" not in heads:
+        heads["offline"] = {}
+    heads = {name: (params or {}) for name, params in heads.items() if params is not False}
+    for name, params in heads.items():
+        if not isinstance(params, dict):
+            raise SweepError(f"{path}: heads.{name} must map parameter names to a value or a list of values")
+    return SweepConfig(
+        task=str(data["task"]),
+        checkpoint=str(data["checkpoint"]),
+        source=str(data["source"]),
+        target=str(data["target"]),
+        output=Path(data["output"]),
+        heads=heads,
+        source_segment_size=data.get("source_segment_size"),
+        shards=int(data.get("shards") or 1),
+        agent_args=dict(data.get("agent_args") or {}),
+    )
+
+
+def expand_runs(config: SweepConfig) -> list[Run]:
+    """One run per head and combination of its list-valued parameters."""
+    from streaming_llm.heads import head_name, make_head
+
+    runs = []
+    for name, params in config.heads.items():
+        try:
+            canonical = head_name(name)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+        swept = {k: v for k, v in params.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in params.items() if not isinstance(v, list)}
+        for values in itertools.product(*swept.values()):
+            chosen = dict(zip(swept, values, strict=True))
+            every = {**fixed, **chosen}
+            try:
+                make_head(canonical, **every)  # fail here, not in the 40th subprocess
+            except ValueError as e:
+                raise SweepError(f"heads.{name}: {e}") from None
+            label = ",".join(f"{k}={v}" for k, v in chosen.items()) or "-"
+            output = config.output / canonical / label.replace("/", "_")
+            runs.append(Run(canonical, tuple(every.items()), label, output))
+    return runs
+
+
+def count_instances(source: str) -> int:
+    path = Path(source)
+    if not path.is_file():
+        raise SweepError(f"source {path}: no such file (paths are relative to the current directory)")
+    with open(path, encoding="utf-8") as f:
+        return len(f.readlines())
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """[0, n) in ``shards`` contiguous ranges of near-equal size (fewer if n is small)."""
+    shards = max(1, min(shards, n))
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def is_complete(output: Path, start: int, end: int) -> bool:
+    """``output/instances.log`` holds exactly the indices start..end-1."""
+    log = output / "instances.log"
+    if not log.is_file():
+        return False
+    try:
+        indices = [json.loads(line)["index"] for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
+    return sorted(indices) == list(range(start, end))
+
+
+def simuleval_args(config: SweepConfig, job: Job, n_instances: int, threads: int = 0) -> list[str]:
+    """The SimulEval command line of one job (without the program and --agent)."""
+    args = ["--checkpoint", config.checkpoint, "--head", job.run.head]
+    for key, value in job.run.params:
+        args += ["--head-param", f"{key}={value}"]
+    args += ["--source", config.source, "--target", config.target, "--output", str(job.output)]
+    if config.source_segment_size:
+        args += ["--source-segment-size", str(config.source_segment_size)]
+    if (job.start, job.end) != (0, n_instances):
+        args += ["--start-index", str(job.start), "--end-index", str(job.end)]
+    args += ["--quality-metrics", "BLEU", "CHRF", "--user-dir", str(CHRF_MODULE)]
+    args += ["--latency-metrics", *LATENCY_METRICS, "--no-progress-bar"]
+    if threads:
+        args += ["--threads", str(threads)]
+    for key, value in config.agent_args.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False and value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def run_job_inprocess(config: SweepConfig, job: Job, n_instances: int) -> str | None:
+    """Run one job in this process -> None, or the error."""
+    from simul_agents import evaluate_inprocess
+    from simul_agents.proactive_agent import ProactiveAgent
+
+    try:
+        evaluate_inprocess(ProactiveAgent, simuleval_args(config, job, n_instances))
+    except SystemExit as e:
+        return str(e.code)
+    except Exception as e:  # one failed run must not stop the sweep
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def run_job_subprocess(config: SweepConfig, job: Job, n_instances: int, threads: int) -> str | None:
+    """Run one job as a SimulEval subprocess -> None, or the error (the tail of its log)."""
+    job.output.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "simuleval.cli", "--agent", str(AGENT_FILE)]
+    command += simuleval_args(config, job, n_instances, threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = job.output / "simuleval.log"
+    with open(log, "w", encoding="utf-8") as f:
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+        return f"exit code {code}: " + " | ".join(tail)
+    return None
+
+
+def merge_shards(run: Run, jobs: Sequence[Job]) -> None:
+    """Concatenate the shards' instances.log (sorted by index) and failed.jsonl into the run's directory."""
+    lines = []
+    for job in jobs:
+        lines += [line for line in (job.output / "instances.log").read_text(encoding="utf-8").splitlines() if line]
+    lines.sort(key=lambda line: json.loads(line)["index"])
+    run.output.mkdir(parents=True, exist_ok=True)
+    (run.output / "instances.log").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    shutil.copyfile(jobs[0].output / "config.yaml", run.output / "config.yaml")
+    failed = [job.output / "failed.jsonl" for job in jobs if (job.output / "failed.jsonl").is_file()]
+    if failed:
+        (run.output / "failed.jsonl").write_text("".join(p.read_text(encoding="utf-8") for p in failed), "utf-8")
+
+
+def sweep(config: SweepConfig, jobs: int = 1, shards: int | None = None) -> tuple[list[dict], list[str]]:
+    """Run (or resume) every run; -> (rows for the CSV, error messages of failed runs)."""
+    runs = expand_runs(config)
+    n = count_instances(config.source)
+    ranges = shard_ranges(n, shards or config.shards)
+    plan: dict[Run, list[Job]] = {}
+    for run in runs:
+        if len(ranges) == 1:
+            plan[run] = [Job(run, 0, n, run.output)]
+        else:
+            plan[run] = [Job(run, a, b, run.output / "shards" / f"{a:06d}-{b:06d}") for a, b in ranges]
+    todo = [
+        job
+        for run, run_jobs in plan.items()
+        if not is_complete(run.output, 0, n)
+        for job in run_jobs
+        if not is_complete(job.output, job.start, job.end)
+    ]
+    errors: dict[Run, str] = {}
+    if todo:
+        progress = tqdm(total=len(todo), desc=f"{config.task}: runs", unit="run")
+        if jobs <= 1:
+            for job in todo:
+                progress.set_postfix_str(f"{job.run.head} {job.run.label}")
+                error = run_job_inprocess(config, job, n)
+                if error:
+                    errors[job.run] = error
+                progress.update()
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = {pool.submit(run_job_subprocess, config, job, n, threads): job for job in todo}
+                for future in as_completed(futures):
+                    error = future.result()
+                    if error:
+                        errors[futures[future].run] = error
+                    progress.update()
+        progress.close()
+    rows = []
+    for run, run_jobs in plan.items():
+        if run in errors:
+            continue
+        if len(run_jobs) > 1 and not is_complete(run.output, 0, n):
+            merge_shards(run, run_jobs)
+        try:
+            scores = score_output(run.output)
+        except ScoreError as e:
+            errors[run] = str(e)
+            continue
+        rows.append({"task": config.task, "head": run.head, "param": run.label, **scores, "output": str(run.output)})
+    messages = [f"{run.head} {run.label}: {error}" for run, error in errors.items()]
+    return rows, messages
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+
+
+def write_markdown(rows: Sequence[dict], path: Path) -> None:
+    columns = ("head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
+    unit = rows[0]["latency_unit"] if rows else ""
+    lines = [f"Latency in {unit}; CA = computation-aware (speech only).", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]  # fmt: skip
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            cells.append("-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def plot(rows: Sequence[dict], path: Path, title: str) -> None:
+    """BLEU against LAAL: one curve per head, the offline model as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    unit = rows[0]["latency_unit"] if rows else ""
+    for head in dict.fromkeys(row["head"] for row in rows):
+        points = sorted(
+            (row["LAAL"], row["BLEU"], row["param"]) for row in rows if row["head"] == head and row["LAAL"] is not None
+        )
+        if head == "offline":
+            for _, bleu, _ in points:
+                axes.axhline(bleu, color="0.4", linestyle="--", linewidth=1, label="offline (full source)")
+            continue
+        if not points:
+            continue
+        xs, ys, labels = zip(*points, strict=True)
+        axes.plot(xs, ys, marker="o", label=head)
+        for x, y, label in points:
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    axes.set_xlabel(f"LAAL ({unit})")
+    axes.set_ylabel("BLEU")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simul_agents.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a YAML file in eval_configs/")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel SimulEval processes (1: in this process)")
+    parser.add_argument("--shards", type=int, default=None, help="split each run's test set in K (overrides YAML)")
+    parser.add_argument("--output", default=None, help="override the YAML's output directory")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.output:
+            config = SweepConfig(**{**config.__dict__, "output": Path(args.output)})
+        if args.dry_run:
+            n = count_instances(config.source)
+            for run in expand_runs(config):
+                state = "done" if is_complete(run.output, 0, n) else "to run"
+                print(f"{run.head:16s} {run.label:24s} {state:7s} {run.output}")
+            return 0
+        rows, errors = sweep(config, jobs=args.jobs, shards=args.shards)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config.output.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, config.output / "sweep.csv")
+    write_markdown(rows, config.output / "sweep.md")
+    if rows:
+        plot(rows, config.output / "sweep.png", config.task)
+    print((config.output / "sweep.md").read_text(encoding="utf-8"))
+    print(f"wrote {config.output / 'sweep.csv'}, sweep.md, sweep.png")
+    for error in errors:
+        print(f"FAILED {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The SimulEval agents end to end on tiny models, in process (``simuleval.cli.evaluate``)."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+
+from simul_agents import evaluate_inprocess
+from simul_agents.proactive_agent import (
+    AudioInput,
+    InstanceError,
+    ProactiveAgent,
+    ProactiveSpeechAgent,
+    ProactiveTextAgent,
+)
+from streaming_llm.checkpoint import build_model, save_checkpoint
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+SENTENCES = ["I would like a cup of coffee .", "Where is the train station ?", "Thank you for your help ."]
+REFERENCES = ["Ich möchte eine Tasse Kaffee .", "Wo ist der Bahnhof ?", "Danke für Ihre Hilfe ."]
+LIMITS = ["--max-target-tokens", "24", "--no-progress-bar"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def untied_tiny(modality, seed=0, **overrides):
+    """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
+    config = tiny_config(modality, **overrides)
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return build_model(config, tiny_tokenizer()).eval()
+
+
+def tone(seconds: float, rate: int = 16000, shift: float = 0.0) -> np.ndarray:
+    """Band-limited (< 3 kHz) test audio: it survives 8 kHz resampling."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * (220 + shift) * t) + 0.2 * np.sin(2 * np.pi * 1300 * t + 1)
+            + 0.1 * np.sin(2 * np.pi * 2900 * t)).astype(np.float32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agents")
+    save_checkpoint(untied_tiny("text"), root / "text-ckpt")
+    save_checkpoint(untied_tiny("speech"), root / "speech-ckpt")
+    save_checkpoint(untied_tiny("speech", block_ms=640), root / "speech640-ckpt")
+    save_checkpoint(untied_tiny("text", max_source_embeddings=24), root / "small-text-ckpt")
+    (root / "source.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (root / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    wavs = []
+    for i, seconds in enumerate((1.5, 1.25, 0.9)):
+        sf.write(root / f"s{i}.wav", tone(seconds, shift=40 * i), 16000, subtype="FLOAT")
+        wavs.append(str(root / f"s{i}.wav"))
+    (root / "speech.txt").write_text("\n".join(wavs) + "\n", encoding="utf-8")
+    return root
+
+
+def simuleval(agent, checkpoint, source, target, output, *extra) -> list[dict]:
+    argv = ["--checkpoint", checkpoint, "--source", source, "--target", target, "--output", output, *LIMITS, *extra]
+    evaluate_inprocess(agent, argv)
+    lines = (output / "instances.log").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def text_run(data, tmp_path, *extra, agent=ProactiveAgent, checkpoint="text-ckpt", name="out"):
+    return simuleval(agent, data / checkpoint, data / "source.txt", data / "target.txt", tmp_path / name, *extra)
+
+
+def speech_run(data, tmp_path, *extra, source="speech.txt", checkpoint="speech-ckpt", name="out", segment=320):
+    return simuleval(ProactiveAgent, data / checkpoint, data / source, data / "target.txt", tmp_path / name,
+                     "--source-segment-size", str(segment), *extra)  # fmt: skip
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+
+HEADS = [
+    ["--head", "entropy", "--threshold", "6"],
+    ["--head", "attention", "--threshold", "0.5"],
+    ["--head", "wait-k", "--k", "2"],
+    ["--head", "fixed-chunk", "--head-param", "chunk=2", "--head-param", "words=2"],
+    ["--head", "local-agreement", "--k", "2"],
+    ["--head", "probe", "--threshold", "0.5"],
+    ["--head", "oracle"],
+    ["--head", "offline"],
+]
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h[1])
+def test_text_agent_end_to_end(data, tmp_path, head):
+    instances = text_run(data, tmp_path, *head)
+    assert [ins["index"] for ins in instances] == [0, 1, 2]
+    for ins, sentence in zip(instances, SENTENCES, strict=True):
+        assert ins["source_length"] == len(sentence.split())
+        assert ins["prediction"].strip(), "every instance writes something"
+        delays = ins["delays"]
+        assert delays == sorted(delays) and 1 <= delays[0] and delays[-1] <= len(sentence.split())
+    assert (tmp_path / "out" / "scores.tsv").is_file()
+
+
+@pytest.mark.parametrize("head", [HEADS[0], HEADS[1], HEADS[4]], ids=lambda h: h[1])
+def test_speech_agent_end_to_end(data, tmp_path, head):
+    instances = speech_run(data, tmp_path, *head)
+    assert [ins["source_length"] for ins in instances] == pytest.approx([1500, 1250, 900])
+    for ins in instances:
+        assert ins["prediction"].strip()
+        assert ins["delays"] == sorted(ins["delays"]) and ins["delays"][-1] <= ins["source_length"]
+
+
+def test_entrypoint_dispatches_by_checkpoint_modality(data):
+    class Args:  # what SimulEval's parser gives the agent
+        checkpoint, head, threshold, k, head_param = str(data / "text-ckpt"), "wait-k", None, 2, None
+        max_len_a, max_len_b, max_target_tokens, skip_failed, threads = 2.0, 10.0, 24, False, 0
+        source, target, start_index, end_index, output = str(data / "source.txt"), None, 0, -1, None
+        source_segment_size = 1
+
+    assert type(ProactiveAgent.from_args(Args)) is ProactiveTextAgent
+    Args.checkpoint = str(data / "speech-ckpt")
+    Args.source_segment_size, Args.source = 320, str(data / "speech.txt")
+    assert type(ProactiveAgent.from_args(Args)) is ProactiveSpeechAgent
+    with pytest.raises(SystemExit, match="ProactiveTextAgent needs a text checkpoint"):
+        ProactiveTextAgent.from_args(Args)
+
+
+# ---- wait-k: exact delays --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_wait_k_text_delays(data, tmp_path, k):
+    instances = text_run(data, tmp_path, "--head", "wait-k", "--k", str(k), "--max-len-a", "3")
+    for ins in instances:
+        m = ins["source_length"]
+        assert ins["delays"] == [min(i + k - 1, m) for i in range(1, len(ins["delays"]) + 1)]
+
+
+@pytest.mark.parametrize("checkpoint,segment,k", [("speech-ckpt", 320, 2), ("speech-ckpt", 160, 1),
+                                                  ("speech640-ckpt", 320, 1)])  # fmt: skip
+def test_wait_k_speech_delays_count_model_blocks(data, tmp_path, checkpoint, segment, k):
+    """A unit is one encoder block (320 or 640 ms), whatever the segment size."""
+    block = 640 if checkpoint == "speech640-ckpt" else 320
+    instances = speech_run(data, tmp_path, "--head", "wait-k", "--k", str(k), "--max-len-a", "3",
+                           checkpoint=checkpoint, segment=segment)  # fmt: skip
+    for ins in instances:
+        length = ins["source_length"]
+        full_blocks = int(length // block)  # complete blocks arrive before the source ends
+        expected = [(i + k - 1) * block if i + k - 1 <= full_blocks and (i + k - 1) * block < length else length
+                    for i in range(1, len(ins["delays"]) + 1)]  # fmt: skip
+        assert ins["delays"] == pytest.approx(expected)
+
+
+# ---- state ----------------------------------------------------------------------------------------------
+
+
+def test_targets_do_not_carry_over_between_instances(data, tmp_path):
+    together = text_run(data, tmp_path, "--head", "entropy", "--threshold", "6", name="all")
+    for i in (1, 2):
+        alone = text_run(data, tmp_path, "--head", "entropy", "--threshold", "6", "--start-index", str(i),
+                         "--end-index", str(i + 1), name=f"only{i}")  # fmt: skip
+        assert [ins["index"] for ins in alone] == [i]
+        assert alone[0]["prediction"] == together[i]["prediction"]
+        assert alone[0]["delays"] == together[i]["delays"]
+    speech = speech_run(data, tmp_path, "--head", "wait-k", "--k", "1", name="speech-all")
+    alone = speech_run(data, tmp_path, "--head", "wait-k", "--k", "1", "--start-index", "2", name="speech-2")
+    assert alone[0]["prediction"] == speech[2]["prediction"]
+
+
+def test_max_len_caps_the_output(data, tmp_path):
+    instances = text_run(data, tmp_path, "--head", "offline", "--max-len-a", "0", "--max-len-b", "2",
+                         "--max-target-tokens", "200")  # fmt: skip
+    assert all(1 <= len(ins["prediction"].split()) <= 2 for ins in instances)
+
+
+# ---- input audio ----------------------------------------------------------------------------------------
+
+
+def test_resampled_and_stereo_audio_give_the_16k_mono_answer(data, tmp_path):
+    audio = tone(1.5)
+    variants = {"mono16k": (audio, 16000), "stereo": (np.stack([audio, audio], axis=1), 16000)}
+    for rate in (8000, 44100):
+        variants[f"rate{rate}"] = (soxr.resample(audio, 16000, rate, quality="HQ"), rate)
+    paths = []
+    for name, (samples, rate) in variants.items():
+        sf.write(tmp_path / f"{name}.wav", samples, rate, subtype="FLOAT")
+        paths.append(str(tmp_path / f"{name}.wav"))
+    (tmp_path / "source.txt").write_text("\n".join(paths) + "\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("Ich .\n" * len(paths), encoding="utf-8")
+    for head in (["--head", "wait-k", "--k", "2"], ["--head", "entropy", "--threshold", "6"]):
+        instances = simuleval(ProactiveAgent, data / "speech-ckpt", tmp_path / "source.txt", tmp_path / "target.txt",
+                              tmp_path / f"out-{head[1]}", "--source-segment-size", "320", *head)  # fmt: skip
+        first = instances[0]
+        for ins in instances[1:]:
+            assert ins["prediction"] == first["prediction"]
+            assert ins["delays"] == pytest.approx(first["delays"], abs=1.0)
+            assert ins["source_length"] == pytest.approx(first["source_length"], abs=1.0)
+
+
+def test_audio_input_resamples_incrementally():
+    audio = tone(1.0)
+    for rate in (8000, 22050, 44100):
+        resampled = soxr.resample(audio, 16000, rate, quality="HQ")
+        stream, pieces = AudioInput(), []
+        step = int(np.ceil(0.32 * rate))
+        for start in range(0, len(resampled), step):
+            pieces.append(stream.push(resampled[start : start + step].tolist(), rate))
+        out = np.concatenate(pieces)
+        assert abs(len(out) - len(audio)) <= 1
+        n = min(len(out), len(audio))
+        assert np.abs(out[100 : n - 100] - audio[100 : n - 100]).mean() < 0.01
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+
+def test_missing_or_foreign_checkpoint_is_a_clear_error_before_the_first_instance(data, tmp_path):
+    with pytest.raises(SystemExit, match="no such checkpoint directory"):
+        simuleval(ProactiveAgent, tmp_path / "nope", data / "source.txt", data / "target.txt", tmp_path / "out")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a proactive-simulst checkpoint"):
+        simuleval(ProactiveAgent, tmp_path / "foreign", data / "source.txt", data / "target.txt", tmp_path / "out")
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
+def test_bad_sources_are_clear_errors_before_the_first_instance(data, tmp_path):
+    (tmp_path / "gap.txt").write_text("One two .\n\nThree .\n", encoding="utf-8")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"line 2 \(instance 1\) is empty"):
+        simuleval(ProactiveAgent, data / "text-ckpt", tmp_path / "gap.txt", tmp_path / "three.txt", tmp_path / "o")
+    (tmp_path / "two.txt").write_text("a\nb\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="--source has 3 lines but --target has 2"):
+        simuleval(ProactiveAgent, data / "text-ckpt", data / "source.txt", tmp_path / "two.txt", tmp_path / "o")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "speech.txt").write_text(f"{data / 's0.wav'}\n{tmp_path / 'empty.wav'}\n{tmp_path / 'x.wav'}\n")
+    with pytest.raises(SystemExit, match=r"instance 1\): .*empty.wav cannot be read as audio"):
+        simuleval(ProactiveAgent, data / "speech-ckpt", tmp_path / "speech.txt", tmp_path / "three.txt",
+                  tmp_path / "o", "--source-segment-size", "320")  # fmt: skip
+    with pytest.raises(SystemExit, match="x.wav does not exist"):
+        simuleval(ProactiveAgent, data / "speech-ckpt", tmp_path / "speech.txt", tmp_path / "three.txt",
+                  tmp_path / "o", "--source-segment-size", "320", "--start-index", "2")  # fmt: skip
+    with pytest.raises(SystemExit, match="--source-segment-size is 1 ms"):
+        simuleval(ProactiveAgent, data / "speech-ckpt", data / "speech.txt", data / "target.txt", tmp_path / "o")
+    with pytest.raises(SystemExit, match="--threshold does not apply to the 'wait-k' head"):
+        text_run(data, tmp_path, "--head", "wait-k", "--threshold", "0.5")
+    assert not (tmp_path / "o" / "instances.log").exists()
+
+
+def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tmp_path):
+    long = " ".join(["word"] * 40) + " ."  # more than the model's 24 source embeddings
+    (tmp_path / "source.txt").write_text(f"{SENTENCES[0]}\n{long}\n{SENTENCES[2]}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    args = (ProactiveAgent, data / "small-text-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
+    with pytest.raises(InstanceError, match="instance 1: ValueError: .*capacity"):
+        simuleval(*args, tmp_path / "strict", "--head", "wait-k", "--k", "1")
+    instances = simuleval(*args, tmp_path / "lenient", "--head", "wait-k", "--k", "1", "--skip-failed")
+    assert [ins["index"] for ins in instances] == [0, 1, 2]
+    failed = [json.loads(line) for line in (tmp_path / "lenient" / "failed.jsonl").read_text().splitlines()]
+    assert [f["index"] for f in failed] == [1] and "capacity" in failed[0]["error"]
+    alone = simuleval(*args, tmp_path / "alone", "--head", "wait-k", "--k", "1", "--start-index", "2")
+    assert alone[0]["prediction"] == instances[2]["prediction"]  # nothing of the failure leaks
+
+
+def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):
+    from argparse import Namespace
+
+    from simul_agents.proactive_agent import build_head
+
+    save_checkpoint(untied_tiny("text"), tmp_path / "ckpt", extra={"heads": {"entropy": {"threshold": 0.25}}})
+    args = Namespace(checkpoint=str(tmp_path / "ckpt"), head="entropy", threshold=None, k=None, head_param=None)
+    assert build_head(args).threshold == 0.25
+    args.threshold = 0.7
+    assert build_head(args).threshold == 0.7
+    args.head, args.threshold, args.head_param = "wait-k", None, ["k=4"]
+    assert build_head(args).k == 4

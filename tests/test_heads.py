@@ -1,0 +1,226 @@
+"""Decision heads: the shared rules, each head's rule, decoding ahead without committing, the oracle."""
+
+import pytest
+import torch
+
+from streaming_llm.checkpoint import build_model
+from streaming_llm.engine import StepSignals, StreamingSession
+from streaming_llm.heads import (
+    READ,
+    WRITE,
+    AttentionHead,
+    EntropyHead,
+    FixedChunkHead,
+    LocalAgreementHead,
+    OfflineHead,
+    OracleHead,
+    WaitKHead,
+    common_prefix,
+    decide,
+    make_head,
+    parse_head_params,
+    peek_words,
+)
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+WORDS = "I would like a cup of coffee in the garden .".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting
+    yield
+    torch.set_num_threads(threads)
+
+
+def untied_tiny(modality="text", seed=0, **overrides):
+    """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
+    config = tiny_config(modality, **overrides)
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return build_model(config, tiny_tokenizer()).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return untied_tiny("text")
+
+
+def signals(**changes) -> StepSignals:
+    fields = dict(
+        entropy=1.0, top_prob=0.5, next_token=5, ends_sentence=False, hidden=torch.zeros(64),
+        source_attention=None, units_read=3, source_finished=False, n_words=0,
+    )  # fmt: skip
+    return StepSignals(**{**fields, **changes})
+
+
+class FakeSession:
+    def __init__(self, step: StepSignals):
+        self.step = step
+
+    def signals(self):
+        return self.step
+
+
+class AlwaysWrite(OfflineHead):
+    def decide(self, signals, session, memory):
+        return WRITE
+
+
+def test_shared_rules_come_before_the_head():
+    assert decide(OfflineHead(), FakeSession(signals(source_finished=True)), {}) is WRITE  # flush
+    assert decide(AlwaysWrite(), FakeSession(signals(ends_sentence=True)), {}) is READ
+    assert decide(AlwaysWrite(), FakeSession(signals(units_read=0)), {}) is READ
+    assert decide(AlwaysWrite(), FakeSession(signals()), {}) is WRITE
+    assert decide(AlwaysWrite(), FakeSession(signals(ends_sentence=True, source_finished=True)), {}) is WRITE
+
+
+def test_entropy_head():
+    head = EntropyHead(threshold=0.6)
+    assert head.decide(signals(entropy=0.5), None, {}) is WRITE
+    assert head.decide(signals(entropy=0.6), None, {}) is READ
+    assert head.decide(signals(entropy=float("inf")), None, {}) is READ
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_wait_k_schedule(k):
+    head = WaitKHead(k=k)
+    for units in range(1, 9):
+        written = [n for n in range(12) if head.decide(signals(units_read=units, n_words=n), None, {}) is WRITE]
+        assert written == list(range(max(0, units - k + 1)))  # words 1..units-k+1 may be out
+
+
+def test_fixed_chunk_schedule():
+    head = FixedChunkHead(chunk=2, words=3)
+    allowed = {units: sum(head.decide(signals(units_read=units, n_words=n), None, {}) is WRITE for n in range(20))
+               for units in range(1, 7)}  # fmt: skip
+    assert allowed == {1: 0, 2: 3, 3: 3, 4: 6, 5: 6, 6: 9}
+
+
+def test_attention_head_frontier_and_normalisation():
+    attention = torch.tensor([0.1, 0.1, 0.05, 0.05])  # 0.3 of all attention on the source, 0.05 on the frontier
+    head = AttentionHead(threshold=0.2, frontier=1)
+    assert head.frontier_share(attention) == pytest.approx(0.05 / 0.3)
+    assert head.decide(signals(source_attention=attention), None, {}) is WRITE
+    assert AttentionHead(threshold=0.2, frontier=2).decide(signals(source_attention=attention), None, {}) is READ
+    raw = AttentionHead(threshold=0.1, normalise="all")
+    assert raw.frontier_share(attention) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="session_options"):
+        head.decide(signals(source_attention=None), None, {})
+
+
+def test_attention_layers_spec():
+    assert AttentionHead().layer_indices(8) == [4, 5, 6, 7]
+    assert AttentionHead(layers="all").layer_indices(3) == [0, 1, 2]
+    assert AttentionHead(layers="last").layer_indices(3) == [2]
+    assert AttentionHead(layers="0,-1").layer_indices(4) == [0, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        AttentionHead(layers="7").layer_indices(4)
+    with pytest.raises(ValueError, match="expected"):
+        AttentionHead(layers="top").layer_indices(4)
+
+
+def test_attention_head_on_a_session(model):
+    head = AttentionHead(threshold=0.5)
+    session = StreamingSession(model, max_target_tokens=20, **head.session_options(model))
+    session.push_words(WORDS[:4])
+    step = session.signals()
+    assert step.source_attention.shape == (4,)
+    expected = WRITE if head.frontier_share(step.source_attention) < 0.5 else READ
+    assert head.decide(step, session, {}) is expected
+
+
+def test_probe_head(model):
+    session = StreamingSession(model)
+    session.push_words(WORDS[:3])
+    step = session.signals()
+    with torch.inference_mode():
+        p = torch.sigmoid(model.probe_logit(step.hidden)).item()
+    assert make_head("probe", threshold=p - 1e-4).decide(step, session, {}) is WRITE
+    assert make_head("probe", threshold=p + 1e-4).decide(step, session, {}) is READ
+    without = untied_tiny("text", probe_hidden=0)
+    with pytest.raises(ValueError, match="no probe"):
+        make_head("probe").session_options(without)
+
+
+def test_make_head_converts_and_names_its_errors():
+    assert make_head("waitk", k="3") == WaitKHead(k=3)
+    assert make_head("LA", n="3") == LocalAgreementHead(n=3)
+    assert make_head("entropy", threshold="0.6").threshold == 0.6
+    with pytest.raises(ValueError, match="no parameter frontier.*threshold"):
+        make_head("entropy", frontier=2)
+    with pytest.raises(ValueError, match="unknown head 'greedy'"):
+        make_head("greedy")
+    with pytest.raises(ValueError, match="not a valid int"):
+        make_head("wait-k", k="2.5")
+    with pytest.raises(ValueError, match="at least 1"):
+        make_head("wait-k", k=0)
+    assert parse_head_params(["k=3", "layers=4,5 frontier=2"]) == {"k": "3", "layers": "4,5", "frontier": "2"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_head_params(["threshold"])
+
+
+def test_common_prefix():
+    assert common_prefix([["a", "b", "c"], ["a", "b", "d"], ["a", "b"]]) == ["a", "b"]
+    assert common_prefix([["a"], ["b"]]) == []
+    assert common_prefix([]) == []
+
+
+def greedy_words(session):
+    out = []
+    while (word := session.write_word()) is not None:
+        out.append(word)
+    return out
+
+
+def test_peek_words_leaves_the_session_as_it_was(model):
+    plain, peeked = StreamingSession(model, max_target_tokens=30), StreamingSession(model, max_target_tokens=30)
+    for word in WORDS:
+        plain.push_words([word])
+        peeked.push_words([word])
+        before = peeked.next_logits().clone()
+        ahead = peek_words(peeked, 3)
+        torch.testing.assert_close(peeked.next_logits(), before, rtol=0, atol=0)
+        assert peeked.words == [] and len(peeked.written) == 0
+        if ahead:
+            assert peek_words(peeked, 1) == ahead[:1]
+    plain.finish_source()
+    peeked.finish_source()
+    assert greedy_words(peeked) == greedy_words(plain)
+    assert peeked.written == plain.written
+
+
+def test_local_agreement_writes_only_what_two_prefixes_agree_on(model):
+    head = LocalAgreementHead(n=2, horizon=6)
+    session, memory = StreamingSession(model, max_target_tokens=40), {}
+    for word in WORDS:
+        session.push_words([word])
+        while decide(head, session, memory) is WRITE:
+            assert session.write_word() is not None
+        history = [words for _, words in memory["local_agreement"]]
+        assert session.words == common_prefix(history)[: len(session.words)]
+        assert len(common_prefix(history)) <= len(session.words) or decide(head, session, memory) is READ
+
+
+def test_oracle_writes_the_offline_translation_no_later(model):
+    """The oracle only writes words that the full-source model writes after the same prefix: same output."""
+    offline = StreamingSession(model, max_target_tokens=40)
+    offline.push_words(WORDS)
+    offline.finish_source()
+    reference = greedy_words(offline)
+
+    head = OracleHead()
+    session, memory = StreamingSession(model, max_target_tokens=40), {"full_source": WORDS}
+    units_at_write = []
+    for i, word in enumerate(WORDS):
+        session.push_words([word])
+        if i == len(WORDS) - 1:
+            session.finish_source()
+        while decide(head, session, memory) is WRITE:
+            if session.write_word() is None:
+                break
+            units_at_write.append(session.units_read)
+    assert session.words == reference
+    assert len(units_at_write) == len(reference)
+    assert all(u <= len(WORDS) for u in units_at_write)

@@ -1,0 +1,120 @@
+"""Scores recomputed from instances.log: equal to SimulEval's own, plus CA, RCO and AIL."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas
+import pytest
+import soundfile as sf
+import torch
+
+from simul_agents import evaluate_inprocess
+from simul_agents import latency as L
+from simul_agents.proactive_agent import ProactiveAgent
+from simul_agents.score import main, score_output
+from streaming_llm.checkpoint import build_model, save_checkpoint
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+CHRF_MODULE = str(Path(__file__).resolve().parents[1] / "simul_agents" / "chrf_scorer")
+METRICS = ["AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def untied_tiny(modality, seed=0):
+    config = tiny_config(modality)
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return build_model(config, tiny_tokenizer()).eval()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """SimulEval runs (speech and text, two heads each) with BLEU, CHRF and every latency metric."""
+    root = tmp_path_factory.mktemp("score")
+    save_checkpoint(untied_tiny("text"), root / "text-ckpt")
+    save_checkpoint(untied_tiny("speech"), root / "speech-ckpt")
+    sentences = ["I would like a cup of coffee .", "Where is the train station ?", "Thank you ."]
+    (root / "text.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    (root / "target.txt").write_text("Ich möchte Kaffee .\nWo  ist der Bahnhof ?\nDanke .\n", encoding="utf-8")
+    rng = np.random.default_rng(0)
+    wavs = []
+    for i, seconds in enumerate((1.3, 2.1, 0.7)):
+        sf.write(root / f"{i}.wav", (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+        wavs.append(str(root / f"{i}.wav"))
+    (root / "speech.txt").write_text("\n".join(wavs) + "\n", encoding="utf-8")
+    outputs = {}
+    common = ["--quality-metrics", "BLEU", "CHRF", "--user-dir", CHRF_MODULE, "--latency-metrics", *METRICS,
+              "--max-target-tokens", "24", "--no-progress-bar", "--target", root / "target.txt"]  # fmt: skip
+    for kind, head in [("text", "wait-k"), ("text", "entropy"), ("speech", "wait-k"), ("speech", "attention")]:
+        out = root / f"{kind}-{head}"
+        head_args = ["--head", head] + (
+            ["--k", "2"] if head == "wait-k" else ["--threshold", "0.5" if head == "attention" else "6"]
+        )
+        source = ["--source", root / f"{kind}.txt", "--checkpoint", root / f"{kind}-ckpt"]
+        segment = ["--source-segment-size", "320"] if kind == "speech" else []
+        evaluate_inprocess(ProactiveAgent, [*common, *source, *segment, *head_args, "--output", out])
+        outputs[(kind, head)] = out
+    return outputs
+
+
+@pytest.mark.parametrize("kind,head", [("text", "wait-k"), ("text", "entropy"), ("speech", "wait-k"),
+                                       ("speech", "attention")])  # fmt: skip
+def test_recomputed_scores_equal_simulevals(runs, kind, head):
+    out = runs[(kind, head)]
+    theirs = pandas.read_csv(out / "scores.tsv", sep="\t").iloc[0].to_dict()
+    ours = score_output(out)
+    assert ours["source_type"] == kind and ours["latency_unit"] == ("ms" if kind == "speech" else "words")
+    names = ["BLEU", "CHRF", *METRICS]
+    if kind == "text":
+        names.remove("ATD")  # SimulEval rescoring from --output uses its speech constants for text: see score.py
+    for name in names:
+        assert round(ours["chrF" if name == "CHRF" else name], 3) == pytest.approx(theirs[name], abs=1e-9), name
+    assert (out / "scores.json").is_file()
+
+
+def test_computation_aware_scores_use_elapsed(runs):
+    out = runs[("speech", "wait-k")]
+    instances = [json.loads(line) for line in (out / "instances.log").read_text().splitlines()]
+    ours = score_output(out, write=False)
+    expected = np.mean([L.average_lagging(i["elapsed"], i["source_length"], len(i["reference"].split(" ")))
+                        for i in instances if i["elapsed"]])  # fmt: skip
+    assert ours["AL_CA"] == pytest.approx(expected)
+    assert ours["AL_CA"] >= ours["AL"]  # computing takes time
+    assert ours["LAAL_CA"] is not None and ours["ATD_CA"] >= ours["ATD"]
+    assert score_output(runs[("text", "wait-k")], write=False)["AL_CA"] is None  # text has no clock
+
+
+def test_metric_definitions_on_a_hand_made_instance():
+    delays, source, reference = [2, 3, 4, 4], 4, 4  # wait-2 on 4 words: ideal lag 2 until the source ends
+    assert L.average_lagging(delays, source, reference) == pytest.approx((2 + 2 + 2) / 3)
+    assert L.length_adaptive_average_lagging(delays, source, 2) == pytest.approx(2.0)  # |Y| = max(4, 2)
+    assert L.average_proportion(delays, source, reference) == pytest.approx(13 / 16)
+    assert L.differentiable_average_lagging(delays, source) == pytest.approx((2 + 2 + 2 + 2) / 4)
+    assert L.start_offset(delays) == 2 and L.end_offset(delays, source) == 0
+    assert L.read_content_overhead(delays, source) == pytest.approx(13 / 16)
+    assert L.average_incremental_lag(delays, source) == pytest.approx((2 + 2 + 2 + 1) / 4)
+    assert L.average_lagging([5], 4, 1) == 5  # the first word after the whole source
+    assert L.average_token_delay([1, 2, 3], speech=False) == pytest.approx(1.0)
+
+
+def test_score_cli_sorts_merged_logs_and_reports_errors(runs, tmp_path, capsys):
+    lines = (runs[("text", "wait-k")] / "instances.log").read_text().splitlines()
+    (tmp_path / "instances.log").write_text("\n".join(reversed(lines)) + "\n")  # shards merged out of order
+    (tmp_path / "failed.jsonl").write_text('{"index": 1, "error": "x"}\n')
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "LAAL" in printed.splitlines()[0] and "latency in words" in printed
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    reference = score_output(runs[("text", "wait-k")], write=False)
+    assert scores["AL"] == pytest.approx(reference["AL"]) and scores["BLEU"] == pytest.approx(reference["BLEU"])
+    assert scores["n_failed"] == 1 and scores["n_instances"] == 3
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Sweeps: runs, resumption, shards, the CSV, the table and the plot, on a tiny text model."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simul_agents.sweep import SweepConfig, SweepError, expand_runs, load_config, main, shard_ranges
+from streaming_llm.checkpoint import build_model, save_checkpoint
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+SENTENCES = ["I would like a cup of coffee .", "Where is the train station ?", "Thank you .", "We are going home ."]
+REFERENCES = ["Ich möchte eine Tasse Kaffee .", "Wo ist der Bahnhof ?", "Danke .", "Wir gehen nach Hause ."]
+COLUMNS = ["task", "head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "AL_CA", "LAAL_CA", "RCO", "AIL",
+           "n_instances", "mean_source_length"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    config = tiny_config("text")
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    save_checkpoint(build_model(config, tiny_tokenizer()).eval(), root / "ckpt")
+    (root / "source.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (root / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    return root
+
+
+def write_config(root, path, **changes):
+    config = {
+        "task": "tiny-text", "checkpoint": str(root / "ckpt"), "source": str(root / "source.txt"),
+        "target": str(root / "target.txt"), "output": str(path.parent / "runs"),
+        "agent_args": {"max_len_a": 1, "max_len_b": 2, "max_target_tokens": 16, "threads": 1},
+        "heads": {"wait-k": {"k": [2]}},
+    }  # fmt: skip
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_csv_table_and_plot_and_resumes(setup, tmp_path, capsys):
+    config = write_config(setup, tmp_path / "tiny.yaml")
+    assert main([str(config)]) == 0
+    runs = tmp_path / "runs"
+    rows = read_csv(runs / "sweep.csv")
+    assert [(r["head"], r["param"]) for r in rows] == [("wait-k", "k=2"), ("offline", "-")]  # offline added
+    assert set(COLUMNS) <= set(rows[0])
+    for row in rows:
+        assert row["task"] == "tiny-text" and row["n_instances"] == "4" and row["AL_CA"] == ""
+        assert float(row["mean_source_length"]) == pytest.approx(sum(len(s.split()) for s in SENTENCES) / 4)
+    assert float(rows[0]["LAAL"]) < float(rows[1]["LAAL"])  # wait-2 lags less than the full-source decode
+    png = runs / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "| wait-k | k=2 |" in (runs / "sweep.md").read_text()
+
+    log = runs / "wait-k" / "k=2" / "instances.log"
+    stamp = log.stat().st_mtime_ns
+    assert main([str(config)]) == 0  # complete runs are not redone
+    assert log.stat().st_mtime_ns == stamp
+    assert read_csv(runs / "sweep.csv") == rows
+
+
+def test_shards_are_merged_by_index_and_equal_one_run(setup, tmp_path):
+    heads = {"wait-k": {"k": [1]}, "offline": False}
+    sharded = write_config(setup, tmp_path / "sharded.yaml", heads=heads, shards=3, output=str(tmp_path / "sharded"))
+    assert main([str(sharded)]) == 0
+    run = tmp_path / "sharded" / "wait-k" / "k=1"
+    assert sorted(p.name for p in (run / "shards").iterdir()) == ["000000-000001", "000001-000003", "000003-000004"]
+    merged = [json.loads(line) for line in (run / "instances.log").read_text().splitlines()]
+    assert [ins["index"] for ins in merged] == [0, 1, 2, 3]
+    single = write_config(setup, tmp_path / "single.yaml", heads=heads, output=str(tmp_path / "single"))
+    assert main([str(single), "--shards", "1"]) == 0
+    alone = [json.loads(line) for line in (tmp_path / "single" / "wait-k" / "k=1" / "instances.log").open()]
+    assert [(i["prediction"], i["delays"]) for i in alone] == [(i["prediction"], i["delays"]) for i in merged]
+    laal = [read_csv(tmp_path / name / "sweep.csv")[0]["LAAL"] for name in ("sharded", "single")]
+    assert laal[0] == laal[1]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_run_simuleval_subprocesses(setup, tmp_path):
+    """--jobs 2: SimulEval subprocesses through the real `--agent simul_agents/proactive_agent.py` path."""
+    config = write_config(setup, tmp_path / "tiny.yaml", heads={"wait-k": {"k": [1]}, "offline": False}, shards=2)
+    assert main([str(config), "--jobs", "2"]) == 0
+    run = tmp_path / "runs" / "wait-k" / "k=1"
+    assert (run / "shards" / "000000-000002" / "simuleval.log").is_file()
+    merged = [json.loads(line) for line in (run / "instances.log").read_text().splitlines()]
+    assert [ins["index"] for ins in merged] == [0, 1, 2, 3]
+    assert read_csv(tmp_path / "runs" / "sweep.csv")[0]["n_instances"] == "4"
+
+
+def test_config_errors_name_the_problem(setup, tmp_path):
+    with pytest.raises(SweepError, match="unknown keys"):
+        load_config(write_config(setup, tmp_path / "a.yaml", thresholds=[1]))
+    with pytest.raises(SweepError, match="unknown head 'greedy'"):
+        expand_runs(load_config(write_config(setup, tmp_path / "b.yaml", heads={"greedy": {}})))
+    with pytest.raises(SweepError, match="heads.entropy: .*no parameter k"):
+        expand_runs(load_config(write_config(setup, tmp_path / "c.yaml", heads={"entropy": {"k": [1]}})))
+    (tmp_path / "d.yaml").write_text("task: x\n")
+    with pytest.raises(SweepError, match="missing checkpoint, source, target, output, heads"):
+        load_config(tmp_path / "d.yaml")
+    bad_source = write_config(setup, tmp_path / "e.yaml", source=str(tmp_path / "none.txt"))
+    assert main([str(bad_source)]) == 2
+
+
+def test_runs_and_shards():
+    heads = {"attention": {"threshold": [0.5, 1.0], "frontier": 1}, "wait-k": {"k": 3}, "offline": {}}
+    runs = expand_runs(SweepConfig("t", "ckpt", "s.txt", "t.txt", Path("out"), heads))
+    assert [(r.head, r.label) for r in runs] == [("attention", "threshold=0.5"), ("attention", "threshold=1.0"),
+                                                 ("wait-k", "-"), ("offline", "-")]  # fmt: skip
+    assert dict(runs[0].params) == {"frontier": 1, "threshold": 0.5}
+    assert runs[0].output == Path("out/attention/threshold=0.5")
+    assert shard_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert shard_ranges(2, 5) == [(0, 1), (1, 2)]
+    assert shard_ranges(5, 1) == [(0, 5)]
