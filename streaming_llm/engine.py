@@ -31,6 +31,7 @@ from .config import SPEECH, TEXT
 from .model import SpeechLLM, eager_attention, run_llm
 
 PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
+MAX_WORD_TOKENS = 24  # a "word" longer than this is cut: a degenerate model cannot loop inside one word
 
 
 @dataclass
@@ -213,6 +214,8 @@ class StreamingSession:
                     break
                 tokens.append(nxt)
                 self._feed_target([nxt])
+                if len(tokens) >= MAX_WORD_TOKENS:
+                    break
                 if len(self.written) >= self.max_target_tokens:
                     self.finished = True
                     break

@@ -24,7 +24,9 @@ from speech_frontend.mel import HOP_LENGTH, log_mel
 from .config import SPEECH, SpeechLLMConfig
 from .layout import Layout, attention_mask
 
-WORD_START_MARKS = ("Ġ", "▁", " ")  # byte-level BPE, sentencepiece, plain
+# a token that starts with one of these begins a new word: byte-level BPE's space, newline and tab
+# ("Ġ", "Ċ", "ĉ"), sentencepiece's space, plain whitespace
+WORD_START_MARKS = ("Ġ", "Ċ", "ĉ", "▁", " ", "\n", "\t")
 
 
 class SpeechLLM(nn.Module):
