@@ -31,6 +31,7 @@ class TrainConfig:
     freeze_embeddings: bool = False  # keep the (often tied) embedding / output matrix frozen
     lora_r: int = 16
     lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_encoder: str = "frozen"  # frozen | lora | full
     # data
     train_manifest: str = ""
@@ -113,6 +114,9 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown training settings {unknown}; see training/config.py for the list")
+    if isinstance(data.get("lora_targets"), (list, str)):
+        targets = data["lora_targets"]
+        data["lora_targets"] = tuple(targets.split(",") if isinstance(targets, str) else targets)
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key, value in list(data.items()):
         if types[key] == "float" and isinstance(value, int):

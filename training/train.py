@@ -67,6 +67,7 @@ def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
     lora = dict(
         llm_lora_r=cfg.lora_r if cfg.train_llm == "lora" else 0,
         llm_lora_alpha=cfg.lora_alpha,
+        llm_lora_targets=tuple(cfg.lora_targets),
         encoder_lora_r=cfg.lora_r if cfg.train_encoder == "lora" else 0,
         encoder_lora_alpha=cfg.lora_alpha,
     )
