@@ -189,6 +189,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
     model = build_training_model(cfg).to(training_device())
+    if cfg.bf16 and model.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        log.warning(
+            "bf16=true on a CPU without native bf16 (%s): autocast is emulated and several times slower; "
+            "bf16=false is faster here",
+            torch.backends.cpu.get_cpu_capability(),
+        )
     train_ex = load_examples(
         cfg.train_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad
     )
