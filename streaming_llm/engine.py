@@ -196,21 +196,28 @@ class StreamingSession:
     def write_word(self) -> str | None:
         """Greedily decode the next target word (tokens up to the next word boundary).
 
-        Returns None when the model would end the sentence: if the source is finished the session is then
-        finished; otherwise nothing is written (a policy should READ).
+        Before the source is finished the sentence cannot end: if the end-of-sentence token is the greedy
+        choice, the best other token is written (a policy that wants to wait on it reads
+        ``signals().ends_sentence`` first). Returns None only when the source is finished and the model ends
+        the sentence (the session is then finished) or the token cap is reached.
         """
         if self.finished:
             return None
         tokens: list[int] = []
         with torch.inference_mode():
             while True:
-                nxt = int(self._out.logits[0, -1].argmax())
+                logits = self._out.logits[0, -1]
+                nxt = int(logits.argmax())
+                blank = not self.model.tokenizer.decode(tokens).strip()  # whitespace joins the next word
                 if nxt == self.model.eos_id:
-                    if not tokens and self.source_finished:
+                    if tokens and not blank:
+                        break
+                    if self.source_finished:
                         self._feed_target([nxt])
                         self.finished = True
-                    break
-                if tokens and bool(self.model.word_start[nxt]):
+                        break
+                    nxt = int(logits.topk(2).indices[1])  # the sentence cannot end before the source does
+                if tokens and not blank and bool(self.model.word_start[nxt]):
                     break
                 tokens.append(nxt)
                 self._feed_target([nxt])
@@ -219,9 +226,9 @@ class StreamingSession:
                 if len(self.written) >= self.max_target_tokens:
                     self.finished = True
                     break
-        if not tokens:
-            return None
         word = self.model.tokenizer.decode(tokens).strip()
+        if not word:
+            return None
         self.words.append(word)
         return word
 

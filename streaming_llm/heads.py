@@ -8,7 +8,8 @@ streams. Use ``decide(head, session, memory)``: it applies the rules every head 
 
 Shared rules, in order:
 - the source is finished: WRITE (flush; ``write_word`` returns None once the model ends the sentence);
-- the greedy next token ends the sentence while the source is not finished: READ;
+- the greedy next token ends the sentence while the source is not finished: READ (adaptive heads only; the
+  fixed schedules, wait-k and fixed-chunk, write the best other token, as ``write_word`` does);
 - nothing has been read yet: READ.
 
 Heads (``make_head(name, **params)``; parameters from the command line or a checkpoint's
@@ -69,6 +70,7 @@ class Head:
 
     name: ClassVar[str] = ""
     needs_full_source: ClassVar[bool] = False  # the caller puts the whole source in memory["full_source"]
+    fixed_schedule: ClassVar[bool] = False  # timing set by the source length alone (wait-k, fixed-chunk)
 
     def session_options(self, model) -> dict[str, Any]:
         """Keyword arguments for ``StreamingSession(model, ...)``; also checks the head fits the model."""
@@ -88,7 +90,7 @@ def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
     signals = session.signals()
     if signals.source_finished:
         return WRITE
-    if signals.ends_sentence or signals.units_read == 0:
+    if signals.units_read == 0 or (signals.ends_sentence and not head.fixed_schedule):
         return READ
     return head.decide(signals, session, memory)
 
@@ -163,6 +165,7 @@ class WaitKHead(Head):
     k: int = 3  # units of lag (speech: encoder blocks of config.block_ms; text: words)
 
     name: ClassVar[str] = "wait-k"
+    fixed_schedule: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.k < 1:
@@ -178,6 +181,7 @@ class FixedChunkHead(Head):
     words: int = 1  # target words written after each chunk
 
     name: ClassVar[str] = "fixed-chunk"
+    fixed_schedule: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.chunk < 1 or self.words < 1:
