@@ -52,7 +52,7 @@ def _log_power_mel(padded: torch.Tensor, n_mels: int) -> torch.Tensor:
         raise ValueError(f"n_mels={n_mels}; whisper's filter banks have {N_MELS_SUPPORTED} bins")
     n_frames = (padded.shape[-1] - LEFT_PAD) // HOP_LENGTH
     if n_frames <= 0:
-        return torch.zeros(n_mels, 0)
+        return torch.zeros(n_mels, 0, device=padded.device)
     padded = padded[: LEFT_PAD + n_frames * HOP_LENGTH]
     window = torch.hann_window(N_FFT, device=padded.device)
     stft = torch.stft(padded, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
