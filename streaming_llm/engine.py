@@ -83,7 +83,7 @@ class StreamingSession:
             self._mel_buffer = torch.zeros(model.encoder.n_mels, 0)
             self.samples_in = 0
         with torch.inference_mode():
-            self._feed(model.embed_ids(model.prompt_ids), PROMPT)
+            self._feed([(model.embed_ids(model.prompt_ids), PROMPT, 0)])
             self._feed_target(model.prefix_ids)  # pending until the first write: it sees what y_1 sees
 
     # ---- source ------------------------------------------------------------------------------------
@@ -127,9 +127,7 @@ class StreamingSession:
             raise ValueError("finish_source with no source units; push audio or words first")
         self.source_finished = True
         with torch.inference_mode():
-            self._drop_pending()
-            self._feed(self.model.end_of_source[None], SOURCE, unit=self.units_read)
-            self._refeed_pending()
+            self._feed_source_and_pending(self.model.end_of_source[None], self.units_read)
 
     def _push_mel(self, mel: torch.Tensor) -> int:
         """Buffer new mel frames (n_mels, k); encode every complete block; feed its units to the LM."""
@@ -163,11 +161,9 @@ class StreamingSession:
         capacity = self.config.source_capacity
         if self.n_source_embeddings + sum(u.shape[0] for u in units) > capacity:
             raise ValueError(f"the source exceeds the model's capacity of {capacity} embeddings")
-        self._drop_pending()
         unit_ids = [self.units_read + 1 + i for i, u in enumerate(units) for _ in range(u.shape[0])]
         self.units_read += len(units)
-        self._feed(torch.cat(units), SOURCE, unit=unit_ids)  # all new units in one forward
-        self._refeed_pending()
+        self._feed_source_and_pending(torch.cat(units), unit_ids)
 
     # ---- target ------------------------------------------------------------------------------------
 
@@ -249,51 +245,61 @@ class StreamingSession:
 
     def _feed_target(self, ids: list[int]) -> None:
         """Append target-group tokens: the rows fed before them are final, these are now the pending rows."""
-        self._feed(self.model.embed_ids(ids), TARGET)
+        self._feed([(self.model.embed_ids(ids), TARGET, 0)])
         self.target_group += ids
         self._n_pending = len(ids)
 
-    def _drop_pending(self) -> None:
-        """Take the pending rows out of the cache (they are re-fed once the new source is in)."""
+    def _feed_source_and_pending(self, embeds: torch.Tensor, units: int | list[int]) -> None:
+        """New source entries, then the pending rows again (taken out of the cache first), in one forward."""
         n = self._n_pending
         self.cache.crop(-n)
         del self.kinds[-n:], self.entry_units[-n:]
-        self._pending = self.target_group[-n:]
+        pending = self.target_group[-n:]
         del self.target_group[-n:]
+        self._feed([(embeds, SOURCE, units), (self.model.embed_ids(pending), TARGET, 0)])
+        self.target_group += pending
 
-    def _refeed_pending(self) -> None:
-        self._feed_target(self._pending)
+    def _feed(self, segments: list[tuple[torch.Tensor, int, int | list[int]]]) -> None:
+        """Run the LM once over new entries, appending them to the cache.
 
-    def _feed(self, embeds: torch.Tensor, kind: int, unit: int | list[int] = 0) -> None:
-        """Run the LM over new entries (q, d) of one kind, appending them to the cache.
-
-        ``unit``: the source unit of every entry (a list), or one for all of them.
+        ``segments``: (embeds (q, d), kind, unit) in order, where ``unit`` is the source unit of every entry
+        (a list) or one for all of them. Source and prompt rows never see target entries; target rows see
+        everything before them.
         """
         model = self.model
-        q, past = embeds.shape[0], len(self.kinds)
-        if kind == TARGET:
-            start = model.target_offset + len(self.target_group)
-        elif kind == SOURCE:
-            start = len(model.prompt_ids) + self.n_source_embeddings
-            self.n_source_embeddings += q
-        else:
-            start = 0
-        positions = torch.arange(start, start + q, device=model.device)[None]
-        allowed = torch.ones(q, past + q, dtype=torch.bool)
-        allowed[:, past:] = torch.ones(q, q, dtype=torch.bool).tril()
-        if kind != TARGET and past:  # source and prompt never see target entries
-            allowed[:, :past] &= torch.tensor(self.kinds) != TARGET
-        mask = torch.zeros(1, 1, q, past + q, dtype=embeds.dtype)
+        past = len(self.kinds)
+        n_source, n_target = self.n_source_embeddings, len(self.target_group)
+        embeds, positions, kinds, units = [], [], [], []
+        for seg, kind, unit in segments:
+            q = seg.shape[0]
+            if kind == TARGET:
+                start, n_target = model.target_offset + n_target, n_target + q
+            elif kind == SOURCE:
+                start, n_source = len(model.prompt_ids) + n_source, n_source + q
+            else:
+                start = 0
+            embeds.append(seg)
+            positions.append(torch.arange(start, start + q))
+            kinds += [kind] * q
+            units += unit if isinstance(unit, list) else [unit] * q
+        self.n_source_embeddings = n_source
+        q = len(kinds)
+        every = torch.tensor(self.kinds + kinds)
+        new = torch.tensor(kinds)
+        allowed = torch.ones(q, past + q, dtype=torch.bool).tril(diagonal=past)
+        allowed &= ~((new[:, None] != TARGET) & (every[None, :] == TARGET))
+        mask = torch.zeros(1, 1, q, past + q, dtype=embeds[0].dtype)
         mask.masked_fill_(~allowed[None, None], float("-inf"))
-        want_attention = kind == TARGET and self.attention_layers is not None
-        if want_attention:
+        x = torch.cat(embeds)[None]
+        pos = torch.cat(positions)[None].to(model.device)
+        if kinds[-1] == TARGET and self.attention_layers is not None:
             with eager_attention(model.llm):
-                out = run_llm(model.llm, embeds[None], positions, mask.to(model.device), self.cache, attentions=True)
+                out = run_llm(model.llm, x, pos, mask.to(model.device), self.cache, attentions=True)
         else:
-            out = run_llm(model.llm, embeds[None], positions, mask.to(model.device), self.cache)
-        self.kinds += [kind] * q
-        self.entry_units += unit if isinstance(unit, list) else [unit] * q
-        if kind == TARGET:
+            out = run_llm(model.llm, x, pos, mask.to(model.device), self.cache)
+        self.kinds += kinds
+        self.entry_units += units
+        if kinds[-1] == TARGET:
             self._out = out
 
     def _source_attention(self) -> torch.Tensor | None:
