@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   {report.counts} ({report.made} synthesised now, {report.reused} reused)")
 
     say("3/5 the trained model")
-    checkpoint = train_or_reuse(out, data, args.steps)
+    checkpoint = train_or_reuse(out, data, args.steps, with_dev=report.counts.get("dev", 0) > 0)
     print(f"   checkpoint: {checkpoint}")
 
     say(f"4/5 SimulEval on {args.test} held-out test utterances (entropy x3, wait-k x3, offline)")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def train_or_reuse(out: Path, data: Path, steps: int) -> Path:
+def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> Path:
     """The bench checkpoint if there is one, else this demo's (trained now, resumable)."""
     from streaming_llm.checkpoint import CheckpointError, read_meta
 
@@ -116,7 +116,7 @@ def train_or_reuse(out: Path, data: Path, steps: int) -> Path:
         Path(__file__).resolve().parents[1] / "training" / "configs" / "offline_speech.yaml",
         {
             "train_manifest": str(data / "train.tsv"),
-            "dev_manifest": str(data / "dev.tsv"),
+            "dev_manifest": str(data / "dev.tsv") if with_dev else "",
             "out_dir": str(out / "train"),
             "max_steps": steps,
             "warmup_steps": min(20, steps // 5),

@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 )
             loss.backward()
             for k in LOGGED:
-                sums[k] += float(losses[k]) * (1.0 if k not in ("probe_acc", "agree") else 1.0 / len(micro))
+                sums[k] += float(losses[k].detach()) * (1.0 if k not in ("probe_acc", "agree") else 1.0 / len(micro))
         if world > 1:  # each rank's terms are scaled by world (DDP averages gradients): the mean is global
             totals = torch.tensor([sums[k] for k in LOGGED], dtype=torch.float64)
             dist.all_reduce(totals)
@@ -331,7 +331,7 @@ def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg:
                 batch, [example_seed(0, 0, i + k) for k in range(len(batch))], tokens
             )
             for k in ("full", "mslm", "spsd", "probe_acc", "agree"):
-                sums[k] += float(losses[k]) * tokens
+                sums[k] += float(losses[k].detach()) * tokens
             n_tokens += tokens
         hyps, refs = [], []
         for ex in tqdm(examples[: cfg.dev_bleu_subset], desc="dev decode", leave=False, disable=None):
