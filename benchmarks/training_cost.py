@@ -83,12 +83,12 @@ def main() -> None:
     parser.add_argument("--modality", default="speech", choices=["speech", "text"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default for --real)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slow on CPUs without native bf16)")
     args = parser.parse_args()
-    bf16 = args.bf16 or args.real
+    bf16 = args.bf16
     overrides = {"modality": args.modality, "train_llm": "full", "probe_hidden": 64}
     if args.real:
-        overrides.update(llm="asset:smollm2-135m-instruct", whisper="asset:whisper-tiny.en", freeze_embeddings=True)
+        overrides.update(llm="asset:smollm2-135m-instruct", whisper="asset:whisper-tiny.en", train_llm="lora")
     else:
         overrides.update(llm="tiny", whisper="tiny", block_ms=320, adapter_hidden=64)
     cfg = load_config(None, overrides)
