@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out, data = Path(args.out), Path(args.data)
     started = time.time()
+    corpus_min = max(1, args.utterances // 300)
+    train_min = max(1, round(args.steps * 6.5 / 60))
     print(
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
-        f"(~{max(1, args.utterances // 300)} min), trains {args.steps} steps (~{max(1, round(args.steps * 6.5 / 60))} min "
-        f"on 2 cores, 6.3 s a step measured here) unless a trained checkpoint exists, then runs 7 SimulEval evaluations on {args.test} test "
+        f"(~{corpus_min} min), trains {args.steps} steps (~{train_min} min on 2 cores, 6.3 s a step measured "
+        f"here) unless a trained checkpoint exists, then runs 7 SimulEval evaluations on {args.test} test "
         "utterances (~5 min). A second run reuses everything and takes minutes."
     )
 
