@@ -38,16 +38,7 @@ def average_lagging(delays: Sequence[float], source_length: float, reference_len
 
 def length_adaptive_average_lagging(delays: Sequence[float], source_length: float, reference_length: int) -> float:
     """LAAL: AL with |Y| = max(hypothesis length, reference length), so over-generation is not rewarded."""
-    if delays[0] > source_length:
-        return delays[0]
-    gamma = max(len(delays), reference_length) / source_length
-    total, tau = 0.0, 0
-    for i, d in enumerate(delays):
-        total += d - i / gamma
-        tau = i + 1
-        if d >= source_length:
-            break
-    return total / tau
+    return average_lagging(delays, source_length, max(len(delays), reference_length))
 
 
 def differentiable_average_lagging(delays: Sequence[float], source_length: float) -> float:
