@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test test-fast assets demo bench lint clean
+.PHONY: setup test test-fast assets demo lint clean
 
 setup: $(STAMP)
 
@@ -35,9 +35,6 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m simul_agents.demo
-
-bench: setup
-	$(BIN)/python -m simul_agents.bench
 
 lint: setup
 	$(BIN)/ruff check .
