@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from speech_frontend.audio import to_mono_16k
 from speech_frontend.mel import StreamingMel
 
-from .config import SPEECH, TEXT
+from .config import ENCODER_FRAME_MS, SPEECH, TEXT
 from .model import SpeechLLM, eager_attention, run_llm
 
 PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
@@ -136,14 +136,7 @@ class StreamingSession:
         n_blocks = self._mel_buffer.shape[1] // per_block
         if n_blocks == 0:
             return 0
-        capacity = self.config.source_capacity
-        needed = self.n_source_embeddings + n_blocks * self.config.embeddings_per_block
-        if needed > capacity:
-            seconds = capacity * self.config.stack * 0.02
-            raise ValueError(
-                f"the source is longer than the model's {seconds:.1f} s context; segment long input "
-                "(e.g. at pauses) into utterances of at most that length"
-            )
+        self._check_capacity(n_blocks * self.config.embeddings_per_block)  # before any encoder work
         model = self.model
         with torch.inference_mode():
             blocks = []
@@ -157,10 +150,22 @@ class StreamingSession:
             self._feed_source(model.speech_units(torch.cat(blocks)))
         return n_blocks
 
-    def _feed_source(self, units: list[torch.Tensor]) -> None:
+    def _check_capacity(self, n_new: int) -> None:
+        """Refuse source beyond the model's context, saying how long a source may be."""
         capacity = self.config.source_capacity
-        if self.n_source_embeddings + sum(u.shape[0] for u in units) > capacity:
-            raise ValueError(f"the source exceeds the model's capacity of {capacity} embeddings")
+        if self.n_source_embeddings + n_new <= capacity:
+            return
+        if self.config.modality == SPEECH:
+            limit = f"{capacity * self.config.stack * ENCODER_FRAME_MS / 1000:.1f} s"
+        else:
+            limit = f"{capacity} source tokens"
+        raise ValueError(
+            f"the source is longer than the model's context of {limit}; segment long input (e.g. at pauses or "
+            "sentence ends) into utterances of at most that length"
+        )
+
+    def _feed_source(self, units: list[torch.Tensor]) -> None:
+        self._check_capacity(sum(u.shape[0] for u in units))
         unit_ids = [self.units_read + 1 + i for i, u in enumerate(units) for _ in range(u.shape[0])]
         self.units_read += len(units)
         self._feed_source_and_pending(torch.cat(units), unit_ids)
