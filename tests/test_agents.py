@@ -262,7 +262,7 @@ def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tm
     instances = simuleval(*args, tmp_path / "lenient", "--head", "wait-k", "--k", "1", "--skip-failed")
     assert [ins["index"] for ins in instances] == [0, 1, 2]
     failed = [json.loads(line) for line in (tmp_path / "lenient" / "failed.jsonl").read_text().splitlines()]
-    assert [f["index"] for f in failed] == [1] and "capacity" in failed[0]["error"]
+    assert [f["index"] for f in failed] == [1] and "longer than the model" in failed[0]["error"]
     alone = simuleval(*args, tmp_path / "alone", "--head", "wait-k", "--k", "1", "--start-index", "2")
     assert alone[0]["prediction"] == instances[2]["prediction"]  # nothing of the failure leaks
 
