@@ -1,6 +1,6 @@
 """`make demo`: the main job on the offline default, from nothing to a quality-latency plot.
 
-    python -m simul_agents.demo [--utterances 600] [--steps 120] [--test 40] [--out runs/demo]
+    python -m simul_agents.demo [--utterances 600] [--steps 100] [--test 24] [--out runs/demo]
 
 1. builds the offline assets if they are missing (Whisper tiny.en, SmolLM2-135M, the Piper voice, Ding);
 2. builds a small offline corpus (Ding sentence pairs, English speech from Piper) in ``data/demo``;
@@ -33,8 +33,8 @@ def say(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--utterances", type=int, default=600, help="offline corpus size (all splits)")
-    parser.add_argument("--steps", type=int, default=120, help="training steps when no checkpoint exists")
-    parser.add_argument("--test", type=int, default=40, help="held-out test utterances to evaluate")
+    parser.add_argument("--steps", type=int, default=100, help="training steps when no checkpoint exists")
+    parser.add_argument("--test", type=int, default=24, help="held-out test utterances to evaluate")
     parser.add_argument("--out", default="runs/demo", help="where the run, SimulEval outputs and plot go")
     parser.add_argument("--data", default="data/demo", help="where the demo corpus goes")
     args = parser.parse_args(argv)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
         f"(~{corpus_min} min), trains {args.steps} steps (~{train_min} min on 2 cores, 6.3 s a step measured "
         f"here) unless a trained checkpoint exists, then runs 7 SimulEval evaluations on {args.test} test "
-        "utterances (~5 min). A second run reuses everything and takes minutes."
+        "utterances (~10 min). A second run reuses everything and takes minutes."
     )
 
     say("1/5 offline assets")
