@@ -24,14 +24,6 @@ REFERENCES = ["Ich möchte eine Tasse Kaffee .", "Wo ist der Bahnhof ?", "Danke 
 LIMITS = ["--max-target-tokens", "24", "--no-progress-bar"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def untied_tiny(modality, seed=0, **overrides):
     """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
     config = tiny_config(modality, **overrides)

@@ -20,14 +20,6 @@ CHRF_MODULE = str(Path(__file__).resolve().parents[1] / "simul_agents" / "chrf_s
 METRICS = ["AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def untied_tiny(modality, seed=0):
     config = tiny_config(modality)
     config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
