@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test test-fast assets demo lint clean
+.PHONY: setup test test-fast assets demo bench lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m simul_agents.demo
+
+# the full offline experiment (hours on 2 CPU cores); resumable: run it again after an interruption
+bench: setup
+	$(BIN)/python -m simul_agents.bench
 
 lint: setup
 	$(BIN)/ruff check .

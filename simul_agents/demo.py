@@ -5,7 +5,7 @@
 1. builds the offline assets if they are missing (Whisper tiny.en, SmolLM2-135M, the Piper voice, Ding);
 2. builds a small offline corpus (Ding sentence pairs, English speech from Piper) in ``data/demo``;
 3. trains the offline default (Whisper tiny.en frozen + SmolLM2-135M with LoRA, speech-to-text En-De, MSLM +
-   SPSD) for a bounded number of steps, or reuses a trained checkpoint (``results/offline_speech/model``
+   SPSD) for a bounded number of steps, or reuses a trained checkpoint (``results/speech/model``
    from ``make bench``, or this demo's own from an earlier run);
 4. evaluates it with SimulEval on held-out test utterances: the entropy head at three thresholds, wait-k at
    three k, and the offline (full-source) decode;
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_CHECKPOINT = Path("results/offline_speech/model")
+BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simul_agents/bench.py)
 TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "LAAL", "AL", "LAAL_CA", "RCO")
 
 

@@ -136,3 +136,21 @@ def test_worker_pool_with_espeak(tmp_path):
     rows = _all_rows(out)
     assert report.made == 6 and len(rows) == 6 and not report.failed
     assert all(r.speaker == "espeak-en-us" and 0.5 < r.duration_s < 5 for r in rows.values())
+
+
+def test_split_caps_take_the_first_n_of_each_split_and_grow_as_supersets(tmp_path):
+    ding = _ding(tmp_path)
+    full = build_offline_corpus(tmp_path / "all", ding=ding, shares=SHARES, text_only=True, progress=False)
+    assert full.counts["train"] > 3 and full.counts["test"] > 3
+    small = build_offline_corpus(
+        tmp_path / "s", ding=ding, shares=SHARES, text_only=True, progress=False, split_caps={"train": 3}
+    )
+    assert small.counts == {**full.counts, "train": 3}
+    build_offline_corpus(
+        tmp_path / "b", ding=ding, shares=SHARES, text_only=True, progress=False, split_caps={"train": 5}
+    )
+    small_ids = {r.id for r in read_manifest(tmp_path / "s" / "train.tsv")}
+    bigger_ids = {r.id for r in read_manifest(tmp_path / "b" / "train.tsv")}
+    assert len(bigger_ids) == 5 and small_ids < bigger_ids
+    with pytest.raises(ValueError, match="split cap"):
+        build_offline_corpus(tmp_path / "x", ding=ding, text_only=True, progress=False, split_caps={"tset": 1})

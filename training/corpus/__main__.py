@@ -12,7 +12,7 @@ from .check import check_manifest, format_report
 from .covost import covost_tsv_name, read_covost
 from .ding import DingFilter
 from .errors import BadInput, CorpusError
-from .manifest import write_manifest
+from .manifest import SPLITS, write_manifest
 from .mustc import read_mustc
 from .offline import DEFAULT_WORKERS, build_offline_corpus
 from .simuleval_files import write_simuleval_files
@@ -28,6 +28,7 @@ def _build(args: argparse.Namespace) -> int:
     report = build_offline_corpus(
         args.out,
         max_utterances=args.max_utterances,
+        split_caps={s: getattr(args, f"max_{s}") for s in SPLITS if getattr(args, f"max_{s}") is not None},
         voice=args.voice,
         audio_format=args.format,
         workers=args.workers,
@@ -123,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="the offline corpus: Ding sentence pairs + synthetic English speech")
     b.add_argument("--out", required=True, help="folder for audio/ and {train,dev,test}.tsv")
     b.add_argument("--max-utterances", type=int, help="first N of a stable hash order (bigger N: a superset)")
+    for split in ("train", "dev", "test"):
+        b.add_argument(f"--max-{split}", type=int, help=f"at most N {split} utterances (first N of the same order)")
     b.add_argument("--voice", choices=VOICES, default="piper")
     b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac")
     b.add_argument("--workers", type=int, default=DEFAULT_WORKERS,

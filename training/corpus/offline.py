@@ -3,7 +3,9 @@
 ``build_offline_corpus(out_dir)`` writes ``out_dir/audio/<id>.flac`` (16 kHz mono) and the manifests
 ``out_dir/{train,dev,test}.tsv``. Splits come from a hash of the normalised English sentence (stable when the
 dictionary grows); ``max_utterances`` takes the first N sentences of a second, independent hash order, so the
-subset grows with N and each split gets its proportional share in expectation (no per-split cap).
+subset grows with N and each split gets its proportional share in expectation. ``split_caps`` (e.g.
+``{"test": 500}``) caps a split at its first N sentences of that same order, so a large test split does not
+need a proportionally large (and slow to synthesise) train split; a bigger cap is again a superset.
 
 The build is resumable: an audio file is written under a temporary name and renamed when complete, a second
 run synthesises only the files that are missing, and the manifests list exactly the files that exist.
@@ -64,17 +66,30 @@ class BuildReport:
 
 
 def plan_corpus(
-    pairs: list[SentencePair], max_utterances: int | None = None, shares: SplitShares | None = None
+    pairs: list[SentencePair],
+    max_utterances: int | None = None,
+    shares: SplitShares | None = None,
+    split_caps: dict[str, int] | None = None,
 ) -> list[PlannedUtterance]:
-    """Assign ids and splits; keep the first ``max_utterances`` of the stable order. Result in file order."""
+    """Assign ids and splits; keep the first ``max_utterances`` of the stable order, then the first
+    ``split_caps[split]`` of each capped split. Result in file order."""
     shares = shares or SplitShares()
-    chosen = pairs
-    if max_utterances is not None:
-        if max_utterances < 0:
-            raise ValueError(f"max_utterances {max_utterances} is negative")
-        chosen = sorted(pairs, key=lambda p: selection_rank(p.key))[:max_utterances]
-        chosen.sort(key=lambda p: p.line)
-    planned = [PlannedUtterance(stable_id(ID_PREFIX, p.key), split_of(p.key, shares), p) for p in chosen]
+    split_caps = split_caps or {}
+    for split, cap in split_caps.items():
+        if split not in SPLITS or cap < 0:
+            raise ValueError(f"split cap {split}={cap}: expected one of {', '.join(SPLITS)} and a count >= 0")
+    if max_utterances is not None and max_utterances < 0:
+        raise ValueError(f"max_utterances {max_utterances} is negative")
+    chosen = sorted(pairs, key=lambda p: selection_rank(p.key))[:max_utterances]
+    taken: Counter[str] = Counter()
+    planned = []
+    for p in chosen:
+        split = split_of(p.key, shares)
+        if taken[split] >= split_caps.get(split, len(chosen)):
+            continue
+        taken[split] += 1
+        planned.append(PlannedUtterance(stable_id(ID_PREFIX, p.key), split, p))
+    planned.sort(key=lambda u: u.pair.line)
     ids = Counter(u.id for u in planned)
     clash = [i for i, n in ids.items() if n > 1]
     if clash:  # 48-bit ids over ~20k sentences: practically never
@@ -133,6 +148,7 @@ def build_offline_corpus(
     out_dir: str | os.PathLike,
     *,
     max_utterances: int | None = None,
+    split_caps: dict[str, int] | None = None,
     voice: str = "piper",
     audio_format: str = "flac",
     workers: int = DEFAULT_WORKERS,
@@ -158,7 +174,7 @@ def build_offline_corpus(
     start = time.perf_counter()
     ding_path = Path(ding) if ding is not None else ding_file()
     pairs = read_ding(ding_path, filt)
-    planned = plan_corpus(pairs, max_utterances, shares)
+    planned = plan_corpus(pairs, max_utterances, shares, split_caps)
     log.info("%s: %d sentence pairs; building %d", ding_path, len(pairs), len(planned))
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,442 @@
+"""`make bench`: the full offline experiment, stage by stage, resumable, into ``results/``.
+
+    python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--list]
+
+Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone):
+
+- ``assets``; ``<task>-corpus``: the offline corpus at full size (text: every Ding pair; speech: Piper audio,
+  the train split capped, the test split large enough for the bootstrap);
+- ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
+  plain full-sentence fine-tune, the streaming-quality baseline). Training resumes inside a stage from its
+  newest step checkpoint. ``main`` trains the probe head jointly (detached features);
+- ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
+  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs are kept);
+- ``<task>-compare``: sacrebleu paired bootstrap for every comparison the README makes;
+- ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
+- ``summary``: ``results/SUMMARY.md`` from everything above (always rewritten).
+
+Outputs: ``results/<task>/runs.csv`` (every run of every variant), ``results/<task>/curve.png``,
+``results/<task>/compare.json``, ``results/<task>/model`` (the main model's trained delta, which ``make demo``
+reuses), ``results/bench/*.json`` and ``results/SUMMARY.md``. Work files stay in ``runs/bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name -> training overrides
+    "main": {},
+    "no-spsd": {"spsd_lambda": 0.0},
+    "no-mslm": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False},
+}
+VARIANT_LABELS = {"main": "MSLM + SPSD", "no-spsd": "MSLM only (no SPSD)", "no-mslm": "full-sentence only"}
+ALL_HEADS = {
+    "offline": {},
+    "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]},
+    "attention": {"threshold": [0.2, 0.4, 0.6], "frontier": 1, "layers": "upper", "normalise": "source"},
+    "probe": {"threshold": [0.5, 0.7, 0.9]},
+    "wait-k": {"k": list(range(1, 10))},
+    "fixed-chunk": {"chunk": [2], "words": 2},
+    "local-agreement": {"n": [2]},
+    "oracle": {},
+}
+ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
+log = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    name: str  # "text" or "speech"
+    train_config: str  # training/configs/*.yaml
+    corpus: str  # data folder
+    steps: int
+    test: int  # held-out test instances for SimulEval
+    split_caps: dict = field(default_factory=dict)  # corpus builder caps (speech)
+    segment: int | None = None  # SimulEval source segment size (speech, ms)
+    agent_args: dict = field(default_factory=dict)
+    train_overrides: dict = field(default_factory=dict)
+
+
+TASKS = {
+    "text": TaskPlan(
+        "text", "training/configs/offline_text.yaml", "data/offline_text", steps=500, test=1000,
+        agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
+        train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
+    ),
+    "speech": TaskPlan(
+        "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
+        split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
+        agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
+        train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Bench:
+    runs: Path = Path("runs/bench")
+    results: Path = Path("results")
+    jobs: int = 2  # parallel SimulEval processes
+
+    @property
+    def done_dir(self) -> Path:
+        return self.runs / "done"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
+    """Run ``fn`` unless the stage is done; record its time and outcome; a failure names the stage and its log."""
+    marker = bench.done_dir / f"{name}.json"
+    if marker.is_file():
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        print(f"== {name}: done earlier ({record['seconds'] / 60:.1f} min), skipped", flush=True)
+        return record
+    log_path = bench.runs / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    print(f"\n== {name} (log: {log_path})", flush=True)
+    started = time.time()
+    try:
+        info = fn() or {}
+    except Exception as e:
+        logging.getLogger().exception("stage %s failed", name)
+        raise StageFailed(f"stage {name} failed: {type(e).__name__}: {e}; see {log_path}") from e
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    record = {"stage": name, "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%d %H:%M"),
+              **info}  # fmt: skip
+    bench.done_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"== {name}: finished in {record['seconds'] / 60:.1f} min", flush=True)
+    return record
+
+
+# ---- stages ----------------------------------------------------------------------------------------------
+
+
+def stage_assets() -> dict:
+    from speech_frontend.assets import build_assets
+
+    if build_assets(["whisper-tiny.en", "smollm2-135m-instruct", "piper-joe", "ding"]):
+        raise RuntimeError("some assets could not be built (see the log above)")
+    return {}
+
+
+def stage_corpus(task: TaskPlan) -> dict:
+    from training.corpus import build_offline_corpus
+
+    report = build_offline_corpus(task.corpus, text_only=task.name == "text", split_caps=task.split_caps or None)
+    if report.failed:
+        raise RuntimeError(f"{len(report.failed)} utterances could not be synthesised; rerun to retry them")
+    rate = round(report.utterances_per_second, 2)
+    return {"counts": report.counts, "made": report.made, "utterances_per_second": rate}
+
+
+def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
+    from training.config import load_config
+    from training.train import train
+
+    out = bench.runs / task.name / variant
+    overrides = {
+        "train_manifest": f"{task.corpus}/train.tsv",
+        "dev_manifest": f"{task.corpus}/dev.tsv",
+        "out_dir": str(out),
+        "max_steps": task.steps,
+        "warmup_steps": max(1, task.steps // 20),
+        **task.train_overrides,
+        **VARIANTS[variant],
+    }
+    if task.name == "speech" and variant != "main":  # the frozen encoder's outputs are the same for every variant
+        overrides["encoder_cache"] = str(bench.runs / task.name / "main" / "encoder_cache")
+    final = train(load_config(ROOT / task.train_config, overrides), resume=True)
+    info = {"checkpoint": str(final), **training_summary(out / "log.jsonl")}
+    if variant == "main":
+        import shutil
+
+        target = bench.results / task.name / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(final, target)
+        info["results_model"] = str(target)
+    return info
+
+
+def training_summary(log_jsonl: Path) -> dict:
+    """Mean seconds per step, the last training losses and the last dev evaluation from a run's JSONL log."""
+    records = [json.loads(line) for line in log_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [r for r in records if "s_per_step" in r]
+    dev = [r for r in records if any(k.startswith("dev_") for k in r)]
+    tail = steps[-20:]
+    out = {"steps": steps[-1]["step"] if steps else 0}
+    if steps:
+        out["s_per_step"] = round(sorted(r["s_per_step"] for r in steps)[len(steps) // 2], 2)  # median: pauses
+        for key in ("loss", "full", "mslm", "spsd", "probe_acc"):
+            out[f"train_{key}"] = round(sum(r[key] for r in tail) / len(tail), 4)
+    if dev:
+        out.update({k: v for k, v in dev[-1].items() if k.startswith("dev_")})
+    return out
+
+
+def test_files(task: TaskPlan, bench: Bench):
+    from training.corpus import write_simuleval_files
+
+    return write_simuleval_files(
+        f"{task.corpus}/test.tsv", bench.runs / task.name / "simuleval-data", max_utterances=task.test, seed=0,
+        text=task.name == "text",
+    )  # fmt: skip
+
+
+def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
+    from simul_agents.sweep import SweepConfig, sweep, write_csv
+
+    files = test_files(task, bench)
+    config = SweepConfig(
+        task=f"offline-{task.name}-en-de/{variant}",
+        checkpoint=str(bench.runs / task.name / variant / "final"),
+        source=str(files.source),
+        target=str(files.target),
+        output=bench.runs / task.name / f"eval-{variant}",
+        heads=ALL_HEADS if variant == "main" else ABLATION_HEADS,
+        source_segment_size=task.segment,
+        agent_args=task.agent_args,
+    )
+    rows, errors = sweep(config, jobs=bench.jobs)
+    if errors:
+        raise RuntimeError("failed runs: " + "; ".join(errors))
+    for row in rows:
+        row["variant"] = variant
+    config.output.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, config.output / "sweep.csv")
+    return {"runs": len(rows), "output": str(config.output)}
+
+
+def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
+    from simul_agents.compare import compare_task
+
+    result = compare_task(bench.runs / task.name, variants, task.name)
+    out = bench.results / task.name / "compare.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return {"output": str(out)}
+
+
+def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
+    """Run a benchmark script; its last stdout line is one JSON object, kept in results/bench/."""
+    out = bench.results / "bench" / (Path(script).stem + ".json")
+    log_file = bench.runs / "logs" / (Path(script).stem + ".out")
+    with open(log_file, "w", encoding="utf-8") as f:
+        code = subprocess.call([sys.executable, script, *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    lines = [line for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if code != 0 or not lines:
+        raise RuntimeError(f"{script} exited with {code}; see {log_file}")
+    record = json.loads(lines[-1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return {"output": str(out)}
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+
+
+def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict | None]]]:
+    """Every stage in order. The main variant's sweep comes before the ablations' training, so the most
+    important numbers exist first when a CPU run is interrupted."""
+    plan: list[tuple[str, Callable[[], dict | None]]] = [("assets", stage_assets)]
+    for name in tasks:
+        task = TASKS[name]
+        plan.append((f"{name}-corpus", lambda t=task: stage_corpus(t)))
+        plan.append((f"{name}-train-main", lambda t=task: stage_train(bench, t, "main")))
+        plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
+        for variant in ("no-mslm", "no-spsd"):
+            plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
+            plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
+        plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, list(VARIANTS))))
+    plan.append(("streaming-cost", lambda: stage_benchmark(bench, "benchmarks/streaming_cost.py", ["--real"])))
+    plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simul_agents.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["text", "speech"])
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages (then the summary)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel SimulEval processes per sweep")
+    parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite results/SUMMARY.md and stop")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    bench = Bench(jobs=args.jobs)
+    plan = stages(bench, args.tasks)
+    if args.list:
+        for name, _ in plan:
+            print(f"{name:24s} {'done' if (bench.done_dir / f'{name}.json').is_file() else 'to run'}")
+        return 0
+    print(
+        "make bench: the full offline experiment (text and speech En-De; MSLM+SPSD and two ablations; every head).\n"
+        "On 2 CPU cores this takes many hours; it resumes where it stopped (stage by stage, and inside training).\n"
+        f"Stages: {', '.join(name for name, _ in plan)}",
+        flush=True,
+    )
+    known = {name for name, _ in plan}
+    unknown = sorted(set(args.only or []) - known)
+    if unknown:
+        print(f"error: unknown stage(s) {unknown}; see --list", file=sys.stderr)
+        return 2
+    if not args.summary_only:
+        try:
+            for name, fn in plan:
+                if args.only and name not in args.only:
+                    continue
+                run_stage(bench, name, fn)
+        except StageFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            write_summary(bench, args.tasks)
+            return 1
+    path = write_summary(bench, args.tasks)
+    print(f"\nwrote {path}")
+    return 0
+
+
+# ---- the summary -------------------------------------------------------------------------------------------
+
+
+def collect_rows(bench: Bench, task: str) -> list[dict]:
+    """Every scored run of every variant of a task (from the sweeps' CSVs)."""
+    import csv
+
+    rows = []
+    for variant in VARIANTS:
+        path = bench.runs / task / f"eval-{variant}" / "sweep.csv"
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    rows.append({"variant": variant, **{k: _number(v) for k, v in row.items()}})
+    return rows
+
+
+def _number(value: str):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None if value == "" else value
+
+
+def write_task_results(bench: Bench, task: str) -> list[dict]:
+    from simul_agents.sweep import COLUMNS, plot
+
+    rows = collect_rows(bench, task)
+    if not rows:
+        return rows
+    out = bench.results / task
+    out.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", *COLUMNS], extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
+    main_rows = [r for r in rows if r["variant"] == "main"]
+    for r in rows:  # ablations as their own curves: "entropy (no-spsd)"
+        if r["variant"] != "main" and r["head"] in ("entropy", "offline"):
+            main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
+    unit = "words" if task == "text" else "ms"
+    plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
+    return rows
+
+
+def write_summary(bench: Bench, tasks: list[str]) -> Path:
+    done = {}
+    if bench.done_dir.is_dir():
+        for path in sorted(bench.done_dir.glob("*.json")):
+            done[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    lines = [
+        "# `make bench` results",
+        "",
+        "Written by `python -m simul_agents.bench` (`make bench`); every number below comes from files under",
+        "`results/` and `runs/bench/`, none is typed by hand.",
+        "",
+        f"- commit: `{commit.stdout.strip() or 'unknown'}`; written {time.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- hardware: {platform.processor() or platform.machine()}, {_cpu_summary()}",
+        "",
+        "## Stages",
+        "",
+        "| stage | minutes | finished | notes |",
+        "|---|---|---|---|",
+    ]
+    for name, record in done.items():
+        notes = {k: v for k, v in record.items() if k not in ("stage", "seconds", "finished", "output", "checkpoint")}
+        lines.append(f"| {name} | {record['seconds'] / 60:.1f} | {record['finished']} | {_compact(notes)} |")
+    for task in tasks:
+        rows = write_task_results(bench, task)
+        lines += ["", f"## {task}-to-text En-De", ""]
+        if not rows:
+            lines.append("No sweep has finished yet.")
+            continue
+        unit = rows[0].get("latency_unit") or ""
+        lines += [
+            f"![quality-latency]({task}/curve.png)",
+            "",
+            f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "
+            f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`.",
+            "",
+            "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [r["variant"], r["head"], r["param"]] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "AL", "LAAL",
+                                                                                     "LAAL_CA", "RCO")]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        compare = bench.results / task / "compare.json"
+        if compare.is_file():
+            from simul_agents.compare import format_comparison
+
+            lines += ["", *format_comparison(json.loads(compare.read_text(encoding="utf-8")))]
+    for name in ("streaming_cost", "training_cost"):
+        path = bench.results / "bench" / f"{name}.json"
+        if path.is_file():
+            lines += ["", f"## {name.replace('_', '-')} benchmark", "", "```", path.read_text(encoding="utf-8").strip(),
+                      "```"]  # fmt: skip
+    path = bench.results / "SUMMARY.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
+def _compact(info: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))[:200]
+
+
+def _cpu_summary() -> str:
+    import os
+
+    import torch
+
+    return f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

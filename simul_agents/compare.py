@@ -1,0 +1,213 @@
+"""Paired significance for the quality-latency claims: sacrebleu's paired bootstrap over SimulEval outputs.
+
+    python -m simul_agents.compare runs/bench/text --variants main no-spsd no-mslm
+
+A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param>``); its hypotheses come from
+``instances.log`` (by index), the references from the same log. Comparisons:
+
+- ``matched``: every entropy (and probe) point against the wait-k (resp. entropy) point of nearest LAAL, when
+  the two LAALs are within 10% of each other: chrF and BLEU difference, bootstrap p-value and 95% interval;
+- ``keep_offline``: the best proactive head (entropy, attention, probe) at LAAL <= 35% of the mean source
+  length, as a fraction of the offline decode's chrF;
+- ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
+  offline quality);
+- ``oracle``: the oracle head's point, the floor of this model's latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .score import ScoreError, read_instances, score_output
+
+PROACTIVE = ("entropy", "attention", "probe")
+MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
+LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
+BOOTSTRAP_SAMPLES = 1000
+
+
+def load_runs(task_dir: Path, variant: str) -> list[dict]:
+    """Every finished run of a variant: {head, param, LAAL, chrF, BLEU, mean_source_length, output}."""
+    runs = []
+    root = task_dir / f"eval-{variant}"
+    for log in sorted(root.glob("*/*/instances.log")):
+        output = log.parent
+        try:
+            scores = score_output(output, write=False)
+        except ScoreError:
+            continue
+        runs.append({"head": output.parent.name, "param": output.name, "output": str(output), **scores})
+    return runs
+
+
+def hypotheses(output: str | Path) -> tuple[list[str], list[str]]:
+    """(predictions, references) of one run, in index order."""
+    instances = read_instances(output)
+    return [ins.get("prediction", "") or "" for ins in instances], [ins.get("reference", "") or "" for ins in instances]
+
+
+def paired_bootstrap(baseline: str | Path, system: str | Path, samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """sacrebleu's paired bootstrap of ``system`` against ``baseline`` (same references, same order)."""
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    base_hyps, refs = hypotheses(baseline)
+    sys_hyps, sys_refs = hypotheses(system)
+    if refs != sys_refs:
+        raise ValueError(f"{baseline} and {system} were scored on different references; compare runs of one test set")
+    test = PairedTest(
+        [("baseline", base_hyps), ("system", sys_hyps)],
+        {"BLEU": BLEU(), "chrF": CHRF()},
+        references=[refs],
+        test_type="bs",
+        n_samples=samples,
+    )
+    _, scores = test()
+    out = {}
+    for metric, key in zip(("BLEU", "chrF"), [k for k in scores if k != "System"], strict=True):  # chrF -> "chrF2"
+        base, system_result = scores[key][0], scores[key][1]
+        out[metric] = {
+            "baseline": round(base.score, 2),
+            "system": round(system_result.score, 2),
+            "delta": round(system_result.score - base.score, 2),
+            "p": round(float(system_result.p_value), 4),
+            "ci95": round(float(system_result.ci), 2),
+        }
+    return out
+
+
+def nearest(point: dict, others: Sequence[dict]) -> dict | None:
+    """The point of ``others`` whose LAAL is nearest, if within MATCH_TOLERANCE of this one's."""
+    candidates = [o for o in others if o["LAAL"] is not None and point["LAAL"] is not None]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda o: abs(o["LAAL"] - point["LAAL"]))
+    scale = max(abs(point["LAAL"]), abs(best["LAAL"]), 1e-9)
+    return best if abs(best["LAAL"] - point["LAAL"]) <= MATCH_TOLERANCE * scale else None
+
+
+def matched(runs: Sequence[dict], head: str, baseline_head: str) -> list[dict]:
+    """Each ``head`` point against the nearest-LAAL ``baseline_head`` point, with a paired bootstrap."""
+    base = [r for r in runs if r["head"] == baseline_head]
+    out = []
+    for point in sorted((r for r in runs if r["head"] == head), key=lambda r: r["LAAL"] or 0):
+        other = nearest(point, base)
+        record = {"head": head, "param": point["param"], "LAAL": point["LAAL"]}
+        if other is None:
+            out.append({**record, "matched": None})
+            continue
+        test = paired_bootstrap(other["output"], point["output"])
+        record.update(matched=f"{baseline_head} {other['param']}", matched_LAAL=other["LAAL"], **test)
+        record["better"] = test["chrF"]["delta"] > 0 and test["chrF"]["p"] < 0.05
+        record["worse"] = test["chrF"]["delta"] < 0 and test["chrF"]["p"] < 0.05
+        out.append(record)
+    return out
+
+
+def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") -> dict:
+    task_dir = Path(task_dir)
+    runs = {v: load_runs(task_dir, v) for v in variants}
+    main_runs = runs.get("main") or []
+    result: dict = {"task": task or task_dir.name}
+    if not main_runs:
+        return result
+    offline = next((r for r in main_runs if r["head"] == "offline"), None)
+    mean_source = main_runs[0]["mean_source_length"]
+    result["mean_source_length"] = mean_source
+    result["latency_unit"] = main_runs[0]["latency_unit"]
+    result["entropy_vs_waitk"] = matched(main_runs, "entropy", "wait-k")
+    result["probe_vs_entropy"] = matched(main_runs, "probe", "entropy")
+    if offline:
+        low = [r for r in main_runs if r["head"] in PROACTIVE and r["LAAL"] is not None
+               and r["LAAL"] <= LOW_LATENCY_SHARE * mean_source]  # fmt: skip
+        best = max(low, key=lambda r: r["chrF"], default=None)
+        result["keep_offline"] = {
+            "offline_chrF": offline["chrF"],
+            "laal_limit": round(LOW_LATENCY_SHARE * mean_source, 2),
+            "best": None if best is None else {k: best[k] for k in ("head", "param", "LAAL", "chrF", "BLEU")},
+            "share": None if best is None else round(best["chrF"] / offline["chrF"], 3) if offline["chrF"] else None,
+        }
+        result["offline"] = {}
+        for variant in variants:
+            if variant == "main":
+                continue
+            other = next((r for r in runs[variant] if r["head"] == "offline"), None)
+            if other is not None:  # main as the system, the ablation as the baseline
+                result["offline"][variant] = paired_bootstrap(other["output"], offline["output"])
+    oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
+    if oracle:
+        result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
+    return result
+
+
+def format_comparison(result: dict) -> list[str]:
+    """Markdown lines for SUMMARY.md."""
+    unit = result.get("latency_unit", "")
+    lines = [f"### Paired bootstrap ({BOOTSTRAP_SAMPLES} resamples, sacrebleu; p < 0.05 marked)", ""]
+    for key, title in (("entropy_vs_waitk", "entropy vs wait-k"), ("probe_vs_entropy", "probe vs entropy")):
+        points = result.get(key) or []
+        if not points:
+            continue
+        tested = [p for p in points if p.get("matched")]
+        wins = sum(p["better"] for p in tested)
+        losses = sum(p["worse"] for p in tested)
+        lines += [f"**{title}** at equal LAAL (within 10%): {len(tested)} matched of {len(points)} points; "
+                  f"significantly better on {wins}, worse on {losses}.", "",
+                  f"| point | LAAL ({unit}) | matched | its LAAL | chrF | Δ chrF | p | BLEU Δ | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in points:
+            if not p.get("matched"):
+                lines.append(f"| {p['head']} {p['param']} | {p['LAAL']:.2f} | none within 10% | | | | | | |")
+                continue
+            c, b = p["chrF"], p["BLEU"]
+            mark = " *" if c["p"] < 0.05 else ""
+            lines.append(
+                f"| {p['head']} {p['param']} | {p['LAAL']:.2f} | {p['matched']} | {p['matched_LAAL']:.2f} | "
+                f"{c['system']:.1f} | {c['delta']:+.2f}{mark} | {c['p']:.3f} | {b['delta']:+.2f} | {b['p']:.3f} |"
+            )
+        lines.append("")
+    keep = result.get("keep_offline")
+    if keep:
+        if keep["best"] is None:
+            lines.append(f"No proactive point has LAAL <= {keep['laal_limit']} {unit} (35% of the mean source).")
+        else:
+            best = keep["best"]
+            lines.append(
+                f"Best proactive head at LAAL <= {keep['laal_limit']} {unit} (35% of the mean source): "
+                f"{best['head']} {best['param']}, chrF {best['chrF']:.1f} at LAAL {best['LAAL']:.2f} = "
+                f"{100 * keep['share']:.1f}% of the offline chrF {keep['offline_chrF']:.1f}."
+            )
+        lines.append("")
+    for variant, test in (result.get("offline") or {}).items():
+        c, b = test["chrF"], test["BLEU"]
+        lines.append(
+            f"Offline decode, main vs {variant}: chrF {c['system']:.1f} vs {c['baseline']:.1f} "
+            f"(Δ {c['delta']:+.2f}, p {c['p']:.3f}); BLEU {b['system']:.2f} vs {b['baseline']:.2f} "
+            f"(Δ {b['delta']:+.2f}, p {b['p']:.3f})."
+        )
+    if result.get("oracle"):
+        o = result["oracle"]
+        lines += ["", f"Oracle head (reads the whole source; analysis only): LAAL {o['LAAL']:.2f} {unit}, "
+                      f"chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}."]  # fmt: skip
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simul_agents.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("task_dir", help="a folder holding eval-<variant>/<head>/<param>/instances.log")
+    parser.add_argument("--variants", nargs="+", default=["main"])
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    result = compare_task(args.task_dir, args.variants)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print("\n".join(format_comparison(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`make bench` machinery: stages resume and fail by name, the paired bootstrap, the summary from real files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from simul_agents import bench as B
+from simul_agents.compare import compare_task, format_comparison, matched, nearest, paired_bootstrap
+
+WORDS = "der die das ein eine ist war hat Haus Hund Katze Stadt heute morgen gut schnell".split()
+
+
+def _write_run(folder, predictions, references, delays_per_word: float, source_length: float = 10.0):
+    """A SimulEval text output directory with one instance per sentence."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "instances.log", "w", encoding="utf-8") as f:
+        for i, (hyp, ref) in enumerate(zip(predictions, references, strict=True)):
+            n = max(1, len(hyp.split()))
+            delays = [min(int(source_length), round(delays_per_word * (j + 1))) for j in range(n)]
+            record = {"index": i, "prediction": hyp, "delays": delays, "elapsed": delays, "reference": ref,
+                      "prediction_length": n, "source": ["w"] * int(source_length), "source_length": source_length}
+            f.write(json.dumps(record) + "\n")
+    (folder / "config.yaml").write_text("source_type: text\ntarget_type: text\n", encoding="utf-8")
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(n)]
+
+
+def _corrupt(sentences: list[str], share: float, seed: int) -> list[str]:
+    """Replace ``share`` of each sentence's words: a worse system on the same references."""
+    rng = random.Random(seed)
+    return [" ".join(w if rng.random() > share else rng.choice(WORDS) for w in s.split()) for s in sentences]
+
+
+@pytest.fixture()
+def task_dir(tmp_path):
+    refs = _sentences(120, 0)
+    root = tmp_path / "text"
+    main = root / "eval-main"
+    _write_run(main / "offline" / "-", refs, refs, delays_per_word=10.0)
+    for t, share, lag in ((0.5, 0.1, 1.0), (2.0, 0.2, 2.0)):
+        _write_run(main / "entropy" / f"threshold={t}", _corrupt(refs, share, 1), refs, delays_per_word=lag)
+    for k, share in ((1, 0.6), (2, 0.5)):
+        _write_run(main / "wait-k" / f"k={k}", _corrupt(refs, share, 2), refs, delays_per_word=float(k))
+    _write_run(root / "eval-no-mslm" / "offline" / "-", _corrupt(refs, 0.3, 3), refs, delays_per_word=10.0)
+    return root
+
+
+def test_paired_bootstrap_finds_a_clearly_better_system(task_dir):
+    main = task_dir / "eval-main"
+    clear = paired_bootstrap(main / "wait-k" / "k=1", main / "entropy" / "threshold=0.5")
+    assert clear["chrF"]["delta"] > 10 and clear["chrF"]["p"] < 0.05
+    worse = paired_bootstrap(main / "entropy" / "threshold=0.5", main / "wait-k" / "k=1")
+    assert worse["chrF"]["delta"] == -clear["chrF"]["delta"]
+
+
+def test_points_are_matched_only_within_ten_percent_of_laal():
+    assert nearest({"LAAL": 2.0}, [{"LAAL": 2.15}, {"LAAL": 3.0}]) == {"LAAL": 2.15}
+    assert nearest({"LAAL": 2.0}, [{"LAAL": 2.5}]) is None
+
+
+def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(task_dir):
+    result = compare_task(task_dir, ["main", "no-mslm"], "text")
+    points = {p["param"]: p for p in result["entropy_vs_waitk"]}
+    assert points["threshold=0.5"]["matched"] == "wait-k k=1" and points["threshold=0.5"]["better"]
+    assert result["offline"]["no-mslm"]["chrF"]["delta"] > 0  # main's offline decode is the clean one
+    assert result["keep_offline"]["best"]["param"] == "threshold=0.5"  # LAAL 1 <= 35% of 10 words
+    text = "\n".join(format_comparison(result))
+    assert "significantly better on 2" in text and "main vs no-mslm" in text
+
+
+def test_matched_without_a_baseline_head_marks_points_unmatched(task_dir):
+    runs = [{"head": "entropy", "param": "t=1", "LAAL": 1.0, "output": ""}]
+    assert matched(runs, "entropy", "wait-k") == [{"head": "entropy", "param": "t=1", "LAAL": 1.0, "matched": None}]
+
+
+def test_a_finished_stage_is_not_run_again(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    calls = []
+    B.run_stage(bench, "one", lambda: calls.append(1) or {"n": 1})
+    record = B.run_stage(bench, "one", lambda: calls.append(2) or {"n": 2})
+    assert calls == [1] and record["n"] == 1 and record["seconds"] >= 0
+
+
+def test_a_failing_stage_names_itself_and_its_log_and_is_not_marked_done(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+
+    def broken():
+        raise OSError("disk on fire")
+
+    expected = r"stage text-train-main failed: OSError: disk on fire; see .*text-train-main.log"
+    with pytest.raises(B.StageFailed, match=expected):
+        B.run_stage(bench, "text-train-main", broken)
+    assert "disk on fire" in (bench.runs / "logs" / "text-train-main.log").read_text()
+    assert not (bench.done_dir / "text-train-main.json").exists()
+
+
+def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_dir):
+    from simul_agents.score import score_output
+    from simul_agents.sweep import write_csv
+
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results")  # task_dir is tmp_path / "text"
+    rows = []
+    for log in sorted((task_dir / "eval-main").glob("*/*/instances.log")):
+        out = log.parent
+        rows.append({"task": "t", "head": out.parent.name, "param": out.name, **score_output(out), "output": str(out)})
+    write_csv(rows, task_dir / "eval-main" / "sweep.csv")
+    B.run_stage(bench, "text-train-main", lambda: {"s_per_step": 9.5})
+    path = B.write_summary(bench, ["text"])
+    summary = path.read_text()
+    assert "| text-train-main |" in summary and "s_per_step=9.5" in summary
+    assert "| main | entropy | threshold=0.5 |" in summary
+    assert (bench.results / "text" / "runs.csv").is_file() and (bench.results / "text" / "curve.png").is_file()
+
+
+def test_stage_plan_puts_the_main_sweep_before_the_ablations():
+    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
+    assert names.index("text-sweep-main") < names.index("text-train-no-mslm") < names.index("text-compare")
+    assert names[0] == "assets" and names[-1] == "training-cost"
