@@ -8,9 +8,26 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test test-fast assets demo bench lint clean
+.PHONY: setup system-deps test test-fast assets demo bench lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Debian packages the live tools use: chromium + chromium-driver (tests/test_browser.py) and PortAudio (`live --mic`).
+# Installed only as root, with apt-get, and only when missing; a failure never fails the install: the browser test
+# then skips with the reason, and --mic says what to install.
+SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver
+system-deps:
+	@missing=""; \
+	for pair in $(SYSTEM_PACKAGES); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2' || missing="$$missing libportaudio2"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "== not installing$$missing (needs root and apt-get); the browser test will skip"; exit 0; fi; \
+	echo "== apt-get install$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q $$missing >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; } \
+		|| echo "== could not install$$missing; the browser test will skip, --mic will say what is missing"
 
 $(STAMP):
 	@echo "== installing pinned dependencies into $(VENV) (first time: about 5 minutes here)"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class Bench:
     runs: Path = Path("runs/bench")
     results: Path = Path("results")
     jobs: int = 2  # parallel SimulEval processes
+    readme: Path | None = ROOT / "README.md"  # its bench section is rewritten from the summary
 
     @property
     def done_dir(self) -> Path:
@@ -417,7 +419,26 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
     path = bench.results / "SUMMARY.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if bench.readme is not None and bench.readme.is_file():
+        embed_in_readme(bench.readme, lines[2:], bench.results)
     return path
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def embed_in_readme(readme: Path, lines: list[str], results: Path) -> None:
+    """Put the summary (minus its title) between the README's bench markers; image links made relative to it."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        log.warning("%s has no %s ... %s markers; the summary is only in results/", readme, README_START, README_END)
+        return
+    prefix = Path(os.path.relpath(results, readme.parent)).as_posix()
+    body = [line.replace("](text/", f"]({prefix}/text/").replace("](speech/", f"]({prefix}/speech/") for line in lines]
+    body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail, encoding="utf-8")
 
 
 def _fmt(value) -> str:

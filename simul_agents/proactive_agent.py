@@ -17,7 +17,12 @@ SimulEval 1.1.4's loop, and what the agent does about it:
   (called only on finish) always runs and nothing leaks into the next utterance. It never finishes earlier
   (for speech an early finish would reset the agent mid-utterance);
 - at most ``floor(max_len_a * units + max_len_b)`` target words (units read so far) and
-  ``max_target_tokens`` tokens, so a degenerate model cannot loop.
+  ``max_target_tokens`` tokens, so a degenerate model cannot loop;
+- a speech source longer than one session holds (about 30 s: Whisper's context) is streamed by
+  ``streaming_llm.long_stream.LongStream`` (``--long-audio auto``, the default: only such sources; ``segment``:
+  every source; ``off``: never, and a too-long source fails its instance): segments cut at pauses by an energy
+  VAD, a fresh session per segment, the same head, bounded memory. Sources that fit go through one session
+  exactly as before.
 
 Errors: a missing or foreign checkpoint, an empty or unreadable source, mismatched source/target files stop
 the run before the first instance with one line naming the problem (``SystemExit``). An exception inside the
@@ -46,8 +51,9 @@ from simuleval.utils import entrypoint
 from speech_frontend.audio import SAMPLE_RATE, AudioError, to_mono_16k
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import SPEECH, TEXT
-from streaming_llm.engine import StreamingSession
+from streaming_llm.engine import StreamingSession, max_source_samples
 from streaming_llm.heads import HEADS, READ, Head, decide, head_name, make_head, parse_head_params
+from streaming_llm.long_stream import LongStream, SegmentConfig
 
 logger = logging.getLogger("simul_agents.proactive_agent")
 
@@ -66,14 +72,19 @@ class SetupError(ValueError):
 # ---- setup -----------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str):
-    """Load a checkpoint once per process (keyed by path and modification time)."""
+def load_model(checkpoint: str, int8: bool = False):
+    """Load a checkpoint once per process (keyed by path, modification time and int8)."""
     path = Path(checkpoint)
     meta_file = path / "checkpoint.json"
-    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0)
+    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, int8)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = load_checkpoint(path)
+        model = load_checkpoint(path)
+        if int8:
+            from streaming_llm.quantize import quantize_int8
+
+            quantize_int8(model.eval())
+        _MODELS[key] = model
     return _MODELS[key]
 
 
@@ -117,13 +128,21 @@ def read_sources(args: Namespace, modality: str) -> list[str]:
         target = Path(args.target)
         if not target.is_file():
             raise SetupError(f"--target {target}: no such file")
-        with open(target, encoding="utf-8", errors="replace") as f:
-            n_target = len(f.readlines())
+        try:
+            with open(target, encoding="utf-8") as f:
+                references = f.readlines()  # SimulEval reads it so too: a decode error would stop it mid-run
+        except UnicodeDecodeError as e:
+            raise SetupError(f"--target {target}: not UTF-8 text ({e}); re-encode it as UTF-8") from None
+        n_target = len(references)
         if n_target != len(lines):
             raise SetupError(f"--source has {len(lines)} lines but --target has {n_target}; they must pair up")
     start = args.start_index
     end = len(lines) if args.end_index < 0 else min(args.end_index, len(lines))
     for i in range(start, end):
+        if args.target and not references[i].strip():
+            raise SetupError(
+                f"--target {args.target} line {i + 1} (instance {i}) is empty; every line needs a reference"
+            )
         line = lines[i].strip()
         where = f"--source {source} line {i + 1} (instance {i})"
         if not line:
@@ -194,6 +213,8 @@ class AudioInput:
         pad = min(self.PAD, self.raw.shape[0] - 1)
         padded = np.pad(self.raw, (0, pad), mode="reflect", reflect_type="odd") if pad > 0 else self.raw
         n_total = round(self.raw.shape[0] * SAMPLE_RATE / self.rate)
+        if n_total <= self.n_out:  # a few samples at a high rate: nothing new at 16 kHz yet
+            return np.zeros(0, dtype=np.float32)
         out = to_mono_16k(padded, self.rate, name="source segment")[:n_total]
         new = out[self.n_out :]
         self.n_out = max(self.n_out, out.shape[0])
@@ -212,6 +233,7 @@ class ProactiveStates(AgentStates):
         self.memory: dict = {}  # the head's per-utterance memory
         self.consumed = 0  # items of self.source already given to the session
         self.audio = AudioInput()
+        self.long: LongStream | None = None  # a long speech source: segments, each its own session
         self.failed = False
 
 
@@ -221,7 +243,7 @@ class ProactiveBase(GenericAgent):
     modality = ""
 
     def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None):
-        self.model = model if model is not None else load_model(args.checkpoint)
+        self.model = model if model is not None else load_model(args.checkpoint, getattr(args, "int8", False))
         self.head = head if head is not None else build_head(args)
         self.session_options = self.head.session_options(self.model)
         self.sources = sources
@@ -229,6 +251,13 @@ class ProactiveBase(GenericAgent):
         self.max_len_b = args.max_len_b
         self.max_target_tokens = args.max_target_tokens
         self.skip_failed = args.skip_failed
+        self.long_audio = getattr(args, "long_audio", "auto")
+        self.segments = SegmentConfig(
+            min_seconds=getattr(args, "segment_min_seconds", SegmentConfig.min_seconds),
+            max_seconds=getattr(args, "segment_max_seconds", SegmentConfig.max_seconds),
+            pause_seconds=getattr(args, "pause_seconds", SegmentConfig.pause_seconds),
+            silence_db=getattr(args, "silence_db", SegmentConfig.silence_db),
+        )
         self.output = Path(args.output) if getattr(args, "output", None) else None
         self.index = first_index(args)
         self.n_failed = 0
@@ -252,7 +281,22 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--max-len-b", type=float, default=10.0, help="at most a * source units + b target words")
         parser.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
         parser.add_argument("--skip-failed", action="store_true", help="log a failing instance and go on")
+        parser.add_argument("--int8", action="store_true",
+                            help="run the LLM in int8 (streaming_llm/quantize.py): faster on CPU, slightly different")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        parser.add_argument(
+            "--long-audio", choices=("auto", "segment", "off"), default="auto",
+            help="speech longer than the model's ~30 s context: auto (segment only such sources), segment "
+            "(every source), off (such a source fails its instance)",
+        )  # fmt: skip
+        parser.add_argument("--segment-min-seconds", type=float, default=SegmentConfig.min_seconds,
+                            help="long audio: a pause cuts a segment once it is this long")  # fmt: skip
+        parser.add_argument("--segment-max-seconds", type=float, default=SegmentConfig.max_seconds,
+                            help="long audio: hard cut (0: the model's context)")  # fmt: skip
+        parser.add_argument("--pause-seconds", type=float, default=SegmentConfig.pause_seconds,
+                            help="long audio: this much audio below --silence-db is a pause")  # fmt: skip
+        parser.add_argument("--silence-db", type=float, default=SegmentConfig.silence_db,
+                            help="long audio: a 20 ms frame below this RMS (dBFS) is silent")  # fmt: skip
 
     @classmethod
     def from_args(cls, args: Namespace) -> ProactiveBase:
@@ -273,6 +317,8 @@ class ProactiveBase(GenericAgent):
                 )
             if args.max_len_a < 0 or args.max_len_b < 0 or args.max_target_tokens < 1:
                 raise SetupError("--max-len-a and --max-len-b must be >= 0 and --max-target-tokens >= 1")
+            if modality == SPEECH:
+                agent_cls.check_segments(args, model)
             head = build_head(args)
             head.session_options(model)  # checks the head against the model (probe present, layers in range)
             sources = read_sources(args, modality) if getattr(args, "source", None) or head.needs_full_source else None
@@ -335,7 +381,8 @@ class ProactiveBase(GenericAgent):
         self.index += 1
 
     def _fail(self, states: ProactiveStates, error: Exception):
-        message = f"instance {self.index}: {type(error).__name__}: {error}"
+        source = f" ({self.sources[self.index]})" if self._names_source() else ""
+        message = f"instance {self.index}{source}: {type(error).__name__}: {error}"
         if not self.skip_failed:
             raise InstanceError(message + " (pass --skip-failed to log it and go on)") from error
         self.n_failed += 1
@@ -353,6 +400,10 @@ class ProactiveBase(GenericAgent):
             self._finish()
             return WriteAction("", finished=True)
         return ReadAction()
+
+    def _names_source(self) -> bool:
+        """Speech errors name the audio file (a text source is the sentence itself)."""
+        return self.modality == SPEECH and self.sources is not None and 0 <= self.index < len(self.sources)
 
     def _full_source(self):
         if self.sources is None or not 0 <= self.index < len(self.sources):
@@ -377,6 +428,51 @@ class ProactiveSpeechAgent(ProactiveBase, SpeechToTextAgent):
     """Speech in (SimulEval segments of any rate and channel count), text out."""
 
     modality = SPEECH
+
+    @staticmethod
+    def check_segments(args: Namespace, model) -> None:
+        """The long-audio options against the model (``SetupError`` before the first instance)."""
+        try:
+            segments = SegmentConfig(
+                min_seconds=getattr(args, "segment_min_seconds", SegmentConfig.min_seconds),
+                max_seconds=getattr(args, "segment_max_seconds", SegmentConfig.max_seconds),
+                pause_seconds=getattr(args, "pause_seconds", SegmentConfig.pause_seconds),
+                silence_db=getattr(args, "silence_db", SegmentConfig.silence_db),
+            )
+            segments.max_samples(max_source_samples(model))
+        except ValueError as e:
+            raise SetupError(f"--segment-*/--pause-seconds: {e}") from None
+
+    def _step(self, states):
+        if states.session is None and states.long is None and self._is_long():
+            states.long = LongStream(
+                self.model, self.head, self.segments, max_target_tokens=self.max_target_tokens,
+                max_len_a=self.max_len_a, max_len_b=self.max_len_b,
+            )  # fmt: skip
+        if states.long is None:
+            return super()._step(states)
+        long, rate = states.long, states.source_sample_rate or SAMPLE_RATE
+        new = np.asarray(states.source, dtype=np.float32) if states.source else None
+        del states.source[:]  # given to the stream: nothing of a long source piles up in the states
+        if not states.source_finished:  # SimulEval's samples are (n,) or (n, channels)
+            words = long.push_audio(new, rate, channels_last=True) if new is not None else []
+        else:  # the last segment is pushed and finished at once, as for one session
+            words = long.finish(new, rate, channels_last=True)
+            if long.samples_in == 0:
+                logger.warning("instance %d: the source is empty; writing nothing", self.index)
+        return [w for w in ("".join(word.split()) for word in words) if w]
+
+    def _is_long(self) -> bool:
+        """Stream this instance with ``LongStream``? (``--long-audio``; auto: the file is longer than a session.)"""
+        if self.long_audio != "auto":
+            return self.long_audio == "segment"
+        if not self._names_source():
+            return False  # no --source: the length is unknown; one session, and an error if it does not fit
+        try:
+            info = soundfile.info(self.sources[self.index])
+        except (soundfile.LibsndfileError, RuntimeError):
+            return False  # the instance fails when SimulEval reads the file, naming it
+        return round(info.frames * SAMPLE_RATE / info.samplerate) > max_source_samples(self.model)
 
     def _push_source(self, states, session):
         new = states.source[states.consumed :]

@@ -43,24 +43,56 @@ def read_instances(output: str | Path) -> list[dict]:
     if not path.is_file():
         raise ScoreError(f"{path}: no such file; run simuleval with --output {output} first")
     instances = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                instances.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ScoreError(f"{path} line {number}: not JSON ({e}); was the run interrupted?") from None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ScoreError(f"{path}: not UTF-8 ({e}); SimulEval writes UTF-8, so this is not its log") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            instance = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ScoreError(f"{path} line {number}: not JSON ({e}); was the run interrupted?") from None
+        problem = _instance_problem(instance)
+        if problem:
+            raise ScoreError(f"{path} line {number}: {problem}; is this a SimulEval instances.log?")
+        instances.append(instance)
     if not instances:
         raise ScoreError(f"{path}: no instances")
     return sorted(instances, key=lambda ins: ins["index"])
+
+
+REQUIRED = {"index": int, "prediction": str, "reference": str, "source_length": (int, float)}
+
+
+def _instance_problem(instance) -> str | None:
+    """What makes one parsed line unusable, or None."""
+    if not isinstance(instance, dict):
+        return f"a JSON {type(instance).__name__}, not an object"
+    for key, kind in REQUIRED.items():
+        if key not in instance:
+            return f"no {key!r} field"
+        if not isinstance(instance[key], kind) or isinstance(instance[key], bool):
+            return f"{key!r} is {instance[key]!r}"
+    for key in ("delays", "elapsed"):
+        values = instance.get(key)
+        if values is not None and (
+            not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values)
+        ):
+            return f"{key!r} is not a list of numbers"
+    return None
 
 
 def source_type(output: str | Path, instances: Sequence[dict]) -> str:
     """'speech' or 'text': from SimulEval's config.yaml, else from the log (speech logs list the audio info)."""
     config = Path(output) / "config.yaml"
     if config.is_file():
-        kind = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("source_type")
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            loaded = None  # unreadable: fall back to the log
+        kind = loaded.get("source_type") if isinstance(loaded, dict) else None
         if kind in ("speech", "text"):
             return kind
     return "speech" if isinstance(instances[0].get("source"), list) else "text"

@@ -12,6 +12,12 @@ How the caches stay valid:
 - the row that predicts the *next* target token must see everything read so far: that entry (the last
   target-group token; before the first write, the whole target prefix: the "pending" rows) is dropped
   from the cache and re-fed after new source. Everything else is fed exactly once.
+
+New source is fed lazily: a pushed block is encoded at once (the encoder cache), but its units wait in
+``_unfed`` until something needs the LM's output (``signals``, ``next_logits``, ``write_word``,
+``force_target``, ``flush``); then every waiting unit and the pending rows go through the LM in one forward.
+A policy that decides from counts alone (wait-k, fixed-chunk) thus pays one LM forward per write, not one
+per block. The cache ends up the same as feeding block by block (same entries, same masks).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from speech_frontend.audio import to_mono_16k
+from speech_frontend.audio import SAMPLE_RATE, to_mono_16k
 from speech_frontend.mel import StreamingMel
 
 from .config import ENCODER_FRAME_MS, SPEECH, TEXT
@@ -77,6 +83,7 @@ class StreamingSession:
         self.target_group: list[int] = []  # prefix ids then written target ids; the last is the pending row
         self.words: list[str] = []
         self._out = None  # the LM output of the last pending-row forward
+        self._unfed: list[tuple[torch.Tensor, list[int]]] = []  # source (embeds (q, d), unit per entry) not yet fed
         if self.config.modality == SPEECH:
             self.mel = StreamingMel(model.encoder.n_mels)
             self.encoder_cache = model.encoder.new_cache()
@@ -88,16 +95,37 @@ class StreamingSession:
 
     # ---- source ------------------------------------------------------------------------------------
 
-    def push_audio(self, samples: np.ndarray, sample_rate: int = 16000) -> int:
-        """Append audio (any rate/channels/dtype: converted) -> number of new source units read."""
+    def push_audio(self, samples: np.ndarray, sample_rate: int = 16000, *, channels_last: bool | None = None) -> int:
+        """Append audio (any rate/channels/dtype: converted) -> number of new source units read.
+
+        ``channels_last``: the layout of 2-D samples, (n, channels) or (channels, n); None guesses it (see
+        ``to_mono``), which a chunk of fewer samples than channels gets wrong: pass it for multichannel chunks.
+
+        Audio that would take the source past ``max_source_samples`` is refused with a ``ValueError`` before
+        anything changes: the session stays usable (``finish_source`` and write out what it holds; a new
+        session takes the rest, as ``streaming_llm.long_stream`` does).
+        """
         self._require(SPEECH, "push_audio")
         if self.source_finished:
             raise ValueError("push_audio after finish_source; start a new session for a new utterance")
-        if len(samples) == 0:
+        if np.asarray(samples).size == 0:
             return 0
-        audio = to_mono_16k(samples, sample_rate, name="pushed audio")
+        audio = to_mono_16k(samples, sample_rate, name="pushed audio", channels_last=channels_last)
+        if self.samples_in + audio.shape[0] > self.max_source_samples:
+            raise ValueError(self._too_long(f"{self.max_source_samples / SAMPLE_RATE:.2f} s"))
         self.samples_in += audio.shape[0]
         return self._push_mel(self.mel.push(audio))
+
+    @property
+    def max_source_samples(self) -> int:
+        """Speech: the most 16 kHz samples this session takes (``max_source_samples(model)``)."""
+        self._require(SPEECH, "max_source_samples")
+        return max_source_samples(self.model)
+
+    @property
+    def remaining_samples(self) -> int:
+        """Speech: how many more 16 kHz samples ``push_audio`` accepts."""
+        return self.max_source_samples - self.samples_in
 
     def push_words(self, words: Sequence[str]) -> int:
         """Append source words (text modality) -> number of new units read."""
@@ -126,8 +154,7 @@ class StreamingSession:
         if self.units_read == 0:
             raise ValueError("finish_source with no source units; push audio or words first")
         self.source_finished = True
-        with torch.inference_mode():
-            self._feed_source_and_pending(self.model.end_of_source[None], self.units_read)
+        self._unfed.append((self.model.end_of_source[None].detach(), [self.units_read]))
 
     def _push_mel(self, mel: torch.Tensor) -> int:
         """Buffer new mel frames (n_mels, k); encode every complete block; feed its units to the LM."""
@@ -153,27 +180,44 @@ class StreamingSession:
     def _check_capacity(self, n_new: int) -> None:
         """Refuse source beyond the model's context, saying how long a source may be."""
         capacity = self.config.source_capacity
-        if self.n_source_embeddings + n_new <= capacity:
+        if self.n_source_embeddings + sum(e.shape[0] for e, _ in self._unfed) + n_new <= capacity:
             return
         if self.config.modality == SPEECH:
             limit = f"{capacity * self.config.stack * ENCODER_FRAME_MS / 1000:.1f} s"
         else:
             limit = f"{capacity} source tokens"
-        raise ValueError(
-            f"the source is longer than the model's context of {limit}; segment long input (e.g. at pauses or "
-            "sentence ends) into utterances of at most that length"
+        raise ValueError(self._too_long(limit))
+
+    @staticmethod
+    def _too_long(limit: str) -> str:
+        return (
+            f"the source is longer than the model's context of {limit}; nothing of this push was taken (the "
+            "session is unchanged: finish_source() it and write out what it holds); segment long input (e.g. at "
+            "pauses or sentence ends) into utterances of at most that length, or stream it with "
+            "streaming_llm.long_stream"
         )
 
     def _feed_source(self, units: list[torch.Tensor]) -> None:
         self._check_capacity(sum(u.shape[0] for u in units))
         unit_ids = [self.units_read + 1 + i for i, u in enumerate(units) for _ in range(u.shape[0])]
         self.units_read += len(units)
-        self._feed_source_and_pending(torch.cat(units), unit_ids)
+        self._unfed.append((torch.cat(units), unit_ids))
+
+    def flush(self) -> None:
+        """Feed the source waiting in ``_unfed`` (and the pending rows again) to the LM, in one forward."""
+        if not self._unfed:
+            return
+        embeds = torch.cat([e for e, _ in self._unfed])
+        units = [u for _, ids in self._unfed for u in ids]
+        self._unfed = []
+        with torch.inference_mode():
+            self._feed_source_and_pending(embeds, units)
 
     # ---- target ------------------------------------------------------------------------------------
 
     def signals(self) -> StepSignals:
         """The decision head's view of the current step."""
+        self.flush()
         logits = self._out.logits[0, -1].float()
         logp = torch.log_softmax(logits, dim=-1)
         top = int(logp.argmax())
@@ -192,6 +236,7 @@ class StreamingSession:
 
     def next_logits(self) -> torch.Tensor:
         """(V,) logits for the next target token under the source read so far."""
+        self.flush()
         return self._out.logits[0, -1]
 
     def write_word(self) -> str | None:
@@ -204,6 +249,7 @@ class StreamingSession:
         """
         if self.finished:
             return None
+        self.flush()
         tokens: list[int] = []
         with torch.inference_mode():
             while True:
@@ -235,6 +281,7 @@ class StreamingSession:
 
     def force_target(self, ids: Sequence[int]) -> None:
         """Write the given target tokens (teacher forcing), one step each; for tests and analysis."""
+        self.flush()
         with torch.inference_mode():
             for i in ids:
                 self._feed_target([int(i)])
@@ -321,6 +368,17 @@ class StreamingSession:
     def _require(self, modality: str, what: str) -> None:
         if self.config.modality != modality:
             raise ValueError(f"{what} is for a {modality} model; this model's source is {self.config.modality}")
+
+
+def max_source_samples(model: SpeechLLM) -> int:
+    """Speech: the most 16 kHz samples one session takes: whole blocks within the LLM's source capacity and the
+    encoder's context (``finish_source`` pads the last block, so it must fit too). Whisper's 1500 frames and a
+    stack of 4 with 320 ms blocks: 93 blocks, 29.76 s."""
+    config = model.config
+    if config.modality != SPEECH:
+        raise ValueError(f"max_source_samples is for a speech model; this model's source is {config.modality}")
+    blocks = min(config.source_capacity // config.embeddings_per_block, model.encoder.n_ctx // config.block_frames)
+    return blocks * model.block_samples
 
 
 def translate_offline(model: SpeechLLM, source: np.ndarray | Sequence[str], max_target_tokens: int = 200) -> str:

@@ -79,6 +79,10 @@ class Head:
     def decide(self, signals: StepSignals, session: StreamingSession, memory: dict) -> Decision:
         raise NotImplementedError
 
+    def schedule(self, units_read: int, n_words: int) -> Decision:
+        """Fixed-schedule heads: the decision from the counts alone (no LM output needed to READ)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         """'entropy(threshold=0.6)'"""
         fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -86,11 +90,18 @@ class Head:
 
 
 def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
-    """The shared rules (flush a finished source, never write the sentence end early), then the head."""
+    """The shared rules (flush a finished source, never write the sentence end early), then the head.
+
+    A fixed-schedule head decides from the counts alone, so the session's waiting source is not fed to the LM
+    for a READ (it is when the word is written)."""
+    if head.fixed_schedule:
+        if session.source_finished:
+            return WRITE
+        return READ if session.units_read == 0 else head.schedule(session.units_read, len(session.words))
     signals = session.signals()
     if signals.source_finished:
         return WRITE
-    if signals.units_read == 0 or (signals.ends_sentence and not head.fixed_schedule):
+    if signals.units_read == 0 or signals.ends_sentence:
         return READ
     return head.decide(signals, session, memory)
 
@@ -172,7 +183,10 @@ class WaitKHead(Head):
             raise ValueError(f"wait-k: k={self.k}; k counts source units read before the first word, at least 1")
 
     def decide(self, signals, session, memory):
-        return WRITE if signals.n_words < signals.units_read - self.k + 1 else READ
+        return self.schedule(signals.units_read, signals.n_words)
+
+    def schedule(self, units_read, n_words):
+        return WRITE if n_words < units_read - self.k + 1 else READ
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,10 @@ class FixedChunkHead(Head):
             raise ValueError(f"fixed-chunk: chunk={self.chunk}, words={self.words}; both must be at least 1")
 
     def decide(self, signals, session, memory):
-        return WRITE if signals.n_words < self.words * (signals.units_read // self.chunk) else READ
+        return self.schedule(signals.units_read, signals.n_words)
+
+    def schedule(self, units_read, n_words):
+        return WRITE if n_words < self.words * (units_read // self.chunk) else READ
 
 
 @dataclass(frozen=True)
@@ -352,6 +369,7 @@ def peek_words(session: StreamingSession, n: int) -> list[str]:
     passes only, no copy of the cache. Stops early when the model would end the sentence.
     (An engine method ``StreamingSession.peek_words`` / ``snapshot``-``rollback`` would be the clean home.)
     """
+    session.flush()  # waiting source goes into the cache first, so the crop below removes only the peek
     n_cached = session.cache.get_seq_length()
     saved = {key: (list(value) if isinstance(value, list) else value) for key, value in vars(session).items()}
     try:

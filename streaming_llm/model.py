@@ -67,7 +67,7 @@ class SpeechLLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.get_output_embeddings().weight.shape[0]
+        return self.llm.get_input_embeddings().weight.shape[0]  # the output layer may be int8 (quantize.py)
 
     @property
     def hidden_size(self) -> int:

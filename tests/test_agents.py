@@ -271,3 +271,12 @@ def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):
     assert build_head(args).threshold == 0.7
     args.head, args.threshold, args.head_param = "wait-k", None, ["k=4"]
     assert build_head(args).k == 4
+
+
+def test_int8_agent_writes_the_float32_agents_wait_k_schedule(data, tmp_path):
+    plain = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", name="fp32")
+    int8 = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--int8", name="int8")
+    for a, b in zip(plain, int8, strict=True):
+        n = min(len(a["delays"]), len(b["delays"]))
+        assert a["delays"][:n] == b["delays"][:n]  # the schedule is the head's, whatever the weights
+        assert b["prediction"].strip()

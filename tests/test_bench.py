@@ -104,7 +104,9 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     from simul_agents.score import score_output
     from simul_agents.sweep import write_csv
 
-    bench = B.Bench(runs=tmp_path, results=tmp_path / "results")  # task_dir is tmp_path / "text"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n{B.README_START}\nstale numbers\n{B.README_END}\n\n## After\n")
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=readme)  # task_dir is tmp_path / "text"
     rows = []
     for log in sorted((task_dir / "eval-main").glob("*/*/instances.log")):
         out = log.parent
@@ -116,6 +118,10 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert "| text-train-main |" in summary and "s_per_step=9.5" in summary
     assert "| main | entropy | threshold=0.5 |" in summary
     assert (bench.results / "text" / "runs.csv").is_file() and (bench.results / "text" / "curve.png").is_file()
+    embedded = readme.read_text()
+    assert "stale numbers" not in embedded and "## After" in embedded
+    assert "| main | entropy | threshold=0.5 |" in embedded
+    assert "](results/text/curve.png)" in embedded and "### text-to-text En-De" in embedded
 
 
 def test_stage_plan_puts_the_main_sweep_before_the_ablations():

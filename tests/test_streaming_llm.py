@@ -220,3 +220,33 @@ def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "other")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_lazy_source_feeding_matches_block_by_block_and_saves_forwards(monkeypatch):
+    import streaming_llm.engine as engine
+
+    model = tiny_model("speech", seed=3)
+    audio = np.random.default_rng(3).standard_normal(model.block_samples * 6).astype(np.float32) * 0.1
+    calls = []
+    real_run = engine.run_llm
+    monkeypatch.setattr(engine, "run_llm", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+
+    def follow(flush_each_block: bool) -> tuple[torch.Tensor, int]:
+        calls.clear()
+        session = StreamingSession(model)
+        logits = []
+        for k in range(6):
+            session.push_audio(audio[k * model.block_samples : (k + 1) * model.block_samples])
+            if flush_each_block:
+                session.flush()
+            if k % 3 == 2:  # a word every third block, as a fixed schedule would
+                logits.append(session.next_logits().clone())
+                session.force_target([int(logits[-1].argmax())])
+        session.finish_source()
+        logits.append(session.next_logits().clone())
+        return torch.stack(logits), len(calls)
+
+    eager, eager_forwards = follow(True)
+    lazy, lazy_forwards = follow(False)
+    torch.testing.assert_close(lazy, eager, atol=1e-5, rtol=1e-5)
+    assert (eager_forwards, lazy_forwards) == (2 + 6 + 2 + 1, 2 + 2 + 2 + 1)  # prompt+prefix, feeds, words, end

@@ -314,3 +314,27 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     wa, wb = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-5)
+
+
+def test_a_two_process_run_resumes_in_one_process_with_the_same_losses(tmp_path):
+    common = [f"train_manifest={ROOT / 'tests/data/tiny_text.tsv'}", "dev_manifest=", "batch_size=4",
+              "save_every=2", "eval_every=100", "warmup_steps=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train_cmd = ["-m", "training.train", "--config", str(TINY_TEXT)]
+    reference = subprocess.run([sys.executable, *train_cmd, f"out_dir={tmp_path / 'one'}", "max_steps=4", *common],
+                               cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    # two processes train steps 1-2 of the same 4-step schedule and checkpoint; then one process resumes
+    first = subprocess.run([sys.executable, *launcher, *train_cmd, f"out_dir={tmp_path / 'mixed'}", "max_steps=4",
+                            *common, "--stop-after", "2"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [r["step"] for r in read_log(tmp_path / "mixed")] == [1, 2]
+    second = subprocess.run([sys.executable, *train_cmd, f"out_dir={tmp_path / 'mixed'}", "max_steps=4", *common,
+                             "--resume"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    mixed = read_log(tmp_path / "mixed")
+    assert [r["step"] for r in mixed] == [1, 2, 3, 4]
+    for a, b in zip(read_log(tmp_path / "one"), mixed, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["mslm"] - b["mslm"]) < 1e-5, (a, b)

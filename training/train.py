@@ -30,9 +30,10 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.checkpoint import WEIGHTS, build_model, check_state, read_meta, save_checkpoint
 from streaming_llm.config import SPEECH, SpeechLLMConfig
-from streaming_llm.engine import translate_offline
+from streaming_llm.engine import max_source_samples, translate_offline
 from streaming_llm.model import SpeechLLM
 
 from .config import TrainConfig, load_config, parse_overrides
@@ -177,7 +178,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train (or, with ``resume``, continue) the run in ``cfg.out_dir`` -> the final checkpoint's folder.
+
+    ``stop_after``: leave after that step of the schedule with a checkpoint (to fit a time slot; ``--resume``
+    then goes on exactly, in any world size) -> that step checkpoint's folder."""
     rank, world = init_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -195,11 +200,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "bf16=false is faster here",
             torch.backends.cpu.get_cpu_capability(),
         )
-    train_ex = load_examples(
-        cfg.train_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad
-    )
+    max_seconds = cfg.max_source_seconds
+    if cfg.modality == SPEECH:  # never more than one session holds (the encoder's 30 s, in whole blocks)
+        max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
+    train_ex = load_examples(cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad)
     dev_ex = (
-        load_examples(cfg.dev_manifest, cfg.modality, cfg.max_source_seconds, cfg.max_source_words, cfg.skip_bad)
+        load_examples(cfg.dev_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad)
         if cfg.dev_manifest
         else []
     )
@@ -238,7 +244,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     epoch_batches: dict[int, list[list[int]]] = {}
     last_saved = latest_checkpoint(ckpt_root)
-    while step < cfg.max_steps:
+    end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
+    while step < end:
         started = time.time()
         micro = micro_batches(train_ex, cfg, step, world, epoch_batches)
         n_tokens = float(sum(len(model.target_ids(train_ex[i].target)) for idx in micro for i in idx))
@@ -276,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             _append_log(out / "log.jsonl", record)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", mslm=f"{sums['mslm']:.3f}", spsd=f"{sums['spsd']:.3f}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if step % cfg.save_every == 0 or step == end:
             if rank == 0:
                 last_saved = save_training_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg)
             _barrier(world)
@@ -287,6 +294,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 bar.write(f"dev @ {step}: " + ", ".join(f"{k}={v}" for k, v in record.items() if k != "step"))
             _barrier(world)
     bar.close()
+    if step < cfg.max_steps:  # stopped early on request: the step checkpoint holds everything to go on
+        _barrier(world)
+        if world > 1:
+            dist.destroy_process_group()
+        log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.max_steps)
+        return latest_checkpoint(ckpt_root) or ckpt_root
     final = out / "final"
     if rank == 0:
         save_checkpoint(model, final, delta=is_delta(model), extra={"step": step, "train_config": cfg.to_dict()})
@@ -354,7 +367,8 @@ def save_training_checkpoint(root: Path, step: int, model: SpeechLLM, optimizer,
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a killed run (one process writes checkpoints: rank 0)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
         save_checkpoint(model, tmp / "model", delta=is_delta(model), extra={"step": step})
@@ -370,17 +384,29 @@ def save_training_checkpoint(root: Path, step: int, model: SpeechLLM, optimizer,
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a full disk is an OSError, or a RuntimeError from torch.save's zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(root)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {_first_line(e)}"
         raise TrainingError(
-            f"could not write the checkpoint of step {step} in {root} ({e.strerror or e}; is the disk full?); "
-            f"the previous checkpoint is kept: {previous or 'none'}"
+            f"could not write the checkpoint of step {step} in {root} ({reason}; {_free_mib(root)} free there: "
+            f"is the disk full?); the previous checkpoint is kept: {previous or 'none'}"
         ) from e
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: -cfg.keep_last] if cfg.keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def _free_mib(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -450,25 +476,37 @@ def _append_log(path: Path, record: dict) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the resumed step (they will be written again)."""
+    """On resume, drop log lines past the resumed step (they will be written again), and a last line cut off by a
+    kill; rewritten atomically (temporary file, then rename), so a kill now loses nothing."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a kill mid-write
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a YAML file from training/configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="leave after this step with a checkpoint (fit a time slot; --resume goes on)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, parse_overrides(args.overrides))
-        final = train(cfg, resume=args.resume)
-    except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        final = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    except (ValueError, TrainingError, OSError) as e:  # OSError: a log or output folder that cannot be written
+        tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, not after the progress bar
         return 1
     print(f"done: {final}")
     return 0

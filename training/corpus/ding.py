@@ -135,4 +135,14 @@ def read_ding(path: str | os.PathLike, filt: DingFilter = DingFilter()) -> list[
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise CorpusError(path, number, "not UTF-8; the Ding file is UTF-8 since version 1.8") from None
-    return parse_ding_lines(lines, filt)
+    if not any(line.strip() for line in lines):
+        raise CorpusError(path, None, "empty file; expected the Ding dictionary's `German :: English` lines")
+    pairs = parse_ding_lines(lines, filt)
+    if not pairs:
+        raise CorpusError(
+            path,
+            None,
+            f"no sentence pairs with {filt.min_words}..{filt.max_words} English words in {len(lines)} lines; "
+            "is this the Ding file (`German :: English` lines)? (--min-words/--max-words set the range)",
+        )
+    return pairs

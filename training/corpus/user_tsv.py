@@ -61,6 +61,10 @@ def read_user_tsv(
             except AudioError as e:
                 bad(CorpusError(tsv, number, str(e)))
                 continue
+            if n_frames == 0:  # e.g. one sample at 48 kHz: nothing is left at 16 kHz
+                bad(CorpusError(tsv, number, f"{path}: {header.frames} sample(s) at {header.sample_rate} Hz give "
+                                             "no sample at 16 kHz; a speech row needs audio"))  # fmt: skip
+                continue
         seen.add(utt_id)
         speaker = clean_text(fields[speaker_column]) if speaker_column else ""
         rows.append(Row(utt_id, audio, n_frames, src, tgt, speaker))

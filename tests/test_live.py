@@ -1,0 +1,259 @@
+"""Live translation in the terminal (simul_agents.live) on tiny models: the stream, the clock, the command."""
+
+import builtins
+import io
+import re
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from simul_agents import live
+from simul_agents.live import Display, LiveStream, Result, build_head, latency_summary, run_stream
+from streaming_llm.checkpoint import build_model, save_checkpoint
+from streaming_llm.engine import StreamingSession
+from streaming_llm.heads import make_head
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+SENTENCE = "I would like a cup of coffee ."
+
+
+def untied_tiny(modality, seed=0, **overrides):
+    """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
+    config = tiny_config(modality, **overrides)
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return build_model(config, tiny_tokenizer()).eval()
+
+
+def tone(seconds: float, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 1300 * t + 1)).astype(np.float32)
+
+
+def offline_words(model, source) -> list[str]:
+    """The full-source greedy decode, word by word, as LiveStream cleans words (no inner whitespace)."""
+    session = StreamingSession(model, max_target_tokens=24)
+    if model.config.modality == "speech":
+        session.push_audio(source)
+    else:
+        session.push_words(source)
+    session.finish_source()
+    words = []
+    while (word := session.write_word()) is not None:
+        words.append("".join(word.split()))
+    return [w for w in words if w]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    speech, text = untied_tiny("speech"), untied_tiny("text")
+    save_checkpoint(speech, root / "speech-ckpt")
+    save_checkpoint(text, root / "text-ckpt")
+    save_checkpoint(untied_tiny("speech", max_source_embeddings=8), root / "short-ckpt")  # 2 blocks: 0.64 s
+    sf.write(root / "tone.wav", tone(1.0), 16000, subtype="FLOAT")
+    (root / "sentences.txt").write_text(f"{SENTENCE}\nWhere is the train station ?\n", encoding="utf-8")
+    return {"root": root, "speech": speech, "text": text}
+
+
+LIMITS = live.Limits(max_target_tokens=24)
+
+
+def test_offline_head_streamed_in_chunks_writes_the_offline_decode(data):
+    model = data["speech"]
+    audio = tone(1.0)
+    stream = LiveStream(model, make_head("offline"), LIMITS)
+    for chunk, _ in live.audio_chunks(audio, 160):
+        stream.push_audio(chunk)
+        assert stream.drain() == []  # the offline head reads until the source is finished
+    stream.finish()
+    stream.drain()
+    expected = offline_words(model, audio)
+    assert expected and stream.words == expected
+    assert stream.delays == [1000.0] * len(expected)  # every word after the whole second of audio
+    assert stream.done
+
+
+def test_wait_k_writes_at_most_units_minus_k_plus_one_words_before_the_end(data):
+    words = SENTENCE.split()
+    stream = LiveStream(data["text"], make_head("wait-k", k=2), LIMITS)
+    for word in words:
+        stream.push_words([word])
+        stream.drain()
+        units = stream.session.units_read
+        assert len(stream.session.words) <= max(0, units - 2 + 1)
+    stream.finish()
+    stream.drain()
+    assert stream.delays == sorted(stream.delays) and stream.delays[0] >= 2
+    assert any(d < len(words) for d in stream.delays), "wait-2 writes before the source ends"
+
+
+def test_oracle_head_is_refused_live_with_the_heads_that_work(data):
+    with pytest.raises(ValueError, match="cannot run live; use one of entropy"):
+        build_head(None, "oracle")
+
+
+def test_latency_summary_matches_simuleval_formulas_and_defaults_to_hypothesis_length():
+    scores = latency_summary([500.0, 1000.0, 1000.0], [600.0, 1200.0, 1300.0], 1000.0)
+    # AL with |Y| = 3: gamma = 3/1000; terms 500 - 0, 1000 - 333.3 (the first delay at the source end stops it)
+    assert scores["AL"] == pytest.approx((500 + (1000 - 1000 / 3)) / 2)
+    assert scores["LAAL"] == scores["AL"]
+    assert scores["AL_CA"] == pytest.approx((600 + (1200 - 1000 / 3)) / 2)
+    assert latency_summary([], None, 1000.0)["AL"] is None
+
+
+class FakeStream:
+    """A stream whose pushes take a known compute time on a fake clock; it writes one word after each push."""
+
+    speech, unit = True, "ms"
+
+    def __init__(self, clock, compute_s):
+        self.clock, self.compute_s = clock, compute_s
+        self.received, self.words, self.delays, self.pending = 0, [], [], False
+
+    @property
+    def source(self):
+        return self.received / 16
+
+    def push_audio(self, chunk):
+        self.clock.now += self.compute_s
+        self.received += len(chunk)
+        self.pending = True
+
+    def finish(self):
+        pass
+
+    def step(self):
+        if not self.pending:
+            return None
+        self.pending = False
+        self.words.append(f"w{len(self.words)}")
+        self.delays.append(self.source)
+        return self.words[-1]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("compute_s, expected", [(0.5, [820.0, 1320.0, 1820.0]), (0.1, [420.0, 740.0, 1060.0])])
+def test_fast_mode_elapsed_is_the_simulated_real_time_clock(compute_s, expected):
+    clock = FakeClock()
+    stream = FakeStream(clock, compute_s)
+    chunks = [(np.zeros(5120, np.float32), ready) for ready in (320.0, 640.0, 960.0)]
+    result = run_stream(stream, chunks, pace=False, wall_clock=False, clock=clock, sleep=clock.sleep)
+    # each chunk is ready at its end; the model is busy compute_s per chunk: max(busy, ready) + compute
+    assert result.elapsed == pytest.approx(expected)
+    assert result.delays == [320.0, 640.0, 960.0]
+
+
+def test_paced_mode_waits_for_each_chunk_and_elapsed_is_the_wall_clock():
+    clock = FakeClock()
+    stream = FakeStream(clock, 0.1)
+    chunks = [(np.zeros(5120, np.float32), ready) for ready in (320.0, 640.0)]
+    result = run_stream(stream, chunks, pace=True, wall_clock=True, clock=clock, sleep=clock.sleep)
+    assert result.elapsed == pytest.approx([420.0, 740.0])  # slept to 320 ms, 100 ms of compute; then 640 + 100
+
+
+def test_command_fast_prints_decisions_words_and_latency(data, capsys):
+    out = io.StringIO()
+    root = data["root"]
+    code = live.main([str(root / "tone.wav"), "--checkpoint", str(root / "speech-ckpt"), "--head", "wait-k",
+                      "--head-param", "k=2", "--fast", "--max-target-tokens", "24"], out=out)  # fmt: skip
+    text = out.getvalue()
+    assert code == 0, capsys.readouterr().err
+    assert "READ" in text and "WRITE" in text and "(delay 0.64 s" in text
+    summary = text.strip().splitlines()[-1]
+    assert summary.startswith("source 1.00 s") and "AL " in summary and "computation-aware: AL" in summary
+
+
+def test_command_at_real_time_pace_takes_the_audio_duration(data):
+    root = data["root"]
+    out = io.StringIO()
+    start = time.perf_counter()
+    code = live.main([str(root / "tone.wav"), "--checkpoint", str(root / "speech-ckpt"), "--head", "offline",
+                      "--max-target-tokens", "24"], out=out)  # fmt: skip
+    assert code == 0
+    assert time.perf_counter() - start >= 1.0 - 0.32  # the last chunk is pushed at 1.0 s; loading came first
+    translation = [line for line in out.getvalue().splitlines() if line.startswith("translation: ")]
+    assert translation == ["translation: " + " ".join(offline_words(data["speech"], tone(1.0)))]
+
+
+def test_command_translates_a_text_file_line_by_line(data):
+    root = data["root"]
+    out = io.StringIO()
+    code = live.main([str(root / "sentences.txt"), "--checkpoint", str(root / "text-ckpt"), "--head", "offline",
+                      "--fast", "--max-target-tokens", "24"], out=out)  # fmt: skip
+    assert code == 0
+    lines = out.getvalue().splitlines()
+    translations = [line.removeprefix("translation: ") for line in lines if line.startswith("translation: ")]
+    assert translations == [" ".join(offline_words(data["text"], SENTENCE.split())),
+                            " ".join(offline_words(data["text"], "Where is the train station ?".split()))]  # fmt: skip
+    assert sum("words | AL" in line for line in lines) == 2
+
+
+def test_command_refuses_a_file_longer_than_the_context_naming_both_lengths(data, capsys):
+    root = data["root"]
+    code = live.main([str(root / "tone.wav"), "--checkpoint", str(root / "short-ckpt"), "--fast"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is 1.0 s; this model hears at most 0.6 s per utterance" in err
+
+
+def test_mic_without_sounddevice_or_portaudio_says_what_to_install(data, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_portaudio(name, *args, **kwargs):
+        if name == "sounddevice":
+            raise OSError("PortAudio library not found")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_portaudio)
+    code = live.main(["--mic", "--checkpoint", str(data["root"] / "speech-ckpt")])
+    assert code == 2 and "apt-get install libportaudio2" in capsys.readouterr().err
+
+
+def test_mic_with_no_input_device_says_so(data, capsys):
+    try:
+        sd = live.import_sounddevice()
+        sd.query_devices(kind="input")
+        pytest.skip("this machine has a microphone")
+    except live.LiveError:
+        pytest.skip("PortAudio is not installed here (the message is tested above)")
+    except Exception:
+        pass
+    code = live.main(["--mic", "--checkpoint", str(data["root"] / "speech-ckpt")])
+    assert code == 2 and "no microphone found" in capsys.readouterr().err
+
+
+def test_terminal_display_redraws_in_place(data):
+    out = io.StringIO()
+    stream = LiveStream(data["text"], make_head("wait-k", k=1), LIMITS)
+    display = Display(out, "words", 3.0, tty=True)
+    for word in "I would like".split():
+        stream.push_words([word])
+        while (w := stream.step()) is not None:
+            display.word(stream, w, 0.0)
+        display.chunk_done(stream)
+    pieces = out.getvalue().split("\r\033[J")[1:]  # each frame, then the cursor-up that the next one starts with
+    assert len(pieces) >= 3
+    for piece, following in zip(pieces, pieces[1:], strict=False):
+        lines = piece.count("\n") + 1
+        assert following and piece.endswith(f"\033[{lines - 1}A" if lines > 1 else ""), "the next frame overwrites"
+    last = pieces[-1]
+    assert last.startswith("source 3 w / 3 w") and "\033[2m[1 w]" in last
+    ours = re.sub(r"\033\[(2m|0m|\d+A)", "", last)  # the display's own codes: dim, reset, cursor up
+    assert all(c.isprintable() or c == "\n" for c in ours), "model output cannot drive the terminal"
+
+
+def test_result_text_joins_words():
+    assert Result(["a", "b"], [1.0, 2.0], [1.0, 2.0], 2.0, "words", 0.0).text == "a b"

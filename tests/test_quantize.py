@@ -1,0 +1,47 @@
+"""int8 inference: LoRA merged exactly, the quantized model stays close and streams."""
+
+import pytest
+import torch
+
+from streaming_llm.engine import StreamingSession, translate_offline
+from streaming_llm.quantize import merge_lora, quantize_int8
+from streaming_llm.tiny import tiny_model
+
+SOURCE = "I would like a cup of coffee in the garden .".split()
+
+
+def _logits(model) -> torch.Tensor:
+    session = StreamingSession(model)
+    session.push_words(SOURCE[:4])
+    first = session.next_logits().clone()
+    session.push_words(SOURCE[4:])
+    session.finish_source()
+    return torch.stack([first, session.next_logits().clone()])
+
+
+def test_merging_lora_keeps_the_logits():
+    model = tiny_model("text", seed=1, llm_lora_r=4)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # peft starts B at zero: make the adapter do something
+    before = _logits(model)
+    assert merge_lora(model.llm) > 0
+    assert not any("lora_" in name for name, _ in model.llm.named_parameters())
+    torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_model_stays_close_to_float32_and_translates():
+    model = tiny_model("text", seed=2)
+    before = _logits(model)
+    quantize_int8(model)
+    after = _logits(model)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    assert (after.argmax(-1) == before.argmax(-1)).all()
+    assert isinstance(translate_offline(model, SOURCE, max_target_tokens=8), str)
+
+
+def test_int8_refuses_a_model_in_training_mode():
+    model = tiny_model("text").train()
+    with pytest.raises(ValueError, match="for inference"):
+        quantize_int8(model)

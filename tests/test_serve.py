@@ -1,0 +1,427 @@
+"""The WebSocket server (simul_agents.serve) with a tiny model: protocol, limits, errors, several clients."""
+
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soxr
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from simul_agents import serve as serve_module
+from simul_agents.live import Limits, LiveStream, audio_chunks
+from simul_agents.serve import BackgroundServer, ServeConfig, Translator
+from streaming_llm.checkpoint import build_model, save_checkpoint
+from streaming_llm.engine import StreamingSession
+from streaming_llm.heads import make_head
+from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+LIMITS = Limits(max_target_tokens=24)
+CHUNK = 3200  # 200 ms at 16 kHz
+
+
+def untied_tiny(modality, seed=0):
+    config = tiny_config(modality)
+    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return build_model(config, tiny_tokenizer()).eval()
+
+
+def tone(seconds: float, rate: int = 16000, shift: float = 0.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * (220 + shift) * t) + 0.2 * np.sin(2 * np.pi * 1300 * t + 1)).astype(np.float32)
+
+
+def offline_words(model, audio) -> list[str]:
+    session = StreamingSession(model, max_target_tokens=24)
+    session.push_audio(audio)
+    session.finish_source()
+    words = []
+    while (word := session.write_word()) is not None:
+        words.append("".join(word.split()))
+    return [w for w in words if w]
+
+
+def live_words(model, head, audio, chunk=CHUNK) -> tuple[list[str], list[float]]:
+    """What LiveStream writes for this audio pushed in these chunks: the server must send exactly this."""
+    stream = LiveStream(model, head, LIMITS)
+    for piece, _ in audio_chunks(audio, chunk * 1000 // 16000):
+        stream.push_audio(piece)
+        stream.drain()
+    stream.finish()
+    stream.drain()
+    return stream.words, stream.delays
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    speech, text = untied_tiny("speech"), untied_tiny("text")
+    save_checkpoint(speech, root / "speech-ckpt")
+    save_checkpoint(text, root / "text-ckpt")
+    paths = {f"{name}-ckpt": str(root / f"{name}-ckpt") for name in ("speech", "text")}
+    return {"speech": speech, "text": text, **paths}
+
+
+def server(models, modality="speech", **config):
+    translator = Translator(models[modality], models[f"{modality}-ckpt"], ServeConfig(limits=LIMITS, **config))
+    return BackgroundServer(translator)
+
+
+@pytest.fixture(scope="module")
+def speech_server(models):
+    with server(models) as s:
+        yield s
+
+
+def events_until_end(ws, timeout=30.0) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+        events.append(event)
+        if event["type"] == "end":
+            return events
+
+
+def stream_audio(ws, audio, start=None, dtype="float32", chunk=CHUNK) -> list[dict]:
+    ws.send(json.dumps({"type": "start", **(start or {})}))
+    started = json.loads(ws.recv(timeout=10))
+    assert started["type"] == "started", started
+    for i in range(0, len(audio), chunk):
+        piece = audio[i : i + chunk]
+        ws.send((piece * 32767).astype("<i2").tobytes() if dtype == "pcm16" else piece.astype("<f4").tobytes())
+    ws.send(json.dumps({"type": "end"}))
+    return events_until_end(ws)
+
+
+def expect_error(ws, code: str) -> dict:
+    event = json.loads(ws.recv(timeout=10))
+    assert event["type"] == "error" and event["code"] == code, event
+    assert event["message"]
+    return event
+
+
+def wait_for(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+# ---- the protocol ----------------------------------------------------------------------------------------
+
+
+def test_start_chunks_end_sends_reads_then_the_words_the_engine_writes(models, speech_server):
+    audio = tone(1.0)
+    head = {"head": "wait-k", "params": {"k": 2}}
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, audio, head)
+    words, delays = live_words(models["speech"], make_head("wait-k", k=2), audio)
+    writes = [e for e in events if e["type"] == "write"]
+    assert words and [e["text"] for e in writes] == words
+    assert [e["delay_ms"] for e in writes] == delays
+    assert [e["index"] for e in writes] == list(range(len(words)))
+    assert all(e["elapsed_ms"] >= e["delay_ms"] for e in writes)
+    assert sum(e["type"] == "read" for e in events) >= 1 and any(d < 1000 for d in delays), "words before the end"
+    end = events[-1]
+    assert end["text"] == " ".join(words) and end["source_ms"] == 1000.0 and end["unit"] == "ms"
+    assert end["AL"] is not None and end["AL_CA"] >= end["AL"] and 0 < end["rtf"]
+
+
+def test_offline_head_over_the_socket_equals_the_offline_decode(models, speech_server):
+    audio = tone(1.3, shift=30)
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, audio, {"head": "offline"})
+    assert events[-1]["text"] == " ".join(offline_words(models["speech"], audio))
+
+
+def test_pcm16_frames_are_scaled_like_int16_audio(models, speech_server):
+    audio = tone(1.0)
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, audio, {"head": "offline", "format": "pcm16"}, dtype="pcm16")
+    pcm = (audio * 32767).astype(np.int16).astype(np.float32) / 32768
+    assert events[-1]["text"] == " ".join(offline_words(models["speech"], pcm))
+
+
+def test_other_sample_rates_are_resampled_to_16k(models, speech_server):
+    audio48 = tone(1.0, rate=48000)
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, audio48, {"head": "offline", "sample_rate": 48000}, chunk=9600)
+    assert events[-1]["source_ms"] == pytest.approx(1000.0, abs=1)
+    assert events[-1]["text"] == " ".join(offline_words(models["speech"], soxr.resample(audio48, 48000, 16000)))
+
+
+def test_a_connection_takes_several_streams_one_after_another(speech_server):
+    with connect(speech_server.url) as ws:
+        first = stream_audio(ws, tone(0.7), {"head": "offline"})
+        second = stream_audio(ws, tone(0.7), {"head": "offline"})
+    assert first[-1]["text"] == second[-1]["text"] and first[-1]["words"] > 0
+
+
+def test_text_model_translates_word_messages(models):
+    sentence = "I would like a cup of coffee .".split()
+    with server(models, "text") as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "wait-k", "params": {"k": 2}}))
+        assert json.loads(ws.recv(timeout=10))["format"] == "text"
+        ws.send(json.dumps({"type": "words", "words": sentence[:3]}))
+        ws.send(json.dumps({"type": "words", "text": " ".join(sentence[3:])}))
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    stream = LiveStream(models["text"], make_head("wait-k", k=2), LIMITS)
+    for part in (sentence[:3], sentence[3:]):
+        stream.push_words(part)
+        stream.drain()
+    stream.finish()
+    stream.drain()
+    writes = [e for e in events if e["type"] == "write"]
+    assert [e["text"] for e in writes] == stream.words and [e["delay_words"] for e in writes] == stream.delays
+    assert events[-1]["unit"] == "words" and events[-1]["AL"] is not None
+
+
+def test_page_and_stats_are_served_over_http_on_the_same_port(speech_server):
+    base = speech_server.http_url
+    with urllib.request.urlopen(base, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert b"<html" in response.read()
+    with urllib.request.urlopen(base + "stats", timeout=5) as response:
+        assert json.loads(response.read())["modality"] == "speech"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(base + "nothing-here", timeout=5)
+    assert error.value.code == 404
+
+
+def test_a_websocket_from_another_origin_is_refused(speech_server):
+    with pytest.raises(InvalidStatus) as refused:
+        connect(speech_server.url, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    with connect(speech_server.url, origin=speech_server.http_url.rstrip("/")) as ws:  # the page's own origin
+        ws.send(json.dumps({"type": "start"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+
+
+# ---- malformed input: an error event, and the connection stays usable ------------------------------------
+
+
+def test_bad_json_and_bad_messages_get_errors_and_the_connection_stays_usable(speech_server):
+    with connect(speech_server.url) as ws:
+        ws.send("{not json")
+        expect_error(ws, "bad_json")
+        ws.send(json.dumps([1, 2]))
+        expect_error(ws, "bad_message")
+        ws.send(json.dumps({"type": "hello"}))
+        expect_error(ws, "bad_message")
+        ws.send(tone(0.1).tobytes())
+        expect_error(ws, "not_started")
+        ws.send(json.dumps({"type": "end"}))
+        expect_error(ws, "not_started")
+        events = stream_audio(ws, tone(0.7), {"head": "offline"})
+    assert events[-1]["words"] > 0
+
+
+@pytest.mark.parametrize(
+    "start, words",
+    [
+        ({"format": "mp3"}, "format 'mp3'"),
+        ({"format": "text"}, "translates speech"),
+        ({"sample_rate": "16k"}, "sample_rate '16k'"),
+        ({"sample_rate": 4000}, "sample_rate 4000"),
+        ({"head": "nope"}, "unknown head 'nope'"),
+        ({"head": "oracle"}, "cannot run live"),
+        ({"head": "wait-k", "params": {"k": 0}}, "k=0"),
+        ({"threshold": "high"}, "threshold 'high'"),
+        ({"treshold": 1.0}, "unknown field treshold"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_a_bad_start_names_the_problem_and_a_good_start_then_works(speech_server, start, words):
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", **start}))
+        assert words in expect_error(ws, "bad_start")["message"]
+        ws.send(tone(0.1).tobytes())
+        expect_error(ws, "not_started")  # the bad start opened no stream
+        assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["type"] == "end"
+
+
+def test_wrong_sample_format_bytes_and_nan_audio_are_refused_frame_by_frame(speech_server):
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "format": "pcm16", "head": "offline"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(b"\x00\x01\x02")  # 3 bytes: not whole pcm16 samples
+        assert "3 bytes" in expect_error(ws, "bad_audio")["message"]
+        ws.send(json.dumps({"type": "words", "words": ["hello"]}))
+        expect_error(ws, "wrong_mode")
+        ws.send(json.dumps({"type": "start"}))
+        expect_error(ws, "bad_message")  # a stream is already open
+        ws.send((tone(0.7) * 32767).astype("<i2").tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+        assert events[-1]["source_ms"] == 700.0
+        ws.send(json.dumps({"type": "start", "format": "float32"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(np.array([0.1, np.nan], dtype="<f4").tobytes())
+        assert "NaN" in expect_error(ws, "bad_audio")["message"]
+
+
+def test_an_oversized_frame_gets_an_error_and_the_connection_stays_usable(models):
+    with server(models, max_frame_bytes=64_000) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        json.loads(ws.recv(timeout=10))
+        ws.send(np.zeros(20_000, dtype="<f4").tobytes())  # 80 000 bytes
+        assert "80000-byte message" in expect_error(ws, "too_large")["message"]
+        ws.send(tone(0.5).tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        assert events_until_end(ws)[-1]["source_ms"] == 500.0  # the oversized frame was dropped
+
+
+def test_a_frame_over_the_hard_limit_closes_only_that_connection(models):
+    with server(models, max_frame_bytes=64_000) as s:
+        limit = s.translator.config.hard_frame_bytes
+        with connect(s.url, max_size=None) as ws:
+            ws.send(json.dumps({"type": "start"}))
+            json.loads(ws.recv(timeout=10))
+            ws.send(np.zeros(limit // 4 + 1, dtype="<f4").tobytes())
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1009  # message too big
+        with connect(s.url) as ws:
+            assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["type"] == "end"
+        assert wait_for(lambda: s.translator.stats()["connections"] == 0 and s.translator.streams == 0)
+
+
+def test_a_stream_longer_than_the_maximum_is_cut_with_an_error(models):
+    with server(models, max_stream_s=0.6) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        assert json.loads(ws.recv(timeout=10))["max_source"] == 0.6
+        ws.send(tone(0.4).tobytes())
+        ws.send(tone(0.4).tobytes())  # 0.8 s in all
+        events = []
+        while not events or events[-1]["type"] != "error":
+            events.append(json.loads(ws.recv(timeout=10)))
+        assert events[-1]["code"] == "too_long" and "over 0.60 s" in events[-1]["message"]
+        ws.send(json.dumps({"type": "end"}))
+        assert events_until_end(ws)[-1]["source_ms"] == 400.0
+
+
+# ---- clients: several, vanishing, idle, too many ---------------------------------------------------------
+
+
+def test_several_clients_at_once_each_get_their_own_stream_and_settings(models, speech_server):
+    jobs = [({"head": "wait-k", "params": {"k": 1}}, tone(1.0, shift=0)),
+            ({"head": "wait-k", "params": {"k": 3}}, tone(1.0, shift=50)),
+            ({"head": "offline"}, tone(1.0, shift=90))]  # fmt: skip
+    results: dict[int, list] = {}
+
+    def client(i, start, audio):
+        with connect(speech_server.url) as ws:
+            results[i] = stream_audio(ws, audio, start)
+
+    threads = [threading.Thread(target=client, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    expected = [live_words(models["speech"], make_head("wait-k", k=1), jobs[0][1])[0],
+                live_words(models["speech"], make_head("wait-k", k=3), jobs[1][1])[0],
+                offline_words(models["speech"], jobs[2][1])]  # fmt: skip
+    assert [results[i][-1]["text"] for i in range(3)] == [" ".join(words) for words in expected]
+
+
+def test_a_client_that_vanishes_mid_stream_frees_its_session_and_the_server_goes_on(models, speech_server):
+    translator = speech_server.translator
+    assert wait_for(lambda: translator.connections == 0)
+    served = translator.served
+    sock = socket.create_connection((speech_server.host, speech_server.port))
+    with connect(speech_server.url, sock=sock) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        json.loads(ws.recv(timeout=10))
+        for _ in range(3):
+            ws.send(tone(0.2).tobytes())
+        assert wait_for(lambda: translator.streams == 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, no closing handshake: the client is gone
+    assert wait_for(lambda: translator.connections == 0 and translator.streams == 0)
+    with connect(speech_server.url) as ws:
+        assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["type"] == "end"
+    assert translator.served == served + 1
+
+
+def test_an_idle_client_is_told_and_disconnected_after_the_timeout(models):
+    with server(models, idle_timeout_s=0.5) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start"}))
+        json.loads(ws.recv(timeout=10))
+        start = time.monotonic()
+        assert "no message for 0.5 s" in expect_error(ws, "idle")["message"]
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        assert 0.4 < time.monotonic() - start < 3
+        assert wait_for(lambda: s.translator.streams == 0 and s.translator.connections == 0)
+
+
+def test_a_full_server_says_busy_and_closes_the_extra_connection(models):
+    with server(models, max_clients=1) as s, connect(s.url) as first:
+        first.send(json.dumps({"type": "start"}))
+        json.loads(first.recv(timeout=10))
+        with connect(s.url) as second:
+            assert "full (1 clients)" in expect_error(second, "busy")["message"]
+            with pytest.raises(ConnectionClosed) as closed:
+                second.recv(timeout=5)
+            assert closed.value.rcvd.code == 1013
+        first.send(tone(0.5).tobytes())
+        first.send(json.dumps({"type": "end"}))
+        assert events_until_end(first)[-1]["type"] == "end"
+
+
+def test_a_slow_model_makes_the_server_stop_reading_instead_of_queueing_without_bound(models, monkeypatch):
+    real_push = serve_module._Stream.push_audio
+
+    def slow_push(self, samples):
+        time.sleep(0.05)
+        real_push(self, samples)
+
+    monkeypatch.setattr(serve_module._Stream, "push_audio", slow_push)
+    frames = 40
+    with server(models, queue_frames=2) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        json.loads(ws.recv(timeout=10))
+        for _ in range(frames):
+            ws.send(tone(0.02).tobytes())  # far faster than the model takes them (50 ms each)
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    assert sum(e["type"] == "read" for e in events) == frames  # nothing was dropped
+    assert s.translator.peak_backlog <= 2 + 1  # read from the socket but not yet run: the queue, plus one running
+
+
+def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(models, monkeypatch):
+    real_push = serve_module._Stream.push_audio
+    calls = []
+
+    def failing_push(self, samples):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure inside the model")
+        real_push(self, samples)
+
+    monkeypatch.setattr(serve_module._Stream, "push_audio", failing_push)
+    with server(models) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        json.loads(ws.recv(timeout=10))
+        for _ in range(3):
+            ws.send(tone(0.2).tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+        errors = [e for e in events if e["type"] == "error"]
+        assert [e["code"] for e in errors] == ["model_error"] and "simulated failure" in errors[0]["message"]
+        assert events[-1] == {"type": "end", "text": "", "words": 0, "dropped": True}
+        assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["words"] > 0
+        assert s.translator.streams == 0
