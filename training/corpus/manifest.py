@@ -23,6 +23,7 @@ from pathlib import Path
 from speech_frontend.audio import SAMPLE_RATE, parse_audio_spec
 
 from .errors import CorpusError
+from .tsv_table import decode_line, read_table
 
 MANIFEST_COLUMNS = ("id", "audio", "n_frames", "src_text", "tgt_text", "speaker")
 SPLITS = ("train", "dev", "test")  # the splits the offline corpus writes, as DIR/{split}.tsv
@@ -110,30 +111,17 @@ def read_manifest(path: str | os.PathLike, on_error: Callable[[CorpusError], Non
             raise error
         on_error(error)
 
-    if not path.is_file():
-        raise CorpusError(path, None, "no such manifest; build one with `python -m training.corpus ...`")
-    lines = path.read_bytes().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if not lines:
-        raise CorpusError(path, 1, f"empty file; a manifest starts with the header {' '.join(MANIFEST_COLUMNS)}")
-    try:
-        header = lines[0].decode("utf-8").rstrip("\r").split("\t")
-    except UnicodeDecodeError:
-        raise CorpusError(path, 1, "the header is not UTF-8") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
-    if missing:
-        raise CorpusError(
-            path, 1, f"missing column(s) {', '.join(missing)}; the header must name {', '.join(MANIFEST_COLUMNS)}"
-        )
+    header, lines = read_table(
+        path, MANIFEST_COLUMNS, no_file="no such manifest; build one with `python -m training.corpus ...`"
+    )
     index = {c: header.index(c) for c in MANIFEST_COLUMNS}
     folder = path.parent
     rows = []
-    for number, raw in enumerate(lines[1:], start=2):
+    for number, raw in lines:
         try:
-            text = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            bad(number, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8")
+            text = decode_line(path, number, raw)
+        except CorpusError as e:
+            bad(number, e.message)
             continue
         fields = text.split("\t")
         if len(fields) != len(header):

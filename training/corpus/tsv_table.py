@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import BadInput, CorpusError
 
 
-def iter_tsv(path: str | os.PathLike, required: tuple[str, ...], bad: BadInput) -> Iterator[tuple[int, dict]]:
-    """(line number, {column: field}) for each well-formed line; missing columns raise, bad lines go to ``bad``.
-
-    Like fairseq's readers, no quoting: a ``"`` is an ordinary character (CoVoST sentences contain them).
-    """
+def read_table(
+    path: str | os.PathLike, required: Sequence[str], no_file: str = "no such file"
+) -> tuple[list[str], list[tuple[int, bytes]]]:
+    """(header, [(line number, raw line)]) of a headed TSV; a missing or empty file, a header that is not UTF-8
+    or that lacks a required column raises ``CorpusError`` (``no_file`` is the message for a missing file)."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(path, None, "no such file")
+        raise CorpusError(path, None, no_file)
     lines = path.read_bytes().split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -29,17 +29,30 @@ def iter_tsv(path: str | os.PathLike, required: tuple[str, ...], bad: BadInput) 
     missing = [c for c in required if c not in header]
     if missing:
         raise CorpusError(path, 1, f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}")
-    for number, raw in enumerate(lines[1:], start=2):
+    return header, list(enumerate(lines[1:], start=2))
+
+
+def decode_line(path: str | os.PathLike, number: int, raw: bytes) -> str:
+    """A data line as text (without its \\r), or ``CorpusError`` naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+        message = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8"
+        raise CorpusError(Path(path), number, message) from None
+
+
+def iter_tsv(path: str | os.PathLike, required: tuple[str, ...], bad: BadInput) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: field}) for each well-formed line; missing columns raise, bad lines go to ``bad``.
+
+    Like fairseq's readers, no quoting: a ``"`` is an ordinary character (CoVoST sentences contain them).
+    """
+    path = Path(path)
+    header, lines = read_table(path, required)
+    for number, raw in lines:
         try:
-            text = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as e:
-            bad(
-                CorpusError(
-                    path,
-                    number,
-                    f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8",
-                )
-            )
+            text = decode_line(path, number, raw)
+        except CorpusError as e:
+            bad(e)
             continue
         if not text:
             continue  # an empty line holds no record (a line of tabs does, and is checked)
