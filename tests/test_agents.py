@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-import torch
+from fixtures_models import untied_tiny
 
 from simul_agents import evaluate_inprocess
 from simul_agents.proactive_agent import (
@@ -16,20 +16,11 @@ from simul_agents.proactive_agent import (
     ProactiveSpeechAgent,
     ProactiveTextAgent,
 )
-from streaming_llm.checkpoint import build_model, save_checkpoint
-from streaming_llm.tiny import tiny_config, tiny_tokenizer
+from streaming_llm.checkpoint import save_checkpoint
 
 SENTENCES = ["I would like a cup of coffee .", "Where is the train station ?", "Thank you for your help ."]
 REFERENCES = ["Ich möchte eine Tasse Kaffee .", "Wo ist der Bahnhof ?", "Danke für Ihre Hilfe ."]
 LIMITS = ["--max-target-tokens", "24", "--no-progress-bar"]
-
-
-def untied_tiny(modality, seed=0, **overrides):
-    """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
-    config = tiny_config(modality, **overrides)
-    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
-    torch.manual_seed(seed)
-    return build_model(config, tiny_tokenizer()).eval()
 
 
 def tone(seconds: float, rate: int = 16000, shift: float = 0.0) -> np.ndarray:

@@ -11,14 +11,11 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
+from fixtures_models import offline_words, untied_tiny
 
 from simul_agents.live import Limits, LiveStream
 from simul_agents.serve import BackgroundServer, ServeConfig, Translator
-from streaming_llm.checkpoint import build_model
-from streaming_llm.engine import StreamingSession
 from streaming_llm.heads import make_head
-from streaming_llm.tiny import tiny_config, tiny_tokenizer
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,27 +40,6 @@ LIMITS = Limits(max_target_tokens=64)  # enough for wait-k to write words that d
 SECONDS = 1.6
 
 
-def untied_tiny(seed=0):
-    config = tiny_config("speech")
-    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
-    torch.manual_seed(seed)
-    return build_model(config, tiny_tokenizer()).eval()
-
-
-def clean(words):
-    return [w for w in ("".join(word.split()) for word in words) if w]
-
-
-def offline_words(model, audio):
-    session = StreamingSession(model, max_target_tokens=LIMITS.max_target_tokens)
-    session.push_audio(audio)
-    session.finish_source()
-    words = []
-    while (word := session.write_word()) is not None:
-        words.append(word)
-    return clean(words)
-
-
 def wait_k_words(model, audio, k):
     """wait-k's words do not depend on how the audio is chunked (it decides on whole encoder blocks)."""
     stream = LiveStream(model, make_head("wait-k", k=k), LIMITS)
@@ -84,7 +60,7 @@ def setup(tmp_path_factory):
     sf.write(path, tone, 16000, subtype="PCM_16")
     audio, rate = sf.read(path, dtype="float32")  # exactly the samples Web Audio decodes from this file
     assert rate == 16000
-    model = untied_tiny()
+    model = untied_tiny("speech")
     translator = Translator(model, None, ServeConfig(limits=LIMITS))
     with BackgroundServer(translator) as server:
         yield {"model": model, "audio": audio, "path": path, "server": server}
@@ -134,7 +110,7 @@ def translate_in_page(browser, setup, head: str, params: str = "") -> dict:
 
 def test_page_streams_a_file_and_shows_the_offline_decode(browser, setup):
     shown = translate_in_page(browser, setup, "offline")
-    expected = offline_words(setup["model"], setup["audio"])
+    expected = offline_words(setup["model"], setup["audio"], LIMITS.max_target_tokens)
     assert shown["error"] == ""
     assert expected and shown["words"] == expected
     assert shown["delays"] == [f"{SECONDS:.2f}s"] * len(expected)  # the offline head writes after the whole file

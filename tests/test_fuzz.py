@@ -110,17 +110,22 @@ def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-@FUZZ
-@given(data=st.binary(max_size=3000), suffix=st.sampled_from([".wav", ".flac", ".ogg", ".mp3", ".raw"]))
-def test_load_audio_of_any_bytes_converts_or_raises_audio_error(scratch, data, suffix):
-    path = scratch / f"bytes{suffix}"
-    path.write_bytes(data)
+def assert_loads_or_names_the_file(path) -> None:
+    """load_audio gives sane 16 kHz mono audio, or one AudioError line that starts with the file's name."""
     try:
         audio = load_audio(path)
     except AudioError as e:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
         return
     assert_audio(audio)
+
+
+@FUZZ
+@given(data=st.binary(max_size=3000), suffix=st.sampled_from([".wav", ".flac", ".ogg", ".mp3", ".raw"]))
+def test_load_audio_of_any_bytes_converts_or_raises_audio_error(scratch, data, suffix):
+    path = scratch / f"bytes{suffix}"
+    path.write_bytes(data)
+    assert_loads_or_names_the_file(path)
 
 
 @FUZZ
@@ -150,12 +155,7 @@ def test_load_audio_of_written_then_damaged_files_converts_or_raises_audio_error
         data[flip] ^= 0xFF  # one damaged byte
     path = scratch / f"file.{fmt.lower()}"
     path.write_bytes(bytes(data))
-    try:
-        audio = load_audio(path)
-    except AudioError as e:
-        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
-        return
-    assert_audio(audio)
+    assert_loads_or_names_the_file(path)
 
 
 # ---- the segmenter ---------------------------------------------------------------------------------------

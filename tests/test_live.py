@@ -8,43 +8,14 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
+from fixtures_models import offline_words, tone, untied_tiny
 
 from simul_agents import live
 from simul_agents.live import Display, LiveStream, Result, build_head, latency_summary, run_stream
-from streaming_llm.checkpoint import build_model, save_checkpoint
-from streaming_llm.engine import StreamingSession
+from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.heads import make_head
-from streaming_llm.tiny import tiny_config, tiny_tokenizer
 
 SENTENCE = "I would like a cup of coffee ."
-
-
-def untied_tiny(modality, seed=0, **overrides):
-    """A tiny random model whose greedy output is several short words (a tied one repeats its last token)."""
-    config = tiny_config(modality, **overrides)
-    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
-    torch.manual_seed(seed)
-    return build_model(config, tiny_tokenizer()).eval()
-
-
-def tone(seconds: float, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 1300 * t + 1)).astype(np.float32)
-
-
-def offline_words(model, source) -> list[str]:
-    """The full-source greedy decode, word by word, as LiveStream cleans words (no inner whitespace)."""
-    session = StreamingSession(model, max_target_tokens=24)
-    if model.config.modality == "speech":
-        session.push_audio(source)
-    else:
-        session.push_words(source)
-    session.finish_source()
-    words = []
-    while (word := session.write_word()) is not None:
-        words.append("".join(word.split()))
-    return [w for w in words if w]
 
 
 @pytest.fixture(scope="module")

@@ -11,42 +11,18 @@ import urllib.request
 import numpy as np
 import pytest
 import soxr
-import torch
+from fixtures_models import offline_words, tone, untied_tiny
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from simul_agents import serve as serve_module
 from simul_agents.live import Limits, LiveStream, audio_chunks
 from simul_agents.serve import BackgroundServer, ServeConfig, Translator
-from streaming_llm.checkpoint import build_model, save_checkpoint
-from streaming_llm.engine import StreamingSession
+from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.heads import make_head
-from streaming_llm.tiny import tiny_config, tiny_tokenizer
 
 LIMITS = Limits(max_target_tokens=24)
 CHUNK = 3200  # 200 ms at 16 kHz
-
-
-def untied_tiny(modality, seed=0):
-    config = tiny_config(modality)
-    config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
-    torch.manual_seed(seed)
-    return build_model(config, tiny_tokenizer()).eval()
-
-
-def tone(seconds: float, rate: int = 16000, shift: float = 0.0) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.3 * np.sin(2 * np.pi * (220 + shift) * t) + 0.2 * np.sin(2 * np.pi * 1300 * t + 1)).astype(np.float32)
-
-
-def offline_words(model, audio) -> list[str]:
-    session = StreamingSession(model, max_target_tokens=24)
-    session.push_audio(audio)
-    session.finish_source()
-    words = []
-    while (word := session.write_word()) is not None:
-        words.append("".join(word.split()))
-    return [w for w in words if w]
 
 
 def live_words(model, head, audio, chunk=CHUNK) -> tuple[list[str], list[float]]:
