@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -169,8 +170,6 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
     final = train(load_config(ROOT / task.train_config, overrides), resume=True)
     info = {"checkpoint": str(final), **training_summary(out / "log.jsonl")}
     if variant == "main":
-        import shutil
-
         target = bench.results / task.name / "model"
         if target.exists():
             shutil.rmtree(target)

@@ -94,16 +94,14 @@ def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
 
     A fixed-schedule head decides from the counts alone, so the session's waiting source is not fed to the LM
     for a READ (it is when the word is written)."""
-    if head.fixed_schedule:
-        if session.source_finished:
-            return WRITE
-        return READ if session.units_read == 0 else head.schedule(session.units_read, len(session.words))
-    signals = session.signals()
-    if signals.source_finished:
+    if session.source_finished:
         return WRITE
-    if signals.units_read == 0 or signals.ends_sentence:
+    if session.units_read == 0:
         return READ
-    return head.decide(signals, session, memory)
+    if head.fixed_schedule:
+        return head.schedule(session.units_read, len(session.words))
+    signals = session.signals()
+    return READ if signals.ends_sentence else head.decide(signals, session, memory)
 
 
 # ---- heads -----------------------------------------------------------------------------------------

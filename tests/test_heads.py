@@ -56,8 +56,13 @@ def signals(**changes) -> StepSignals:
 
 
 class FakeSession:
+    """The parts of StreamingSession that decide() reads: its counts, and signals()."""
+
     def __init__(self, step: StepSignals):
         self.step = step
+        self.source_finished = step.source_finished
+        self.units_read = step.units_read
+        self.words = ["w"] * step.n_words
 
     def signals(self):
         return self.step
