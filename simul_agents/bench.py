@@ -1,6 +1,6 @@
 """`make bench`: the full offline experiment, stage by stage, resumable, into ``results/``.
 
-    python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--list]
+    python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--batch 16] [--list]
 
 Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone):
 
@@ -10,7 +10,11 @@ Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>
   plain full-sentence fine-tune, the streaming-quality baseline). Training resumes inside a stage from its
   newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs are kept);
+  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are
+  kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
+  SimulEval's loop with batched LM forwards; same predictions and delays, about 4x faster here, no ``elapsed``);
+- ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
+  offline on ``main``): the computation-aware latency of one stream on this machine;
 - ``<task>-compare``: sacrebleu paired bootstrap for every comparison the README makes;
 - ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
 - ``summary``: ``results/SUMMARY.md`` from everything above (always rewritten).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -42,17 +47,19 @@ VARIANTS = {  # name -> training overrides
     "no-mslm": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False},
 }
 VARIANT_LABELS = {"main": "MSLM + SPSD", "no-spsd": "MSLM only (no SPSD)", "no-mslm": "full-sentence only"}
-ALL_HEADS = {
+ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
     "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]},
-    "attention": {"threshold": [0.2, 0.4, 0.6], "frontier": 1, "layers": "upper", "normalise": "source"},
-    "probe": {"threshold": [0.5, 0.7, 0.9]},
     "wait-k": {"k": list(range(1, 10))},
+    "probe": {"threshold": [0.5, 0.7, 0.9]},
+    "oracle": {},
+    "attention": {"threshold": [0.2, 0.4, 0.6], "frontier": 1, "layers": "upper", "normalise": "source"},
     "fixed-chunk": {"chunk": [2], "words": 2},
     "local-agreement": {"n": [2]},
-    "oracle": {},
 }
 ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
+SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
+CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 log = logging.getLogger("bench")
 
 
@@ -89,6 +96,7 @@ class Bench:
     runs: Path = Path("runs/bench")
     results: Path = Path("results")
     jobs: int = 2  # parallel SimulEval processes
+    batch: int = 16  # instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself
     readme: Path | None = ROOT / "README.md"  # its bench section is rewritten from the summary
 
     @property
@@ -215,6 +223,8 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         output=bench.runs / task.name / f"eval-{variant}",
         heads=ALL_HEADS if variant == "main" else ABLATION_HEADS,
         source_segment_size=task.segment,
+        shards=math.ceil(task.test / SHARD),
+        batch=bench.batch,
         agent_args=task.agent_args,
     )
     rows, errors = sweep(config, jobs=bench.jobs)
@@ -225,6 +235,36 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
     config.output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, config.output / "sweep.csv")
     return {"runs": len(rows), "output": str(config.output)}
+
+
+def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
+    """Computation-aware latency: SimulEval itself, one instance at a time, on all cores, on a test subset.
+
+    The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
+    single stream costs on this machine: the entropy head on the main model, the offline decode beside it.
+    """
+    from simul_agents.sweep import SweepConfig, sweep, write_csv
+    from training.corpus import write_simuleval_files
+
+    files = write_simuleval_files(
+        f"{task.corpus}/test.tsv", bench.runs / task.name / "simuleval-data-ca", max_utterances=CA_INSTANCES, seed=0,
+        text=task.name == "text",
+    )  # fmt: skip
+    config = SweepConfig(
+        task=f"offline-{task.name}-en-de/main-ca",
+        checkpoint=str(bench.runs / task.name / "main" / "final"),
+        source=str(files.source),
+        target=str(files.target),
+        output=bench.runs / task.name / "eval-main-ca",
+        heads={"entropy": {"threshold": [1.0]}, "offline": {}},
+        source_segment_size=task.segment,
+        agent_args=task.agent_args,
+    )
+    rows, errors = sweep(config, jobs=1)
+    if errors:
+        raise RuntimeError("failed runs: " + "; ".join(errors))
+    write_csv(rows, config.output / "sweep.csv")
+    return {"runs": len(rows), "instances": files.count, "output": str(config.output)}
 
 
 def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
@@ -264,6 +304,8 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-corpus", lambda t=task: stage_corpus(t)))
         plan.append((f"{name}-train-main", lambda t=task: stage_train(bench, t, "main")))
         plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
+        if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
+            plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
         for variant in ("no-mslm", "no-spsd"):
             plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
             plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
@@ -278,11 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["text", "speech"])
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages (then the summary)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel SimulEval processes per sweep")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself")
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
     parser.add_argument("--summary-only", action="store_true", help="rewrite results/SUMMARY.md and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    bench = Bench(jobs=args.jobs)
+    bench = Bench(jobs=args.jobs, batch=max(1, args.batch))
     plan = stages(bench, args.tasks)
     if args.list:
         for name, _ in plan:
@@ -322,7 +366,7 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
     import csv
 
     rows = []
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, "main-ca"):  # main-ca: the computation-aware SimulEval run (speech)
         path = bench.runs / task / f"eval-{variant}" / "sweep.csv"
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
@@ -355,7 +399,7 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
     main_rows = [r for r in rows if r["variant"] == "main"]
     for r in rows:  # ablations as their own curves: "entropy (no-spsd)"
-        if r["variant"] != "main" and r["head"] in ("entropy", "offline"):
+        if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline"):
             main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
     plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")

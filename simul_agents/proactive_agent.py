@@ -49,6 +49,7 @@ from simuleval.agents.states import AgentStates
 from simuleval.utils import entrypoint
 
 from speech_frontend.audio import SAMPLE_RATE, AudioError, to_mono_16k
+from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import SPEECH, TEXT
 from streaming_llm.engine import StreamingSession, max_source_samples
@@ -261,6 +262,7 @@ class ProactiveBase(GenericAgent):
         self.output = Path(args.output) if getattr(args, "output", None) else None
         self.index = first_index(args)
         self.n_failed = 0
+        self.lm_call = forward_one  # how sessions run the LM (simul_agents.batch_eval swaps in an LMBatcher)
         if self.output is not None and not getattr(args, "continue_unfinished", False):
             (self.output / "failed.jsonl").unlink(missing_ok=True)  # SimulEval restarts instances.log too
         super().__init__(args)
@@ -351,7 +353,7 @@ class ProactiveBase(GenericAgent):
     def _step(self, states: ProactiveStates) -> list[str]:
         if states.session is None:
             states.session = StreamingSession(
-                self.model, max_target_tokens=self.max_target_tokens, **self.session_options
+                self.model, max_target_tokens=self.max_target_tokens, lm_call=self.lm_call, **self.session_options
             )
             if self.head.needs_full_source:
                 states.memory["full_source"] = self._full_source()

@@ -23,8 +23,9 @@ per block. The cache ends up the same as feeding block by block (same entries, s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +34,12 @@ from transformers import DynamicCache
 from speech_frontend.audio import SAMPLE_RATE, to_mono_16k
 from speech_frontend.mel import StreamingMel
 
+from .batching import forward_one
 from .config import ENCODER_FRAME_MS, SPEECH, TEXT
-from .model import SpeechLLM, eager_attention, run_llm
+from .model import SpeechLLM
 
 PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
+LMCall = Callable[..., Any]  # (llm, x, positions, mask, cache, attentions) -> LM output; see batching.py
 MAX_WORD_TOKENS = 24  # a "word" longer than this is cut: a degenerate model cannot loop inside one word
 
 
@@ -68,8 +71,10 @@ class StreamingSession:
         *,
         attention_layers: Sequence[int] | None = None,
         max_target_tokens: int = 256,
+        lm_call: LMCall = forward_one,
     ):
         self.model = model
+        self.lm_call = lm_call  # runs the LM: alone (forward_one) or batched with other sessions (LMBatcher)
         self.config = model.config
         self.attention_layers = None if attention_layers is None else list(attention_layers)
         self.max_target_tokens = max_target_tokens
@@ -344,11 +349,8 @@ class StreamingSession:
         mask.masked_fill_(~allowed[None, None], float("-inf"))
         x = torch.cat(embeds)[None]
         pos = torch.cat(positions)[None].to(model.device)
-        if kinds[-1] == TARGET and self.attention_layers is not None:
-            with eager_attention(model.llm):
-                out = run_llm(model.llm, x, pos, mask.to(model.device), self.cache, attentions=True)
-        else:
-            out = run_llm(model.llm, x, pos, mask.to(model.device), self.cache)
+        attentions = kinds[-1] == TARGET and self.attention_layers is not None
+        out = self.lm_call(model.llm, x, pos, mask.to(model.device), self.cache, attentions)
         self.kinds += kinds
         self.entry_units += units
         if kinds[-1] == TARGET:

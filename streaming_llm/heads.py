@@ -264,7 +264,7 @@ class OracleHead(Head):
         if full is None:
             if "full_source" not in memory:
                 raise ValueError("oracle head: memory['full_source'] is missing; the caller must put the source there")
-            full = StreamingSession(session.model, max_target_tokens=session.max_target_tokens)
+            full = StreamingSession(session.model, max_target_tokens=session.max_target_tokens, lm_call=session.lm_call)
             source = memory["full_source"]
             if session.config.modality == SPEECH:
                 full.push_audio(np.asarray(source, dtype=np.float32))

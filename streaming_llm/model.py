@@ -195,9 +195,15 @@ class SpeechLLM(nn.Module):
         return self.probe(hidden).squeeze(-1)
 
 
-def run_llm(llm: PreTrainedModel, embeds, positions, mask, cache=None, attentions: bool = False):
-    """The one place that calls the LM (transformers 5.24 names the KV cache argument ``cache``)."""
+def run_llm(
+    llm: PreTrainedModel, embeds, positions, mask, cache=None, attentions: bool = False, logits_to_keep=0
+):
+    """The one place that calls the LM (transformers 5.24 names the KV cache argument ``cache``).
+
+    ``logits_to_keep``: 0 for every row's logits, n for the last n rows, or a tensor of row indices.
+    """
     kwargs = dict(
+        logits_to_keep=logits_to_keep,
         inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=positions,

@@ -222,18 +222,20 @@ def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
-def test_lazy_source_feeding_matches_block_by_block_and_saves_forwards(monkeypatch):
-    import streaming_llm.engine as engine
+def test_lazy_source_feeding_matches_block_by_block_and_saves_forwards():
+    from streaming_llm.batching import forward_one
 
     model = tiny_model("speech", seed=3)
     audio = np.random.default_rng(3).standard_normal(model.block_samples * 6).astype(np.float32) * 0.1
     calls = []
-    real_run = engine.run_llm
-    monkeypatch.setattr(engine, "run_llm", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward_one(*args, **kwargs)
 
     def follow(flush_each_block: bool) -> tuple[torch.Tensor, int]:
         calls.clear()
-        session = StreamingSession(model)
+        session = StreamingSession(model, lm_call=counting)
         logits = []
         for k in range(6):
             session.push_audio(audio[k * model.block_samples : (k + 1) * model.block_samples])

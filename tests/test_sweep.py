@@ -93,6 +93,23 @@ def test_shards_are_merged_by_index_and_equal_one_run(setup, tmp_path):
     assert laal[0] == laal[1]
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_batched_sweep_gives_simulevals_runs(setup, tmp_path, jobs):
+    """--batch 3: simul_agents.batch_eval in this process (--jobs 1) or as subprocesses; the same rows, no _CA."""
+    heads = {"wait-k": {"k": [1]}, "entropy": {"threshold": [6.0]}, "offline": False}
+    plain = write_config(setup, tmp_path / "plain.yaml", heads=heads, output=str(tmp_path / "plain"))
+    batched = write_config(setup, tmp_path / "batched.yaml", heads=heads, output=str(tmp_path / "batched"), shards=2)
+    assert main([str(plain)]) == 0
+    assert main([str(batched), "--batch", "3", "--jobs", jobs]) == 0
+    if jobs == "2":
+        log = tmp_path / "batched" / "wait-k" / "k=1" / "shards" / "000000-000002" / "simuleval.log"
+        assert "batched LM forwards" in log.read_text()
+    want, got = read_csv(tmp_path / "plain" / "sweep.csv"), read_csv(tmp_path / "batched" / "sweep.csv")
+    keys = ("head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "n_instances")
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
+    assert all(r["LAAL_CA"] == "" for r in got)
+
+
 @pytest.mark.slow
 def test_parallel_jobs_run_simuleval_subprocesses(setup, tmp_path):
     """--jobs 2: SimulEval subprocesses through the real `--agent simul_agents/proactive_agent.py` path."""

@@ -1,0 +1,148 @@
+"""SimulEval's sentence-level evaluation, several instances at a time: the same log, several times faster on CPU.
+
+    python -m simul_agents.batch_eval --batch 8 --checkpoint CKPT --head entropy --threshold 1.0 \\
+        --source source.txt --target target.txt --output OUT [any simuleval option of the agent]
+
+The command line is SimulEval's (``simuleval --agent simul_agents/proactive_agent.py ...``) plus ``--batch``.
+SimulEval runs one instance after another, and each step of the agent is one LM forward of one row, which on a
+CPU costs what reading the weights costs. Here ``--batch`` worker threads each run SimulEval's own loop
+(``instance.send_source`` / ``agent.pushpop`` / ``instance.receive_prediction``, its own instance classes and
+delays) with their own agent, and every agent's sessions share one ``LMBatcher``: the forwards of all
+workers run as one batch (``streaming_llm/batching.py``).
+
+What is the same as SimulEval: every instance's prediction and delays (the policy sees the same states; the
+batched forward equals the single one up to float summation order, so a near-tie can rarely flip a greedy
+word), ``instances.log`` (one JSON line per instance, in the order instances finish; the scorers sort by index),
+``config.yaml``, and SimulEval's own ``scores`` at the end. What is not: ``elapsed`` (wall-clock time per
+word) means nothing when instances share forwards, so it is written empty and computation-aware latency is not
+available: ``--computation-aware`` is refused (run ``simuleval`` itself for that, one instance at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+logger = logging.getLogger("simul_agents.batch_eval")
+
+
+def _pop_batch(argv: list[str]) -> tuple[int, list[str]]:
+    """Take ``--batch N`` (or ``--batch=N``) out of a SimulEval command line."""
+    rest, batch, i = [], 8, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--batch" or arg.startswith("--batch="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            try:
+                batch = int(value)
+            except ValueError:
+                raise SystemExit(f"batch_eval: error: --batch {value!r}: expected a whole number") from None
+            continue
+        rest.append(arg)
+        i += 1
+    if batch < 1:
+        raise SystemExit(f"batch_eval: error: --batch {batch}: at least 1 instance at a time")
+    return batch, rest
+
+
+def run(argv: Sequence[str]) -> dict:
+    """Evaluate with SimulEval's command line ``argv`` (plus ``--batch N``) in this process -> batching counts."""
+    from simuleval.evaluator import build_evaluator
+    from simuleval.utils.agent import EVALUATION_SYSTEM_LIST, build_system_args
+
+    from simul_agents.proactive_agent import ProactiveAgent
+    from streaming_llm.batching import LMBatcher
+
+    batch, rest = _pop_batch([str(a) for a in argv])
+    saved_argv, saved_systems = sys.argv, list(EVALUATION_SYSTEM_LIST)
+    sys.argv = ["simuleval", *rest]  # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess)
+    EVALUATION_SYSTEM_LIST[:] = [ProactiveAgent]
+    try:
+        system, args = build_system_args({}, None)
+        if getattr(args, "computation_aware", False):
+            raise SystemExit(
+                "batch_eval: error: --computation-aware needs one instance at a time (elapsed time is shared "
+                "here); run simuleval --agent simul_agents/proactive_agent.py for computation-aware latency"
+            )
+        evaluator = build_evaluator(args)
+    finally:
+        sys.argv = saved_argv
+        EVALUATION_SYSTEM_LIST[:] = saved_systems
+
+    batcher = LMBatcher(system.model.llm)
+    agents = [system] + [type(system)(args, model=system.model, head=system.head, sources=system.sources)
+                         for _ in range(min(batch, max(1, len(evaluator.instances))) - 1)]  # fmt: skip
+    for agent in agents:
+        agent.lm_call = batcher
+    pending = iter(sorted(evaluator.instances.items()))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    log_path = evaluator.output / "instances.log" if evaluator.output else None
+    progress = tqdm(total=len(evaluator.instances), disable=args.no_progress_bar, desc="instances", unit="inst")
+
+    def next_instance():
+        with lock:
+            if errors:
+                return None
+            return next(pending, (None, None))[1]
+
+    def finished(summary: dict) -> None:
+        with lock:
+            if log_path is not None:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(summary) + "\n")
+            progress.update()
+
+    def work(agent) -> None:
+        with batcher.member():
+            try:
+                while (instance := next_instance()) is not None:
+                    agent.index = instance.index
+                    agent.reset()
+                    while not evaluator.is_finished(instance):
+                        segment = instance.send_source(evaluator.source_segment_size)
+                        instance.receive_prediction(agent.pushpop(segment))
+                        if instance.finish_prediction:
+                            agent.reset()
+                    summary = instance.summarize()
+                    summary["elapsed"] = []  # shared forwards: no per-instance computation time
+                    finished(summary)
+            except BaseException as e:  # stop the others at their next instance; re-raised below
+                with lock:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(agent,), name=f"batch-eval-{i}") for i, agent in enumerate(agents)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    progress.close()
+    if errors:
+        raise errors[0]
+    logger.info(
+        "%d instances, %d batched LM forwards for %d requests (%.1f per forward), %.1f s in forwards",
+        len(evaluator.instances), batcher.n_forwards, batcher.n_requests,
+        batcher.n_requests / max(1, batcher.n_forwards), batcher.seconds,
+    )  # fmt: skip
+    if evaluator.output:
+        evaluator.build_instances_from_log()
+    if not args.no_scoring:
+        evaluator.dump_results()
+        evaluator.dump_metrics()
+    return {"forwards": batcher.n_forwards, "requests": batcher.n_requests, "forward_seconds": batcher.seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    run(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

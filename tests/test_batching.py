@@ -1,0 +1,188 @@
+"""Batched LM forwards (streaming_llm/batching.py) and the batched SimulEval loop (simul_agents/batch_eval.py)."""
+
+import json
+import threading
+
+import pytest
+import soundfile as sf
+import torch
+from fixtures_models import tone, untied_tiny
+from transformers import DynamicCache
+
+from simul_agents import evaluate_inprocess
+from simul_agents.batch_eval import run as batch_eval
+from simul_agents.proactive_agent import ProactiveAgent
+from streaming_llm.batching import LMBatcher, forward_one
+from streaming_llm.checkpoint import save_checkpoint
+from streaming_llm.engine import StreamingSession
+
+SENTENCES = [
+    "I would like a cup of coffee .",
+    "Where is the train station ?",
+    "Thank you for your help .",
+    "The weather is fine today and tomorrow it will rain .",
+    "Yes .",
+]
+REFERENCES = ["Ich möchte Kaffee .", "Wo ist der Bahnhof ?", "Danke .", "Das Wetter ist schön .", "Ja ."]
+LIMITS = ["--max-target-tokens", "24", "--no-progress-bar"]
+
+
+def follow(session: StreamingSession, words: list[str], trace: list[torch.Tensor]) -> None:
+    """Read a word, look at the next-token logits, write a word every other word; then finish and write out."""
+    for i, word in enumerate(words):
+        session.push_words([word])
+        trace.append(session.next_logits().clone())
+        if i % 2:
+            session.write_word()
+    session.finish_source()
+    while session.write_word() is not None:
+        trace.append(session.next_logits().clone())
+
+
+def test_batched_forwards_equal_one_session_at_a_time():
+    model = untied_tiny("text", seed=1)
+    sources = [s.split() for s in SENTENCES]
+    alone = []
+    for words in sources:
+        trace: list[torch.Tensor] = []
+        follow(StreamingSession(model, max_target_tokens=24), words, trace)
+        alone.append(trace)
+
+    batcher = LMBatcher(model.llm)
+    batched = [[] for _ in sources]
+
+    def work(i: int) -> None:
+        with batcher.member():
+            follow(StreamingSession(model, max_target_tokens=24, lm_call=batcher), sources[i], batched[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for one, many in zip(alone, batched, strict=True):
+        assert len(one) == len(many)
+        for a, b in zip(one, many, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert batcher.n_requests > 2 * batcher.n_forwards, "sessions of different lengths did share forwards"
+
+
+def test_batched_attention_weights_are_each_sessions_own():
+    model = untied_tiny("text", seed=2)
+    layers = list(range(model.llm.config.num_hidden_layers))
+    batcher = LMBatcher(model.llm)
+    got: dict[int, torch.Tensor] = {}
+
+    def attention(words: list[str], lm_call) -> torch.Tensor:
+        session = StreamingSession(model, attention_layers=layers, lm_call=lm_call)
+        session.push_words(words)
+        return session.signals().source_attention
+
+    def work(i: int) -> None:
+        with batcher.member():
+            got[i] = attention(SENTENCES[i].split(), batcher)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        alone = attention(SENTENCES[i].split(), forward_one)
+        assert got[i].shape == (len(SENTENCES[i].split()),)
+        torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=1e-5)
+
+
+# ---- batch_eval against SimulEval ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch_eval")
+    save_checkpoint(untied_tiny("text"), root / "text-ckpt")
+    save_checkpoint(untied_tiny("speech"), root / "speech-ckpt")
+    (root / "source.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (root / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    wavs = []
+    for i, seconds in enumerate((1.5, 1.25, 0.9, 2.1, 0.6)):
+        sf.write(root / f"s{i}.wav", tone(seconds, shift=40 * i), 16000, subtype="FLOAT")
+        wavs.append(str(root / f"s{i}.wav"))
+    (root / "speech.txt").write_text("\n".join(wavs) + "\n", encoding="utf-8")
+    return root
+
+
+def instances(output) -> list[dict]:
+    lines = (output / "instances.log").read_text(encoding="utf-8").splitlines()
+    return sorted((json.loads(line) for line in lines), key=lambda ins: ins["index"])
+
+
+CASES = [
+    ("text", ["--head", "entropy", "--threshold", "6"]),
+    ("text", ["--head", "wait-k", "--k", "2"]),
+    ("text", ["--head", "attention", "--threshold", "0.5"]),
+    ("text", ["--head", "local-agreement", "--k", "2"]),
+    ("text", ["--head", "oracle"]),
+    ("speech", ["--head", "entropy", "--threshold", "6"]),
+    ("speech", ["--head", "wait-k", "--k", "2"]),
+]
+
+
+@pytest.mark.parametrize(("modality", "head"), CASES, ids=lambda c: c if isinstance(c, str) else c[1])
+def test_batch_eval_writes_what_simuleval_writes(data, tmp_path, modality, head):
+    source = data / ("speech.txt" if modality == "speech" else "source.txt")
+    argv = ["--checkpoint", data / f"{modality}-ckpt", "--source", source, "--target", data / "target.txt", *LIMITS]
+    argv += ["--source-segment-size", "320"] if modality == "speech" else []
+    argv += head
+    evaluate_inprocess(ProactiveAgent, [*argv, "--output", tmp_path / "simuleval"])
+    batch_eval(["--batch", "3", *argv, "--output", tmp_path / "batched"])
+    want, got = instances(tmp_path / "simuleval"), instances(tmp_path / "batched")
+    assert [ins["index"] for ins in got] == list(range(len(SENTENCES)))
+    for a, b in zip(want, got, strict=True):
+        assert (b["prediction"], b["delays"], b["source_length"]) == (a["prediction"], a["delays"], a["source_length"])
+        assert b["elapsed"] == []
+    assert (tmp_path / "batched" / "scores.tsv").is_file()
+
+
+def test_batch_eval_runs_a_shard_and_refuses_computation_aware(data, tmp_path):
+    argv = ["--checkpoint", data / "text-ckpt", "--source", data / "source.txt", "--target", data / "target.txt"]
+    argv += [*LIMITS, "--head", "wait-k", "--k", "1", "--output", tmp_path / "shard"]
+    batch_eval(["--batch", "4", *argv, "--start-index", "1", "--end-index", "4"])
+    assert [ins["index"] for ins in instances(tmp_path / "shard")] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="computation-aware"):
+        batch_eval(["--batch", "2", *argv, "--computation-aware"])
+    with pytest.raises(SystemExit, match="--batch 'x'"):
+        batch_eval(["--batch", "x", *argv])
+
+
+def test_a_request_that_fails_fails_alone():
+    model = untied_tiny("text", seed=3)
+    batcher = LMBatcher(model.llm)
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def good() -> None:
+        with batcher.member():
+            barrier.wait()
+            session = StreamingSession(model, lm_call=batcher)
+            session.push_words(SENTENCES[0].split())
+            results["good"] = session.next_logits().clone()
+
+    def bad() -> None:
+        with batcher.member():
+            barrier.wait()
+            x = torch.zeros(1, 2, model.llm.config.hidden_size + 1)  # a wrong width: the LM raises
+            mask = torch.zeros(1, 1, 2, 2)
+            try:
+                batcher(model.llm, x, torch.arange(2)[None], mask, DynamicCache())
+            except Exception as e:
+                results["bad"] = e
+
+    threads = [threading.Thread(target=good), threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    session = StreamingSession(model)
+    session.push_words(SENTENCES[0].split())
+    torch.testing.assert_close(results["good"], session.next_logits(), atol=1e-5, rtol=1e-5)
+    assert isinstance(results["bad"], Exception)
