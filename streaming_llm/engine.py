@@ -360,12 +360,20 @@ class StreamingSession:
         """(units_read,) attention of the pending row per source unit, averaged over heads and chosen layers."""
         if self.attention_layers is None or not self._out.attentions:
             return None
-        layers = self._out.attentions
-        chosen = [layers[i] for i in self.attention_layers] if self.attention_layers else list(layers)
-        row = torch.stack([a[0, :, -1].float().mean(0) for a in chosen]).mean(0)  # (kv,)
-        units = torch.tensor(self.entry_units, device=row.device)
-        mass = torch.zeros(self.units_read + 1, device=row.device).index_add_(0, units, row)
-        return mass[1:]
+        by_layer = self.attention_by_layer()
+        chosen = by_layer[self.attention_layers] if self.attention_layers else by_layer
+        return chosen.mean(0)
+
+    def attention_by_layer(self) -> torch.Tensor:
+        """(n_layers, units_read): the pending row's attention mass on each source unit, averaged over heads,
+        as a share of all its attention (prompt and target entries take the rest). Needs a session made with
+        ``attention_layers`` (any list: every layer's weights come back)."""
+        if self._out is None or not getattr(self._out, "attentions", None):
+            raise ValueError("no attention weights: make the session with attention_layers=[...] and read a unit")
+        rows = torch.stack([a[0, :, -1].float().mean(0) for a in self._out.attentions])  # (L, kv)
+        units = torch.tensor(self.entry_units, device=rows.device)
+        mass = torch.zeros(rows.shape[0], self.units_read + 1, device=rows.device).index_add_(1, units, rows)
+        return mass[:, 1:]
 
     def _require(self, modality: str, what: str) -> None:
         if self.config.modality != modality:
