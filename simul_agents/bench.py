@@ -442,6 +442,14 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "
             f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`.",
             "",
+        ]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            stage = f"{task}-computation-aware" if variant == "main-ca" else f"{task}-sweep-{variant}"
+            if stage not in done:
+                n_runs = sum(1 for r in rows if r["variant"] == variant)
+                lines += [f"**Partial:** `{stage}` has not finished; the {n_runs} run(s) of `{variant}` below are "
+                          "the ones finished so far.", ""]  # fmt: skip
+        lines += [
             "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
             "|---|---|---|---|---|---|---|---|---|",
         ]

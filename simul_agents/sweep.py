@@ -31,8 +31,8 @@ horizontal line. Paths are relative to the current directory (run from the repos
   ``elapsed``, so the ``*_CA`` columns stay empty (measure computation-aware latency with ``--batch 1``).
 - Resumable: a run (or shard) whose ``instances.log`` holds every index of its range is not run again; an
   incomplete one is run again from its start.
-- Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv``,
-  ``sweep.md`` and ``sweep.png`` (BLEU vs LAAL) in ``output``.
+- Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv`` as
+  each run finishes, and to ``sweep.md`` and ``sweep.png`` (BLEU vs LAAL) in ``output`` at the end.
 """
 
 from __future__ import annotations
@@ -264,7 +264,11 @@ def merge_shards(run: Run, jobs: Sequence[Job]) -> None:
 
 
 def sweep(config: SweepConfig, jobs: int = 1, shards: int | None = None) -> tuple[list[dict], list[str]]:
-    """Run (or resume) every run; -> (rows for the CSV, error messages of failed runs)."""
+    """Run (or resume) every run; -> (rows for the CSV, error messages of failed runs).
+
+    A run is scored as soon as its last job ends, and ``output/sweep.csv`` is rewritten then, so a long sweep
+    shows its finished runs while the others go on (and an interrupted one keeps them).
+    """
     runs = expand_runs(config)
     n = count_instances(config.source)
     ranges = shard_ranges(n, shards or config.shards)
@@ -282,6 +286,29 @@ def sweep(config: SweepConfig, jobs: int = 1, shards: int | None = None) -> tupl
         if not is_complete(job.output, job.start, job.end)
     ]
     errors: dict[Run, str] = {}
+    scored: dict[Run, dict] = {}
+
+    def finish(run: Run) -> None:
+        """Score ``run`` if every job of it is done (merging shards) and rewrite the CSV."""
+        if run in errors or run in scored:
+            return
+        run_jobs = plan[run]
+        if not is_complete(run.output, 0, n):
+            if len(run_jobs) == 1 or not all(is_complete(j.output, j.start, j.end) for j in run_jobs):
+                return
+            merge_shards(run, run_jobs)
+        try:
+            scores = score_output(run.output)
+        except ScoreError as e:
+            errors[run] = str(e)
+            return
+        scored[run] = {"task": config.task, "head": run.head, "param": run.label, **scores, "output": str(run.output)}
+        config.output.mkdir(parents=True, exist_ok=True)
+        write_csv([scored[r] for r in plan if r in scored], config.output / "sweep.csv")
+
+    for run in plan:  # finished before: scored now, so the CSV is complete from the start
+        if not any(job.run == run for job in todo):
+            finish(run)
     if todo:
         progress = tqdm(total=len(todo), desc=f"{config.task}: runs", unit="run")
         if jobs <= 1:
@@ -290,29 +317,21 @@ def sweep(config: SweepConfig, jobs: int = 1, shards: int | None = None) -> tupl
                 error = run_job_inprocess(config, job, n)
                 if error:
                     errors[job.run] = error
+                finish(job.run)
                 progress.update()
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 futures = {pool.submit(run_job_subprocess, config, job, n, threads): job for job in todo}
                 for future in as_completed(futures):
+                    job = futures[future]
                     error = future.result()
                     if error:
-                        errors[futures[future].run] = error
+                        errors[job.run] = error
+                    finish(job.run)
                     progress.update()
         progress.close()
-    rows = []
-    for run, run_jobs in plan.items():
-        if run in errors:
-            continue
-        if len(run_jobs) > 1 and not is_complete(run.output, 0, n):
-            merge_shards(run, run_jobs)
-        try:
-            scores = score_output(run.output)
-        except ScoreError as e:
-            errors[run] = str(e)
-            continue
-        rows.append({"task": config.task, "head": run.head, "param": run.label, **scores, "output": str(run.output)})
+    rows = [scored[run] for run in plan if run in scored]
     messages = [f"{run.head} {run.label}: {error}" for run, error in errors.items()]
     return rows, messages
 

@@ -77,6 +77,23 @@ def test_sweep_writes_csv_table_and_plot_and_resumes(setup, tmp_path, capsys):
     assert read_csv(runs / "sweep.csv") == rows
 
 
+def test_the_csv_grows_as_runs_finish(setup, tmp_path, monkeypatch):
+    import simul_agents.sweep as sweep_module
+
+    seen = []
+    real = sweep_module.run_job_inprocess
+
+    def spy(config, job, n):
+        csv_path = tmp_path / "runs" / "sweep.csv"
+        seen.append(len(read_csv(csv_path)) if csv_path.is_file() else 0)
+        return real(config, job, n)
+
+    monkeypatch.setattr(sweep_module, "run_job_inprocess", spy)
+    config = write_config(setup, tmp_path / "tiny.yaml", heads={"wait-k": {"k": [1, 2]}, "offline": False})
+    assert main([str(config)]) == 0
+    assert seen == [0, 1]  # the first run was in the CSV before the second started
+
+
 def test_shards_are_merged_by_index_and_equal_one_run(setup, tmp_path):
     heads = {"wait-k": {"k": [1]}, "offline": False}
     sharded = write_config(setup, tmp_path / "sharded.yaml", heads=heads, shards=3, output=str(tmp_path / "sharded"))
