@@ -53,7 +53,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "wait-k": {"k": list(range(1, 10))},
     "probe": {"threshold": [0.5, 0.7, 0.9]},
     "oracle": {},
-    "attention": {"threshold": [0.2, 0.4, 0.6], "frontier": 1, "layers": "upper", "normalise": "source"},
+    "attention": {"threshold": [0.03, 0.05, 0.08], "frontier": 1, "layers": "upper", "normalise": "all"},
     "fixed-chunk": {"chunk": [2], "words": 2},
     "local-agreement": {"n": [2]},
 }

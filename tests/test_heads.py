@@ -105,12 +105,18 @@ def test_fixed_chunk_schedule():
 
 def test_attention_head_frontier_and_normalisation():
     attention = torch.tensor([0.1, 0.1, 0.05, 0.05])  # 0.3 of all attention on the source, 0.05 on the frontier
-    head = AttentionHead(threshold=0.2, frontier=1)
+    head = AttentionHead(threshold=0.2, frontier=1, normalise="source", write_when="low")
     assert head.frontier_share(attention) == pytest.approx(0.05 / 0.3)
     assert head.decide(signals(source_attention=attention), None, {}) is WRITE
-    assert AttentionHead(threshold=0.2, frontier=2).decide(signals(source_attention=attention), None, {}) is READ
-    raw = AttentionHead(threshold=0.1, normalise="all")
+    low = AttentionHead(threshold=0.2, frontier=2, normalise="source", write_when="low")
+    assert low.decide(signals(source_attention=attention), None, {}) is READ
+    high = AttentionHead(threshold=0.2, frontier=2, normalise="source")  # the default rule: a high share writes
+    assert high.decide(signals(source_attention=attention), None, {}) is WRITE
+    raw = AttentionHead(threshold=0.1)  # default normalise="all"
     assert raw.frontier_share(attention) == pytest.approx(0.05)
+    assert raw.decide(signals(source_attention=attention), None, {}) is READ
+    with pytest.raises(ValueError, match="write_when"):
+        AttentionHead(write_when="sometimes")
     with pytest.raises(ValueError, match="session_options"):
         head.decide(signals(source_attention=None), None, {})
 
@@ -132,7 +138,7 @@ def test_attention_head_on_a_session(model):
     session.push_words(WORDS[:4])
     step = session.signals()
     assert step.source_attention.shape == (4,)
-    expected = WRITE if head.frontier_share(step.source_attention) < 0.5 else READ
+    expected = WRITE if head.frontier_share(step.source_attention) > 0.5 else READ
     assert head.decide(step, session, {}) is expected
 
 
