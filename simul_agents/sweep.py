@@ -57,6 +57,7 @@ from .score import ScoreError, score_output
 
 AGENT_FILE = Path(__file__).with_name("proactive_agent.py")
 CHRF_MODULE = Path(__file__).with_name("chrf_scorer")  # --user-dir takes the module path without .py
+MIN_BLEU_SPAN = 2.0  # the plot's y axis covers at least this many BLEU points
 LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
 COLUMNS = (
     "task", "head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset",
@@ -383,6 +384,10 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> None:
             axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
     axes.set_xlabel(f"LAAL ({unit})")
     axes.set_ylabel("BLEU")
+    low, high = axes.get_ylim()
+    if high - low < MIN_BLEU_SPAN:  # autoscale would blow differences of 0.001 BLEU up to the full height
+        middle = (low + high) / 2
+        axes.set_ylim(max(0.0, middle - MIN_BLEU_SPAN / 2), max(0.0, middle - MIN_BLEU_SPAN / 2) + MIN_BLEU_SPAN)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
