@@ -212,7 +212,7 @@ def test_files(task: TaskPlan, bench: Bench):
 
 
 def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
-    from simul_agents.sweep import SweepConfig, sweep, write_csv
+    from simul_agents.sweep import SweepConfig, sweep
 
     files = test_files(task, bench)
     config = SweepConfig(
@@ -227,13 +227,9 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         batch=bench.batch,
         agent_args=task.agent_args,
     )
-    rows, errors = sweep(config, jobs=bench.jobs)
+    rows, errors = sweep(config, jobs=bench.jobs)  # writes config.output/sweep.csv as runs finish
     if errors:
         raise RuntimeError("failed runs: " + "; ".join(errors))
-    for row in rows:
-        row["variant"] = variant
-    config.output.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, config.output / "sweep.csv")
     return {"runs": len(rows), "output": str(config.output)}
 
 
@@ -243,7 +239,7 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
     The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
     single stream costs on this machine: the entropy head on the main model, the offline decode beside it.
     """
-    from simul_agents.sweep import SweepConfig, sweep, write_csv
+    from simul_agents.sweep import SweepConfig, sweep
     from training.corpus import write_simuleval_files
 
     files = write_simuleval_files(
@@ -260,10 +256,9 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
         source_segment_size=task.segment,
         agent_args=task.agent_args,
     )
-    rows, errors = sweep(config, jobs=1)
+    rows, errors = sweep(config, jobs=1)  # writes config.output/sweep.csv
     if errors:
         raise RuntimeError("failed runs: " + "; ".join(errors))
-    write_csv(rows, config.output / "sweep.csv")
     return {"runs": len(rows), "instances": files.count, "output": str(config.output)}
 
 
