@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-target-tokens", type=int, default=96)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint).eval()
+    model = load_checkpoint(args.checkpoint, merge_lora=True)
     n_layers = model.llm.config.num_hidden_layers
     rows = read_manifest(args.source)[: args.n]
     points: list[dict] = []

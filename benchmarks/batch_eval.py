@@ -2,7 +2,7 @@
 
     python benchmarks/batch_eval.py --checkpoint results/text/model \\
         --source runs/bench/text/simuleval-data/source.txt \\
-        --target runs/bench/text/simuleval-data/target.txt --n 24 --batch 8 --head entropy --threshold 1.0
+        --target runs/bench/text/simuleval-data/target.txt --n 32 --batch 16 32 --head entropy --threshold 1.0
 
 Both evaluate the first ``--n`` instances with one torch thread (the sweep runs one process per core). Prints
 seconds per instance for each, the speed-up, and how many instances got the same prediction and delays (the
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True)
     parser.add_argument("--target", required=True)
     parser.add_argument("--n", type=int, default=24, help="instances (the first n)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32], help="batch sizes to time")
     parser.add_argument("--segment", type=int, default=0, help="--source-segment-size (speech: ms)")
     parser.add_argument("--threads", type=int, default=1)
     args, agent_args = parser.parse_known_args(argv)
@@ -50,33 +50,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.segment:
         common += ["--source-segment-size", str(args.segment)]
     with tempfile.TemporaryDirectory() as tmp:
-        one, many = Path(tmp) / "simuleval", Path(tmp) / "batched"
+        one = Path(tmp) / "simuleval"
         start = time.perf_counter()
         evaluate_inprocess(ProactiveAgent, [*common, "--output", one])
         sequential = time.perf_counter() - start
-        start = time.perf_counter()
-        counts = batch_eval(["--batch", str(args.batch), *common, "--output", many])
-        batched = time.perf_counter() - start
-        a, b = instances(one), instances(many)
-    same = sum((x["prediction"], x["delays"]) == (y["prediction"], y["delays"]) for x, y in zip(a, b, strict=True))
-    result = {
-        "instances": len(a),
-        "batch": args.batch,
-        "threads": args.threads,
-        "simuleval_s_per_instance": round(sequential / len(a), 3),
-        "batched_s_per_instance": round(batched / len(b), 3),
-        "speedup": round(sequential / batched, 2),
-        "same_output": same,
-        "requests_per_forward": round(counts["requests"] / max(1, counts["forwards"]), 2),
-        "share_in_forwards": round(counts["forward_seconds"] / batched, 3),
-    }
-    print(f"SimulEval, one at a time: {sequential:.1f} s ({result['simuleval_s_per_instance']} s/instance)")
-    print(f"batch_eval --batch {args.batch}: {batched:.1f} s ({result['batched_s_per_instance']} s/instance)")
-    print(f"speed-up {result['speedup']}x; same prediction and delays: {same}/{len(a)}")
-    print(
-        f"{result['requests_per_forward']} session forwards per batched forward; "
-        f"{100 * result['share_in_forwards']:.0f}% of the batched time in LM forwards (the rest: Python, one GIL)"
-    )
+        a = instances(one)
+        print(f"SimulEval, one at a time: {sequential:.1f} s ({sequential / len(a):.3f} s/instance)")
+        result = {"instances": len(a), "threads": args.threads}
+        result["simuleval_s_per_instance"] = round(sequential / len(a), 3)
+        for batch in args.batch:
+            many = Path(tmp) / f"batched-{batch}"
+            start = time.perf_counter()
+            counts = batch_eval(["--batch", str(batch), *common, "--output", many])
+            batched = time.perf_counter() - start
+            b = instances(many)
+            same = sum(
+                (x["prediction"], x["delays"]) == (y["prediction"], y["delays"]) for x, y in zip(a, b, strict=True)
+            )
+            row = {
+                "s_per_instance": round(batched / len(b), 3),
+                "speedup": round(sequential / batched, 2),
+                "same_output": same,
+                "requests_per_forward": round(counts["requests"] / max(1, counts["forwards"]), 2),
+                "share_in_forwards": round(counts["forward_seconds"] / batched, 3),
+            }
+            result[f"batch_{batch}"] = row
+            print(
+                f"batch_eval --batch {batch}: {batched:.1f} s ({row['s_per_instance']} s/instance), "
+                f"speed-up {row['speedup']}x, same prediction and delays {same}/{len(a)}, "
+                f"{row['requests_per_forward']} session forwards per batched forward, "
+                f"{100 * row['share_in_forwards']:.0f}% of the time in LM forwards"
+            )
     print(json.dumps(result))
     return 0
 

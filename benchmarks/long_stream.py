@@ -82,7 +82,7 @@ def load_model(args):
     if args.checkpoint:
         from streaming_llm.checkpoint import load_checkpoint
 
-        return load_checkpoint(args.checkpoint), str(args.checkpoint)
+        return load_checkpoint(args.checkpoint, merge_lora=True), str(args.checkpoint)
     from training.config import load_config
     from training.train import build_training_model
 

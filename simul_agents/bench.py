@@ -1,8 +1,9 @@
 """`make bench`: the full offline experiment, stage by stage, resumable, into ``results/``.
 
-    python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--batch 16] [--list]
+    python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--batch 32] [--list]
 
-Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone):
+Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone),
+every task's main model and sweep before any ablation:
 
 - ``assets``; ``<task>-corpus``: the offline corpus at full size (text: every Ding pair; speech: Piper audio,
   the train split capped, the test split large enough for the bootstrap);
@@ -12,7 +13,7 @@ Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
   entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are
   kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
-  SimulEval's loop with batched LM forwards; same predictions and delays, about 4x faster here, no ``elapsed``);
+  SimulEval's loop with batched LM forwards; same predictions and delays, about 6x faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
   offline on ``main``): the computation-aware latency of one stream on this machine;
 - ``<task>-compare``: sacrebleu paired bootstrap for every comparison the README makes;
@@ -96,7 +97,7 @@ class Bench:
     runs: Path = Path("runs/bench")
     results: Path = Path("results")
     jobs: int = 2  # parallel SimulEval processes
-    batch: int = 16  # instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself
+    batch: int = 32  # instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself
     readme: Path | None = ROOT / "README.md"  # its bench section is rewritten from the summary
 
     @property
@@ -291,8 +292,8 @@ def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
 
 
 def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict | None]]]:
-    """Every stage in order. The main variant's sweep comes before the ablations' training, so the most
-    important numbers exist first when a CPU run is interrupted."""
+    """Every stage in order: each task's main model and sweep first, then the ablations, so that the most
+    important numbers (the main curves of text and speech) exist first when a CPU run is interrupted."""
     plan: list[tuple[str, Callable[[], dict | None]]] = [("assets", stage_assets)]
     for name in tasks:
         task = TASKS[name]
@@ -301,6 +302,8 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
+    for name in tasks:
+        task = TASKS[name]
         for variant in ("no-mslm", "no-spsd"):
             plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
             plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
@@ -315,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["text", "speech"])
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages (then the summary)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel SimulEval processes per sweep")
-    parser.add_argument("--batch", type=int, default=16,
-                        help="instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=Bench.batch,
+        help="instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself",
+    )
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
     parser.add_argument("--summary-only", action="store_true", help="rewrite results/SUMMARY.md and stop")
     args = parser.parse_args(argv)

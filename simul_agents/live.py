@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         head = head_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = load_checkpoint(args.checkpoint)
+        model = load_checkpoint(args.checkpoint, merge_lora=True)
         if args.int8:
             from streaming_llm.quantize import quantize_int8
 

@@ -80,7 +80,7 @@ def load_model(checkpoint: str, int8: bool = False):
     key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, int8)
     if key not in _MODELS:
         _MODELS.clear()
-        model = load_checkpoint(path)
+        model = load_checkpoint(path, merge_lora=True)
         if int8:
             from streaming_llm.quantize import quantize_int8
 

@@ -636,7 +636,7 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
-        model = load_checkpoint(args.checkpoint)
+        model = load_checkpoint(args.checkpoint, merge_lora=True)
         if args.int8:
             from streaming_llm.quantize import quantize_int8
 

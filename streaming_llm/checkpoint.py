@@ -136,8 +136,13 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> SpeechLLM:
-    """Load a checkpoint; the weights are checked against the config and every mismatch is named."""
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", merge_lora: bool = False) -> SpeechLLM:
+    """Load a checkpoint; the weights are checked against the config and every mismatch is named.
+
+    ``merge_lora`` folds the LoRA adapters into their base weights, for inference: the same function up to
+    float rounding, without two extra small matmuls per adapted layer (a streaming step with few rows pays
+    for those calls, not for their arithmetic). A merged model cannot save a delta or train its adapters.
+    """
     directory = Path(directory)
     meta = read_meta(directory)
     try:
@@ -152,6 +157,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model = build_model(config, tokenizer, from_paths=bool(meta.get("delta")))
     check_state(model, state, meta, str(directory))
     model.load_state_dict(state, strict=False)
+    if merge_lora and (config.llm_lora_r or config.encoder_lora_r):
+        from .quantize import merge_lora as merge
+
+        merge(model)
     return model.to(device).eval()
 
 

@@ -31,6 +31,22 @@ def test_merging_lora_keeps_the_logits():
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
 
 
+def test_a_checkpoint_loads_with_its_lora_merged_for_inference(tmp_path):
+    from streaming_llm.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny_model("text", seed=1, llm_lora_r=4)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_checkpoint(model.eval(), tmp_path / "ckpt")
+    adapters = load_checkpoint(tmp_path / "ckpt")
+    merged = load_checkpoint(tmp_path / "ckpt", merge_lora=True)
+    assert any("lora_" in name for name, _ in adapters.named_parameters())
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged), _logits(adapters), atol=1e-5, rtol=1e-5)
+
+
 def test_int8_model_stays_close_to_float32_and_translates():
     model = tiny_model("text", seed=2)
     before = _logits(model)
