@@ -8,8 +8,9 @@ every task's main model and sweep before any ablation:
 - ``assets``; ``<task>-corpus``: the offline corpus at full size (text: every Ding pair; speech: Piper audio,
   the train split capped, the test split large enough for the bootstrap);
 - ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
-  plain full-sentence fine-tune, the streaming-quality baseline). Training resumes inside a stage from its
-  newest step checkpoint. ``main`` trains the probe head jointly (detached features);
+  plain full-sentence fine-tune, the streaming-quality baseline) and, for speech, ``main`` with LoRA on the
+  block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). Training resumes inside a stage
+  from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
   entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are
   kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
@@ -46,8 +47,14 @@ VARIANTS = {  # name -> training overrides
     "main": {},
     "no-spsd": {"spsd_lambda": 0.0},
     "no-mslm": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False},
+    "encoder-lora": {"train_encoder": "lora"},  # speech: does fine-tuning the block-causal encoder pay?
 }
-VARIANT_LABELS = {"main": "MSLM + SPSD", "no-spsd": "MSLM only (no SPSD)", "no-mslm": "full-sentence only"}
+VARIANT_LABELS = {
+    "main": "MSLM + SPSD",
+    "no-spsd": "MSLM only (no SPSD)",
+    "no-mslm": "full-sentence only",
+    "encoder-lora": "MSLM + SPSD, encoder LoRA",
+}
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
     "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]},
@@ -75,6 +82,7 @@ class TaskPlan:
     segment: int | None = None  # SimulEval source segment size (speech, ms)
     agent_args: dict = field(default_factory=dict)
     train_overrides: dict = field(default_factory=dict)
+    variants: tuple[str, ...] = ("no-mslm", "no-spsd")  # trained and swept after every task's main sweep
 
 
 TASKS = {
@@ -86,6 +94,7 @@ TASKS = {
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
+        variants=("encoder-lora", "no-mslm", "no-spsd"),
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -174,7 +183,8 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
         **task.train_overrides,
         **VARIANTS[variant],
     }
-    if task.name == "speech" and variant != "main":  # the frozen encoder's outputs are the same for every variant
+    frozen = VARIANTS[variant].get("train_encoder", "frozen") == "frozen"
+    if task.name == "speech" and variant != "main" and frozen:  # a frozen encoder's outputs are the same for all
         overrides["encoder_cache"] = str(bench.runs / task.name / "main" / "encoder_cache")
     final = train(load_config(ROOT / task.train_config, overrides), resume=True)
     info = {"checkpoint": str(final), **training_summary(out / "log.jsonl")}
@@ -304,10 +314,10 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
     for name in tasks:
         task = TASKS[name]
-        for variant in ("no-mslm", "no-spsd"):
+        for variant in task.variants:
             plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
             plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
-        plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, list(VARIANTS))))
+        plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, ["main", *t.variants])))
     plan.append(("streaming-cost", lambda: stage_benchmark(bench, "benchmarks/streaming_cost.py", ["--real"])))
     plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
     return plan

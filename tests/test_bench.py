@@ -130,4 +130,19 @@ def test_stage_plan_puts_every_main_sweep_before_the_ablations():
     assert names[0] == "assets" and names[-1] == "training-cost"
     both = [name for name, _ in B.stages(B.Bench(), ["text", "speech"])]
     assert both.index("speech-computation-aware") < both.index("text-train-no-mslm")
-    assert both.index("text-compare") < both.index("speech-train-no-mslm")
+    assert both.index("text-compare") < both.index("speech-train-encoder-lora") < both.index("speech-compare")
+    assert "text-train-encoder-lora" not in both  # a text model has no encoder
+
+
+def test_only_a_frozen_encoder_variant_shares_the_main_encoder_cache(tmp_path, monkeypatch):
+    import training.train
+
+    seen = {}
+    monkeypatch.setattr(training.train, "train", lambda cfg, resume: seen.setdefault(cfg.out_dir, cfg) and None)
+    monkeypatch.setattr(B, "training_summary", lambda path: {})
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    for variant in ("no-spsd", "encoder-lora"):
+        B.stage_train(bench, B.TASKS["speech"], variant)
+    frozen, tuned = (seen[str(tmp_path / "runs" / "speech" / v)] for v in ("no-spsd", "encoder-lora"))
+    assert frozen.train_encoder == "frozen" and frozen.encoder_cache.endswith("speech/main/encoder_cache")
+    assert tuned.train_encoder == "lora" and "main" not in tuned.encoder_cache
