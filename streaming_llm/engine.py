@@ -18,11 +18,17 @@ New source is fed lazily: a pushed block is encoded at once (the encoder cache),
 ``force_target``, ``flush``); then every waiting unit and the pending rows go through the LM in one forward.
 A policy that decides from counts alone (wait-k, fixed-chunk) thus pays one LM forward per write, not one
 per block. The cache ends up the same as feeding block by block (same entries, same masks).
+
+Every session of a model starts from the same state (the prompt, then the target prefix as the pending rows),
+so that state is computed once, by ``forward_one`` alone, and shared read-only by later sessions (``_start``);
+it is recomputed when the model's weights change in place or are replaced.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +62,28 @@ class StepSignals:
     units_read: int
     source_finished: bool
     n_words: int  # target words written so far
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A session's state after the prompt and the pending target prefix (read-only, shared)."""
+
+    key: tuple
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per LM layer: keys, values (1, heads, n, head_dim)
+    kinds: tuple[int, ...]
+    entry_units: tuple[int, ...]
+    target_group: tuple[int, ...]
+    n_pending: int
+    out: Any  # the LM output of the pending rows
+
+
+_STARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {attentions: _Start}
+_START_LOCK = threading.Lock()
+
+
+def _weights_key(model: SpeechLLM) -> tuple:
+    """Changes when a parameter is modified in place (its version), replaced, or moved (its storage)."""
+    return tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
 
 
 class StreamingSession:
@@ -95,8 +123,35 @@ class StreamingSession:
             self._mel_buffer = torch.zeros(model.encoder.n_mels, 0)
             self.samples_in = 0
         with torch.inference_mode():
-            self._feed([(model.embed_ids(model.prompt_ids), PROMPT, 0)])
-            self._feed_target(model.prefix_ids)  # pending until the first write: it sees what y_1 sees
+            self._start()
+
+    def _start(self) -> None:
+        """The prompt, then the target prefix as the pending rows (it sees what y_1 sees): from the model's
+        shared start state, made here by the first session (alone, with ``forward_one``) when missing or stale."""
+        model = self.model
+        key = (_weights_key(model), self.attention_layers is not None)
+        start = _STARTS.get(model, {}).get(key[1])
+        if start is None or start.key != key:
+            with _START_LOCK:
+                start = _STARTS.get(model, {}).get(key[1])  # another thread may have made it meanwhile
+                if start is None or start.key != key:
+                    _STARTS.setdefault(model, {})[key[1]] = self._make_start(key)
+                    return
+        for i, (keys, values) in enumerate(start.layers):  # shared: a cache only ever makes new tensors from them
+            self.cache.update(keys, values, i)
+        self.kinds, self.entry_units = list(start.kinds), list(start.entry_units)
+        self.target_group, self._n_pending, self._out = list(start.target_group), start.n_pending, start.out
+
+    def _make_start(self, key: tuple) -> _Start:
+        lm_call, self.lm_call = self.lm_call, forward_one  # the same state whoever batches with whom
+        try:
+            self._feed([(self.model.embed_ids(self.model.prompt_ids), PROMPT, 0)])
+            self._feed_target(self.model.prefix_ids)
+        finally:
+            self.lm_call = lm_call
+        layers = tuple((layer.keys, layer.values) for layer in self.cache.layers)
+        return _Start(key, layers, tuple(self.kinds), tuple(self.entry_units), tuple(self.target_group),
+                      self._n_pending, self._out)  # fmt: skip
 
     # ---- source ------------------------------------------------------------------------------------
 

@@ -251,4 +251,44 @@ def test_lazy_source_feeding_matches_block_by_block_and_saves_forwards():
     eager, eager_forwards = follow(True)
     lazy, lazy_forwards = follow(False)
     torch.testing.assert_close(lazy, eager, atol=1e-5, rtol=1e-5)
-    assert (eager_forwards, lazy_forwards) == (2 + 6 + 2 + 1, 2 + 2 + 2 + 1)  # prompt+prefix, feeds, words, end
+    # feeds, words, end (prompt and prefix come from the model's shared start state)
+    assert (eager_forwards, lazy_forwards) == (6 + 2 + 1, 2 + 2 + 1)
+
+
+def _logits_after(session: StreamingSession, words: list[str]) -> torch.Tensor:
+    session.push_words(words)
+    return session.next_logits().clone()
+
+
+def test_later_sessions_start_from_the_shared_state_without_an_lm_forward():
+    from streaming_llm.batching import forward_one
+
+    model = tiny_model("text", seed=5)
+    first = StreamingSession(model)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward_one(*args, **kwargs)
+
+    second = StreamingSession(model, lm_call=counting)
+    assert calls == []  # prompt and target prefix came from the shared start state
+    assert second.kinds == first.kinds and second.target_group == first.target_group
+    words = "the cat sat on the mat".split()
+    torch.testing.assert_close(_logits_after(second, words), _logits_after(first, words), atol=0, rtol=0)
+    assert calls  # the source went through the session's own lm_call
+
+
+def test_changed_weights_give_a_new_start_state():
+    from streaming_llm import engine
+
+    model = tiny_model("text", seed=6)
+    words = "a dog runs".split()
+    before = _logits_after(StreamingSession(model), words)
+    with torch.no_grad():
+        model.llm.get_input_embeddings().weight.add_(0.05)  # in place, as an optimiser step does
+    after = _logits_after(StreamingSession(model), words)
+    engine._STARTS.pop(model, None)
+    fresh = _logits_after(StreamingSession(model), words)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh, atol=0, rtol=0)
