@@ -57,7 +57,7 @@ VARIANT_LABELS = {
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
-    "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]},
+    "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]},  # 5.0 writes at LAAL ~1.5 words on text
     "wait-k": {"k": list(range(1, 10))},
     "probe": {"threshold": [0.5, 0.7, 0.9]},
     "oracle": {},
@@ -65,7 +65,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "fixed-chunk": {"chunk": [2], "words": 2},
     "local-agreement": {"n": [2]},
 }
-ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
+ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
 SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 log = logging.getLogger("bench")
