@@ -16,7 +16,7 @@ every task's main model and sweep before any ablation:
   kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
   SimulEval's loop with batched LM forwards; same predictions and delays, about 6x faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
-  offline on ``main``): the computation-aware latency of one stream on this machine;
+  offline on ``main``, the LLM in float32 and in int8): the computation-aware latency of one stream here;
 - ``<task>-compare``: sacrebleu paired bootstrap for every comparison the README makes;
 - ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
 - ``summary``: ``results/SUMMARY.md`` from everything above (always rewritten).
@@ -68,6 +68,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
 ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
 SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
+CA_VARIANTS = ("main-ca", "main-ca-int8")  # its outputs: the main model in float32, and its LLM in int8
 log = logging.getLogger("bench")
 
 
@@ -248,7 +249,9 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
     """Computation-aware latency: SimulEval itself, one instance at a time, on all cores, on a test subset.
 
     The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
-    single stream costs on this machine: the entropy head on the main model, the offline decode beside it.
+    single stream costs on this machine: the entropy head on the main model and the offline decode beside it,
+    in float32 (``main-ca``) and with the LLM in int8 (``main-ca-int8``: its speed and its quality on the same
+    utterances).
     """
     from simul_agents.sweep import SweepConfig, sweep
     from training.corpus import write_simuleval_files
@@ -257,20 +260,23 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
         f"{task.corpus}/test.tsv", bench.runs / task.name / "simuleval-data-ca", max_utterances=CA_INSTANCES, seed=0,
         text=task.name == "text",
     )  # fmt: skip
-    config = SweepConfig(
-        task=f"offline-{task.name}-en-de/main-ca",
-        checkpoint=str(bench.runs / task.name / "main" / "final"),
-        source=str(files.source),
-        target=str(files.target),
-        output=bench.runs / task.name / "eval-main-ca",
-        heads={"entropy": {"threshold": [1.0]}, "offline": {}},
-        source_segment_size=task.segment,
-        agent_args=task.agent_args,
-    )
-    rows, errors = sweep(config, jobs=1)  # writes config.output/sweep.csv
-    if errors:
-        raise RuntimeError("failed runs: " + "; ".join(errors))
-    return {"runs": len(rows), "instances": files.count, "output": str(config.output)}
+    runs = 0
+    for variant, extra in (("main-ca", {}), ("main-ca-int8", {"int8": True})):
+        config = SweepConfig(
+            task=f"offline-{task.name}-en-de/{variant}",
+            checkpoint=str(bench.runs / task.name / "main" / "final"),
+            source=str(files.source),
+            target=str(files.target),
+            output=bench.runs / task.name / f"eval-{variant}",
+            heads={"entropy": {"threshold": [1.0]}, "offline": {}},
+            source_segment_size=task.segment,
+            agent_args={**task.agent_args, **extra},
+        )
+        rows, errors = sweep(config, jobs=1)  # writes config.output/sweep.csv
+        if errors:
+            raise RuntimeError("failed runs: " + "; ".join(errors))
+        runs += len(rows)
+    return {"runs": runs, "instances": files.count}
 
 
 def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
@@ -378,7 +384,7 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
     import csv
 
     rows = []
-    for variant in (*VARIANTS, "main-ca"):  # main-ca: the computation-aware SimulEval run (speech)
+    for variant in (*VARIANTS, *CA_VARIANTS):
         path = bench.runs / task / f"eval-{variant}" / "sweep.csv"
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
@@ -456,7 +462,7 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             "",
         ]
         for variant in dict.fromkeys(r["variant"] for r in rows):
-            stage = f"{task}-computation-aware" if variant == "main-ca" else f"{task}-sweep-{variant}"
+            stage = f"{task}-computation-aware" if variant in CA_VARIANTS else f"{task}-sweep-{variant}"
             if stage not in done:
                 n_runs = sum(1 for r in rows if r["variant"] == variant)
                 lines += [f"**Partial:** `{stage}` has not finished; the {n_runs} run(s) of `{variant}` below are "

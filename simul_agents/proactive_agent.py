@@ -305,7 +305,7 @@ class ProactiveBase(GenericAgent):
         try:
             if getattr(args, "threads", 0):
                 torch.set_num_threads(args.threads)
-            model = load_model(args.checkpoint)
+            model = load_model(args.checkpoint, getattr(args, "int8", False))
             modality = model.config.modality
             agent_cls = cls if cls.modality else (ProactiveSpeechAgent if modality == SPEECH else ProactiveTextAgent)
             if agent_cls.modality != modality:

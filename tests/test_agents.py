@@ -267,6 +267,10 @@ def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):
 def test_int8_agent_writes_the_float32_agents_wait_k_schedule(data, tmp_path):
     plain = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", name="fp32")
     int8 = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--int8", name="int8")
+    from simul_agents import proactive_agent
+
+    (model,) = proactive_agent._MODELS.values()  # the one model of the last run: the int8 one
+    assert any("quantized" in type(m).__module__ for m in model.llm.modules())
     for a, b in zip(plain, int8, strict=True):
         n = min(len(a["delays"]), len(b["delays"]))
         assert a["delays"][:n] == b["delays"][:n]  # the schedule is the head's, whatever the weights
