@@ -17,7 +17,8 @@ every task's main model and sweep before any ablation:
   SimulEval's loop with batched LM forwards; same predictions and delays, about 6x faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
   offline on ``main``, the LLM in float32 and in int8): the computation-aware latency of one stream here;
-- ``<task>-compare``: sacrebleu paired bootstrap for every comparison the README makes;
+- ``<task>-compare-main`` (right after the main sweep: the heads against each other) and ``<task>-compare``
+  (after the ablations, everything): sacrebleu paired bootstrap for every comparison the README makes;
 - ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
 - ``summary``: ``results/SUMMARY.md`` from everything above (always rewritten).
 
@@ -316,6 +317,7 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-corpus", lambda t=task: stage_corpus(t)))
         plan.append((f"{name}-train-main", lambda t=task: stage_train(bench, t, "main")))
         plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
+        plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main"])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
     for name in tasks:

@@ -126,7 +126,8 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
 
 def test_stage_plan_puts_every_main_sweep_before_the_ablations():
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
-    assert names.index("text-sweep-main") < names.index("text-train-no-mslm") < names.index("text-compare")
+    assert names.index("text-sweep-main") < names.index("text-compare-main") < names.index("text-train-no-mslm")
+    assert names.index("text-train-no-mslm") < names.index("text-compare")
     assert names[0] == "assets" and names[-1] == "training-cost"
     both = [name for name, _ in B.stages(B.Bench(), ["text", "speech"])]
     assert both.index("speech-computation-aware") < both.index("text-train-no-mslm")
