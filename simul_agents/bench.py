@@ -9,8 +9,10 @@ every task's main model and sweep before any ablation:
   the train split capped, the test split large enough for the bootstrap);
 - ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
   plain full-sentence fine-tune, the streaming-quality baseline) and, for speech, ``main`` with LoRA on the
-  block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). Training resumes inside a stage
-  from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
+  block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). A speech model's LLM starts
+  from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to the adapter and to
+  listening, not to learning German again. Training resumes inside a stage from its newest step checkpoint.
+  ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
   entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are
   kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
@@ -51,6 +53,7 @@ VARIANTS = {  # name -> training overrides
     "no-mslm": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False},
     "encoder-lora": {"train_encoder": "lora"},  # speech: does fine-tuning the block-causal encoder pay?
 }
+INIT_VARIANT = {"encoder-lora": "main"}  # which text variant starts a speech variant (default: the same name)
 VARIANT_LABELS = {
     "main": "MSLM + SPSD",
     "no-spsd": "MSLM only (no SPSD)",
@@ -86,6 +89,7 @@ class TaskPlan:
     agent_args: dict = field(default_factory=dict)
     train_overrides: dict = field(default_factory=dict)
     variants: tuple[str, ...] = ("no-mslm", "no-spsd")  # trained and swept after every task's main sweep
+    init_from: str = ""  # a task whose model of the same variant starts this one's LLM (speech from text)
 
 
 TASKS = {
@@ -97,7 +101,7 @@ TASKS = {
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
-        variants=("encoder-lora", "no-mslm", "no-spsd"),
+        variants=("encoder-lora", "no-mslm", "no-spsd"), init_from="text",
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -186,6 +190,13 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
         **task.train_overrides,
         **VARIANTS[variant],
     }
+    if task.init_from:  # the LLM starts from the other task's model of the same recipe
+        start = bench.runs / task.init_from / INIT_VARIANT.get(variant, variant) / "final"
+        if not (start / "checkpoint.json").is_file():
+            source = f"{task.init_from}-train-{INIT_VARIANT.get(variant, variant)}"
+            raise RuntimeError(f"{task.name}-train-{variant} starts from {start}, which is missing: run `{source}` "
+                               f"first (python -m simul_agents.bench --only {source})")  # fmt: skip
+        overrides["init_llm"] = str(start)
     frozen = VARIANTS[variant].get("train_encoder", "frozen") == "frozen"
     if task.name == "speech" and variant != "main" and frozen:  # a frozen encoder's outputs are the same for all
         overrides["encoder_cache"] = str(bench.runs / task.name / "main" / "encoder_cache")

@@ -5,8 +5,9 @@
 1. builds the offline assets if they are missing (Whisper tiny.en, SmolLM2-135M, the Piper voice, Ding);
 2. builds a small offline corpus (Ding sentence pairs, English speech from Piper) in ``data/demo``;
 3. trains the offline default (Whisper tiny.en frozen + SmolLM2-135M with LoRA, speech-to-text En-De, MSLM +
-   SPSD) for a bounded number of steps, or reuses a trained checkpoint (``results/speech/model``
-   from ``make bench``, or this demo's own from an earlier run);
+   SPSD) for a bounded number of steps, its LLM starting from the bench's text model (``results/text/model``)
+   when there is one, or reuses a trained checkpoint (``results/speech/model`` from ``make bench``, or this
+   demo's own from an earlier run);
 4. evaluates it with SimulEval on held-out test utterances: the entropy head at three thresholds, wait-k at
    three k, and the offline (full-source) decode;
 5. prints the table (BLEU, chrF, LAAL, AL, LAAL_CA, RCO) and writes the quality-latency plot.
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simul_agents/bench.py)
+TEXT_CHECKPOINT = Path("results/text/model")  # the bench's text model (in git): the demo's LLM starts from it
 TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "LAAL", "AL", "LAAL_CA", "RCO")
 
 
@@ -114,6 +116,13 @@ def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> 
     from training.config import load_config
     from training.train import train
 
+    start = {}
+    try:
+        read_meta(TEXT_CHECKPOINT)
+        start = {"init_llm": str(TEXT_CHECKPOINT)}
+        print(f"   the LLM starts from the text model {TEXT_CHECKPOINT} (it already translates; the adapter learns)")
+    except CheckpointError:
+        pass
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "training" / "configs" / "offline_speech.yaml",
         {
@@ -126,6 +135,7 @@ def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> 
             "eval_every": steps,
             "dev_subset": 16,
             "dev_bleu_subset": 8,
+            **start,
         },
     )
     return train(cfg, resume=True)

@@ -135,15 +135,21 @@ def test_stage_plan_puts_every_main_sweep_before_the_ablations():
     assert "text-train-encoder-lora" not in both  # a text model has no encoder
 
 
-def test_only_a_frozen_encoder_variant_shares_the_main_encoder_cache(tmp_path, monkeypatch):
+def test_speech_variants_start_from_their_text_model_and_share_a_frozen_encoders_cache(tmp_path, monkeypatch):
     import training.train
 
     seen = {}
     monkeypatch.setattr(training.train, "train", lambda cfg, resume: seen.setdefault(cfg.out_dir, cfg) and None)
     monkeypatch.setattr(B, "training_summary", lambda path: {})
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    with pytest.raises(RuntimeError, match="text-train-no-spsd"):  # a speech LLM starts from the text model
+        B.stage_train(bench, B.TASKS["speech"], "no-spsd")
+    for variant in ("main", "no-spsd"):
+        (tmp_path / "runs" / "text" / variant / "final").mkdir(parents=True)
+        (tmp_path / "runs" / "text" / variant / "final" / "checkpoint.json").write_text("{}")
     for variant in ("no-spsd", "encoder-lora"):
         B.stage_train(bench, B.TASKS["speech"], variant)
     frozen, tuned = (seen[str(tmp_path / "runs" / "speech" / v)] for v in ("no-spsd", "encoder-lora"))
     assert frozen.train_encoder == "frozen" and frozen.encoder_cache.endswith("speech/main/encoder_cache")
     assert tuned.train_encoder == "lora" and "main" not in tuned.encoder_cache
+    assert frozen.init_llm.endswith("text/no-spsd/final") and tuned.init_llm.endswith("text/main/final")

@@ -338,3 +338,28 @@ def test_a_two_process_run_resumes_in_one_process_with_the_same_losses(tmp_path)
     assert [r["step"] for r in mixed] == [1, 2, 3, 4]
     for a, b in zip(read_log(tmp_path / "one"), mixed, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["mslm"] - b["mslm"]) < 1e-5, (a, b)
+
+
+def test_a_speech_run_starts_from_a_text_checkpoints_llm(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.train import build_training_model
+
+    text = train(tiny_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100))
+    speech = {"out_dir": str(tmp_path / "speech"), "init_llm": str(text)}
+    model = build_training_model(load_config(ROOT / "training/configs/tiny_speech.yaml", speech))
+    trained = {k: v for k, v in load_file(str(text / "model.safetensors")).items() if k.startswith("llm.")}
+    params = dict(model.named_parameters())
+    assert trained and all(torch.equal(params[k], v) for k, v in trained.items())
+    assert model.adapter is not None  # the speech side starts fresh
+
+
+def test_init_llm_refuses_weights_the_run_would_not_keep(tmp_path):
+    from training.train import build_training_model
+
+    text = train(tiny_cfg(tmp_path, max_steps=2, save_every=2, eval_every=100))  # train_llm: full
+    lora = {"out_dir": str(tmp_path / "speech"), "init_llm": str(text), "train_llm": "lora"}
+    with pytest.raises(TrainingError, match="lacks"):
+        build_training_model(load_config(ROOT / "training/configs/tiny_speech.yaml", lora))
+    with pytest.raises(TrainingError, match="not a checkpoint"):
+        build_training_model(load_config(TINY_TEXT, {"init_llm": str(tmp_path / "nothing")}))

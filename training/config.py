@@ -33,6 +33,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_encoder: str = "frozen"  # frozen | lora | full
+    init_llm: str = ""  # a checkpoint folder whose trained LLM weights start this run (speech from a text model)
     # data
     train_manifest: str = ""
     dev_manifest: str = ""

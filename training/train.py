@@ -108,7 +108,52 @@ def build_training_model(cfg: TrainConfig) -> SpeechLLM:
     config, tokenizer = model_config(cfg)
     model = build_model(config, tokenizer, from_paths=cfg.llm != "tiny")
     set_trainable(model, cfg)
+    if cfg.init_llm:
+        init_llm_from(model, cfg.init_llm)
     return model
+
+
+LLM_ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads")  # fmt: skip
+
+
+def init_llm_from(model: SpeechLLM, directory: str | Path) -> int:
+    """Start the LLM from a checkpoint's trained LLM weights (its LoRA, say: a text model under a new speech
+    adapter) -> tensors loaded. Only weights this run trains are taken, so its own delta checkpoints keep them;
+    anything else (another base LLM, another LoRA shape, weights this run keeps frozen) is refused by name."""
+    directory = Path(directory)
+    try:
+        meta = read_meta(directory)
+        other = SpeechLLMConfig.load(directory / "config.json")
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise TrainingError(f"init_llm={directory}: not a checkpoint this run can start from ({e})") from None
+    if any(other.llm_config.get(k) != model.config.llm_config.get(k) for k in LLM_ARCHITECTURE):
+        raise TrainingError(
+            f"init_llm={directory}: its LLM ({other.llm_path or 'tiny'}) is not this run's "
+            f"({model.config.llm_path or 'tiny'}); start from a checkpoint of the same base LLM"
+        )
+    tied = set(meta.get("tied", {}))
+    llm = {k: v for k, v in state.items() if k.startswith("llm.") and k not in tied}
+    if not llm:
+        raise TrainingError(f"init_llm={directory}: it holds no LLM weights")
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k in llm if k not in params)
+    frozen = sorted(k for k in llm if k in params and not params[k].requires_grad)
+    shapes = sorted(k for k in llm if k in params and params[k].shape != llm[k].shape)
+    for problem, names in (
+        ("has weights this model lacks (another train_llm or lora_targets?)", unknown),
+        ("has weights this run keeps frozen, which its delta checkpoints would drop (train_llm?)", frozen),
+        ("has weights of another shape (another lora_r?)", shapes),
+    ):
+        if names:
+            more = " ..." if len(names) > 3 else ""
+            raise TrainingError(f"init_llm={directory}: {problem}: {', '.join(names[:3])}{more}")
+    with torch.no_grad():
+        for name, tensor in llm.items():
+            params[name].copy_(tensor)
+    log.info("LLM initialised from %s (%d tensors)", directory, len(llm))
+    return len(llm)
 
 
 def set_trainable(model: SpeechLLM, cfg: TrainConfig) -> None:
