@@ -64,7 +64,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
     "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]},  # 5.0 writes at LAAL ~1.5 words on text
     "wait-k": {"k": list(range(1, 10))},
-    "probe": {"threshold": [0.5, 0.7, 0.9]},
+    "probe": {"threshold": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]},  # text: LAAL 1.0 to 3.8 words from 0.5 to 0.9
     "oracle": {},
     "attention": {"threshold": [0.03, 0.05, 0.08], "frontier": 1, "layers": "upper", "normalise": "all"},
     "fixed-chunk": {"chunk": [2], "words": 2},
