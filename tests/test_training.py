@@ -180,14 +180,19 @@ def test_probe_features_in_training_match_the_engine():
 # ---- the trainer -------------------------------------------------------------------------------------
 
 
-def test_tiny_model_overfits_eight_pairs(tmp_path):
-    cfg = tiny_cfg(tmp_path, max_steps=120, lr=1e-2, warmup_steps=5, batch_size=8, save_every=1000, eval_every=1000)
+def test_tiny_model_overfits_eight_pairs_and_listens_to_its_source(tmp_path):
+    dev = str(ROOT / "tests/data/tiny_text.tsv")
+    cfg = tiny_cfg(tmp_path, max_steps=120, lr=1e-2, warmup_steps=5, batch_size=8, save_every=1000, eval_every=120,
+                   dev_manifest=dev, dev_bleu_subset=1)  # fmt: skip
     train(cfg)
     log = read_log(tmp_path / "run")
     assert log[0]["full"] > 4.0
     assert log[-1]["full"] < 0.5, log[-1]  # 8 pairs memorised
     assert log[-1]["mslm"] < 1.5
     assert (tmp_path / "run" / "final" / "checkpoint.json").exists()
+    (last,) = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "dev_full" in x]
+    # each memorised target is far less likely under another pair's source: the model uses its input
+    assert last["dev_source_gain"] > 0.5 and last["dev_full_other_source"] > last["dev_full"] + 0.5, last
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -372,7 +373,11 @@ def micro_batches(
 
 
 def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg: TrainConfig, step: int) -> dict:
-    """Dev losses (fixed phi seeds) and offline greedy BLEU/chrF on a dev subset."""
+    """Dev losses (fixed phi seeds) and offline greedy BLEU/chrF on a dev subset.
+
+    ``dev_source_gain``: the full-view NLL of each target under another example's source minus under its own,
+    in nats per token. A model that ignores its input (a speech adapter that has not learned yet) scores ~0.
+    """
     import sacrebleu
 
     from speech_frontend.audio import load_audio_spec
@@ -391,6 +396,15 @@ def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg:
             for k in ("full", "mslm", "spsd", "probe_acc", "agree"):
                 sums[k] += float(losses[k].detach()) * tokens
             n_tokens += tokens
+        if len(subset) > 1:  # does the model listen? each target under the next example's source
+            other = [replace(ex, source=subset[(j + 1) % len(subset)].source) for j, ex in enumerate(subset)]
+            for i in range(0, len(other), cfg.batch_size):
+                batch = other[i : i + cfg.batch_size]
+                tokens = float(sum(len(model.target_ids(ex.target)) for ex in batch))
+                losses = TrainStep(model, units, cfg.loss, cfg.phi_skew)(
+                    batch, [example_seed(0, 0, i + k) for k in range(len(batch))], tokens
+                )
+                sums["full_other_source"] += float(losses["full"].detach()) * tokens
         hyps, refs = [], []
         for ex in tqdm(examples[: cfg.dev_bleu_subset], desc="dev decode", leave=False, disable=None):
             source = load_audio_spec(ex.source) if cfg.modality == SPEECH else ex.source.split()
@@ -398,6 +412,8 @@ def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg:
             refs.append(ex.target)
     model.train()
     record = {"step": step, **{f"dev_{k}": round(v / max(n_tokens, 1), 4) for k, v in sums.items()}}
+    if "dev_full_other_source" in record:  # nats per token the right source is worth; about 0: not listening
+        record["dev_source_gain"] = round(record["dev_full_other_source"] - record["dev_full"], 4)
     if hyps:
         record["dev_bleu"] = round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
         record["dev_chrf"] = round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
