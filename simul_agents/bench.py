@@ -191,9 +191,10 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
         **VARIANTS[variant],
     }
     if task.init_from:  # the LLM starts from the other task's model of the same recipe
-        start = bench.runs / task.init_from / INIT_VARIANT.get(variant, variant) / "final"
+        recipe = INIT_VARIANT.get(variant, variant)
+        start = bench.runs / task.init_from / recipe / "final"
         if not (start / "checkpoint.json").is_file():
-            source = f"{task.init_from}-train-{INIT_VARIANT.get(variant, variant)}"
+            source = f"{task.init_from}-train-{recipe}"
             raise RuntimeError(f"{task.name}-train-{variant} starts from {start}, which is missing: run `{source}` "
                                f"first (python -m simul_agents.bench --only {source})")  # fmt: skip
         overrides["init_llm"] = str(start)

@@ -386,24 +386,24 @@ def evaluate(model: SpeechLLM, examples: list[Example], units: SourceUnits, cfg:
     subset = examples[: cfg.dev_subset]
     sums: dict[str, float] = defaultdict(float)
     n_tokens = 0.0
-    with torch.no_grad():
-        for i in range(0, len(subset), cfg.batch_size):
-            batch = subset[i : i + cfg.batch_size]
+
+    def batches(chosen: list[Example], loss: LossConfig):
+        """(losses, target tokens) per dev batch, with the fixed phi seeds."""
+        for i in range(0, len(chosen), cfg.batch_size):
+            batch = chosen[i : i + cfg.batch_size]
             tokens = float(sum(len(model.target_ids(ex.target)) for ex in batch))
-            losses = TrainStep(model, units, cfg.loss, cfg.phi_skew)(
-                batch, [example_seed(0, 0, i + k) for k in range(len(batch))], tokens
-            )
+            seeds = [example_seed(0, 0, i + k) for k in range(len(batch))]
+            yield TrainStep(model, units, loss, cfg.phi_skew)(batch, seeds, tokens), tokens
+
+    with torch.no_grad():
+        for losses, tokens in batches(subset, cfg.loss):
             for k in ("full", "mslm", "spsd", "probe_acc", "agree"):
                 sums[k] += float(losses[k].detach()) * tokens
             n_tokens += tokens
-        if len(subset) > 1:  # does the model listen? each target under the next example's source
+        if len(subset) > 1:  # does the model listen? each target under the next example's source (full view only)
             other = [replace(ex, source=subset[(j + 1) % len(subset)].source) for j, ex in enumerate(subset)]
-            for i in range(0, len(other), cfg.batch_size):
-                batch = other[i : i + cfg.batch_size]
-                tokens = float(sum(len(model.target_ids(ex.target)) for ex in batch))
-                losses = TrainStep(model, units, cfg.loss, cfg.phi_skew)(
-                    batch, [example_seed(0, 0, i + k) for k in range(len(batch))], tokens
-                )
+            full_only = replace(cfg.loss, w_full=1.0, w_mslm=0.0, spsd_lambda=0.0, probe=False)
+            for losses, tokens in batches(other, full_only):
                 sums["full_other_source"] += float(losses["full"].detach()) * tokens
         hyps, refs = [], []
         for ex in tqdm(examples[: cfg.dev_bleu_subset], desc="dev decode", leave=False, disable=None):
