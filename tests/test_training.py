@@ -259,7 +259,8 @@ def test_corrupt_checkpoint_is_refused_with_a_clear_message(tmp_path):
         train(tiny_cfg(tmp_path, max_steps=4, save_every=2, eval_every=1000), resume=True)
 
 
-def test_speech_training_runs_and_caches_the_frozen_encoder(tmp_path):
+def speech_manifest(folder: Path) -> Path:
+    """Three noise 'utterances' with transcripts and translations -> the manifest's path."""
     from training.corpus.manifest import Row, write_manifest
 
     rows = []
@@ -268,9 +269,14 @@ def test_speech_training_runs_and_caches_the_frozen_encoder(tmp_path):
         [("Hello there.", "Hallo."), ("Good morning.", "Guten Morgen."), ("Thanks.", "Danke.")]
     ):
         audio = (0.1 * rng.standard_normal(8000 + 3000 * i)).astype(np.float32)
-        sf.write(tmp_path / f"u{i}.wav", audio, 16000)
-        rows.append(Row(f"u{i}", str(tmp_path / f"u{i}.wav"), len(audio), src, tgt))
-    write_manifest(tmp_path / "train.tsv", rows)
+        sf.write(folder / f"u{i}.wav", audio, 16000)
+        rows.append(Row(f"u{i}", str(folder / f"u{i}.wav"), len(audio), src, tgt))
+    write_manifest(folder / "train.tsv", rows)
+    return folder / "train.tsv"
+
+
+def test_speech_training_runs_and_caches_the_frozen_encoder(tmp_path):
+    speech_manifest(tmp_path)
     cfg = load_config(
         ROOT / "training/configs/tiny_speech.yaml",
         {"out_dir": str(tmp_path / "run"), "train_manifest": str(tmp_path / "train.tsv"),
@@ -357,6 +363,48 @@ def test_a_speech_run_starts_from_a_text_checkpoints_llm(tmp_path):
     params = dict(model.named_parameters())
     assert trained and all(torch.equal(params[k], v) for k, v in trained.items())
     assert model.adapter is not None  # the speech side starts fresh
+
+
+def test_a_transcribe_run_aligns_an_adapter_that_a_translate_run_starts_from(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.data import load_examples
+    from training.train import build_training_model
+
+    manifest = speech_manifest(tmp_path)
+    assert [ex.target for ex in load_examples(manifest, "speech", 30, 200, False, transcribe=True)][0] == "Hello there."
+    over = {"train_manifest": str(manifest), "dev_manifest": "", "max_steps": 2, "save_every": 2}
+    asr_run = {**over, "out_dir": str(tmp_path / "asr"), "task": "transcribe", "train_llm": "none"}
+    asr = train(load_config(ROOT / "training/configs/tiny_speech.yaml", asr_run))
+    assert json.loads((asr / "config.json").read_text())["target_prefix"] == "\nText:"
+    st = {**over, "out_dir": str(tmp_path / "st"), "init_adapter": str(asr)}
+    model = build_training_model(load_config(ROOT / "training/configs/tiny_speech.yaml", st))
+    aligned = load_file(str(asr / "model.safetensors"))
+    assert all(torch.equal(v, aligned["adapter." + k]) for k, v in model.adapter.state_dict().items())
+    assert model.config.target_prefix == "\nGerman:"
+    with pytest.raises(ValueError, match="needs modality=speech"):
+        load_config(TINY_TEXT, {"task": "transcribe"})
+
+
+def test_ctc_alignment_lowers_the_adapters_ctc_loss_and_runs_before_step_one(tmp_path):
+    from training.align import align_adapter
+    from training.data import SourceUnits, load_examples
+    from training.train import build_training_model
+
+    manifest = speech_manifest(tmp_path)
+    over = {"train_manifest": str(manifest), "dev_manifest": str(manifest), "out_dir": str(tmp_path / "st")}
+    cfg = load_config(ROOT / "training/configs/tiny_speech.yaml", over)
+    examples = load_examples(manifest, "speech", 30, 200, False)
+    assert examples[0].transcript == "Hello there." and examples[0].target == "Hallo."
+    model = build_training_model(cfg)
+    units = SourceUnits(model, None, encoder_trained=False)
+    first = align_adapter(model, examples, examples, units, steps=1, batch_size=3, seed=0)
+    more = align_adapter(model, examples, examples, units, steps=60, batch_size=3, seed=0)
+    assert more["align_ctc"] < first["align_ctc"] and 0 <= more["align_dev_missed"] <= 1
+
+    train(load_config(ROOT / "training/configs/tiny_speech.yaml", {**over, "max_steps": 1, "align_steps": 2}))
+    log = [json.loads(x) for x in (tmp_path / "st" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[0]["align_steps"] == 2 and log[1]["step"] == 1
 
 
 def test_init_llm_refuses_weights_the_run_would_not_keep(tmp_path):

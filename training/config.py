@@ -11,6 +11,7 @@ import yaml
 from .losses import LossConfig
 
 LLM_MODES = ("none", "lora", "full")
+TASKS = ("translate", "transcribe")  # transcribe: the source transcript is the target (aligns a new adapter)
 ENCODER_MODES = ("frozen", "lora", "full")
 
 
@@ -23,8 +24,8 @@ class TrainConfig:
     block_ms: int = 640
     stack: int = 4
     adapter_hidden: int = 1024
-    prompt: str = ""  # "" = the model's default for the modality
-    target_prefix: str = "\nGerman:"
+    prompt: str = ""  # "" = the default for the modality and task
+    target_prefix: str = ""  # "" = "\nGerman:" (translate) or "\nText:" (transcribe)
     probe_hidden: int = 256
     # what to train
     train_llm: str = "full"  # none | lora | full
@@ -34,6 +35,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_encoder: str = "frozen"  # frozen | lora | full
     init_llm: str = ""  # a checkpoint folder whose trained LLM weights start this run (speech from a text model)
+    init_adapter: str = ""  # a checkpoint folder whose speech adapter starts this run (from a transcribe run)
+    align_steps: int = 0  # speech: CTC steps aligning a fresh adapter to the LLM's embeddings (training/align.py)
+    task: str = "translate"  # translate | transcribe (speech: the English transcript as the target)
     # data
     train_manifest: str = ""
     dev_manifest: str = ""
@@ -77,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"train_llm={self.train_llm!r}: expected one of {LLM_MODES}")
         if self.train_encoder not in ENCODER_MODES:
             raise ValueError(f"train_encoder={self.train_encoder!r}: expected one of {ENCODER_MODES}")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
+        if self.task == "transcribe" and self.modality != "speech":
+            raise ValueError("task=transcribe needs modality=speech (a text source is its own transcript)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise ValueError("batch_size, grad_accum and max_steps must be at least 1")
         _ = self.loss  # validates the objective's fields

@@ -26,12 +26,20 @@ class Example:
     source: str  # speech: the manifest's audio field (a path or path:offset:frames); text: the sentence
     target: str
     length: int  # for bucketing: samples (speech) or words (text)
+    transcript: str = ""  # speech: the English transcript (src_text), for the adapter's CTC alignment
 
 
 def load_examples(
-    manifest: str | Path, modality: str, max_source_seconds: float, max_source_words: int, skip_bad: bool
+    manifest: str | Path,
+    modality: str,
+    max_source_seconds: float,
+    max_source_words: int,
+    skip_bad: bool,
+    transcribe: bool = False,
 ) -> list[Example]:
-    """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip."""
+    """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip.
+
+    ``transcribe``: the target is the row's source transcript instead of its translation (speech)."""
     skipped: list[str] = []
 
     def bad(message: str) -> None:
@@ -47,8 +55,9 @@ def load_examples(
     examples = []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{manifest}:{i} (id {row.id})"
-        if not row.tgt_text.strip():
-            bad(f"{where}: empty target text")
+        target = row.src_text if transcribe else row.tgt_text
+        if not target.strip():
+            bad(f"{where}: empty {'source' if transcribe else 'target'} text")
             continue
         if modality == SPEECH:
             path = parse_audio_spec(row.audio)[0] if row.audio else ""
@@ -59,7 +68,7 @@ def load_examples(
                 seconds = row.n_frames / SAMPLE_RATE
                 bad(f"{where}: {seconds:.1f} s of audio, more than max_source_seconds={max_source_seconds}")
                 continue
-            examples.append(Example(row.id, row.audio, row.tgt_text, max(row.n_frames, 1)))
+            examples.append(Example(row.id, row.audio, target, max(row.n_frames, 1), row.src_text.strip()))
         else:
             words = row.src_text.split()
             if not words:
@@ -68,7 +77,7 @@ def load_examples(
             if len(words) > max_source_words:
                 bad(f"{where}: {len(words)} source words, more than max_source_words={max_source_words}")
                 continue
-            examples.append(Example(row.id, row.src_text, row.tgt_text, len(words)))
+            examples.append(Example(row.id, row.src_text, target, len(words)))
     if skipped:
         log.warning("%s: skipped %d bad rows of %d", manifest, len(skipped), len(rows))
     if not examples:

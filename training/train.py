@@ -37,6 +37,7 @@ from streaming_llm.config import SPEECH, SpeechLLMConfig
 from streaming_llm.engine import max_source_samples, translate_offline
 from streaming_llm.model import SpeechLLM
 
+from .align import align_adapter
 from .config import TrainConfig, load_config, parse_overrides
 from .data import Example, SourceUnits, bucket_batches, load_examples
 from .losses import LossConfig, streaming_losses
@@ -64,6 +65,10 @@ def resolve_path(spec: str) -> str:
     return spec
 
 
+TRANSCRIBE_PROMPT = "Write down the English speech.\nSpeech:"
+TARGET_PREFIX = {"translate": "\nGerman:", "transcribe": "\nText:"}
+
+
 def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
     """The SpeechLLMConfig and tokenizer a training config asks for."""
     lora = dict(
@@ -75,10 +80,12 @@ def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
     )
     shared = dict(
         modality=cfg.modality, block_ms=cfg.block_ms, stack=cfg.stack, adapter_hidden=cfg.adapter_hidden,
-        target_prefix=cfg.target_prefix, probe_hidden=cfg.probe_hidden, **lora,
+        target_prefix=cfg.target_prefix or TARGET_PREFIX[cfg.task], probe_hidden=cfg.probe_hidden, **lora,
     )  # fmt: skip
     if cfg.prompt:
         shared["prompt"] = cfg.prompt
+    elif cfg.task == "transcribe":
+        shared["prompt"] = TRANSCRIBE_PROMPT
     elif cfg.modality != SPEECH:
         shared["prompt"] = "Translate English to German.\nEnglish:"
     if cfg.llm == "tiny":
@@ -111,6 +118,8 @@ def build_training_model(cfg: TrainConfig) -> SpeechLLM:
     set_trainable(model, cfg)
     if cfg.init_llm:
         init_llm_from(model, cfg.init_llm)
+    if cfg.init_adapter:
+        init_adapter_from(model, cfg.init_adapter)
     return model
 
 
@@ -155,6 +164,31 @@ def init_llm_from(model: SpeechLLM, directory: str | Path) -> int:
             params[name].copy_(tensor)
     log.info("LLM initialised from %s (%d tensors)", directory, len(llm))
     return len(llm)
+
+
+def init_adapter_from(model: SpeechLLM, directory: str | Path) -> int:
+    """Start the speech adapter from a checkpoint's (a ``task=transcribe`` run's, say) -> tensors loaded.
+    Its encoder and LLM width must be this model's."""
+    directory = Path(directory)
+    if model.adapter is None:
+        raise TrainingError(f"init_adapter={directory}: a text model has no speech adapter")
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise TrainingError(f"init_adapter={directory}: not a checkpoint this run can start from ({e})") from None
+    adapter = {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
+    own = model.adapter.state_dict()
+    if set(adapter) != set(own):
+        raise TrainingError(f"init_adapter={directory}: it holds no speech adapter of this model's kind")
+    shapes = sorted(k for k in own if own[k].shape != adapter[k].shape)
+    if shapes:
+        raise TrainingError(
+            f"init_adapter={directory}: adapter weights of another shape ({', '.join(shapes)}): another encoder, "
+            "LLM, stack or adapter_hidden"
+        )
+    model.adapter.load_state_dict(adapter)
+    log.info("speech adapter initialised from %s", directory)
+    return len(adapter)
 
 
 def set_trainable(model: SpeechLLM, cfg: TrainConfig) -> None:
@@ -249,9 +283,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     max_seconds = cfg.max_source_seconds
     if cfg.modality == SPEECH:  # never more than one session holds (the encoder's 30 s, in whole blocks)
         max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
-    train_ex = load_examples(cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad)
+    transcribe = cfg.task == "transcribe"
+    train_ex = load_examples(
+        cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe
+    )
     dev_ex = (
-        load_examples(cfg.dev_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad)
+        load_examples(cfg.dev_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe)
         if cfg.dev_manifest
         else []
     )
@@ -274,6 +311,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             log.info("resumed from %s (step %d)", found, step)
     if rank == 0:
         _truncate_log(out / "log.jsonl", step)
+    if step == 0 and cfg.align_steps and model.adapter is not None and not cfg.init_adapter:
+        aligned = align_adapter(model, train_ex, dev_ex, units, cfg.align_steps, 2 * cfg.batch_size, cfg.seed)
+        if rank == 0:
+            _append_log(out / "log.jsonl", {"step": 0, **aligned})
 
     step_module = TrainStep(model, units, cfg.loss, cfg.phi_skew)
     runner = step_module
