@@ -72,16 +72,15 @@ def align_adapter(
     optimizer = torch.optim.AdamW(params, lr=ALIGN_LR, weight_decay=0.01)
     rng = random.Random(seed)
 
-    def loss_of(batch: list[Example], ids: dict[str, list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def ctc_loss(batch: list[Example]) -> torch.Tensor:
         logits = [ctc_logits(model, frames[ex.id], table, blank) for ex in batch]
         n = max(x.shape[0] for x in logits)
         log_probs = torch.stack([F.pad(x, (0, 0, 0, n - x.shape[0])) for x in logits]).log_softmax(-1)
-        targets = [torch.tensor([local[t] for t in ids[ex.id]]) for ex in batch]
-        loss = F.ctc_loss(
+        targets = [torch.tensor([local[t] for t in train_ids[ex.id]]) for ex in batch]
+        return F.ctc_loss(
             log_probs.transpose(0, 1), torch.cat(targets), [x.shape[0] for x in logits], [len(t) for t in targets],
-            zero_infinity=True,
+            zero_infinity=True,  # an utterance with more tokens than embeddings adds nothing, not inf
         )  # fmt: skip
-        return loss, logits
 
     started = time.time()
     recent: list[float] = []
@@ -89,7 +88,7 @@ def align_adapter(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = ALIGN_LR * min(1.0, step / ALIGN_WARMUP)
-        loss, _ = loss_of(rng.sample(chosen, min(batch_size, len(chosen))), train_ids)
+        loss = ctc_loss(rng.sample(chosen, min(batch_size, len(chosen))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
