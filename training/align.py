@@ -51,6 +51,7 @@ def align_adapter(
     steps: int,
     batch_size: int,
     seed: int,
+    progress: bool = True,
 ) -> dict:
     """Train ``model.adapter`` in place with CTC on the transcripts -> a summary (CTC loss, dev tokens missed)."""
     train_ids = transcript_ids(model, train)
@@ -67,7 +68,8 @@ def align_adapter(
     chosen = [ex for ex in train if ex.id in train_ids]
     needed = chosen + [ex for ex in dev if ex.id in dev_ids]
     with torch.no_grad():  # the encoder as it starts (a trained one's LoRA is still zero): computed once each
-        frames = {ex.id: units.frames(ex) for ex in tqdm(needed, desc="align: frames", leave=False, disable=None)}
+        bar = tqdm(needed, desc="align: frames", leave=False, disable=not progress)
+        frames = {ex.id: units.frames(ex) for ex in bar}
     params = [*model.adapter.parameters(), blank]
     optimizer = torch.optim.AdamW(params, lr=ALIGN_LR, weight_decay=0.01)
     rng = random.Random(seed)
@@ -84,7 +86,7 @@ def align_adapter(
 
     started = time.time()
     recent: list[float] = []
-    bar = tqdm(range(1, steps + 1), desc="align (CTC)", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(range(1, steps + 1), desc="align (CTC)", unit="step", dynamic_ncols=True, disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = ALIGN_LR * min(1.0, step / ALIGN_WARMUP)

@@ -312,7 +312,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if rank == 0:
         _truncate_log(out / "log.jsonl", step)
     if step == 0 and cfg.align_steps and model.adapter is not None and not cfg.init_adapter:
-        aligned = align_adapter(model, train_ex, dev_ex, units, cfg.align_steps, 2 * cfg.batch_size, cfg.seed)
+        aligned = align_adapter(
+            model, train_ex, dev_ex, units, cfg.align_steps, 2 * cfg.batch_size, cfg.seed, progress=rank == 0
+        )
         if rank == 0:
             _append_log(out / "log.jsonl", {"step": 0, **aligned})
 
