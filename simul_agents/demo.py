@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
-        f"(~{corpus_min} min), aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~3 min) and trains {args.steps} "
+        f"(~{corpus_min} min), aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains {args.steps} "
         f"steps (~{train_min} min on 2 cores, 6.3 s a step measured here) unless a trained checkpoint exists, then runs 7 SimulEval evaluations on {args.test} test "
         "utterances (~10 min). A second run reuses everything and takes minutes."
     )
