@@ -12,7 +12,8 @@ every task's main model and sweep before any ablation:
   block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). A speech model's LLM starts
   from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to the adapter and to
   listening, not to learning German again; its fresh adapter is first aligned with CTC on the English
-  transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes inside a stage from its newest step checkpoint.
+  transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes inside a
+  stage from its newest step checkpoint.
   ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
   entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are

@@ -5,9 +5,9 @@
 1. builds the offline assets if they are missing (Whisper tiny.en, SmolLM2-135M, the Piper voice, Ding);
 2. builds a small offline corpus (Ding sentence pairs, English speech from Piper) in ``data/demo``;
 3. trains the offline default (Whisper tiny.en frozen + SmolLM2-135M with LoRA, speech-to-text En-De, MSLM +
-   SPSD; its speech adapter first aligned with CTC on the transcripts) for a bounded number of steps, its LLM starting from the bench's text model (``results/text/model``)
-   when there is one, or reuses a trained checkpoint (``results/speech/model`` from ``make bench``, or this
-   demo's own from an earlier run);
+   SPSD; its speech adapter first aligned with CTC on the transcripts) for a bounded number of steps, its LLM
+   starting from the bench's text model (``results/text/model``) when there is one, or reuses a trained
+   checkpoint (``results/speech/model`` from ``make bench``, or this demo's own from an earlier run);
 4. evaluates it with SimulEval on held-out test utterances: the entropy head at three thresholds, wait-k at
    three k, and the offline (full-source) decode;
 5. prints the table (BLEU, chrF, LAAL, AL, LAAL_CA, RCO) and writes the quality-latency plot.
@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
-        f"(~{corpus_min} min), aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains {args.steps} "
-        f"steps (~{train_min} min on 2 cores, 6.3 s a step measured here) unless a trained checkpoint exists, then runs 7 SimulEval evaluations on {args.test} test "
-        "utterances (~10 min). A second run reuses everything and takes minutes."
+        f"(~{corpus_min} min), aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains "
+        f"{args.steps} steps (~{train_min} min on 2 cores, 6.3 s a step measured here) unless a trained checkpoint "
+        f"exists, then runs 7 SimulEval evaluations on {args.test} test utterances (~10 min). A second run "
+        "reuses everything and takes minutes."
     )
 
     say("1/5 offline assets")
