@@ -3,7 +3,7 @@
     python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--batch 32] [--list]
 
 Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone),
-every task's main model and sweep before any ablation:
+every task's main model, then every main sweep, then the ablations:
 
 - ``assets``; ``<task>-corpus``: the offline corpus at full size (text: every Ding pair; speech: Piper audio,
   the train split capped, the test split large enough for the bootstrap);
@@ -324,13 +324,16 @@ def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
 
 
 def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict | None]]]:
-    """Every stage in order: each task's main model and sweep first, then the ablations, so that the most
-    important numbers (the main curves of text and speech) exist first when a CPU run is interrupted."""
+    """Every stage in order: every task's corpus and main model, then their sweeps, then the ablations, so that
+    the most important things (the main models, which ``make demo`` reuses, then their curves) exist first
+    when a CPU run is interrupted."""
     plan: list[tuple[str, Callable[[], dict | None]]] = [("assets", stage_assets)]
     for name in tasks:
         task = TASKS[name]
         plan.append((f"{name}-corpus", lambda t=task: stage_corpus(t)))
         plan.append((f"{name}-train-main", lambda t=task: stage_train(bench, t, "main")))
+    for name in tasks:
+        task = TASKS[name]
         plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
         plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main"])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing

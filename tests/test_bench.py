@@ -124,13 +124,14 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert "](results/text/curve.png)" in embedded and "### text-to-text En-De" in embedded
 
 
-def test_stage_plan_puts_every_main_sweep_before_the_ablations():
+def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
     assert names.index("text-sweep-main") < names.index("text-compare-main") < names.index("text-train-no-mslm")
     assert names.index("text-train-no-mslm") < names.index("text-compare")
     assert names[0] == "assets" and names[-1] == "training-cost"
     both = [name for name, _ in B.stages(B.Bench(), ["text", "speech"])]
     assert both.index("speech-computation-aware") < both.index("text-train-no-mslm")
+    assert both.index("speech-train-main") < both.index("text-sweep-main")  # both models before any sweep
     assert both.index("text-compare") < both.index("speech-train-encoder-lora") < both.index("speech-compare")
     assert "text-train-encoder-lora" not in both  # a text model has no encoder
 
