@@ -60,13 +60,14 @@ def align_adapter(
             "align_steps > 0 needs English transcripts (the manifest's src_text column) and this training set "
             "has none; set align_steps=0"
         )
-    dev_ids = transcript_ids(model, dev[:DEV_LIMIT])
+    chosen = [ex for ex in train if ex.transcript]
+    dev_chosen = [ex for ex in dev[:DEV_LIMIT] if ex.transcript]
+    dev_ids = transcript_ids(model, dev_chosen)
     vocab = sorted({t for ids in list(train_ids.values()) + list(dev_ids.values()) for t in ids})
     local = {t: k + 1 for k, t in enumerate(vocab)}  # 0 is the blank
     table = model.llm.get_input_embeddings().weight.detach()[vocab]  # (V', d)
     blank = torch.nn.Parameter(torch.zeros(table.shape[1], device=model.device))
-    chosen = [ex for ex in train if ex.id in train_ids]
-    needed = chosen + [ex for ex in dev if ex.id in dev_ids]
+    needed = chosen + dev_chosen
     with torch.no_grad():  # the encoder as it starts (a trained one's LoRA is still zero): computed once each
         bar = tqdm(needed, desc="align: frames", leave=False, disable=not progress)
         frames = {ex.id: units.frames(ex) for ex in bar}
@@ -99,9 +100,9 @@ def align_adapter(
         bar.set_postfix(ctc=f"{sum(recent) / len(recent):.3f}")
     summary = {"align_steps": steps, "align_ctc": round(sum(recent) / max(len(recent), 1), 4),
                "align_seconds": round(time.time() - started, 1), "align_vocab": len(vocab)}  # fmt: skip
-    if dev_ids:
-        summary["align_dev_missed"] = round(missed_tokens(model, [ex for ex in dev if ex.id in dev_ids],
-                                                             dev_ids, local, frames, table, blank), 4)  # fmt: skip
+    if dev_chosen:
+        missed = missed_tokens(model, dev_chosen, dev_ids, local, frames, table, blank)
+        summary["align_dev_missed"] = round(missed, 4)
     log.info("adapter aligned: %s", ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary
 
