@@ -43,6 +43,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,8 +128,49 @@ class StageFailed(RuntimeError):
     pass
 
 
+HEARTBEAT_SECONDS = 30  # how often a running stage adds its time to runs/bench/time/<stage>.json
+
+
+class _StageClock:
+    """A stage's time over every attempt: a killed attempt's time (up to its last heartbeat) is kept in
+    ``runs/bench/time/<stage>.json`` and the next attempt adds to it, so a stage resumed across sessions reports
+    what it cost in all, not what its last attempt took."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        self.before, self.attempts = float(before.get("seconds", 0.0)), int(before.get("attempts", 0)) + 1
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"clock-{path.stem}", daemon=True)
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": round(self.seconds(), 1), "attempts": self.attempts}) + "\n")
+        tmp.replace(self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self._write()
+
+    def __enter__(self) -> _StageClock:
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()
+
+
 def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
-    """Run ``fn`` unless the stage is done; record its time and outcome; a failure names the stage and its log."""
+    """Run ``fn`` unless the stage is done; record its time (over every attempt) and outcome; a failure names the
+    stage and its log."""
     marker = bench.done_dir / f"{name}.json"
     if marker.is_file():
         record = json.loads(marker.read_text(encoding="utf-8"))
@@ -140,17 +182,17 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     print(f"\n== {name} (log: {log_path})", flush=True)
-    started = time.time()
     try:
-        info = fn() or {}
+        with _StageClock(bench.runs / "time" / f"{name}.json") as clock:
+            info = fn() or {}
     except Exception as e:
         logging.getLogger().exception("stage %s failed", name)
         raise StageFailed(f"stage {name} failed: {type(e).__name__}: {e}; see {log_path}") from e
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-    record = {"stage": name, "seconds": round(time.time() - started, 1), "finished": time.strftime("%Y-%m-%d %H:%M"),
-              **info}  # fmt: skip
+    record = {"stage": name, "seconds": round(clock.seconds(), 1), "attempts": clock.attempts,
+              "finished": time.strftime("%Y-%m-%d %H:%M"), **info}  # fmt: skip
     bench.done_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"== {name}: finished in {record['seconds'] / 60:.1f} min", flush=True)
@@ -215,14 +257,18 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
 
 
 def training_summary(log_jsonl: Path) -> dict:
-    """Mean seconds per step, the last training losses and the last dev evaluation from a run's JSONL log."""
+    """Median seconds per step, the minutes an undisturbed run spends in alignment and steps (steps x median; dev
+    evaluations not counted), the last training losses and the last dev evaluation from a run's JSONL log."""
     records = [json.loads(line) for line in log_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     steps = [r for r in records if "s_per_step" in r]
     dev = [r for r in records if any(k.startswith("dev_") for k in r)]
     tail = steps[-20:]
     out = {"steps": steps[-1]["step"] if steps else 0}
     if steps:
-        out["s_per_step"] = round(sorted(r["s_per_step"] for r in steps)[len(steps) // 2], 2)  # median: pauses
+        median = sorted(r["s_per_step"] for r in steps)[len(steps) // 2]  # not the mean: pauses, a busy machine
+        out["s_per_step"] = round(median, 2)
+        align = sum(r.get("align_seconds", 0.0) for r in records)
+        out["train_minutes"] = round((align + out["steps"] * median) / 60, 1)  # what an undisturbed run takes
         for key in ("loss", "full", "mslm", "spsd", "probe_acc"):
             out[f"train_{key}"] = round(sum(r[key] for r in tail) / len(tail), 4)
     if dev:
@@ -461,10 +507,14 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         "",
         "## Stages",
         "",
+        "Minutes: the stage's wall-clock time over all its attempts (a CPU run is stopped and resumed; other work",
+        "may have shared the machine). `train_minutes`: what its training takes undisturbed (median step x steps,",
+        "plus the adapter's alignment).",
+        "",
         "| stage | minutes | finished | notes |",
         "|---|---|---|---|",
     ]
-    for name, record in done.items():
+    for name, record in sorted(done.items(), key=lambda item: item[1].get("finished", "")):  # in the order run
         notes = {k: v for k, v in record.items() if k not in ("stage", "seconds", "finished", "output", "checkpoint")}
         lines.append(f"| {name} | {record['seconds'] / 60:.1f} | {record['finished']} | {_compact(notes)} |")
     for task in tasks:
@@ -536,8 +586,20 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+NOTE_FIRST = ("attempts", "train_minutes", "steps", "s_per_step", "dev_full", "dev_source_gain", "dev_bleu", "dev_chrf")
+NOTE_CHARS = 240  # a stage's notes in the summary table; every value is in runs/bench/done/<stage>.json
+
+
 def _compact(info: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))[:200]
+    """The notes of a stage, the ones a reader compares first, cut at a whole item."""
+    keys = [k for k in NOTE_FIRST if k in info] + [k for k in info if k not in NOTE_FIRST]
+    items = [f"{k}={info[k]}" for k in keys if not isinstance(info[k], (dict, list))]
+    out = ""
+    for item in items:
+        if len(out) + len(item) > NOTE_CHARS:
+            return out + ", …"
+        out = f"{out}, {item}" if out else item
+    return out
 
 
 def _cpu_summary() -> str:

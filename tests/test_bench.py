@@ -100,6 +100,26 @@ def test_a_failing_stage_names_itself_and_its_log_and_is_not_marked_done(tmp_pat
     assert not (bench.done_dir / "text-train-main.json").exists()
 
 
+def test_a_stage_resumed_after_a_kill_reports_the_time_of_every_attempt(tmp_path):
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results")
+    clock = tmp_path / "time" / "one.json"
+    clock.parent.mkdir()
+    clock.write_text(json.dumps({"seconds": 600.0, "attempts": 1}))  # what a killed attempt's heartbeat left
+    record = B.run_stage(bench, "one", lambda: {})
+    assert 600.0 <= record["seconds"] < 660.0 and record["attempts"] == 2
+    assert json.loads(clock.read_text())["attempts"] == 2
+
+
+def test_training_summary_counts_a_step_redone_after_a_resume_once(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 0, "align_seconds": 60.0}]
+    records += [{"step": s, "s_per_step": 6.0, "loss": 1.0, "full": 1.0, "mslm": 1.0, "spsd": 0.0, "probe_acc": 1.0}
+                for s in (1, 2, 3, 2, 3, 4)]  # killed after step 3, resumed from the step-1 checkpoint
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = B.training_summary(log)
+    assert summary["steps"] == 4 and summary["train_minutes"] == round((60 + 4 * 6) / 60, 1)
+
+
 def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_dir):
     from simul_agents.score import score_output
     from simul_agents.sweep import write_csv
