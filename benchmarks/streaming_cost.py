@@ -7,6 +7,7 @@
     python benchmarks/streaming_cost.py            # tiny random model
     python benchmarks/streaming_cost.py --real     # Whisper tiny.en + SmolLM2-135M (needs `make assets`)
     python benchmarks/streaming_cost.py --real --int8   # the same with the LLM in int8 (streaming_llm/quantize.py)
+    python benchmarks/streaming_cost.py --real --fp16   # the same with the LLM in float16
 
 The source is fed lazily (``StreamingSession`` docstring): the steady-lag schedule below asks for the model's
 output only when it writes, as wait-k does. Times are wall-clock (the best of ``--repeats``); ``*_cpu_s`` are
@@ -39,7 +40,7 @@ WORDS = (
 ).split()[:20]
 
 
-def load_model(real: bool, block_ms: int, int8: bool = False):
+def load_model(real: bool, block_ms: int, precision: str = "fp32"):
     if not real:
         from streaming_llm.tiny import tiny_model
 
@@ -52,10 +53,10 @@ def load_model(real: bool, block_ms: int, int8: bool = False):
             None, {"llm": "asset:smollm2-135m-instruct", "whisper": "asset:whisper-tiny.en", "block_ms": block_ms}
         )
         model = build_training_model(cfg).eval()
-    if int8:
-        from streaming_llm.quantize import quantize_int8
+    if precision != "fp32":
+        from streaming_llm.quantize import set_precision
 
-        quantize_int8(model)
+        set_precision(model.eval(), precision)
     return model
 
 
@@ -126,8 +127,12 @@ def main() -> None:
     parser.add_argument("--block-ms", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--int8", action="store_true", help="quantize the LLM to int8 (inference only)")
+    parser.add_argument("--fp16", action="store_true", help="the LLM in float16 (inference only)")
     args = parser.parse_args()
-    model = load_model(args.real, args.block_ms, args.int8)
+    from streaming_llm.quantize import precision_from_flags
+
+    precision = precision_from_flags(args.int8, args.fp16)
+    model = load_model(args.real, args.block_ms, precision)
     audio = (0.05 * np.random.default_rng(0).standard_normal(int(SAMPLE_RATE * args.seconds))).astype(np.float32)
     words = word_tokens(model)
     offline(model, audio[: SAMPLE_RATE * 2], words[:2])  # warm-up
@@ -139,7 +144,7 @@ def main() -> None:
         print(f"{name:12s} {results[name]:8.3f} s wall  {cpu[name]:8.3f} s CPU", flush=True)
     n_chunks = -(-len(audio) // (SAMPLE_RATE * CHUNK_MS // 1000))
     summary = {
-        "model": ("tiny.en+SmolLM2-135M" if args.real else "tiny") + (" int8" if args.int8 else ""),
+        "model": ("tiny.en+SmolLM2-135M" if args.real else "tiny") + ("" if precision == "fp32" else f" {precision}"),
         "seconds_of_audio": args.seconds,
         "block_ms": args.block_ms,
         "words": len(words),

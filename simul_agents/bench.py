@@ -21,7 +21,7 @@ every task's main model, then every main sweep, then the ablations:
   SimulEval's loop with batched LM forwards; same predictions and delays, 4x (text) and 2.8x (speech) faster
   here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
-  offline on ``main``, the LLM in float32 and in int8): the computation-aware latency of one stream here;
+  offline on ``main``, the LLM in float32, float16 and int8): the computation-aware latency of one stream here;
 - ``<task>-compare-main`` (right after the main sweep: the heads against each other) and ``<task>-compare``
   (after the ablations, everything): sacrebleu paired bootstrap for every comparison the README makes;
 - ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
@@ -76,7 +76,8 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
 ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
 SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
-CA_VARIANTS = ("main-ca", "main-ca-int8")  # its outputs: the main model in float32, and its LLM in int8
+CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True}}  # agent flags
+CA_VARIANTS = tuple(CA_PRECISIONS)  # the computation-aware runs: the main model with its LLM in fp32, fp16, int8
 log = logging.getLogger("bench")
 
 
@@ -312,8 +313,8 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
 
     The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
     single stream costs on this machine: the entropy head on the main model and the offline decode beside it,
-    in float32 (``main-ca``) and with the LLM in int8 (``main-ca-int8``: its speed and its quality on the same
-    utterances).
+    in float32 (``main-ca``) and with the LLM in float16 and int8 (``main-ca-fp16``, ``main-ca-int8``: their
+    speed and their quality on the same utterances).
     """
     from simul_agents.sweep import SweepConfig, sweep
     from training.corpus import write_simuleval_files
@@ -323,7 +324,7 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
         text=task.name == "text",
     )  # fmt: skip
     runs = 0
-    for variant, extra in (("main-ca", {}), ("main-ca-int8", {"int8": True})):
+    for variant, extra in CA_PRECISIONS.items():
         config = SweepConfig(
             task=f"offline-{task.name}-en-de/{variant}",
             checkpoint=str(bench.runs / task.name / "main" / "final"),

@@ -43,6 +43,7 @@ from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
 from streaming_llm.engine import StreamingSession
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
+from streaming_llm.quantize import precision_from_flags, set_precision
 
 from . import latency as L
 
@@ -454,6 +455,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="a reference translation: its length is AL's |Y|")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
     return p.parse_args(argv)
 
@@ -528,11 +530,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         head = head_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = load_checkpoint(args.checkpoint, merge_lora=True)
-        if args.int8:
-            from streaming_llm.quantize import quantize_int8
-
-            quantize_int8(model.eval())
+        precision = precision_from_flags(args.int8, args.fp16)
+        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True).eval(), precision)
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         limits = Limits(max_target_tokens=args.max_target_tokens)
         tty = out.isatty()

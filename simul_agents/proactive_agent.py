@@ -73,20 +73,32 @@ class SetupError(ValueError):
 # ---- setup -----------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str, int8: bool = False):
-    """Load a checkpoint once per process (keyed by path, modification time and int8)."""
+def load_model(checkpoint: str, precision: str = "fp32"):
+    """Load a checkpoint once per process (keyed by path, modification time and the LLM's precision)."""
+    from streaming_llm.quantize import set_precision
+
     path = Path(checkpoint)
     meta_file = path / "checkpoint.json"
-    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, int8)
+    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, precision)
     if key not in _MODELS:
         _MODELS.clear()
         model = load_checkpoint(path, merge_lora=True)
-        if int8:
-            from streaming_llm.quantize import quantize_int8
-
-            quantize_int8(model.eval())
+        if precision != "fp32":
+            set_precision(model.eval(), precision)
         _MODELS[key] = model
     return _MODELS[key]
+
+
+def precision_of(args: Namespace) -> str:
+    """fp32, fp16 or int8: ``--int8`` (ours) or SimulEval's own ``--fp16`` / ``--dtype fp16``, which put the LLM
+    in float16 (``streaming_llm.quantize.half_precision``; the encoder and adapter stay float32)."""
+    from streaming_llm.quantize import precision_from_flags
+
+    fp16 = bool(getattr(args, "fp16", False)) or getattr(args, "dtype", None) == "fp16"
+    try:
+        return precision_from_flags(getattr(args, "int8", False), fp16)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
 
 
 def build_head(args: Namespace) -> Head:
@@ -244,7 +256,7 @@ class ProactiveBase(GenericAgent):
     modality = ""
 
     def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None):
-        self.model = model if model is not None else load_model(args.checkpoint, getattr(args, "int8", False))
+        self.model = model if model is not None else load_model(args.checkpoint, precision_of(args))
         self.head = head if head is not None else build_head(args)
         self.session_options = self.head.session_options(self.model)
         self.sources = sources
@@ -305,7 +317,7 @@ class ProactiveBase(GenericAgent):
         try:
             if getattr(args, "threads", 0):
                 torch.set_num_threads(args.threads)
-            model = load_model(args.checkpoint, getattr(args, "int8", False))
+            model = load_model(args.checkpoint, precision_of(args))
             modality = model.config.modality
             agent_cls = cls if cls.modality else (ProactiveSpeechAgent if modality == SPEECH else ProactiveTextAgent)
             if agent_cls.modality != modality:
@@ -332,7 +344,10 @@ class ProactiveBase(GenericAgent):
         return ProactiveStates()
 
     def to(self, device: str, *args, fp16: bool = False, **kwargs) -> None:
-        self.model.to(device, torch.float16) if fp16 else self.model.to(device)
+        """SimulEval's device move. The precision was set at load (``precision_of``): only the LLM is float16."""
+        if fp16 and self.model.lm_dtype != torch.float16:
+            raise SetupError("--fp16: this agent's model was loaded in another precision; load it with --fp16")
+        self.model.to(device)
 
     def policy(self):
         states = self.states

@@ -67,6 +67,7 @@ from websockets.http11 import Request, Response
 
 from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.config import SPEECH
+from streaming_llm.quantize import precision_from_flags, set_precision
 
 from .live import Limits, LiveStream, build_head, latency_summary, max_source
 
@@ -594,6 +595,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (0: torch's default)")
     p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     return p.parse_args(argv)
 
 
@@ -636,11 +638,8 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
-        model = load_checkpoint(args.checkpoint, merge_lora=True)
-        if args.int8:
-            from streaming_llm.quantize import quantize_int8
-
-            quantize_int8(model.eval())
+        precision = precision_from_flags(args.int8, args.fp16)
+        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True).eval(), precision)
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2

@@ -400,9 +400,10 @@ class StreamingSession:
         new = torch.tensor(kinds)
         allowed = torch.ones(q, past + q, dtype=torch.bool).tril(diagonal=past)
         allowed &= ~((new[:, None] != TARGET) & (every[None, :] == TARGET))
-        mask = torch.zeros(1, 1, q, past + q, dtype=embeds[0].dtype)
+        dtype = model.lm_dtype  # the adapter's units and the end-of-source marker are float32 (quantize.py)
+        mask = torch.zeros(1, 1, q, past + q, dtype=dtype)
         mask.masked_fill_(~allowed[None, None], float("-inf"))
-        x = torch.cat(embeds)[None]
+        x = torch.cat(embeds).to(dtype)[None]
         pos = torch.cat(positions)[None].to(model.device)
         attentions = kinds[-1] == TARGET and self.attention_layers is not None
         out = self.lm_call(model.llm, x, pos, mask.to(model.device), self.cache, attentions)

@@ -259,7 +259,7 @@ class ProbeHead(Head):
 
     def decide(self, signals, session, memory):
         with torch.inference_mode():
-            logit = session.model.probe_logit(signals.hidden.to(session.model.device))
+            logit = session.model.probe_logit(signals.hidden.to(session.model.device, torch.float32))
         return WRITE if torch.sigmoid(logit.float()).item() > self.threshold else READ
 
 

@@ -78,6 +78,11 @@ class SpeechLLM(nn.Module):
         return self.end_of_source.device
 
     @property
+    def lm_dtype(self) -> torch.dtype:
+        """The dtype of the LLM's inputs: float32, or float16 after ``quantize.half_precision``."""
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
     def block_samples(self) -> int:
         """Audio samples per source unit (speech)."""
         return self.config.block_ms * SAMPLE_RATE // 1000
@@ -159,7 +164,7 @@ class SpeechLLM(nn.Module):
         """
         layouts = [self.layout([u.shape[0] for u in us], len(ys), views) for us, ys in zip(units, targets, strict=True)]
         length = max(layout.length for layout in layouts)
-        embeds = torch.zeros(len(layouts), length, self.hidden_size, device=self.device, dtype=self.end_of_source.dtype)
+        embeds = torch.zeros(len(layouts), length, self.hidden_size, device=self.device, dtype=self.lm_dtype)
         positions = torch.zeros(len(layouts), length, dtype=torch.long, device=self.device)
         prompt = self.embed_ids(self.prompt_ids)
         for b, (us, ys, layout) in enumerate(zip(units, targets, layouts, strict=True)):

@@ -1,12 +1,20 @@
-"""int8 inference: LoRA merged into its base weights, then the LLM's linear layers quantized dynamically.
+"""Faster inference on a CPU: the LLM in float16, or its linear layers in int8; LoRA merged first.
 
-``quantize_int8(model)`` changes the model in place for inference only (no training, no saving): weights
-are stored as int8 with one scale per output row and activations are quantized per batch at run time
-(``torch.ao.quantization.quantize_dynamic``, the fbgemm kernels of the CPU build). A streaming step feeds a
-few rows at a time, so its cost is reading the weights: int8 reads a quarter of the bytes. The Whisper
-encoder stays float32 (it is small and its blocks are computed once). The outputs differ slightly from the
-float32 model's, so the engine's exactness invariant holds for the float32 model only; measure what int8
-costs in quality (``benchmarks/streaming_cost.py --int8`` for speed, a sweep with ``--int8`` for quality).
+A streaming step feeds a few rows at a time, so its cost is reading the LLM's weights (540 MB in float32 for
+SmolLM2-135M). Both options read fewer bytes; both change the model in place for inference only (no training,
+no saving), and the Whisper encoder and the speech adapter stay float32 (they are small, and a block is encoded
+once):
+
+- ``half_precision(model)``: the LLM's weights, and so its activations, in float16 (half the bytes). The
+  adapter's float32 units are cast at the LLM's input (``SpeechLLM.lm_dtype``).
+- ``quantize_int8(model)``: weights stored as int8 with one scale per output row, activations quantized per
+  batch at run time (``torch.ao.quantization.quantize_dynamic``, the fbgemm kernels of the CPU build): a
+  quarter of the bytes, but more work per layer.
+
+Which is faster depends on the CPU's kernels: on the 2-core AVX2 machine of the README a one-row forward took
+105 ms in float32, 69 ms in int8 and 52 ms in float16 (2 threads). The outputs differ slightly from the float32
+model's, so the engine's exactness invariant holds for the float32 model only; measure what each costs in
+quality (``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a sweep with ``fp16``/``int8`` for quality).
 """
 
 from __future__ import annotations
@@ -46,3 +54,33 @@ def quantize_int8(model: SpeechLLM) -> SpeechLLM:
         warnings.filterwarnings("ignore", message=".*quantize.*", category=UserWarning)
         torch.ao.quantization.quantize_dynamic(model.llm, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
+
+
+def half_precision(model: SpeechLLM) -> SpeechLLM:
+    """In place: merge LoRA, then put the LLM's weights in float16 (its activations follow)."""
+    if model.training:
+        raise ValueError("half_precision is for inference: call model.eval() first (a float16 model cannot train)")
+    merge_lora(model.llm)
+    model.llm.to(torch.float16)
+    return model
+
+
+PRECISIONS = ("fp32", "fp16", "int8")  # what the agent, live and serve accept
+
+
+def set_precision(model: SpeechLLM, precision: str) -> SpeechLLM:
+    """In place: the LLM in ``precision`` (one of PRECISIONS); float32 is left as it is."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16":
+        return half_precision(model)
+    if precision == "int8":
+        return quantize_int8(model)
+    return model
+
+
+def precision_from_flags(int8: bool = False, fp16: bool = False) -> str:
+    """The ``--int8`` / ``--fp16`` flags of a command line -> one of PRECISIONS."""
+    if int8 and fp16:
+        raise ValueError("--int8 and --fp16 both given: choose one precision for the LLM")
+    return "int8" if int8 else "fp16" if fp16 else "fp32"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
 from fixtures_models import untied_tiny
 
 from simul_agents import evaluate_inprocess
@@ -262,6 +263,25 @@ def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):
     assert build_head(args).threshold == 0.7
     args.head, args.threshold, args.head_param = "wait-k", None, ["k=4"]
     assert build_head(args).k == 4
+
+
+def test_fp16_agent_puts_only_the_llm_in_half_precision_and_keeps_the_schedule(data, tmp_path):
+    plain = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", name="fp32")
+    half = speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--fp16", name="fp16")  # SimulEval's flag
+    from simul_agents import proactive_agent
+
+    (model,) = proactive_agent._MODELS.values()  # the one model of the last run: the fp16 one
+    assert model.lm_dtype == torch.float16 and model.end_of_source.dtype == torch.float32
+    assert {p.dtype for p in model.encoder.parameters()} == {torch.float32}
+    for a, b in zip(plain, half, strict=True):
+        n = min(len(a["delays"]), len(b["delays"]))
+        assert a["delays"][:n] == b["delays"][:n]
+        assert b["prediction"].strip()
+
+
+def test_fp16_and_int8_together_are_refused_before_the_first_instance(data, tmp_path):
+    with pytest.raises(SystemExit, match="--int8 and --fp16 both given"):
+        speech_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--fp16", "--int8")
 
 
 def test_int8_agent_writes_the_float32_agents_wait_k_schedule(data, tmp_path):

@@ -148,6 +148,17 @@ def test_command_fast_prints_decisions_words_and_latency(data, capsys):
     assert summary.startswith("source 1.00 s") and "AL " in summary and "computation-aware: AL" in summary
 
 
+def test_command_runs_the_llm_in_fp16_and_refuses_fp16_with_int8(data, capsys):
+    root = data["root"]
+    argv = [str(root / "tone.wav"), "--checkpoint", str(root / "speech-ckpt"), "--head", "wait-k",
+            "--head-param", "k=2", "--fast", "--max-target-tokens", "24"]  # fmt: skip
+    out = io.StringIO()
+    assert live.main([*argv, "--fp16"], out=out) == 0, capsys.readouterr().err
+    assert "WRITE" in out.getvalue()
+    assert live.main([*argv, "--fp16", "--int8"], out=io.StringIO()) == 2
+    assert "--int8 and --fp16 both given" in capsys.readouterr().err
+
+
 def test_command_at_real_time_pace_takes_the_audio_duration(data):
     root = data["root"]
     out = io.StringIO()

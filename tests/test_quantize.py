@@ -1,10 +1,10 @@
-"""int8 inference: LoRA merged exactly, the quantized model stays close and streams."""
+"""Faster inference: LoRA merged exactly; the int8 and float16 models stay close to float32 and stream."""
 
 import pytest
 import torch
 
 from streaming_llm.engine import StreamingSession, translate_offline
-from streaming_llm.quantize import merge_lora, quantize_int8
+from streaming_llm.quantize import half_precision, merge_lora, quantize_int8, set_precision
 from streaming_llm.tiny import tiny_model
 
 SOURCE = "I would like a cup of coffee in the garden .".split()
@@ -61,3 +61,38 @@ def test_int8_refuses_a_model_in_training_mode():
     model = tiny_model("text").train()
     with pytest.raises(ValueError, match="for inference"):
         quantize_int8(model)
+
+
+def test_fp16_model_stays_close_to_float32_and_translates():
+    model = tiny_model("text", seed=2).eval()
+    before = _logits(model)
+    set_precision(model, "fp16")
+    assert model.lm_dtype == torch.float16
+    after = _logits(model).float()
+    assert (after - before).abs().max() < 0.01 * before.abs().max()
+    assert (after.argmax(-1) == before.argmax(-1)).all()
+    assert isinstance(translate_offline(model, SOURCE, max_target_tokens=8), str)
+
+
+def test_fp16_speech_model_feeds_its_float32_units_to_the_half_precision_llm():
+    import numpy as np
+
+    model = tiny_model("speech", seed=3).eval()
+    audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+
+    def stream():
+        session = StreamingSession(model)
+        session.push_audio(audio)
+        session.finish_source()
+        return session.next_logits().float().clone()
+
+    before = stream()
+    half_precision(model)
+    assert {p.dtype for p in model.adapter.parameters()} == {torch.float32}
+    after = stream()
+    assert (after - before).abs().max() < 0.01 * before.abs().max()
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="precision 'fp8': expected one of fp32, fp16, int8"):
+        set_precision(tiny_model("text").eval(), "fp8")
