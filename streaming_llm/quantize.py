@@ -11,10 +11,12 @@ once):
   batch at run time (``torch.ao.quantization.quantize_dynamic``, the fbgemm kernels of the CPU build): a
   quarter of the bytes, but more work per layer.
 
-Which is faster depends on the CPU's kernels: on the 2-core AVX2 machine of the README a one-row forward took
-105 ms in float32, 69 ms in int8 and 52 ms in float16 (2 threads). The outputs differ slightly from the float32
-model's, so the engine's exactness invariant holds for the float32 model only; measure what each costs in
-quality (``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a sweep with ``fp16``/``int8`` for quality).
+Which is faster depends on the CPU's kernels: on the 2-core AVX2 machine of the README a one-row forward (a
+target token) took 94-105 ms in float32, 54-69 ms in int8 and 52-68 ms in float16, but an 11-row forward (a
+source block) 181, 64 and 211 ms (2 threads). float16 kept 28 of 30 test predictions of the float32 model and
+all its delays; int8 none. The engine's exactness invariant holds for the float32 model only; measure what each
+costs (``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a SimulEval run with ``--fp16``/``--int8``
+for quality).
 """
 
 from __future__ import annotations
