@@ -32,7 +32,7 @@ horizontal line. Paths are relative to the current directory (run from the repos
 - Resumable: a run (or shard) whose ``instances.log`` holds every index of its range is not run again; an
   incomplete one is run again from its start.
 - Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv`` as
-  each run finishes, and to ``sweep.md`` and ``sweep.png`` (BLEU vs LAAL) in ``output`` at the end.
+  each run finishes, and to ``sweep.md`` and ``sweep.png`` (BLEU and chrF against LAAL) in ``output`` at the end.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from .score import ScoreError, score_output
 
 AGENT_FILE = Path(__file__).with_name("proactive_agent.py")
 CHRF_MODULE = Path(__file__).with_name("chrf_scorer")  # --user-dir takes the module path without .py
-MIN_BLEU_SPAN = 2.0  # the plot's y axis covers at least this many BLEU points
+MIN_SPAN = {"BLEU": 2.0, "chrF": 4.0}  # the plot's y axes cover at least this many points
 LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
 COLUMNS = (
     "task", "head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset",
@@ -360,21 +360,35 @@ def write_markdown(rows: Sequence[dict], path: Path) -> None:
 
 
 def plot(rows: Sequence[dict], path: Path, title: str) -> None:
-    """BLEU against LAAL: one curve per head, the offline model as a horizontal line."""
+    """BLEU and chrF against LAAL, side by side: one curve per head, the offline model as a horizontal line.
+
+    chrF is there because at the BLEU of a small model (a few points) one BLEU point is noise, and the
+    comparisons (``simul_agents.compare``) are made on chrF too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for axes, metric in zip(panels, ("BLEU", "chrF"), strict=True):
+        _plot_metric(axes, rows, metric)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
     unit = rows[0]["latency_unit"] if rows else ""
     for head in dict.fromkeys(row["head"] for row in rows):
         points = sorted(
-            (row["LAAL"], row["BLEU"], row["param"]) for row in rows if row["head"] == head and row["LAAL"] is not None
+            (row["LAAL"], row[metric], row["param"])
+            for row in rows
+            if row["head"] == head and row["LAAL"] is not None and row.get(metric) is not None
         )
         if head == "offline":
-            for _, bleu, _ in points:
-                axes.axhline(bleu, color="0.4", linestyle="--", linewidth=1, label="offline (full source)")
+            for _, value, _ in points:
+                axes.axhline(value, color="0.4", linestyle="--", linewidth=1, label="offline (full source)")
             continue
         if not points:
             continue
@@ -383,17 +397,14 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> None:
         for x, y, label in points:
             axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
     axes.set_xlabel(f"LAAL ({unit})")
-    axes.set_ylabel("BLEU")
+    axes.set_ylabel(metric)
     low, high = axes.get_ylim()
-    if high - low < MIN_BLEU_SPAN:  # autoscale would blow differences of 0.001 BLEU up to the full height
-        middle = (low + high) / 2
-        axes.set_ylim(max(0.0, middle - MIN_BLEU_SPAN / 2), max(0.0, middle - MIN_BLEU_SPAN / 2) + MIN_BLEU_SPAN)
-    axes.set_title(title)
+    span = MIN_SPAN[metric]
+    if high - low < span:  # autoscale would blow differences of 0.001 up to the full height
+        bottom = max(0.0, (low + high) / 2 - span / 2)
+        axes.set_ylim(bottom, bottom + span)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
