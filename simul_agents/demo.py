@@ -46,13 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     corpus_min = max(1, args.utterances // 300)
     train_min = max(1, round(args.steps * 6.5 / 60))
+    if (BENCH_CHECKPOINT / "checkpoint.json").is_file():
+        model_plan = f"uses the trained model of `make bench` ({BENCH_CHECKPOINT}, in git: no training)"
+    else:
+        model_plan = (
+            f"aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains {args.steps} steps "
+            f"(~{train_min} min on 2 cores, 6.3 s a step measured here) unless this demo trained one before"
+        )
     print(
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
-        f"(~{corpus_min} min), aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains "
-        f"{args.steps} steps (~{train_min} min on 2 cores, 6.3 s a step measured here) unless a trained checkpoint "
-        f"exists, then runs 7 SimulEval evaluations on {args.test} test utterances (~10 min). A second run "
-        "reuses everything and takes minutes."
+        f"(~{corpus_min} min), {model_plan}, then runs 7 SimulEval evaluations on {args.test} test utterances "
+        "(~10 min). A second run reuses everything and takes minutes."
     )
 
     say("1/5 offline assets")
