@@ -66,14 +66,14 @@ VARIANT_LABELS = {
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
     "entropy": {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]},  # 5.0 writes at LAAL ~1.5 words on text
-    "wait-k": {"k": list(range(1, 10))},
+    "wait-k": {},  # k: TaskPlan.wait_k (words for text, 640 ms blocks for speech)
     "probe": {"threshold": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]},  # text: LAAL 1.0 to 3.8 words from 0.5 to 0.9
     "oracle": {},
     "attention": {"threshold": [0.03, 0.05, 0.08], "frontier": 1, "layers": "upper", "normalise": "all"},
     "fixed-chunk": {"chunk": [2], "words": 2},
     "local-agreement": {"n": [2]},
 }
-ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {"k": [1, 3, 5, 7, 9]}}
+ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {}}  # k: TaskPlan
 SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True}}  # agent flags
@@ -94,6 +94,13 @@ class TaskPlan:
     train_overrides: dict = field(default_factory=dict)
     variants: tuple[str, ...] = ("no-mslm", "no-spsd")  # trained and swept after every task's main sweep
     init_from: str = ""  # a task whose model of the same variant starts this one's LLM (speech from text)
+    wait_k: tuple[int, ...] = tuple(range(1, 10))  # wait-k's k on the main model (the ablations: every other)
+
+    def heads(self, variant: str) -> dict:
+        """The heads and settings swept on ``variant``."""
+        heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
+        ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
+        return {**heads, "wait-k": {"k": ks}}
 
 
 TASKS = {
@@ -106,6 +113,7 @@ TASKS = {
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
         variants=("encoder-lora", "no-mslm", "no-spsd"), init_from="text",
+        wait_k=tuple(range(1, 7)),  # 640 ms blocks: k=6 waits 3.84 s; 90% of test utterances are under 3.65 s
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -296,7 +304,7 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         source=str(files.source),
         target=str(files.target),
         output=bench.runs / task.name / f"eval-{variant}",
-        heads=ALL_HEADS if variant == "main" else ABLATION_HEADS,
+        heads=task.heads(variant),
         source_segment_size=task.segment,
         shards=math.ceil(task.test / SHARD),
         batch=bench.batch,

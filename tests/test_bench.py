@@ -144,6 +144,15 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert "](results/text/curve.png)" in embedded and "### text-to-text En-De" in embedded
 
 
+def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_every_other_k():
+    text, speech = B.TASKS["text"], B.TASKS["speech"]
+    assert text.heads("main")["wait-k"] == {"k": list(range(1, 10))}
+    assert speech.heads("main")["wait-k"] == {"k": [1, 2, 3, 4, 5, 6]}
+    assert text.heads("no-mslm")["wait-k"] == {"k": [1, 3, 5, 7, 9]}
+    assert speech.heads("no-spsd")["wait-k"] == {"k": [1, 3, 5]}
+    assert list(text.heads("main"))[:3] == ["offline", "entropy", "wait-k"]  # the targets' numbers first
+
+
 def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
     assert names.index("text-sweep-main") < names.index("text-compare-main") < names.index("text-train-no-mslm")
