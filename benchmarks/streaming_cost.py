@@ -53,11 +53,9 @@ def load_model(real: bool, block_ms: int, precision: str = "fp32"):
             None, {"llm": "asset:smollm2-135m-instruct", "whisper": "asset:whisper-tiny.en", "block_ms": block_ms}
         )
         model = build_training_model(cfg).eval()
-    if precision != "fp32":
-        from streaming_llm.quantize import set_precision
+    from streaming_llm.quantize import set_precision
 
-        set_precision(model.eval(), precision)
-    return model
+    return set_precision(model.eval(), precision)
 
 
 def word_tokens(model) -> list[list[int]]:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     corpus_min = max(1, args.utterances // 300)
     train_min = max(1, round(args.steps * 6.5 / 60))
-    if (BENCH_CHECKPOINT / "checkpoint.json").is_file():
+    if is_checkpoint(BENCH_CHECKPOINT):
         model_plan = f"uses the trained model of `make bench` ({BENCH_CHECKPOINT}, in git: no training)"
     else:
         model_plan = (
@@ -110,26 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> Path:
-    """The bench checkpoint if there is one, else this demo's (trained now, resumable)."""
+def is_checkpoint(path: Path) -> bool:
+    """A readable checkpoint directory (its metadata checked, weights not loaded)."""
     from streaming_llm.checkpoint import CheckpointError, read_meta
 
+    try:
+        read_meta(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> Path:
+    """The bench checkpoint if there is one, else this demo's (trained now, resumable)."""
     for candidate in (BENCH_CHECKPOINT, out / "train" / "final"):
-        try:
-            read_meta(candidate)
+        if is_checkpoint(candidate):
             return candidate
-        except CheckpointError:
-            continue
     from training.config import load_config
     from training.train import train
 
     start = {}
-    try:
-        read_meta(TEXT_CHECKPOINT)
+    if is_checkpoint(TEXT_CHECKPOINT):
         start = {"init_llm": str(TEXT_CHECKPOINT)}
         print(f"   the LLM starts from the text model {TEXT_CHECKPOINT} (it already translates; the adapter learns)")
-    except CheckpointError:
-        pass
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "training" / "configs" / "offline_speech.yaml",
         {

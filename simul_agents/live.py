@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         precision = precision_from_flags(args.int8, args.fp16)
-        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True).eval(), precision)
+        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True), precision)  # in eval mode
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         limits = Limits(max_target_tokens=args.max_target_tokens)
         tty = out.isatty()

@@ -82,10 +82,7 @@ def load_model(checkpoint: str, precision: str = "fp32"):
     key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, precision)
     if key not in _MODELS:
         _MODELS.clear()
-        model = load_checkpoint(path, merge_lora=True)
-        if precision != "fp32":
-            set_precision(model.eval(), precision)
-        _MODELS[key] = model
+        _MODELS[key] = set_precision(load_checkpoint(path, merge_lora=True), precision)  # loaded in eval mode
     return _MODELS[key]
 
 

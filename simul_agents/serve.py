@@ -639,7 +639,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
         precision = precision_from_flags(args.int8, args.fp16)
-        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True).eval(), precision)
+        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True), precision)  # in eval mode
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
