@@ -286,10 +286,11 @@ class OracleHead(Head):
             memory["oracle_session"], memory["oracle_synced"] = full, 0
         written = session.written
         synced = memory["oracle_synced"]
-        if len(written) > synced:  # give the full view the same target prefix
+        if len(written) > synced or "oracle_target" not in memory:  # the full view's word after this prefix
             full.force_target(written[synced:])
             memory["oracle_synced"] = len(written)
-        target = peek_words(full, 1)
+            memory["oracle_target"] = peek_words(full, 1)  # unchanged until a word is written: READs reuse it
+        target = memory["oracle_target"]
         return WRITE if target and peek_words(session, 1) == target else READ
 
 
