@@ -37,6 +37,7 @@ from training.corpus import read_manifest  # noqa: E402
 LAYERS = ("upper", "all", "last", "lower")
 NORMALISE = ("source", "all")
 FRONTIER = (1, 2)
+SHARE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # of each setting's frontier share: where thresholds should go
 
 
 def layer_set(spec: str, n_layers: int) -> list[int]:
@@ -116,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             "auc": auc(-np.array(share), labels),
             "share_ready": float(np.median([s for s, y in zip(share, labels, strict=True) if y] or [np.nan])),
             "share_not_ready": float(np.median([s for s, y in zip(share, labels, strict=True) if not y] or [np.nan])),
+            "share_quantiles": [round(float(q), 4) for q in np.quantile(share, SHARE_QUANTILES)] if share else [],
         })  # fmt: skip
     print(f"{len(rows)} sentences, {len(points)} decision points, {labels.mean():.2f} ready")
     for r in sorted(results, key=lambda r: -r["auc"]):
         medians = ""
         if "layers" in r:
             medians = f"  median share ready {r['share_ready']:.3f} / not {r['share_not_ready']:.3f}"
+            medians += "; share at " + ", ".join(
+                f"p{round(100 * q)} {v:.3f}" for q, v in zip(SHARE_QUANTILES, r["share_quantiles"], strict=True)
+            )
         print(f"AUC {r['auc']:.3f}  {r['signal']}{medians}")
     best = max((r for r in results if "layers" in r), key=lambda r: r["auc"])
     print(json.dumps({"points": len(points), "ready": float(labels.mean()), "best_attention": best,

@@ -151,6 +151,10 @@ def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_eve
     assert text.heads("no-mslm")["wait-k"] == {"k": [1, 3, 5, 7, 9]}
     assert speech.heads("no-spsd")["wait-k"] == {"k": [1, 3, 5]}
     assert list(text.heads("main"))[:3] == ["offline", "entropy", "wait-k"]  # the targets' numbers first
+    assert text.heads("main")["attention"]["threshold"] == [0.03, 0.05, 0.08]
+    assert speech.heads("main")["attention"] == {"threshold": [0.04, 0.08, 0.13], "frontier": 1, "layers": "upper",
+                                                 "normalise": "all"}  # fmt: skip
+    assert "attention" not in speech.heads("no-spsd")
 
 
 def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
