@@ -47,6 +47,7 @@ def task_dir(tmp_path):
         _write_run(main / "entropy" / f"threshold={t}", _corrupt(refs, share, 1), refs, delays_per_word=lag)
     for k, share in ((1, 0.6), (2, 0.5)):
         _write_run(main / "wait-k" / f"k={k}", _corrupt(refs, share, 2), refs, delays_per_word=float(k))
+    _write_run(main / "oracle" / "-", refs[:100] + _corrupt(refs[100:], 1.0, 4), refs, delays_per_word=0.5)
     _write_run(root / "eval-no-mslm" / "offline" / "-", _corrupt(refs, 0.3, 3), refs, delays_per_word=10.0)
     return root
 
@@ -70,8 +71,10 @@ def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(tas
     assert points["threshold=0.5"]["matched"] == "wait-k k=1" and points["threshold=0.5"]["better"]
     assert result["offline"]["no-mslm"]["chrF"]["delta"] > 0  # main's offline decode is the clean one
     assert result["keep_offline"]["best"]["param"] == "threshold=0.5"  # LAAL 1 <= 35% of 10 words
+    assert (result["oracle"]["same_as_offline"], result["oracle"]["instances"]) == (100, 120)
     text = "\n".join(format_comparison(result))
     assert "significantly better on 2" in text and "main vs no-mslm" in text
+    assert "equals the offline decode on 100 of 120 instances" in text
 
 
 def test_matched_without_a_baseline_head_marks_points_unmatched(task_dir):
