@@ -16,6 +16,10 @@ word), ``instances.log`` (one JSON line per instance, in the order instances fin
 ``config.yaml``, and SimulEval's own ``scores`` at the end. What is not: ``elapsed`` (wall-clock time per
 word) means nothing when instances share forwards, so it is written empty and computation-aware latency is not
 available: ``--computation-aware`` is refused (run ``simuleval`` itself for that, one instance at a time).
+
+``--continue-unfinished`` (SimulEval's flag) resumes a killed run: the instances already in ``instances.log``
+are kept and only the others are run. (SimulEval's own resume restarts after the last line's index, which
+assumes instances finish in order; here they do not.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -56,6 +61,37 @@ def _pop_batch(argv: list[str]) -> tuple[int, list[str]]:
     return batch, rest
 
 
+def _pop_flag(argv: list[str], flag: str) -> tuple[bool, list[str]]:
+    """Take a boolean ``flag`` out of a command line."""
+    return flag in argv, [arg for arg in argv if arg != flag]
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` (the last one given), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _finished_lines(log: Path) -> dict[int, str]:
+    """index -> line of every complete record in a killed run's ``instances.log`` (a cut last line is dropped)."""
+    done: dict[int, str] = {}
+    if not log.is_file():
+        return done
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            index = json.loads(line)["index"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(index, int):
+            done.setdefault(index, line)
+    return done
+
+
 def run(argv: Sequence[str]) -> dict:
     """Evaluate with SimulEval's command line ``argv`` (plus ``--batch N``) in this process -> batching counts."""
     from simuleval.evaluator import build_evaluator
@@ -65,6 +101,9 @@ def run(argv: Sequence[str]) -> dict:
     from streaming_llm.batching import LMBatcher
 
     batch, rest = _pop_batch([str(a) for a in argv])
+    resume, rest = _pop_flag(rest, "--continue-unfinished")
+    output = _option(rest, "--output")
+    finished_before = _finished_lines(Path(output) / "instances.log") if resume and output else {}
     saved_argv, saved_systems = sys.argv, list(EVALUATION_SYSTEM_LIST)
     sys.argv = ["simuleval", *rest]  # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess)
     EVALUATION_SYSTEM_LIST[:] = [ProactiveAgent]
@@ -80,16 +119,22 @@ def run(argv: Sequence[str]) -> dict:
         sys.argv = saved_argv
         EVALUATION_SYSTEM_LIST[:] = saved_systems
 
+    log_path = evaluator.output / "instances.log" if evaluator.output else None
+    kept = {i: line for i, line in finished_before.items() if i in evaluator.instances}
+    if log_path is not None and kept:  # SimulEval emptied the log: the finished instances go back first
+        log_path.write_text("".join(kept[i] + "\n" for i in sorted(kept)), encoding="utf-8")
+        logger.info("resuming: %d of %d instances were finished before", len(kept), len(evaluator.instances))
+    todo = sorted((i, ins) for i, ins in evaluator.instances.items() if i not in kept)
     batcher = LMBatcher(system.model.llm)
     agents = [system] + [type(system)(args, model=system.model, head=system.head, sources=system.sources)
-                         for _ in range(min(batch, max(1, len(evaluator.instances))) - 1)]  # fmt: skip
+                         for _ in range(min(batch, max(1, len(todo))) - 1)]  # fmt: skip
     for agent in agents:
         agent.lm_call = batcher
-    pending = iter(sorted(evaluator.instances.items()))
+    pending = iter(todo)
     lock = threading.Lock()
     errors: list[BaseException] = []
-    log_path = evaluator.output / "instances.log" if evaluator.output else None
-    progress = tqdm(total=len(evaluator.instances), disable=args.no_progress_bar, desc="instances", unit="inst")
+    progress = tqdm(total=len(evaluator.instances), initial=len(kept), disable=args.no_progress_bar,
+                    desc="instances", unit="inst")  # fmt: skip
 
     def next_instance():
         with lock:

@@ -30,7 +30,8 @@ horizontal line. Paths are relative to the current directory (run from the repos
   a time whose LM forwards are batched, the same predictions and delays about 4x faster on a CPU, but no
   ``elapsed``, so the ``*_CA`` columns stay empty (measure computation-aware latency with ``--batch 1``).
 - Resumable: a run (or shard) whose ``instances.log`` holds every index of its range is not run again; an
-  incomplete one is run again from its start.
+  incomplete batched one (``--batch`` > 1) continues with the instances it has not finished
+  (``batch_eval --continue-unfinished``), an incomplete SimulEval one is run again from its start.
 - Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv`` as
   each run finishes, and to ``sweep.md`` and ``sweep.png`` (BLEU and chrF against LAAL) in ``output`` at the end.
 """
@@ -222,7 +223,8 @@ def run_job_inprocess(config: SweepConfig, job: Job, n_instances: int) -> str | 
 
     try:
         if config.batch > 1:
-            batch_eval(["--batch", str(config.batch), *simuleval_args(config, job, n_instances)])
+            batched = ["--batch", str(config.batch), "--continue-unfinished"]  # a killed shard keeps what it did
+            batch_eval([*batched, *simuleval_args(config, job, n_instances)])
         else:
             evaluate_inprocess(ProactiveAgent, simuleval_args(config, job, n_instances))
     except SystemExit as e:
@@ -237,6 +239,7 @@ def run_job_subprocess(config: SweepConfig, job: Job, n_instances: int, threads:
     job.output.mkdir(parents=True, exist_ok=True)
     if config.batch > 1:
         command = [sys.executable, "-m", "simul_agents.batch_eval", "--batch", str(config.batch)]
+        command.append("--continue-unfinished")  # a killed shard keeps the instances it finished
     else:
         command = [sys.executable, "-m", "simuleval.cli", "--agent", str(AGENT_FILE)]
     command += simuleval_args(config, job, n_instances, threads)

@@ -154,6 +154,27 @@ def test_batch_eval_runs_a_shard_and_refuses_computation_aware(data, tmp_path):
         batch_eval(["--batch", "x", *argv])
 
 
+def test_batch_eval_resumes_a_killed_run_keeping_its_finished_instances(data, tmp_path):
+    argv = ["--checkpoint", data / "text-ckpt", "--source", data / "source.txt", "--target", data / "target.txt"]
+    argv += [*LIMITS, "--head", "entropy", "--threshold", "6"]
+    batch_eval(["--batch", "2", *argv, "--output", tmp_path / "whole"])
+    whole = instances(tmp_path / "whole")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    kept = [{**whole[3], "prediction": "KEPT"}, whole[1]]  # a marker: a kept instance is not run again
+    lines = [json.dumps(ins) for ins in kept] + [json.dumps(whole[0])[:25]]  # the last line cut mid-write
+    (killed / "instances.log").write_text("\n".join(lines), encoding="utf-8")
+    batch_eval(["--batch", "2", *argv, "--output", killed, "--continue-unfinished"])
+    got = instances(killed)
+    assert [ins["index"] for ins in got] == list(range(len(SENTENCES)))
+    assert got[3]["prediction"] == "KEPT"
+    for a, b in zip(whole, got, strict=True):
+        if a["index"] != 3:
+            assert (b["prediction"], b["delays"]) == (a["prediction"], a["delays"])
+    batch_eval(["--batch", "2", *argv, "--output", killed])  # without the flag: a fresh run, as SimulEval's
+    assert [ins["prediction"] for ins in instances(killed)] == [ins["prediction"] for ins in whole]
+
+
 def test_a_request_that_fails_fails_alone():
     model = untied_tiny("text", seed=3)
     batcher = LMBatcher(model.llm)

@@ -127,6 +127,21 @@ def test_batched_sweep_gives_simulevals_runs(setup, tmp_path, jobs):
     assert all(r["LAAL_CA"] == "" for r in got)
 
 
+def test_a_killed_batched_shard_continues_with_the_instances_it_had_not_finished(setup, tmp_path):
+    heads = {"wait-k": {"k": [1]}, "offline": False}
+    config = write_config(setup, tmp_path / "batched.yaml", heads=heads, output=str(tmp_path / "out"), shards=2)
+    assert main([str(config), "--batch", "3"]) == 0
+    run = tmp_path / "out" / "wait-k" / "k=1"
+    shard = run / "shards" / "000002-000004" / "instances.log"
+    first = sorted((json.loads(line) for line in shard.read_text().splitlines()), key=lambda ins: ins["index"])
+    shard.write_text(json.dumps({**first[0], "prediction": "KEPT"}) + "\n")  # killed after one instance
+    (run / "instances.log").unlink()
+    assert main([str(config), "--batch", "3"]) == 0
+    merged = [json.loads(line) for line in (run / "instances.log").read_text().splitlines()]
+    assert [ins["index"] for ins in merged] == [0, 1, 2, 3]
+    assert merged[2]["prediction"] == "KEPT" and merged[3]["prediction"] == first[1]["prediction"]
+
+
 @pytest.mark.slow
 def test_parallel_jobs_run_simuleval_subprocesses(setup, tmp_path):
     """--jobs 2: SimulEval subprocesses through the real `--agent simul_agents/proactive_agent.py` path."""
