@@ -16,10 +16,10 @@ every task's main model, then every main sweep, then the ablations:
   stage from its newest step checkpoint.
   ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs and shards of 250 instances are
-  kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``:
-  SimulEval's loop with batched LM forwards; same predictions and delays, 4x (text) and 2.8x (speech) faster
-  here, no ``elapsed``);
+  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs, shards of 250 instances and a
+  killed shard's finished instances are kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a
+  time (``simul_agents.batch_eval``: SimulEval's loop with batched LM forwards; same predictions and delays, 4x
+  (text) and 2.8x (speech) faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
   offline on ``main``, the LLM in float32, float16 and int8): the computation-aware latency of one stream here;
 - ``<task>-compare-main`` (right after the main sweep: the heads against each other) and ``<task>-compare``
@@ -74,7 +74,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "local-agreement": {"n": [2]},
 }
 ABLATION_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 2.0, 3.0, 4.0]}, "wait-k": {}}  # k: TaskPlan
-SHARD = 250  # test instances per SimulEval job: an interrupted sweep loses at most one shard of one run
+SHARD = 250  # test instances per SimulEval job (a killed one keeps its finished instances: batch_eval)
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True}}  # agent flags
 CA_VARIANTS = tuple(CA_PRECISIONS)  # the computation-aware runs: the main model with its LLM in fp32, fp16, int8
