@@ -142,8 +142,11 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
         if offline:  # the oracle writes only full-view words, but the words after them see stale target states
-            ours, theirs = hypotheses(oracle["output"])[0], hypotheses(offline["output"])[0]
-            result["oracle"]["same_as_offline"] = sum(a == b for a, b in zip(ours, theirs, strict=True))
+            ours, theirs = (
+                {ins["index"]: ins.get("prediction") or "" for ins in read_instances(run["output"])}
+                for run in (oracle, offline)
+            )
+            result["oracle"]["same_as_offline"] = sum(ours[i] == theirs.get(i) for i in ours)
             result["oracle"]["instances"] = len(ours)
     return result
 
