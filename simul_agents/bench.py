@@ -3,7 +3,8 @@
     python -m simul_agents.bench [--tasks text speech] [--only STAGE ...] [--jobs 2] [--batch 32] [--list]
 
 Stages (each a function below; a finished stage leaves ``runs/bench/done/<stage>.json`` and is never redone),
-every task's main model, then every main sweep, then the ablations:
+every task's main model, then every main sweep, then the ablations (the speech encoder's first: it needs only
+the main models):
 
 - ``assets``; ``<task>-corpus``: the offline corpus at full size (text: every Ding pair; speech: Piper audio,
   the train split capped, the test split large enough for the bootstrap);
@@ -387,7 +388,7 @@ def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
 def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict | None]]]:
     """Every stage in order: every task's corpus and main model, then their sweeps, then the ablations, so that
     the most important things (the main models, which ``make demo`` reuses, then their curves) exist first
-    when a CPU run is interrupted."""
+    when a CPU run is interrupted. Each task's ``compare`` follows its last ablation."""
     plan: list[tuple[str, Callable[[], dict | None]]] = [("assets", stage_assets)]
     for name in tasks:
         task = TASKS[name]
@@ -399,12 +400,18 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main"])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
-    for name in tasks:
+    ablations = [(name, variant) for name in tasks for variant in TASKS[name].variants]
+    # first those that start from a main model (speech encoder-lora: does fine-tuning the encoder pay?), then
+    # the recipe ablations, which a speech model takes from the text model of the same recipe
+    first = [(name, variant) for name, variant in ablations if INIT_VARIANT.get(variant) == "main"]
+    order = first + [a for a in ablations if a not in first]
+    last = dict(order)  # each task's last ablation: its compare stage follows it
+    for name, variant in order:
         task = TASKS[name]
-        for variant in task.variants:
-            plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
-            plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
-        plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, ["main", *t.variants])))
+        plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
+        plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
+        if variant == last[name]:
+            plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, ["main", *t.variants])))
     plan.append(("streaming-cost", lambda: stage_benchmark(bench, "benchmarks/streaming_cost.py", ["--real"])))
     plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
     return plan

@@ -168,7 +168,12 @@ def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations(
     both = [name for name, _ in B.stages(B.Bench(), ["text", "speech"])]
     assert both.index("speech-computation-aware") < both.index("text-train-no-mslm")
     assert both.index("speech-train-main") < both.index("text-sweep-main")  # both models before any sweep
-    assert both.index("text-compare") < both.index("speech-train-encoder-lora") < both.index("speech-compare")
+    # the encoder ablation needs only the main models: it runs first (it answers whether fine-tuning pays)
+    assert both.index("speech-computation-aware") < both.index("speech-train-encoder-lora")
+    assert both.index("speech-sweep-encoder-lora") < both.index("text-train-no-mslm")
+    assert both.index("text-sweep-no-spsd") < both.index("text-compare") < both.index("speech-train-no-mslm")
+    assert both.index("speech-sweep-no-spsd") < both.index("speech-compare")
+    assert len(both) == len(set(both))
     assert "text-train-encoder-lora" not in both  # a text model has no encoder
 
 
