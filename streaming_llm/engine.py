@@ -26,6 +26,7 @@ it is recomputed when the model's weights change in place or are replaced.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -117,6 +118,7 @@ class StreamingSession:
         self.words: list[str] = []
         self._out = None  # the LM output of the last pending-row forward
         self._unfed: list[tuple[torch.Tensor, list[int]]] = []  # source (embeds (q, d), unit per entry) not yet fed
+        self._forked = False  # a fork (``fork``) decodes ahead and takes no source
         if self.config.modality == SPEECH:
             self.mel = StreamingMel(model.encoder.n_mels)
             self.encoder_cache = model.encoder.new_cache()
@@ -166,6 +168,7 @@ class StreamingSession:
         session takes the rest, as ``streaming_llm.long_stream`` does).
         """
         self._require(SPEECH, "push_audio")
+        self._refuse_source_on_fork("push_audio")
         if self.source_finished:
             raise ValueError("push_audio after finish_source; start a new session for a new utterance")
         if np.asarray(samples).size == 0:
@@ -190,6 +193,7 @@ class StreamingSession:
     def push_words(self, words: Sequence[str]) -> int:
         """Append source words (text modality) -> number of new units read."""
         self._require(TEXT, "push_words")
+        self._refuse_source_on_fork("push_words")
         if self.source_finished:
             raise ValueError("push_words after finish_source; start a new session for a new sentence")
         words = [w for w in words if w.strip()]
@@ -203,6 +207,7 @@ class StreamingSession:
         """The source is complete: flush a partial block (zero-padded) and append the end-of-source marker."""
         if self.source_finished:
             return
+        self._refuse_source_on_fork("finish_source")
         if self.config.modality == SPEECH:
             short = (-self.samples_in) % self.model.block_samples
             if self.samples_in == 0:
@@ -348,6 +353,24 @@ class StreamingSession:
                 if int(i) == self.model.eos_id:
                     self.finished = True
 
+    def fork(self) -> StreamingSession:
+        """A copy of this session that decodes ahead on its own: writing on either leaves the other as it was.
+
+        Cheap: the copy shares the cached key/value tensors, which a cache never changes in place (it only
+        makes new ones: ``torch.cat`` on update, views on crop). A fork is for decoding ahead (LocalAgreement's
+        hypotheses): it takes no more source.
+        """
+        self.flush()
+        twin = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, list):
+                setattr(twin, key, list(value))
+        twin.cache = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            twin.cache.update(layer.keys, layer.values, i)
+        twin._forked = True
+        return twin
+
     # ---- the cache ---------------------------------------------------------------------------------
 
     @property
@@ -430,6 +453,10 @@ class StreamingSession:
         units = torch.tensor(self.entry_units, device=rows.device)
         mass = torch.zeros(rows.shape[0], self.units_read + 1, device=rows.device).index_add_(1, units, rows)
         return mass[:, 1:]
+
+    def _refuse_source_on_fork(self, what: str) -> None:
+        if self._forked:  # its speech front end (mel, encoder cache) is its parent's
+            raise ValueError(f"{what} on a fork: a fork only decodes ahead; give the source to its parent session")
 
     def _require(self, modality: str, what: str) -> None:
         if self.config.modality != modality:

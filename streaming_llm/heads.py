@@ -231,14 +231,51 @@ class LocalAgreementHead(Head):
             raise ValueError(f"local-agreement: n={self.n}, horizon={self.horizon}; both must be at least 1")
 
     def decide(self, signals, session, memory):
-        history = memory.setdefault("local_agreement", [])  # [(units_read, words)], newest last
+        history = memory.setdefault("local_agreement", [])  # [(units_read, Hypothesis)], newest last
         if not history or history[-1][0] != signals.units_read:
-            history.append((signals.units_read, list(session.words) + peek_words(session, self.horizon)))
+            history.append((signals.units_read, Hypothesis(session, self.horizon)))
             del history[: -self.n]
         if len(history) < self.n:
             return READ
-        agreed = common_prefix([words for _, words in history])
-        return WRITE if len(agreed) > signals.n_words else READ
+        return WRITE if agreed_length([h for _, h in history]) > signals.n_words else READ
+
+
+class Hypothesis:
+    """The words written so far, then the greedy continuation of the session as it was when this was made, up to
+    ``horizon`` more words or the sentence's end (``list(session.words) + peek_words(session, horizon)``), but
+    decoded only as far as someone reads it (``word(i)``), on a fork of the session.
+
+    LocalAgreement compares each new hypothesis with the previous ones only up to where they part, so most of a
+    hypothesis is never read: decoding it lazily gives the same agreed prefix for a fraction of the forwards.
+    """
+
+    def __init__(self, session: StreamingSession, horizon: int):
+        self.words = list(session.words)
+        self.limit = len(self.words) + horizon
+        self._ahead: StreamingSession | None = session.fork()
+
+    def word(self, i: int) -> str | None:
+        """The i-th word, decoded now if need be; None past the hypothesis's end."""
+        while len(self.words) <= i and self._ahead is not None:
+            ahead = self._ahead
+            word = None if ahead.finished or len(self.words) >= self.limit else ahead.write_word()
+            if word is None:
+                self._ahead = None  # ended: the sentence, the horizon or the token cap
+                break
+            self.words.append(word)
+            if ahead.finished:
+                self._ahead = None
+        return self.words[i] if i < len(self.words) else None
+
+
+def agreed_length(hypotheses: Sequence[Hypothesis]) -> int:
+    """How many leading words all the hypotheses share (decoding each only as far as that takes)."""
+    k = 0
+    while True:
+        words = [h.word(k) for h in hypotheses]
+        if words[0] is None or any(w != words[0] for w in words[1:]):
+            return k
+        k += 1
 
 
 @dataclass(frozen=True)
@@ -374,43 +411,13 @@ def parse_head_params(items: Sequence[str]) -> dict[str, str]:
 
 
 def peek_words(session: StreamingSession, n: int) -> list[str]:
-    """Greedily decode up to ``n`` words from the session's state, then put the session back exactly as it was.
-
-    Writing only appends to the KV cache and to the session's own attributes, so the cache is cropped back to
-    its length before the peek and every attribute is restored (lists in place); this costs the forward
-    passes only, no copy of the cache. Stops early when the model would end the sentence.
-    (An engine method ``StreamingSession.peek_words`` / ``snapshot``-``rollback`` would be the clean home.)
-    """
-    session.flush()  # waiting source goes into the cache first, so the crop below removes only the peek
-    n_cached = session.cache.get_seq_length()
-    saved = {key: (list(value) if isinstance(value, list) else value) for key, value in vars(session).items()}
-    try:
-        words: list[str] = []
-        while len(words) < n and not session.finished:
-            word = session.write_word()
-            if word is None:
-                break
-            words.append(word)
-        return words
-    finally:
-        added = session.cache.get_seq_length() - n_cached
-        if added > 0:  # transformers 5 crops by a negative count of entries to remove
-            session.cache.crop(-added)
-        for key, value in saved.items():
-            current = getattr(session, key)
-            if isinstance(value, list) and isinstance(current, list):
-                current[:] = value
-            else:
-                setattr(session, key, value)
-
-
-def common_prefix(sequences: Sequence[Sequence[str]]) -> list[str]:
-    """Longest common prefix of word lists."""
-    if not sequences:
-        return []
-    prefix = []
-    for column in zip(*sequences, strict=False):
-        if any(word != column[0] for word in column[1:]):
+    """Greedily decode up to ``n`` words ahead of the session, which stays as it was (the words are decoded on a
+    ``fork``). Stops early when the model would end the sentence."""
+    ahead = session.fork()
+    words: list[str] = []
+    while len(words) < n and not ahead.finished:
+        word = ahead.write_word()
+        if word is None:
             break
-        prefix.append(column[0])
-    return prefix
+        words.append(word)
+    return words

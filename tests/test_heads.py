@@ -1,5 +1,7 @@
 """Decision heads: the shared rules, each head's rule, decoding ahead without committing, the oracle."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,6 @@ from streaming_llm.heads import (
     OfflineHead,
     OracleHead,
     WaitKHead,
-    common_prefix,
     decide,
     make_head,
     parse_head_params,
@@ -172,6 +173,16 @@ def test_make_head_converts_and_names_its_errors():
         parse_head_params(["threshold"])
 
 
+def common_prefix(sequences):
+    """Longest common prefix of word lists."""
+    prefix = []
+    for column in zip(*sequences, strict=False):
+        if any(word != column[0] for word in column[1:]):
+            break
+        prefix.append(column[0])
+    return prefix
+
+
 def test_common_prefix():
     assert common_prefix([["a", "b", "c"], ["a", "b", "d"], ["a", "b"]]) == ["a", "b"]
     assert common_prefix([["a"], ["b"]]) == []
@@ -202,16 +213,56 @@ def test_peek_words_leaves_the_session_as_it_was(model):
     assert peeked.written == plain.written
 
 
-def test_local_agreement_writes_only_what_two_prefixes_agree_on(model):
-    head = LocalAgreementHead(n=2, horizon=6)
-    session, memory = StreamingSession(model, max_target_tokens=40), {}
-    for word in WORDS:
+@dataclasses.dataclass(frozen=True)
+class EagerLocalAgreement(LocalAgreementHead):
+    """LocalAgreement by its definition: every hypothesis decoded whole, then their longest common prefix."""
+
+    def decide(self, signals, session, memory):
+        history = memory.setdefault("eager", [])
+        if not history or history[-1][0] != signals.units_read:
+            history.append((signals.units_read, list(session.words) + peek_words(session, self.horizon)))
+            del history[: -self.n]
+        if len(history) < self.n:
+            return READ
+        return WRITE if len(common_prefix([words for _, words in history])) > signals.n_words else READ
+
+
+def run_text(model, head, words=WORDS):
+    """(words written, units read at each write) of a whole sentence under ``head``."""
+    session, memory, delays = StreamingSession(model, max_target_tokens=40), {}, []
+    for i, word in enumerate(words):
         session.push_words([word])
+        if i == len(words) - 1:
+            session.finish_source()
         while decide(head, session, memory) is WRITE:
-            assert session.write_word() is not None
-        history = [words for _, words in memory["local_agreement"]]
-        assert session.words == common_prefix(history)[: len(session.words)]
-        assert len(common_prefix(history)) <= len(session.words) or decide(head, session, memory) is READ
+            if session.write_word() is None:
+                break
+            delays.append(session.units_read)
+    return session.words, delays
+
+
+@pytest.mark.parametrize(("n", "horizon"), [(2, 6), (2, 32), (3, 4)])
+def test_local_agreement_writes_what_whole_hypotheses_agree_on(model, n, horizon):
+    """Hypotheses decoded lazily, on forks, as far as the comparison reads them: the same words, the same delays."""
+    for words in (WORDS, WORDS[::-1], WORDS[2:7]):
+        lazy = run_text(model, LocalAgreementHead(n=n, horizon=horizon), words)
+        assert lazy == run_text(model, EagerLocalAgreement(n=n, horizon=horizon), words)
+        assert len(lazy[0]) > 0
+
+
+def test_a_fork_decodes_ahead_and_leaves_its_parent_as_it_was(model):
+    parent = StreamingSession(model, max_target_tokens=30)
+    parent.push_words(WORDS[:4])
+    before = parent.next_logits().clone()
+    twin = parent.fork()
+    ahead = [twin.write_word() for _ in range(3)]
+    torch.testing.assert_close(parent.next_logits(), before, rtol=0, atol=0)
+    assert parent.words == [] and len(parent.written) == 0 and len(twin.written) > 0
+    assert peek_words(parent, 3) == ahead
+    parent.push_words(WORDS[4:5])  # the parent reads on; the fork's words stay its own
+    assert twin.words == ahead
+    with pytest.raises(ValueError, match="on a fork"):
+        twin.push_words(["more"])
 
 
 def test_oracle_writes_the_offline_translation_no_later(model):
