@@ -413,11 +413,8 @@ def parse_head_params(items: Sequence[str]) -> dict[str, str]:
 def peek_words(session: StreamingSession, n: int) -> list[str]:
     """Greedily decode up to ``n`` words ahead of the session, which stays as it was (the words are decoded on a
     ``fork``). Stops early when the model would end the sentence."""
-    ahead = session.fork()
-    words: list[str] = []
-    while len(words) < n and not ahead.finished:
-        word = ahead.write_word()
-        if word is None:
-            break
-        words.append(word)
-    return words
+    ahead = Hypothesis(session, n)
+    start = len(ahead.words)
+    if n > 0:
+        ahead.word(start + n - 1)  # decodes up to n words, fewer if the sentence ends first
+    return ahead.words[start:]
