@@ -416,3 +416,30 @@ def test_init_llm_refuses_weights_the_run_would_not_keep(tmp_path):
         build_training_model(load_config(ROOT / "training/configs/tiny_speech.yaml", lora))
     with pytest.raises(TrainingError, match="not a checkpoint"):
         build_training_model(load_config(TINY_TEXT, {"init_llm": str(tmp_path / "nothing")}))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "frozen"])
+def test_a_fine_tuned_encoder_learns_and_its_checkpoint_keeps_what_it_learned(tmp_path, mode):
+    from streaming_llm.checkpoint import load_checkpoint
+
+    speech_manifest(tmp_path)
+    over = {"out_dir": str(tmp_path / "run"), "train_manifest": str(tmp_path / "train.tsv"), "dev_manifest": "",
+            "max_steps": 3, "lr": 1e-2}  # fmt: skip
+    cfg = load_config(ROOT / "training/configs/tiny_speech.yaml", {**over, "train_encoder": mode})
+    start = load_config(ROOT / "training/configs/tiny_speech.yaml", {**over, "max_steps": 1})
+    from training.train import build_training_model
+
+    torch.manual_seed(cfg.seed)  # as train() does: the same random tiny model it starts from
+    before = build_training_model(start)
+    final = train(cfg)
+    audio = sf.read(tmp_path / "u2.wav", dtype="float32")[0]
+    with torch.no_grad():
+        old = before.encode_speech(audio)
+        kept = load_checkpoint(final).encode_speech(audio)
+        merged = load_checkpoint(final, merge_lora=True).encode_speech(audio)
+    moved = (kept - old).abs().max()
+    if mode == "frozen":  # the control: outputs cached once, the encoder untouched
+        assert moved == 0 and any((tmp_path / "run" / "encoder_cache").glob("*.pt"))
+    else:  # it moved, the checkpoint holds what it learned, and its outputs are never cached
+        assert moved > 1e-3 and not (tmp_path / "run" / "encoder_cache").exists()
+    assert torch.allclose(kept, merged, atol=1e-5)
