@@ -147,6 +147,25 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert "](results/text/curve.png)" in embedded and "### text-to-text En-De" in embedded
 
 
+def test_summary_gives_each_computation_aware_run_its_ratio_to_plain_laal(tmp_path):
+    from simul_agents.sweep import write_csv
+
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)
+    base = {"task": "t", "BLEU": 1.0, "chrF": 17.0, "n_instances": 100, "mean_source_length": 2300.0}
+    for variant in ("main", "main-ca-int8"):
+        (tmp_path / "speech" / f"eval-{variant}").mkdir(parents=True)
+    write_csv([{**base, "head": "offline", "param": "-", "LAAL": 2300.0, "AL": 2300.0}],
+              tmp_path / "speech" / "eval-main" / "sweep.csv")  # fmt: skip
+    write_csv([{**base, "head": "entropy", "param": "threshold=3.0", "LAAL": 1600.0, "LAAL_CA": 2400.0},
+               {**base, "head": "offline", "param": "-", "LAAL": 2300.0, "LAAL_CA": 2875.0}],
+              tmp_path / "speech" / "eval-main-ca-int8" / "sweep.csv")  # fmt: skip
+    summary = B.write_summary(bench, ["speech"]).read_text()
+    assert "| main-ca-int8 | entropy | threshold=3.0 | 1600 | 2400 | 1.50 | 1.00 | 17.00 |" in summary
+    assert "| main-ca-int8 | offline | - | 2300 | 2875 | 1.25 |" in summary
+    assert "n = 100" in summary and "at most 1.25x LAAL" in summary
+    assert "| main | offline | - |" in summary and "| main | offline | - | 2300 | 2300 |" not in summary
+
+
 def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_every_other_k():
     text, speech = B.TASKS["text"], B.TASKS["speech"]
     assert text.heads("main")["wait-k"] == {"k": list(range(1, 10))}
