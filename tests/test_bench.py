@@ -177,6 +177,9 @@ def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_eve
     assert speech.heads("main")["attention"] == {"threshold": [0.04, 0.08, 0.13], "frontier": 1, "layers": "upper",
                                                  "normalise": "all"}  # fmt: skip
     assert "attention" not in speech.heads("no-spsd")
+    assert text.heads("main")["entropy"] == {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}
+    assert speech.heads("main")["entropy"]["threshold"][-1] == 6.0  # down to LAAL 35% of the source
+    assert speech.heads("no-spsd")["entropy"] == {"threshold": [1.0, 2.0, 3.0, 4.0]}
 
 
 def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
