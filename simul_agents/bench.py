@@ -31,6 +31,12 @@ the main models):
 Outputs: ``results/<task>/runs.csv`` (every run of every variant), ``results/<task>/curve.png``,
 ``results/<task>/compare.json``, ``results/<task>/model`` (the main model's trained delta, which ``make demo``
 reuses), ``results/bench/*.json`` and ``results/SUMMARY.md``. Work files stay in ``runs/bench``.
+
+What a later stage or a fresh machine needs is kept under ``results/`` too, so that a run spread over sessions
+survives landing on a machine without ``runs/``: every stage's record (``results/bench/stages``), every trained
+variant's final checkpoint (``results/<task>/model``, ``results/<task>/models/<variant>``) and every finished
+sweep run's ``instances.log`` (``results/<task>/logs``; ``simul_agents.archive``). On start the bench puts them
+back (``restore``) and skips each stage whose outputs all came back; assets and corpora are rebuilt.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from simul_agents.archive import missing_logs, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> training overrides
@@ -146,6 +154,19 @@ class Bench:
     def done_dir(self) -> Path:
         return self.runs / "done"
 
+    @property
+    def records(self) -> Path:
+        """The stage records kept with the results (committed): what a fresh machine restores from."""
+        return self.results / "bench" / "stages"
+
+    def model_dir(self, task: str, variant: str) -> Path:
+        """Where a trained variant's final checkpoint is kept (``main``'s is the one ``make demo`` reuses)."""
+        return self.results / task / ("model" if variant == "main" else f"models/{variant}")
+
+    def archive_dir(self, task: str, variant: str) -> Path:
+        """Where an evaluation's finished runs are kept (``simul_agents.archive``)."""
+        return self.results / task / "logs" / f"eval-{variant}"
+
 
 class StageFailed(RuntimeError):
     pass
@@ -216,8 +237,9 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
         handler.close()
     record = {"stage": name, "seconds": round(clock.seconds(), 1), "attempts": clock.attempts,
               "finished": time.strftime("%Y-%m-%d %H:%M"), **info}  # fmt: skip
-    bench.done_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for path in (marker, bench.records / f"{name}.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"== {name}: finished in {record['seconds'] / 60:.1f} min", flush=True)
     return record
 
@@ -270,12 +292,11 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
         overrides["encoder_cache"] = str(bench.runs / task.name / "main" / "encoder_cache")
     final = train(load_config(ROOT / task.train_config, overrides), resume=True)
     info = {"checkpoint": str(final), **training_summary(out / "log.jsonl")}
-    if variant == "main":
-        target = bench.results / task.name / "model"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(final, target)
-        info["results_model"] = str(target)
+    target = bench.model_dir(task.name, variant)  # kept with the results: a fresh machine restores it
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(final, target)
+    info["results_model"] = str(target)
     return info
 
 
@@ -325,6 +346,7 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         agent_args=task.agent_args,
     )
     rows, errors = sweep(config, jobs=bench.jobs)  # writes config.output/sweep.csv as runs finish
+    pack(config.output, bench.archive_dir(task.name, variant))
     if errors:
         raise RuntimeError("failed runs: " + "; ".join(errors))
     return {"runs": len(rows), "output": str(config.output)}
@@ -358,6 +380,7 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
             agent_args={**task.agent_args, **extra},
         )
         rows, errors = sweep(config, jobs=1)  # writes config.output/sweep.csv
+        pack(config.output, bench.archive_dir(task.name, variant))
         if errors:
             raise RuntimeError("failed runs: " + "; ".join(errors))
         runs += len(rows)
@@ -367,6 +390,12 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
 def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
     from simul_agents.compare import compare_task
 
+    for variant in variants:  # a table restored without its logs (an older machine's sweep) cannot be compared
+        missing = missing_logs(bench.runs / task.name / f"eval-{variant}")
+        if missing:
+            raise RuntimeError(f"{len(missing)} run(s) of {task.name}-sweep-{variant} have no instances.log here "
+                               f"(e.g. {missing[0]}); rerun that sweep: python -m simul_agents.bench --only "
+                               f"{task.name}-sweep-{variant}")  # fmt: skip
     result = compare_task(bench.runs / task.name, variants, task.name)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -423,6 +452,95 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
     plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
     return plan
 
+# ---- a fresh machine ---------------------------------------------------------------------------------------
+
+
+def restore(bench: Bench, tasks: list[str], names: list[str]) -> list[str]:
+    """Bring back from ``results/`` what finished stages left there, on a machine whose ``runs/bench`` is new (a
+    later session landed elsewhere, or ``runs/`` was deleted): every archived sweep run (always, so that a sweep
+    resumes from them), each trained variant's final checkpoint, and the done marker of every stage whose outputs
+    are all back. Assets and corpora are rebuilt (deterministic; they skip what exists). Returns the stages
+    restored."""
+    for task in tasks:
+        for archive in sorted((bench.results / task / "logs").glob("eval-*")):
+            count = unpack(archive, bench.runs / task / archive.name)
+            if count:
+                log.info("%s/%s: %d finished run(s) restored from %s", task, archive.name, count, archive)
+        seed_tables(bench, task)
+    restored = []
+    for name in names:
+        marker, record = bench.done_dir / f"{name}.json", bench.records / f"{name}.json"
+        if not marker.is_file() and record.is_file() and _outputs_back(bench, name):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record, marker)
+            restored.append(name)
+    if restored:
+        print(f"== restored from {bench.results}: {', '.join(restored)}", flush=True)
+    return restored
+
+
+def _outputs_back(bench: Bench, name: str) -> bool:
+    """Whether what stage ``name`` made is here again (copying a trained model back from ``results/``)."""
+    if name in ("streaming-cost", "training-cost"):
+        return (bench.results / "bench" / f"{name.replace('-', '_')}.json").is_file()
+    task, _, kind = name.partition("-")
+    if kind.startswith("train-"):
+        variant = kind.removeprefix("train-")
+        source, final = bench.model_dir(task, variant), bench.runs / task / variant / "final"
+        if not (source / "checkpoint.json").is_file():
+            return False
+        if not (final / "checkpoint.json").is_file():
+            if final.exists():
+                shutil.rmtree(final)
+            shutil.copytree(source, final)
+        return True
+    if kind.startswith("sweep-") or kind == "computation-aware":
+        variants = [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
+        return all(
+            (bench.archive_dir(task, v) / "sweep.csv").is_file() and not missing_logs(bench.runs / task / f"eval-{v}")
+            for v in variants
+        )
+    if kind in ("compare", "compare-main"):
+        return (bench.results / task / "compare.json").is_file()
+    return False
+
+
+def seed_tables(bench: Bench, task: str) -> None:
+    """A variant in ``results/<task>/runs.csv`` with neither a table here nor an archive (measured before runs were
+    archived) gets its ``sweep.csv`` back from those rows, so the summary keeps its numbers; its runs have no
+    ``instances.log`` here, so the sweep runs them again and a comparison refuses them until it has."""
+    import csv
+
+    from simul_agents.sweep import write_csv
+
+    table = bench.results / task / "runs.csv"
+    if not table.is_file():
+        return
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        eval_dir = bench.runs / task / f"eval-{variant}"
+        if (eval_dir / "sweep.csv").is_file():
+            continue
+        mine = [{k: v for k, v in r.items() if k != "variant"} for r in rows if r["variant"] == variant]
+        for r in mine:
+            r["output"] = str(eval_dir / r["head"] / r["param"].replace("/", "_"))
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(mine, eval_dir / "sweep.csv")
+        log.info("%s: %d run(s) of %s restored from %s without their logs", task, len(mine), variant, table)
+
+
+def planned_runs(task: str, variant: str) -> int:
+    """How many runs the bench sweeps on ``variant`` (a computation-aware variant: ``CA_HEADS``)."""
+    if variant in CA_VARIANTS:
+        heads = CA_HEADS
+    elif task in TASKS and variant in VARIANTS:
+        heads = TASKS[task].heads(variant)
+    else:
+        return 0
+    return sum(math.prod(len(v) for v in params.values() if isinstance(v, list)) for params in heads.values())
+
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.bench", description=__doc__.split("\n\n")[0])
@@ -441,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     bench = Bench(jobs=args.jobs, batch=max(1, args.batch))
     plan = stages(bench, args.tasks)
+    restore(bench, args.tasks, [name for name, _ in plan])
     if args.list:
         for name, _ in plan:
             print(f"{name:24s} {'done' if (bench.done_dir / f'{name}.json').is_file() else 'to run'}")
@@ -498,6 +617,8 @@ def _number(value: str):
 def write_task_results(bench: Bench, task: str) -> list[dict]:
     from simul_agents.sweep import COLUMNS, plot
 
+    for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
+        pack(eval_dir, bench.archive_dir(task, eval_dir.name.removeprefix("eval-")))
     rows = collect_rows(bench, task)
     if not rows:
         return rows
@@ -520,9 +641,9 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:
-    done = {}
-    if bench.done_dir.is_dir():
-        for path in sorted(bench.done_dir.glob("*.json")):
+    done = {}  # the committed records (this machine's or an earlier one's), then this machine's markers
+    for folder in (bench.records, bench.done_dir):
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             done[path.stem] = json.loads(path.read_text(encoding="utf-8"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     lines = [
@@ -562,10 +683,10 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         ]
         for variant in dict.fromkeys(r["variant"] for r in rows):
             stage = f"{task}-computation-aware" if variant in CA_VARIANTS else f"{task}-sweep-{variant}"
-            if stage not in done:
-                n_runs = sum(1 for r in rows if r["variant"] == variant)
-                lines += [f"**Partial:** `{stage}` has not finished; the {n_runs} run(s) of `{variant}` below are "
-                          "the ones finished so far.", ""]  # fmt: skip
+            n_runs, planned = sum(1 for r in rows if r["variant"] == variant), planned_runs(task, variant)
+            if n_runs < planned:
+                lines += [f"**Partial:** `{stage}` has not finished; the {n_runs} of {planned} run(s) of `{variant}` "
+                          "below are the ones finished so far.", ""]  # fmt: skip
         lines += [
             "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
             "|---|---|---|---|---|---|---|---|---|",

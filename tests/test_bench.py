@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -203,7 +204,15 @@ def test_speech_variants_start_from_their_text_model_and_share_a_frozen_encoders
     import training.train
 
     seen = {}
-    monkeypatch.setattr(training.train, "train", lambda cfg, resume: seen.setdefault(cfg.out_dir, cfg) and None)
+
+    def fake_train(cfg, resume):
+        seen[cfg.out_dir] = cfg
+        final = Path(cfg.out_dir) / "final"
+        final.mkdir(parents=True)
+        (final / "checkpoint.json").write_text("{}")
+        return final
+
+    monkeypatch.setattr(training.train, "train", fake_train)
     monkeypatch.setattr(B, "training_summary", lambda path: {})
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
     with pytest.raises(RuntimeError, match="text-train-no-spsd"):  # a speech LLM starts from the text model
@@ -217,3 +226,63 @@ def test_speech_variants_start_from_their_text_model_and_share_a_frozen_encoders
     assert frozen.train_encoder == "frozen" and frozen.encoder_cache.endswith("speech/main/encoder_cache")
     assert tuned.train_encoder == "lora" and "main" not in tuned.encoder_cache
     assert frozen.init_llm.endswith("text/no-spsd/final") and tuned.init_llm.endswith("text/main/final")
+    for variant in ("no-spsd", "encoder-lora"):  # every variant's final model is kept with the results
+        assert (tmp_path / "results" / "speech" / "models" / variant / "checkpoint.json").is_file()
+
+
+def _score_into_table(eval_dir):
+    from simul_agents.score import score_output
+    from simul_agents.sweep import write_csv
+
+    rows = []
+    for log in sorted(eval_dir.glob("*/*/instances.log")):
+        out = log.parent
+        rows.append({"task": "t", "head": out.parent.name, "param": out.name, **score_output(out), "output": str(out)})
+    write_csv(rows, eval_dir / "sweep.csv")
+
+
+def test_a_fresh_machine_gets_finished_stages_back_from_results(tmp_path, task_dir):
+    import shutil
+
+    old = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)  # task_dir is tmp_path / "text"
+    _score_into_table(task_dir / "eval-main")
+    model = old.model_dir("text", "main")
+
+    def train():
+        model.mkdir(parents=True)
+        (model / "checkpoint.json").write_text("{}")
+        return {"steps": 5}
+
+    B.run_stage(old, "text-train-main", train)
+    B.run_stage(old, "text-sweep-main", lambda: {"runs": 6})
+    B.run_stage(old, "text-train-no-spsd", lambda: {"steps": 5})  # its model never reached results/
+    B.write_summary(old, ["text"])  # archives every scored run
+    archive = old.archive_dir("text", "main")
+    assert len(list(archive.glob("*/*/instances.log.gz"))) == 6
+    assert B.pack(task_dir / "eval-main", archive) == 0  # unchanged runs are not written again
+
+    new = B.Bench(runs=tmp_path / "elsewhere", results=old.results, readme=None)
+    names = ["text-train-main", "text-sweep-main", "text-train-no-spsd", "text-sweep-no-spsd"]
+    assert B.restore(new, ["text"], names) == ["text-train-main", "text-sweep-main"]
+    assert (new.runs / "text" / "main" / "final" / "checkpoint.json").is_file()
+    back = new.runs / "text" / "eval-main"
+    for log in task_dir.glob("eval-main/*/*/instances.log"):
+        assert (back / log.relative_to(task_dir / "eval-main")).read_bytes() == log.read_bytes()
+    shutil.rmtree(task_dir)  # the old machine is gone: its comparison now runs on what came back
+    new = B.Bench(runs=new.runs, results=old.results, readme=None)
+    assert B.stage_compare(new, B.TASKS["text"], ["main"])["output"].endswith("compare.json")
+
+
+def test_runs_measured_before_the_archive_keep_their_numbers_but_cannot_be_compared(tmp_path):
+    results = tmp_path / "results"
+    (results / "text").mkdir(parents=True)
+    (results / "text" / "runs.csv").write_text(
+        "variant,task,head,param,BLEU,chrF,LAAL,n_instances,mean_source_length,latency_unit\n"
+        "main,t,offline,-,2.0,21.7,7.9,1000,7.9,words\nmain,t,wait-k,k=3,1.7,21.5,3.1,1000,7.9,words\n"
+    )
+    bench = B.Bench(runs=tmp_path / "runs", results=results, readme=None)
+    assert B.restore(bench, ["text"], ["text-sweep-main"]) == []
+    summary = B.write_summary(bench, ["text"]).read_text()
+    assert "| main | wait-k | k=3 | 1.70 | 21.50 |" in summary and "**Partial:** `text-sweep-main`" in summary
+    with pytest.raises(RuntimeError, match="2 run.*no instances.log.*--only text-sweep-main"):
+        B.stage_compare(bench, B.TASKS["text"], ["main"])
