@@ -36,7 +36,8 @@ What a later stage or a fresh machine needs is kept under ``results/`` too, so t
 survives landing on a machine without ``runs/``: every stage's record (``results/bench/stages``), every trained
 variant's final checkpoint (``results/<task>/model``, ``results/<task>/models/<variant>``) and every finished
 sweep run's ``instances.log`` (``results/<task>/logs``; ``simul_agents.archive``). On start the bench puts them
-back (``restore``) and skips each stage whose outputs all came back; assets and corpora are rebuilt.
+back (``restore``) and skips each stage whose outputs all came back; assets and corpora are rebuilt (Piper
+draws prosody at random: a rebuilt speech corpus has the same sentences and splits, not the same waveforms).
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
         logging.getLogger().removeHandler(handler)
         handler.close()
     record = {"stage": name, "seconds": round(clock.seconds(), 1), "attempts": clock.attempts,
-              "finished": time.strftime("%Y-%m-%d %H:%M"), **info}  # fmt: skip
+              "finished": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **info}  # fmt: skip
     for path in (marker, bench.records / f"{name}.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -653,20 +654,22 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         "`results/` and `runs/bench/`, none is typed by hand.",
         "",
         f"- commit: `{commit.stdout.strip() or 'unknown'}`; written {time.strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- hardware: {platform.processor() or platform.machine()}, {_cpu_summary()}",
+        f"- hardware (this summary): {machine()}, torch {_torch_version()}",
         "",
         "## Stages",
         "",
         "Minutes: the stage's wall-clock time over all its attempts (a CPU run is stopped and resumed; other work",
         "may have shared the machine). `train_minutes`: what its training takes undisturbed (median step x steps,",
-        "plus the adapter's alignment).",
+        "plus the adapter's alignment). A run spread over sessions may change machines: each stage names its own.",
         "",
-        "| stage | minutes | finished | notes |",
-        "|---|---|---|---|",
+        "| stage | minutes | finished | machine | notes |",
+        "|---|---|---|---|---|",
     ]
     for name, record in sorted(done.items(), key=lambda item: item[1].get("finished", "")):  # in the order run
-        notes = {k: v for k, v in record.items() if k not in ("stage", "seconds", "finished", "output", "checkpoint")}
-        lines.append(f"| {name} | {record['seconds'] / 60:.1f} | {record['finished']} | {_compact(notes)} |")
+        skip = ("stage", "seconds", "finished", "output", "checkpoint", "machine", "results_model")
+        notes = {k: v for k, v in record.items() if k not in skip}
+        lines.append(f"| {name} | {record['seconds'] / 60:.1f} | {record['finished']} | {record.get('machine', '?')} "
+                     f"| {_compact(notes)} |")  # fmt: skip
     for task in tasks:
         rows = write_task_results(bench, task)
         lines += ["", f"## {task}-to-text En-De", ""]
@@ -775,12 +778,28 @@ def _compact(info: dict) -> str:
     return out
 
 
-def _cpu_summary() -> str:
-    import os
-
+def machine() -> str:
+    """This machine in a few words: its CPU model, cores and the kernels torch uses ("Intel(R) Xeon(R) Processor,
+    2 CPUs, AVX512 + AMX"); a stage records it, since a run spread over sessions may change machines."""
     import torch
 
-    return f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                     model)  # fmt: skip
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    else:
+        flags = []
+    kernels = torch.backends.cpu.get_cpu_capability() + (" + AMX" if "amx_bf16" in flags else "")
+    return f"{model}, {os.cpu_count()} CPUs, {kernels}"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     path = B.write_summary(bench, ["text"])
     summary = path.read_text()
     assert "| text-train-main |" in summary and "s_per_step=9.5" in summary
+    assert f"| {B.machine()} |" in summary  # each stage names the machine it ran on
     assert "| main | entropy | threshold=0.5 |" in summary
     assert (bench.results / "text" / "runs.csv").is_file() and (bench.results / "text" / "curve.png").is_file()
     embedded = readme.read_text()
