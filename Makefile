@@ -12,10 +12,10 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 setup: $(STAMP) system-deps
 
-# Debian packages the live tools use: chromium + chromium-driver (tests/test_browser.py) and PortAudio (`live --mic`).
-# Installed only as root, with apt-get, and only when missing; a failure never fails the install: the browser test
-# then skips with the reason, and --mic says what to install.
-SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver
+# Debian packages: chromium + chromium-driver (tests/test_browser.py), espeak-ng (the corpus builder's fast voice,
+# tests/test_corpus_offline.py) and PortAudio (`live --mic`). Installed only as root, with apt-get, and only when
+# missing; a failure never fails the install: those tests then skip with the reason, and --mic says what to install.
+SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng
 system-deps:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
