@@ -2,7 +2,7 @@
 
 A CPU bench runs for days over sessions that may land on a fresh machine, where ``runs/`` is gone. What the
 comparisons and the summary need from a sweep is small: each finished run's ``instances.log`` (SimulEval's
-per-instance predictions and delays; gzipped, about 15 KB per 100 speech instances), its ``failed.jsonl`` and
+per-instance predictions and delays; gzipped, about 7 KB per 100 speech instances), its ``failed.jsonl`` and
 ``config.yaml``, and the sweep's ``sweep.csv``. ``pack`` copies those from an evaluation folder into the archive;
 ``unpack`` puts them back, after which the sweep finds those runs complete and only scores them again.
 

@@ -453,6 +453,7 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
     plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
     return plan
 
+
 # ---- a fresh machine ---------------------------------------------------------------------------------------
 
 
@@ -460,8 +461,8 @@ def restore(bench: Bench, tasks: list[str], names: list[str]) -> list[str]:
     """Bring back from ``results/`` what finished stages left there, on a machine whose ``runs/bench`` is new (a
     later session landed elsewhere, or ``runs/`` was deleted): every archived sweep run (always, so that a sweep
     resumes from them), each trained variant's final checkpoint, and the done marker of every stage whose outputs
-    are all back. Assets and corpora are rebuilt (deterministic; they skip what exists). Returns the stages
-    restored."""
+    are all back. Assets and corpora are rebuilt (they skip what exists; a rebuilt speech corpus has new
+    waveforms, see the module's docstring). Returns the stages restored."""
     for task in tasks:
         for archive in sorted((bench.results / task / "logs").glob("eval-*")):
             count = unpack(archive, bench.runs / task / archive.name)
@@ -512,7 +513,7 @@ def seed_tables(bench: Bench, task: str) -> None:
     ``instances.log`` here, so the sweep runs them again and a comparison refuses them until it has."""
     import csv
 
-    from simul_agents.sweep import write_csv
+    from simul_agents.sweep import run_output, write_csv
 
     table = bench.results / task / "runs.csv"
     if not table.is_file():
@@ -525,7 +526,7 @@ def seed_tables(bench: Bench, task: str) -> None:
             continue
         mine = [{k: v for k, v in r.items() if k != "variant"} for r in rows if r["variant"] == variant]
         for r in mine:
-            r["output"] = str(eval_dir / r["head"] / r["param"].replace("/", "_"))
+            r["output"] = str(run_output(eval_dir, r["head"], r["param"]))
         eval_dir.mkdir(parents=True, exist_ok=True)
         write_csv(mine, eval_dir / "sweep.csv")
         log.info("%s: %d run(s) of %s restored from %s without their logs", task, len(mine), variant, table)
@@ -540,7 +541,6 @@ def planned_runs(task: str, variant: str) -> int:
     else:
         return 0
     return sum(math.prod(len(v) for v in params.values() if isinstance(v, list)) for params in heads.values())
-
 
 
 def main(argv: list[str] | None = None) -> int:

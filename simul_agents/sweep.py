@@ -160,9 +160,14 @@ def expand_runs(config: SweepConfig) -> list[Run]:
             except ValueError as e:
                 raise SweepError(f"heads.{name}: {e}") from None
             label = ",".join(f"{k}={v}" for k, v in chosen.items()) or "-"
-            output = config.output / canonical / label.replace("/", "_")
+            output = run_output(config.output, canonical, label)
             runs.append(Run(canonical, tuple(every.items()), label, output))
     return runs
+
+
+def run_output(output: Path, head: str, label: str) -> Path:
+    """Where a sweep writes the run of ``head`` with parameters ``label`` ("threshold=0.5", "-")."""
+    return output / head / label.replace("/", "_")
 
 
 def count_instances(source: str) -> int:
