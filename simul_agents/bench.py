@@ -481,6 +481,35 @@ def restore(bench: Bench, tasks: list[str], names: list[str]) -> list[str]:
     return restored
 
 
+def forget(bench: Bench, name: str) -> list[Path]:
+    """Make a finished evaluation stage (a sweep, a comparison, the computation-aware runs, a cost benchmark) to
+    do again: its done marker, record and clock, and what it wrote, here and under ``results/``. The other stages'
+    outputs stay. Returns what was removed. Training, corpora and assets are not forgotten this way (a trained
+    model is hours of work): delete their folders by hand if that is what you mean."""
+    task, _, kind = name.partition("-")
+    if name in ("streaming-cost", "training-cost"):
+        outputs = [bench.results / "bench" / f"{name.replace('-', '_')}.json"]
+    elif kind.startswith("sweep-") or kind == "computation-aware":
+        variants = [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
+        outputs = [p for v in variants for p in (bench.runs / task / f"eval-{v}", bench.archive_dir(task, v))]
+    elif kind in ("compare", "compare-main"):
+        outputs = [bench.results / task / "compare.json"]
+    else:
+        raise ValueError(f"--redo {name}: only evaluation stages (sweeps, compares, computation-aware, costs) are "
+                         "redone this way; a model, corpus or asset stage keeps what it made")  # fmt: skip
+    records = [bench.done_dir / f"{name}.json", bench.records / f"{name}.json", bench.runs / "time" / f"{name}.json"]
+    removed = []
+    for path in (*records, *outputs):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
 def _outputs_back(bench: Bench, name: str) -> bool:
     """Whether what stage ``name`` made is here again (copying a trained model back from ``results/``)."""
     if name in ("streaming-cost", "training-cost"):
@@ -554,12 +583,26 @@ def main(argv: list[str] | None = None) -> int:
         default=Bench.batch,
         help="instances at a time per process (simul_agents.batch_eval); 1: SimulEval itself",
     )
+    parser.add_argument(
+        "--redo", nargs="+", metavar="STAGE", default=[],
+        help="forget these finished evaluation stages (their runs and records) and run them again",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
     parser.add_argument("--summary-only", action="store_true", help="rewrite results/SUMMARY.md and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     bench = Bench(jobs=args.jobs, batch=max(1, args.batch))
     plan = stages(bench, args.tasks)
+    for name in args.redo:
+        if name not in {n for n, _ in plan}:
+            print(f"error: --redo {name}: no such stage; see --list", file=sys.stderr)
+            return 2
+        try:
+            removed = forget(bench, name)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
     restore(bench, args.tasks, [name for name, _ in plan])
     if args.list:
         for name, _ in plan:

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .lean import lean_forward, supports_lean
 from .model import eager_attention, run_llm
 
 
@@ -33,8 +34,10 @@ def forward_one(
     """One session's forward: x (1, q, d), positions (1, q), mask (1, 1, q, past + q) -> the LM output.
 
     Logits of the last row only by default (a session reads no other): a many-row source feed does not pay the
-    vocabulary projection per row.
+    vocabulary projection per row. Without attention weights a Llama runs through ``lean.lean_forward``.
     """
+    if not attentions and supports_lean(llm):
+        return lean_forward(llm, x, positions, mask, cache, logits_to_keep)
     if attentions:
         with eager_attention(llm):
             return run_llm(llm, x, positions, mask, cache, attentions=True, logits_to_keep=logits_to_keep)

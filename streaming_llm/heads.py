@@ -337,8 +337,12 @@ class OfflineHead(Head):
     """READ until the source is finished: the full-source (offline) decode of the same model."""
 
     name: ClassVar[str] = "offline"
+    fixed_schedule: ClassVar[bool] = True  # no LM output is needed to READ: the source is fed once, at the end
 
     def decide(self, signals, session, memory):
+        return READ
+
+    def schedule(self, units_read, n_words):
         return READ
 
 

@@ -7,21 +7,21 @@ once):
 
 - ``half_precision(model)``: the LLM's weights, and so its activations, in float16 (half the bytes). The
   adapter's float32 units are cast at the LLM's input (``SpeechLLM.lm_dtype``).
-- ``quantize_int8(model)``: weights stored as int8 with one scale per output row, activations quantized per
-  batch at run time (``torch.ao.quantization.quantize_dynamic``, the fbgemm kernels of the CPU build): a
-  quarter of the bytes, but more work per layer.
+- ``quantize_int8(model)``: weights stored as int8 with one scale per output row (``Int8Linear``); each layer
+  multiplies bfloat16 activations by them (``torch._weight_int8pack_mm``) and hands float32 back, so norms,
+  attention and the residual stream stay float32: a quarter of the bytes.
 
-Which is faster depends on the CPU's kernels: on the 2-core AVX2 machine of the README a one-row forward (a
-target token) took 94-105 ms in float32, 54-69 ms in int8 and 52-68 ms in float16, but an 11-row forward (a
-source block) 181, 64 and 211 ms (2 threads). float16 kept 28 of 30 test predictions of the float32 model and
-all its delays; int8 none. The engine's exactness invariant holds for the float32 model only; measure what each
-costs (``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a SimulEval run with ``--fp16``/``--int8``
-for quality).
+On the 2-core Xeon (AVX-512, AMX) of the README a one-row forward of SmolLM2-135M (a target token, through
+``lean.lean_forward``) takes 32 ms in float32 and 15.5 ms in int8; an 11-row one (a source block) 62 and 41 ms.
+float16 gains nothing there (oneDNN's one-row float16 and bfloat16 products are no faster than float32's).
+On the earlier AVX2 machine the README's first numbers came from, float16 halved the one-row cost. int8 moves
+logits by up to about 1.3 (mean 0.17) on a 40-token sentence and changes a close greedy choice now and then;
+the engine's exactness invariant holds for the float32 model only; measure what each costs
+(``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a SimulEval run with ``--fp16``/``--int8`` for
+quality).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
@@ -43,18 +43,64 @@ def merge_lora(module: nn.Module) -> int:
     return merged
 
 
+class Int8Linear(nn.Module):
+    """A linear layer without bias whose weights are int8, one bfloat16 scale per output row (inference only)."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) bfloat16
+
+    @classmethod
+    def of(cls, *linears: nn.Linear) -> Int8Linear:
+        """One int8 layer computing the outputs of ``linears`` (same input) end to end."""
+        if any(layer.bias is not None for layer in linears):
+            raise ValueError("Int8Linear takes linear layers without bias")
+        weight = torch.cat([layer.weight.detach().float() for layer in linears])  # (out, in)
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        return cls(torch.round(weight / scales[:, None]).to(torch.int8), scales.to(torch.bfloat16))
+
+    def rows(self, start: int, stop: int) -> Int8Linear:
+        """The layer of output rows start:stop, sharing this one's weights (no copy)."""
+        return Int8Linear(self.weight_int8[start:stop], self.scales[start:stop])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out), in x's dtype
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+FUSED = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}  # lean.py
+
+
 def quantize_int8(model: SpeechLLM) -> SpeechLLM:
-    """In place: merge LoRA, quantize the LLM's nn.Linear layers (output layer included) to int8."""
+    """In place: merge LoRA, then every linear layer of the LLM (output layer included) an ``Int8Linear``.
+
+    Layers that read the same input (a Llama's q/k/v projections, its gate and up projections) are quantized
+    as one ``fused_*`` layer of their module, which ``lean.lean_forward`` runs as one product; the separate
+    layers stay, as views of its rows, for ``transformers``' own forward.
+    """
     if model.training:
         raise ValueError("quantize_int8 is for inference: call model.eval() first (an int8 model cannot train)")
     merge_lora(model.llm)
     output = model.llm.get_output_embeddings()
     if output is not None and output.weight is model.llm.get_input_embeddings().weight:
         model.llm.config.tie_word_embeddings = False  # the int8 output layer gets its own copy of the weights
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize.*", category=UserWarning)
-        torch.ao.quantization.quantize_dynamic(model.llm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    for module in list(model.llm.modules()):
+        for fused_name, names in FUSED.items():
+            parts = [getattr(module, name, None) for name in names]
+            if not all(type(p) is nn.Linear and p.bias is None for p in parts):
+                continue
+            fused, start = Int8Linear.of(*parts), 0
+            setattr(module, fused_name, fused)
+            for name, part in zip(names, parts, strict=True):
+                setattr(module, name, fused.rows(start, start + part.out_features))
+                start += part.out_features
+    for parent in list(model.llm.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                setattr(parent, name, Int8Linear.of(child))
     return model
 
 

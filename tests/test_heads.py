@@ -70,6 +70,8 @@ class FakeSession:
 
 
 class AlwaysWrite(OfflineHead):
+    fixed_schedule = False  # decides from the step's signals
+
     def decide(self, signals, session, memory):
         return WRITE
 
@@ -102,6 +104,28 @@ def test_fixed_chunk_schedule():
     allowed = {units: sum(head.decide(signals(units_read=units, n_words=n), None, {}) is WRITE for n in range(20))
                for units in range(1, 7)}  # fmt: skip
     assert allowed == {1: 0, 2: 3, 3: 3, 4: 6, 5: 6, 6: 9}
+
+
+def test_the_offline_head_feeds_the_source_to_the_lm_once_at_the_end(model):
+    from streaming_llm.batching import forward_one
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[1])  # rows fed
+        return forward_one(*args, **kwargs)
+
+    session = StreamingSession(model, max_target_tokens=40, lm_call=counting)
+    head = OfflineHead()
+    for word in WORDS:
+        session.push_words([word])
+        assert decide(head, session, {}) is READ
+    assert calls == []  # reading costs no LM forward
+    session.finish_source()
+    assert decide(head, session, {}) is WRITE
+    session.write_word()
+    assert calls[0] > len(WORDS)  # the whole source (every word's tokens) in one forward
+    assert calls[1:] and all(rows == 1 for rows in calls[1:])  # then one target token at a time
 
 
 def test_attention_head_frontier_and_normalisation():

@@ -1,0 +1,64 @@
+"""The lean Llama forward computes what transformers' forward computes, for one session's streaming steps."""
+
+import torch
+from transformers import DynamicCache
+
+from streaming_llm.lean import lean_forward, supports_lean
+from streaming_llm.model import run_llm
+from streaming_llm.quantize import quantize_int8
+from streaming_llm.tiny import tiny_model
+
+
+def _steps(llm, forward):
+    """A 7-row prefix under a causal mask, then a 3-row block and a 1-row step over the cache -> their outputs."""
+    torch.manual_seed(0)
+    d = llm.config.hidden_size
+    cache, outs, past = DynamicCache(), [], 0
+    for q in (7, 3, 1):
+        x = torch.randn(1, q, d) * 0.5
+        positions = torch.arange(past, past + q)[None]
+        allowed = torch.ones(q, past + q, dtype=torch.bool).tril(diagonal=past)
+        if past:
+            allowed[0, past - 2] = False  # a row that may not see an earlier entry (as source rows skip targets)
+        mask = torch.zeros(1, 1, q, past + q).masked_fill(~allowed, float("-inf"))
+        with torch.inference_mode():
+            outs.append(forward(llm, x, positions, mask, cache))
+        past += q
+    return outs
+
+
+def test_lean_forward_equals_the_transformers_forward_step_by_step():
+    llm = tiny_model("text", seed=3).eval().llm
+    assert supports_lean(llm)
+    lean = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    full = _steps(llm, lambda *a: run_llm(*a, logits_to_keep=0))
+    for a, b in zip(lean, full, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_lean_forward_keeps_the_rows_it_is_asked_for():
+    llm = tiny_model("text", seed=3).eval().llm
+    x, positions = torch.randn(1, 5, llm.config.hidden_size), torch.arange(5)[None]
+    mask = torch.zeros(1, 1, 5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.inference_mode():
+        every = lean_forward(llm, x, positions, mask, DynamicCache(), logits_to_keep=0).logits
+        last = lean_forward(llm, x, positions, mask, DynamicCache(), logits_to_keep=1).logits
+        some = lean_forward(llm, x, positions, mask, DynamicCache(), logits_to_keep=torch.tensor([0, 3])).logits
+    assert every.shape[1] == 5 and last.shape[1] == 1 and some.shape[1] == 2
+    torch.testing.assert_close(last[0, 0], every[0, -1])
+    torch.testing.assert_close(some[0], every[0, [0, 3]])
+
+
+def test_an_int8_llm_runs_lean_with_the_same_layers_as_transformers():
+    model = quantize_int8(tiny_model("text", seed=3).eval())
+    assert supports_lean(model.llm)
+    lean = _steps(model.llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    full = _steps(model.llm, lambda *a: run_llm(*a, logits_to_keep=0))
+    for a, b in zip(lean, full, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_half_precision_llm_is_left_to_transformers():
+    llm = tiny_model("text", seed=3).eval().llm.to(torch.float16)
+    assert not supports_lean(llm)
