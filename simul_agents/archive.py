@@ -18,21 +18,25 @@ from pathlib import Path
 
 SMALL_FILES = ("failed.jsonl", "config.yaml")  # copied as they are
 LOG = "instances.log"
+EARLIER = "earlier.csv"  # rows of runs measured before their logs were kept (the bench's ``seed_tables``)
 
 
 def finished_runs(eval_dir: Path) -> list[Path]:
-    """The run folders a sweep has scored (its ``sweep.csv`` rows), relative to ``eval_dir``."""
-    table = eval_dir / "sweep.csv"
-    if not table.is_file():
-        return []
-    with open(table, newline="", encoding="utf-8") as f:
-        outputs = [Path(row["output"]) for row in csv.DictReader(f) if row.get("output")]
+    """The run folders a sweep has scored (its ``sweep.csv`` rows, and the ``earlier.csv`` rows of runs measured
+    before logs were kept), relative to ``eval_dir``."""
+    outputs = []
+    for name in ("sweep.csv", EARLIER):
+        if (eval_dir / name).is_file():
+            with open(eval_dir / name, newline="", encoding="utf-8") as f:
+                outputs += [Path(row["output"]) for row in csv.DictReader(f) if row.get("output")]
     runs = []
     for output in outputs:
         try:
-            runs.append(output.relative_to(eval_dir))
+            run = output.relative_to(eval_dir)
         except ValueError:  # an absolute path, or a table moved here: the last two parts are <head>/<param>
-            runs.append(Path(*output.parts[-2:]))
+            run = Path(*output.parts[-2:])
+        if run not in runs:
+            runs.append(run)
     return runs
 
 

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simul_agents.archive import missing_logs, pack, unpack
+from simul_agents.archive import EARLIER, missing_logs, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> training overrides
@@ -537,9 +537,9 @@ def _outputs_back(bench: Bench, name: str) -> bool:
 
 
 def seed_tables(bench: Bench, task: str) -> None:
-    """A variant in ``results/<task>/runs.csv`` with neither a table here nor an archive (measured before runs were
-    archived) gets its ``sweep.csv`` back from those rows, so the summary keeps its numbers; its runs have no
-    ``instances.log`` here, so the sweep runs them again and a comparison refuses them until it has."""
+    """The runs of ``results/<task>/runs.csv`` with no ``instances.log`` here (measured before runs were archived)
+    keep their rows in ``eval-<variant>/earlier.csv``, so the summary keeps their numbers until the sweep has run
+    them again (it does: their logs are missing) and a comparison refuses them meanwhile (``missing_logs``)."""
     import csv
 
     from simul_agents.sweep import run_output, write_csv
@@ -551,14 +551,16 @@ def seed_tables(bench: Bench, task: str) -> None:
         rows = list(csv.DictReader(f))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         eval_dir = bench.runs / task / f"eval-{variant}"
-        if (eval_dir / "sweep.csv").is_file():
+        if (eval_dir / EARLIER).is_file():
             continue
         mine = [{k: v for k, v in r.items() if k != "variant"} for r in rows if r["variant"] == variant]
         for r in mine:
             r["output"] = str(run_output(eval_dir, r["head"], r["param"]))
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(mine, eval_dir / "sweep.csv")
-        log.info("%s: %d run(s) of %s restored from %s without their logs", task, len(mine), variant, table)
+        mine = [r for r in mine if not (Path(r["output"]) / "instances.log").is_file()]
+        if mine:
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            write_csv(mine, eval_dir / EARLIER)
+            log.info("%s: %d run(s) of %s restored from %s without their logs", task, len(mine), variant, table)
 
 
 def planned_runs(task: str, variant: str) -> int:
@@ -638,17 +640,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def collect_rows(bench: Bench, task: str) -> list[dict]:
-    """Every scored run of every variant of a task (from the sweeps' CSVs)."""
+    """Every scored run of every variant of a task: the sweeps' CSVs, then any run of ``earlier.csv`` (measured
+    before logs were kept, ``seed_tables``) that the sweep has not scored again yet, marked ``earlier``."""
     import csv
 
     rows = []
     for variant in (*VARIANTS, *CA_VARIANTS):
-        path = bench.runs / task / f"eval-{variant}" / "sweep.csv"
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    rows.append({"variant": variant, **{k: _number(v) for k, v in row.items()}})
+        eval_dir = bench.runs / task / f"eval-{variant}"
+        merged: dict[tuple, dict] = {}  # (head, param) -> row; a rerun takes its earlier row's place
+        for name in (EARLIER, "sweep.csv"):
+            if (eval_dir / name).is_file():
+                with open(eval_dir / name, newline="", encoding="utf-8") as f:
+                    for row in csv.DictReader(f):
+                        merged[row["head"], row["param"]] = {"variant": variant, **{k: _number(v) for k, v in
+                                                             row.items()}, "earlier": name == EARLIER}  # fmt: skip
+        rows += sorted(merged.values(), key=_run_order)
     return rows
+
+
+def _run_order(row: dict) -> tuple:
+    """Heads in the order they run (``ALL_HEADS``), each one's runs by their parameter's value."""
+    heads = list(ALL_HEADS)
+    value = str(row["param"]).partition("=")[2]
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    return (heads.index(row["head"]) if row["head"] in heads else len(heads), number)
 
 
 def _number(value: str):
@@ -733,13 +751,18 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             if n_runs < planned:
                 lines += [f"**Partial:** `{stage}` has not finished; the {n_runs} of {planned} run(s) of `{variant}` "
                           "below are the ones finished so far.", ""]  # fmt: skip
+            earlier = sum(1 for r in rows if r["variant"] == variant and r.get("earlier"))
+            if earlier:
+                lines += [f"**Being rerun:** {earlier} run(s) of `{variant}` (marked †) are an earlier measurement "
+                          f"whose logs were not kept; `{stage}` is running them again.", ""]  # fmt: skip
         lines += [
             "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            cells = [r["variant"], r["head"], r["param"]] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "AL", "LAAL",
-                                                                                     "LAAL_CA", "RCO")]  # fmt: skip
+            param = r["param"] + (" †" if r.get("earlier") else "")
+            cells = [r["variant"], r["head"], param] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "AL", "LAAL",
+                                                                                 "LAAL_CA", "RCO")]  # fmt: skip
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ca_table(rows)
         compare = bench.results / task / "compare.json"

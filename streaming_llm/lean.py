@@ -1,12 +1,12 @@
 """A lean forward of a Llama-shaped LM for streaming steps: the same arithmetic, without the framework's layers.
 
 A streaming step feeds one row (a target token) or a block of rows (new source) over a KV cache. For
-SmolLM2-135M a one-row forward through ``transformers`` costs about 38 ms on the 2-core Xeon of the README,
-of which 24 ms are the matrix multiplies and most of the rest is the framework's per-layer machinery (output
-capture, mask and cache bookkeeping, dtype round trips). ``lean_forward`` calls the same modules and kernels
-(RMSNorm, rotary embedding, the projection layers as they are: float32, LoRA or int8, scaled-dot-product
-attention) in the order ``LlamaDecoderLayer`` does, and nothing else: 32 ms in float32 (same logits to the
-last bit on that machine), 15.5 ms with the int8 projections of ``quantize.py``.
+SmolLM2-135M a one-row forward through ``transformers`` costs 38-44 ms on the 2-core Xeon of the README, of
+which about 24 ms are the matrix multiplies and most of the rest is the framework's per-layer machinery (output
+capture, mask and cache bookkeeping, dtype round trips). ``lean_forward`` runs the same modules and kernels
+(RMSNorm's arithmetic, rotary embedding, the projection layers as they are: float32, LoRA or int8,
+scaled-dot-product attention) in the order ``LlamaDecoderLayer`` does, and nothing else: 32-35 ms in float32
+(the same logits to the last bit there), 22-25 ms with the int8 projections of ``quantize.py``.
 
 It serves ``batching.forward_one`` when no attention weights are asked for (the attention head needs them:
 ``transformers``' eager attention returns them) and the LM is a float32 Llama without biases; anything else

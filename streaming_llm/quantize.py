@@ -12,10 +12,12 @@ once):
   attention and the residual stream stay float32: a quarter of the bytes.
 
 On the 2-core Xeon (AVX-512, AMX) of the README a one-row forward of SmolLM2-135M (a target token, through
-``lean.lean_forward``) takes 32 ms in float32 and 15.5 ms in int8; an 11-row one (a source block) 62 and 41 ms.
+``lean.lean_forward``) took 32-40 ms in float32 and 22-25 ms in int8 (the machine's speed drifts by about 15% from
+hour to hour); an 11-row one (a source block) 61-69 and 42-49 ms.
 float16 gains nothing there (oneDNN's one-row float16 and bfloat16 products are no faster than float32's).
 On the earlier AVX2 machine the README's first numbers came from, float16 halved the one-row cost. int8 moves
-logits by up to about 1.3 (mean 0.17) on a 40-token sentence and changes a close greedy choice now and then;
+logits by up to about 1.3 (mean 0.17) on a 40-token sentence and changes a close greedy choice now and then (on
+100 test utterances: 42-45 predictions identical to float32's, chrF 16.30-16.59 against 16.13-16.50);
 the engine's exactness invariant holds for the float32 model only; measure what each costs
 (``benchmarks/streaming_cost.py --fp16/--int8`` for speed, a SimulEval run with ``--fp16``/``--int8`` for
 quality).

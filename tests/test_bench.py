@@ -284,7 +284,8 @@ def test_runs_measured_before_the_archive_keep_their_numbers_but_cannot_be_compa
     bench = B.Bench(runs=tmp_path / "runs", results=results, readme=None)
     assert B.restore(bench, ["text"], ["text-sweep-main"]) == []
     summary = B.write_summary(bench, ["text"]).read_text()
-    assert "| main | wait-k | k=3 | 1.70 | 21.50 |" in summary and "**Partial:** `text-sweep-main`" in summary
+    assert "| main | wait-k | k=3 † | 1.70 | 21.50 |" in summary and "**Partial:** `text-sweep-main`" in summary
+    assert "**Being rerun:** 2 run(s) of `main`" in summary
     with pytest.raises(RuntimeError, match="2 run.*no instances.log.*--only text-sweep-main"):
         B.stage_compare(bench, B.TASKS["text"], ["main"])
 
