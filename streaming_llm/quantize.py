@@ -69,8 +69,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out), in x's dtype
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        if rows.device.type == "cpu":
+            y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        else:  # the fused kernel is the CPU build's; elsewhere the same product, dequantized first
+            y = self.dequantized_product(rows)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (n, in) bfloat16 -> (n, out): what the int8 kernel computes, with the weights made bfloat16."""
+        weight = self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
+        return rows @ weight.T
 
 
 FUSED = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}  # lean.py

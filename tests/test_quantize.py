@@ -96,3 +96,13 @@ def test_fp16_speech_model_feeds_its_float32_units_to_the_half_precision_llm():
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="precision 'fp8': expected one of fp32, fp16, int8"):
         set_precision(tiny_model("text").eval(), "fp8")
+
+
+def test_the_int8_kernel_computes_the_dequantized_product():
+    from streaming_llm.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.of(torch.nn.Linear(64, 48, bias=False))
+    rows = torch.randn(5, 64).to(torch.bfloat16)
+    kernel = torch._weight_int8pack_mm(rows, layer.weight_int8, layer.scales)
+    torch.testing.assert_close(kernel.float(), layer.dequantized_product(rows).float(), atol=0.02, rtol=0.02)
