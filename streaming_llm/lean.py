@@ -23,8 +23,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 
 def supports_lean(llm: PreTrainedModel) -> bool:
-    """Whether ``lean_forward`` computes what ``llm``'s own forward does: a float32 Llama, no biases, no
-    tensor-parallel slicing, SiLU MLP, no sliding window."""
+    """Whether ``lean_forward`` computes what ``llm``'s own forward does: a Llama with float32 activations (its
+    projections float32, LoRA or int8), no biases, no tensor-parallel slicing, a SiLU MLP."""
     config = llm.config
     return (
         config.model_type == "llama"
@@ -81,7 +81,7 @@ def lean_forward(
 
 
 def _rms_norm(norm, h: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm`` of float32 rows, op for op (``F.rms_norm``'s kernel is slower for one row here)."""
+    """``LlamaRMSNorm`` of float32 rows, op for op (so the values are the same to the last bit)."""
     return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
 
 
