@@ -307,3 +307,16 @@ def test_a_redone_sweep_is_forgotten_here_and_in_results_but_its_model_stays(tmp
     assert (bench.done_dir / "text-train-main.json").is_file() and (model / "checkpoint.json").is_file()
     with pytest.raises(ValueError, match="only evaluation stages"):
         B.forget(bench, "text-train-main")
+
+
+def test_a_rerun_takes_the_place_of_its_earlier_row_and_the_rest_stay_in_run_order(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=None)
+    eval_dir = bench.runs / "text" / "eval-main"
+    eval_dir.mkdir(parents=True)
+    header = "task,head,param,BLEU,chrF,LAAL,output\n"
+    (eval_dir / "earlier.csv").write_text(
+        header + "t,wait-k,k=3,1.7,21.5,3.1,x\nt,offline,-,2.0,21.7,7.9,x\nt,entropy,threshold=2.0,1.8,21.2,5.2,x\n"
+    )
+    (eval_dir / "sweep.csv").write_text(header + "t,offline,-,2.0,21.7,7.9,x\n")
+    rows = B.collect_rows(bench, "text")
+    assert [(r["head"], r["earlier"]) for r in rows] == [("offline", False), ("entropy", True), ("wait-k", True)]
