@@ -481,16 +481,29 @@ def restore(bench: Bench, tasks: list[str], names: list[str]) -> list[str]:
     return restored
 
 
+COST_STAGES = ("streaming-cost", "training-cost")
+
+
+def _cost_record(bench: Bench, name: str) -> Path:
+    """Where a cost benchmark stage keeps its numbers: ``results/bench/streaming_cost.json``."""
+    return bench.results / "bench" / f"{name.replace('-', '_')}.json"
+
+
+def _evaluated_variants(kind: str) -> list[str]:
+    """The variants an evaluation stage runs ("sweep-main" -> main; "computation-aware" -> the CA variants)."""
+    return [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
+
+
 def forget(bench: Bench, name: str) -> list[Path]:
     """Make a finished evaluation stage (a sweep, a comparison, the computation-aware runs, a cost benchmark) to
     do again: its done marker, record and clock, and what it wrote, here and under ``results/``. The other stages'
     outputs stay. Returns what was removed. Training, corpora and assets are not forgotten this way (a trained
     model is hours of work): delete their folders by hand if that is what you mean."""
     task, _, kind = name.partition("-")
-    if name in ("streaming-cost", "training-cost"):
-        outputs = [bench.results / "bench" / f"{name.replace('-', '_')}.json"]
+    if name in COST_STAGES:
+        outputs = [_cost_record(bench, name)]
     elif kind.startswith("sweep-") or kind == "computation-aware":
-        variants = [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
+        variants = _evaluated_variants(kind)
         outputs = [p for v in variants for p in (bench.runs / task / f"eval-{v}", bench.archive_dir(task, v))]
     elif kind in ("compare", "compare-main"):
         outputs = [bench.results / task / "compare.json"]
@@ -512,8 +525,8 @@ def forget(bench: Bench, name: str) -> list[Path]:
 
 def _outputs_back(bench: Bench, name: str) -> bool:
     """Whether what stage ``name`` made is here again (copying a trained model back from ``results/``)."""
-    if name in ("streaming-cost", "training-cost"):
-        return (bench.results / "bench" / f"{name.replace('-', '_')}.json").is_file()
+    if name in COST_STAGES:
+        return _cost_record(bench, name).is_file()
     task, _, kind = name.partition("-")
     if kind.startswith("train-"):
         variant = kind.removeprefix("train-")
@@ -526,10 +539,9 @@ def _outputs_back(bench: Bench, name: str) -> bool:
             shutil.copytree(source, final)
         return True
     if kind.startswith("sweep-") or kind == "computation-aware":
-        variants = [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
         return all(
             (bench.archive_dir(task, v) / "sweep.csv").is_file() and not missing_logs(bench.runs / task / f"eval-{v}")
-            for v in variants
+            for v in _evaluated_variants(kind)
         )
     if kind in ("compare", "compare-main"):
         return (bench.results / task / "compare.json").is_file()
