@@ -217,7 +217,11 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     """Run ``fn`` unless the stage is done; record its time (over every attempt) and outcome; a failure names the
     stage and its log."""
     marker = bench.done_dir / f"{name}.json"
-    if marker.is_file():
+    unlogged = _runs_without_logs(bench, name)
+    if marker.is_file() and unlogged:  # marked done before runs were archived: it reruns those (the rest are kept)
+        print(f"== {name}: done earlier, but {unlogged} run(s) have no instances.log here; running them again",
+              flush=True)  # fmt: skip
+    elif marker.is_file():
         record = json.loads(marker.read_text(encoding="utf-8"))
         print(f"== {name}: done earlier ({record['seconds'] / 60:.1f} min), skipped", flush=True)
         return record
@@ -492,6 +496,14 @@ def _cost_record(bench: Bench, name: str) -> Path:
 def _evaluated_variants(kind: str) -> list[str]:
     """The variants an evaluation stage runs ("sweep-main" -> main; "computation-aware" -> the CA variants)."""
     return [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
+
+
+def _runs_without_logs(bench: Bench, name: str) -> int:
+    """How many finished runs of evaluation stage ``name`` have no ``instances.log`` here (0 for other stages)."""
+    task, _, kind = name.partition("-")
+    if not (kind.startswith("sweep-") or kind == "computation-aware"):
+        return 0
+    return sum(len(missing_logs(bench.runs / task / f"eval-{v}")) for v in _evaluated_variants(kind))
 
 
 def forget(bench: Bench, name: str) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,18 @@ def test_a_rerun_takes_the_place_of_its_earlier_row_and_the_rest_stay_in_run_ord
     (eval_dir / "sweep.csv").write_text(header + "t,offline,-,2.0,21.7,7.9,x\n")
     rows = B.collect_rows(bench, "text")
     assert [(r["head"], r["earlier"]) for r in rows] == [("offline", False), ("entropy", True), ("wait-k", True)]
+
+
+def test_a_sweep_marked_done_before_its_runs_were_archived_runs_again_for_their_logs(tmp_path, task_dir):
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)  # task_dir is tmp_path / "text"
+    _score_into_table(task_dir / "eval-main")
+    calls = []
+    B.run_stage(bench, "text-sweep-main", lambda: calls.append(1) or {"runs": 6})
+    B.run_stage(bench, "text-sweep-main", lambda: calls.append(2) or {"runs": 6})
+    assert calls == [1]  # every run has its log: skipped
+    shutil.rmtree(task_dir / "eval-main" / "wait-k" / "k=1")  # a run known only from a table
+    record = B.run_stage(bench, "text-sweep-main", lambda: calls.append(3) or {"runs": 6})
+    assert calls == [1, 3] and record["attempts"] == 2
+    B.run_stage(bench, "text-compare-main", lambda: calls.append(4) or {})
+    B.run_stage(bench, "text-compare-main", lambda: calls.append(5) or {})
+    assert calls == [1, 3, 4]  # only evaluation stages look for their logs
