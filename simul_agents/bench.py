@@ -88,8 +88,9 @@ SHARD = 250  # test instances per SimulEval job (a killed one keeps its finished
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 # its heads: the offline decode, entropy writing late (1.0: speech LAAL 92% of offline's) and mid-curve (3.0: 69%)
 CA_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 3.0]}}
-CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True}}  # agent flags
-CA_VARIANTS = tuple(CA_PRECISIONS)  # the computation-aware runs: the main model with its LLM in fp32, fp16, int8
+CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True},
+                 "main-ca-int4": {"int4": True}}  # agent flags; int4 calibrates (GPTQ) at its first load, untimed
+CA_VARIANTS = tuple(CA_PRECISIONS)  # the computation-aware runs: the main model, its LLM in fp32, fp16, int8, int4
 log = logging.getLogger("bench")
 
 
@@ -362,8 +363,8 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
 
     The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
     single stream costs on this machine: the entropy head (``CA_HEADS``: writing late and mid-curve) on the main
-    model and the offline decode, in float32 (``main-ca``) and with the LLM in float16 and int8
-    (``main-ca-fp16``, ``main-ca-int8``: their speed and their quality on the same utterances).
+    model and the offline decode, in float32 (``main-ca``) and with the LLM in float16, int8 and 4 bits
+    (``main-ca-fp16``, ``main-ca-int8``, ``main-ca-int4``: their speed and their quality on the same utterances).
     """
     from simul_agents.sweep import SweepConfig, sweep
     from training.corpus import write_simuleval_files
@@ -532,7 +533,24 @@ def forget(bench: Bench, name: str) -> list[Path]:
         else:
             continue
         removed.append(path)
+    if kind.startswith("sweep-") or kind == "computation-aware":  # or ``seed_tables`` would bring their rows back
+        _drop_table_rows(bench.results / task / "runs.csv", set(_evaluated_variants(kind)))
     return removed
+
+
+def _drop_table_rows(table: Path, variants: set[str]) -> None:
+    """Rewrite ``results/<task>/runs.csv`` without the rows of ``variants``."""
+    import csv
+
+    if not table.is_file():
+        return
+    with open(table, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if r["variant"] not in variants]
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _outputs_back(bench: Bench, name: str) -> bool:
@@ -815,7 +833,8 @@ def ca_table(rows: list[dict]) -> list[str]:
     lines = [
         "",
         f"Computation-aware latency of one stream: SimulEval one instance at a time on this machine, "
-        f"n = {int(ca[0]['n_instances'] or 0)}; the LLM in float32 (`main-ca`), float16 (`-fp16`) or int8 (`-int8`). "
+        f"n = {int(ca[0]['n_instances'] or 0)}; the LLM in float32 (`main-ca`), float16 (`-fp16`), int8 (`-int8`) or "
+        "4 bits (`-int4`, GPTQ). "
         "The target is LAAL_CA at most 1.25x LAAL.",
         "",
         "| variant | head | param | LAAL | LAAL_CA | CA / plain | BLEU | chrF |",

@@ -455,6 +455,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="a reference translation: its length is AL's |Y|")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--int4", action="store_true",
+                   help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
     return p.parse_args(argv)
@@ -530,8 +532,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         head = head_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        precision = precision_from_flags(args.int8, args.fp16)
-        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True), precision)  # in eval mode
+        precision = precision_from_flags(args.int8, args.fp16, args.int4)
+        model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
+        model = set_precision(model, precision, args.checkpoint)
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         limits = Limits(max_target_tokens=args.max_target_tokens)
         tty = out.isatty()

@@ -82,18 +82,19 @@ def load_model(checkpoint: str, precision: str = "fp32"):
     key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, precision)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = set_precision(load_checkpoint(path, merge_lora=True), precision)  # loaded in eval mode
+        model = load_checkpoint(path, merge_lora=True)  # in eval mode
+        _MODELS[key] = set_precision(model, precision, checkpoint=path)
     return _MODELS[key]
 
 
 def precision_of(args: Namespace) -> str:
-    """fp32, fp16 or int8: ``--int8`` (ours) or SimulEval's own ``--fp16`` / ``--dtype fp16``, which put the LLM
-    in float16 (``streaming_llm.quantize.half_precision``; the encoder and adapter stay float32)."""
+    """fp32, fp16, int8 or int4: ``--int8`` / ``--int4`` (ours) or SimulEval's own ``--fp16`` / ``--dtype fp16``,
+    which put the LLM in float16 (``streaming_llm.quantize.half_precision``; the encoder and adapter stay float32)."""
     from streaming_llm.quantize import precision_from_flags
 
     fp16 = bool(getattr(args, "fp16", False)) or getattr(args, "dtype", None) == "fp16"
     try:
-        return precision_from_flags(getattr(args, "int8", False), fp16)
+        return precision_from_flags(getattr(args, "int8", False), fp16, getattr(args, "int4", False))
     except ValueError as e:
         raise SetupError(str(e)) from None
 
@@ -294,6 +295,9 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--skip-failed", action="store_true", help="log a failing instance and go on")
         parser.add_argument("--int8", action="store_true",
                             help="run the LLM in int8 (streaming_llm/quantize.py): faster on CPU, slightly different")
+        parser.add_argument("--int4", action="store_true",
+                            help="run the LLM in 4 bits (streaming_llm/gptq.py; calibrated on the checkpoint's "
+                                 "training data the first time, then kept beside it as int4-g32.pt)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         parser.add_argument(
             "--long-audio", choices=("auto", "segment", "off"), default="auto",

@@ -595,6 +595,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (0: torch's default)")
     p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--int4", action="store_true",
+                   help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     return p.parse_args(argv)
 
@@ -638,8 +640,9 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
-        precision = precision_from_flags(args.int8, args.fp16)
-        model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True), precision)  # in eval mode
+        precision = precision_from_flags(args.int8, args.fp16, args.int4)
+        model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
+        model = set_precision(model, precision, args.checkpoint)
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2

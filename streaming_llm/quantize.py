@@ -1,4 +1,5 @@
-"""Faster inference on a CPU: the LLM in float16, or its linear layers in int8; LoRA merged first.
+"""Faster inference on a CPU: the LLM in float16, or its linear layers in int8 (or 4 bits: ``gptq.py``); LoRA
+merged first.
 
 A streaming step feeds a few rows at a time, so its cost is reading the LLM's weights (540 MB in float32 for
 SmolLM2-135M). Both options read fewer bytes; both change the model in place for inference only (no training,
@@ -24,6 +25,8 @@ quality).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -123,22 +126,30 @@ def half_precision(model: SpeechLLM) -> SpeechLLM:
     return model
 
 
-PRECISIONS = ("fp32", "fp16", "int8")  # what the agent, live and serve accept
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # what the agent, live and serve accept
 
 
-def set_precision(model: SpeechLLM, precision: str) -> SpeechLLM:
-    """In place: the LLM in ``precision`` (one of PRECISIONS); float32 is left as it is."""
+def set_precision(model: SpeechLLM, precision: str, checkpoint: str | Path | None = None) -> SpeechLLM:
+    """In place: the LLM in ``precision`` (one of PRECISIONS); float32 is left as it is. int4 takes the GPTQ
+    weights kept beside ``checkpoint`` (``gptq.int4_weights``: calibrated on first use)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp16":
         return half_precision(model)
     if precision == "int8":
         return quantize_int8(model)
+    if precision == "int4":
+        from .gptq import int4_weights, quantize_int4
+
+        if checkpoint is None:
+            raise ValueError("int4 needs the checkpoint directory: its 4-bit weights are calibrated for it")
+        return quantize_int4(model, int4_weights(checkpoint, model))
     return model
 
 
-def precision_from_flags(int8: bool = False, fp16: bool = False) -> str:
-    """The ``--int8`` / ``--fp16`` flags of a command line -> one of PRECISIONS."""
-    if int8 and fp16:
-        raise ValueError("--int8 and --fp16 both given: choose one precision for the LLM")
-    return "int8" if int8 else "fp16" if fp16 else "fp32"
+def precision_from_flags(int8: bool = False, fp16: bool = False, int4: bool = False) -> str:
+    """The ``--int8`` / ``--fp16`` / ``--int4`` flags of a command line -> one of PRECISIONS."""
+    given = [flag for flag, on in (("--int8", int8), ("--fp16", fp16), ("--int4", int4)) if on]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} both given: choose one precision for the LLM")
+    return "int8" if int8 else "fp16" if fp16 else "int4" if int4 else "fp32"

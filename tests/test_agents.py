@@ -296,3 +296,26 @@ def test_int8_agent_writes_the_float32_agents_wait_k_schedule(data, tmp_path):
         n = min(len(a["delays"]), len(b["delays"]))
         assert a["delays"][:n] == b["delays"][:n]  # the schedule is the head's, whatever the weights
         assert b["prediction"].strip()
+
+
+def test_int4_agent_runs_on_weights_calibrated_for_its_checkpoint(data, tmp_path):
+    import shutil
+
+    from simul_agents import proactive_agent
+    from streaming_llm import gptq
+
+    ckpt = tmp_path / "text-ckpt"
+    shutil.copytree(data / "text-ckpt", ckpt)
+    with pytest.raises(SystemExit, match=r"streaming_llm.gptq .*--calibration TSV"):
+        text_run(tmp_path, tmp_path, "--head", "wait-k", "--k", "2", "--int4")  # no training manifest recorded
+    manifest = tmp_path / "train.tsv"
+    pairs = enumerate(zip(SENTENCES, REFERENCES, strict=True))
+    manifest.write_text("id\taudio\tn_frames\tsrc_text\ttgt_text\tspeaker\n"
+                        + "".join(f"s{i}\t\t0\t{s}\t{r}\tx\n" for i, (s, r) in pairs), encoding="utf-8")  # fmt: skip
+    assert gptq.main([str(ckpt), "--calibration", str(manifest)]) == 0
+    for name in ("source.txt", "target.txt"):
+        shutil.copy(data / name, tmp_path / name)
+    instances = text_run(tmp_path, tmp_path, "--head", "wait-k", "--k", "2", "--int4", name="int4")
+    (model,) = proactive_agent._MODELS.values()
+    assert any(isinstance(m, gptq.Int4Linear) for m in model.llm.modules())
+    assert [ins["index"] for ins in instances] == [0, 1, 2] and all(ins["prediction"].strip() for ins in instances)

@@ -294,17 +294,21 @@ def test_runs_measured_before_the_archive_keep_their_numbers_but_cannot_be_compa
 def test_a_redone_sweep_is_forgotten_here_and_in_results_but_its_model_stays(tmp_path, task_dir):
     bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)  # task_dir is tmp_path / "text"
     _score_into_table(task_dir / "eval-main")
+    _score_into_table(task_dir / "eval-no-mslm")
     model = bench.model_dir("text", "main")
     model.mkdir(parents=True)
     (model / "checkpoint.json").write_text("{}")
     B.run_stage(bench, "text-train-main", lambda: {"steps": 5})
     B.run_stage(bench, "text-sweep-main", lambda: {"runs": 6})
-    B.write_summary(bench, ["text"])  # archives the runs
+    B.write_summary(bench, ["text"])  # archives the runs, writes results/text/runs.csv
     removed = B.forget(bench, "text-sweep-main")
     assert task_dir / "eval-main" in removed and bench.archive_dir("text", "main") in removed
+    assert "main," not in (bench.results / "text" / "runs.csv").read_text()  # or restore would seed them back
+    assert "no-mslm," in (bench.results / "text" / "runs.csv").read_text()
     assert not (bench.done_dir / "text-sweep-main.json").exists()
     assert not (bench.records / "text-sweep-main.json").exists()
     assert B.restore(bench, ["text"], ["text-train-main", "text-sweep-main"]) == []  # nothing brings it back
+    assert not (task_dir / "eval-main" / "earlier.csv").exists()
     assert (bench.done_dir / "text-train-main.json").is_file() and (model / "checkpoint.json").is_file()
     with pytest.raises(ValueError, match="only evaluation stages"):
         B.forget(bench, "text-train-main")

@@ -62,3 +62,16 @@ def test_an_int8_llm_runs_lean_with_the_same_layers_as_transformers():
 def test_a_half_precision_llm_is_left_to_transformers():
     llm = tiny_model("text", seed=3).eval().llm.to(torch.float16)
     assert not supports_lean(llm)
+
+
+def test_a_4bit_llm_runs_lean_with_the_same_layers_as_transformers():
+    from streaming_llm import gptq
+
+    model = tiny_model("text", seed=3).eval()
+    state = gptq.calibrate(model, [["a", "house", "is", "here"], ["the", "dog", "runs"]], progress=False)
+    llm = gptq.quantize_int4(model, state).llm
+    assert supports_lean(llm) and isinstance(llm.model.layers[0].self_attn.k_proj, gptq.RowsOf)
+    lean = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    full = _steps(llm, lambda *a: run_llm(*a, logits_to_keep=0))
+    for a, b in zip(lean, full, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
