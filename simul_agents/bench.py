@@ -494,6 +494,11 @@ def _cost_record(bench: Bench, name: str) -> Path:
     return bench.results / "bench" / f"{name.replace('-', '_')}.json"
 
 
+def _runs_variants(kind: str) -> bool:
+    """Whether a stage of this kind ("sweep-main", "computation-aware", "compare", ...) runs SimulEval."""
+    return kind.startswith("sweep-") or kind == "computation-aware"
+
+
 def _evaluated_variants(kind: str) -> list[str]:
     """The variants an evaluation stage runs ("sweep-main" -> main; "computation-aware" -> the CA variants)."""
     return [kind.removeprefix("sweep-")] if kind.startswith("sweep-") else list(CA_VARIANTS)
@@ -502,7 +507,7 @@ def _evaluated_variants(kind: str) -> list[str]:
 def _runs_without_logs(bench: Bench, name: str) -> int:
     """How many finished runs of evaluation stage ``name`` have no ``instances.log`` here (0 for other stages)."""
     task, _, kind = name.partition("-")
-    if not (kind.startswith("sweep-") or kind == "computation-aware"):
+    if not _runs_variants(kind):
         return 0
     return sum(len(missing_logs(bench.runs / task / f"eval-{v}")) for v in _evaluated_variants(kind))
 
@@ -515,7 +520,7 @@ def forget(bench: Bench, name: str) -> list[Path]:
     task, _, kind = name.partition("-")
     if name in COST_STAGES:
         outputs = [_cost_record(bench, name)]
-    elif kind.startswith("sweep-") or kind == "computation-aware":
+    elif _runs_variants(kind):
         variants = _evaluated_variants(kind)
         outputs = [p for v in variants for p in (bench.runs / task / f"eval-{v}", bench.archive_dir(task, v))]
     elif kind in ("compare", "compare-main"):
@@ -533,7 +538,7 @@ def forget(bench: Bench, name: str) -> list[Path]:
         else:
             continue
         removed.append(path)
-    if kind.startswith("sweep-") or kind == "computation-aware":  # or ``seed_tables`` would bring their rows back
+    if _runs_variants(kind):  # or ``seed_tables`` would bring their rows back
         _drop_table_rows(bench.results / task / "runs.csv", set(_evaluated_variants(kind)))
     return removed
 
@@ -568,7 +573,7 @@ def _outputs_back(bench: Bench, name: str) -> bool:
                 shutil.rmtree(final)
             shutil.copytree(source, final)
         return True
-    if kind.startswith("sweep-") or kind == "computation-aware":
+    if _runs_variants(kind):
         return all(
             (bench.archive_dir(task, v) / "sweep.csv").is_file() and not missing_logs(bench.runs / task / f"eval-{v}")
             for v in _evaluated_variants(kind)
