@@ -175,23 +175,31 @@ class StageFailed(RuntimeError):
 
 
 HEARTBEAT_SECONDS = 30  # how often a running stage adds its time to runs/bench/time/<stage>.json
+MAX_GAP_SECONDS = 2 * HEARTBEAT_SECONDS  # a longer silence is a stopped process (SIGSTOP, a suspended machine)
 
 
 class _StageClock:
     """A stage's time over every attempt: a killed attempt's time (up to its last heartbeat) is kept in
     ``runs/bench/time/<stage>.json`` and the next attempt adds to it, so a stage resumed across sessions reports
-    what it cost in all, not what its last attempt took."""
+    what it cost in all, not what its last attempt took. Time while the process was stopped (``kill -STOP``, to
+    run something else alone on the machine) is not counted: a gap between heartbeats counts at most
+    ``MAX_GAP_SECONDS``."""
 
     def __init__(self, path: Path):
         self.path = path
         before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         self.before, self.attempts = float(before.get("seconds", 0.0)), int(before.get("attempts", 0)) + 1
-        self.started = time.time()
+        self.active, self.last = 0.0, time.time()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"clock-{path.stem}", daemon=True)
 
     def seconds(self) -> float:
-        return self.before + time.time() - self.started
+        with self._lock:
+            now = time.time()
+            self.active += min(max(now - self.last, 0.0), MAX_GAP_SECONDS)
+            self.last = now
+            return self.before + self.active
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

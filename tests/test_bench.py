@@ -340,3 +340,16 @@ def test_a_sweep_marked_done_before_its_runs_were_archived_runs_again_for_their_
     B.run_stage(bench, "text-compare-main", lambda: calls.append(4) or {})
     B.run_stage(bench, "text-compare-main", lambda: calls.append(5) or {})
     assert calls == [1, 3, 4]  # only evaluation stages look for their logs
+
+
+def test_a_stage_clock_does_not_count_the_time_its_process_was_stopped(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(B.time, "time", lambda: now[0])
+    clock = B._StageClock(tmp_path / "one.json")
+    for _ in range(4):  # running: heartbeats every 30 s
+        now[0] += B.HEARTBEAT_SECONDS
+        clock.seconds()
+    now[0] += 3600  # kill -STOP for an hour, then -CONT
+    clock.seconds()
+    now[0] += 10
+    assert clock.seconds() == 4 * B.HEARTBEAT_SECONDS + B.MAX_GAP_SECONDS + 10
