@@ -42,7 +42,7 @@ CALIBRATION_EXAMPLES = 32
 LEVELS = 16  # 4 bits
 MIDPOINT = 8  # the kernel subtracts it: w = (q - 8) * scale + zero
 BLOCK = 128  # columns rounded before the rest of the layer is updated (GPTQ's lazy batch)
-DAMP = 0.01  # of H's mean diagonal, added to its diagonal
+DAMP = 0.01  # of H's mean diagonal, added to its diagonal (more when that is not enough to factor it)
 FORMAT = "proactive-simulst-int4"
 
 
@@ -129,9 +129,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = GROUP_SI
     dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(n_in, dtype=h.dtype)
-    # the upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h_inv = _inverse_factor(h)
     q = torch.zeros(n_out, n_in, dtype=torch.uint8)
     scales = torch.zeros(n_out, n_in // group_size, dtype=torch.float64)
     zeros = torch.zeros_like(scales)
@@ -151,6 +149,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = GROUP_SI
             errors[:, i] = error
         w[:, stop:] -= errors @ h_inv[start:stop, stop:]
     return q, scales.float(), zeros.float()
+
+
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)^-1, whose row i says how column i's error moves the columns
+    after it; the damping grows tenfold while H is too ill-conditioned to factor."""
+    eye, mean = torch.eye(h.shape[0], dtype=h.dtype), torch.mean(torch.diag(h))
+    for damp in (DAMP, 10 * DAMP, 100 * DAMP):
+        try:
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + damp * mean * eye)),
+                                         upper=True)  # fmt: skip
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("gptq: a layer's input statistics cannot be factored even with strong damping; calibrate "
+                     "on more (or more varied) examples")  # fmt: skip
 
 
 # ---- calibration -------------------------------------------------------------------------------------------

@@ -106,3 +106,10 @@ def test_a_foreign_weights_file_is_refused_by_name(tmp_path):
     torch.save({"something": 1}, path)
     with pytest.raises(ValueError, match="not a 4-bit weights file"):
         gptq.load_weights(path)
+
+
+def test_gptq_damps_a_singular_hessian_enough_to_factor_it():
+    torch.manual_seed(2)
+    x = torch.randn(8, 64)  # 8 rows for 64 inputs: H has rank 8
+    q, scales, zeros = gptq.gptq(torch.randn(16, 64), x.T @ x)
+    assert torch.isfinite(scales).all() and torch.isfinite(zeros).all() and int(q.max()) <= 15
