@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .model import SpeechLLM
-from .quantize import FUSED, merge_lora
+from .quantize import FUSED, merge_lora, put_fused, untie_output
 
 log = logging.getLogger("streaming_llm.gptq")
 
@@ -247,9 +247,7 @@ def quantize_int4(model: SpeechLLM, state: dict) -> SpeechLLM:
     if model.training:
         raise ValueError("quantize_int4 is for inference: call model.eval() first (a 4-bit model cannot train)")
     merge_lora(model.llm)
-    output = model.llm.get_output_embeddings()
-    if output is not None and output.weight is model.llm.get_input_embeddings().weight:
-        model.llm.config.tie_word_embeddings = False  # the 4-bit output layer gets its own copy of the weights
+    untie_output(model.llm)
     modules = dict(model.llm.named_modules())
     expected = set(_targets(model.llm))
     if len(state) != len(expected):
@@ -260,12 +258,9 @@ def quantize_int4(model: SpeechLLM, state: dict) -> SpeechLLM:
         parent = modules[parent_name] if parent_name else model.llm
         layer = Int4Linear.of(q, scales, zeros)
         if attr in FUSED:
-            start = 0
-            for member in FUSED[attr]:
-                size = getattr(parent, member).out_features
-                setattr(parent, member, layer.rows(start, start + size))
-                start += size
-        setattr(parent, attr, layer)
+            put_fused(parent, attr, layer)
+        else:
+            setattr(parent, attr, layer)
     return model
 
 

@@ -87,6 +87,23 @@ class Int8Linear(nn.Module):
 FUSED = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}  # lean.py
 
 
+def untie_output(llm: nn.Module) -> None:
+    """A quantized output layer gets its own copy of the weights: the input embeddings stay float32."""
+    output = llm.get_output_embeddings()
+    if output is not None and output.weight is llm.get_input_embeddings().weight:
+        llm.config.tie_word_embeddings = False
+
+
+def put_fused(module: nn.Module, fused_name: str, fused: nn.Module) -> None:
+    """Set ``module.<fused_name>`` (a ``FUSED`` layer) and make each member layer the rows of it that it was."""
+    start = 0
+    for name in FUSED[fused_name]:
+        size = getattr(module, name).out_features
+        setattr(module, name, fused.rows(start, start + size))
+        start += size
+    setattr(module, fused_name, fused)
+
+
 def quantize_int8(model: SpeechLLM) -> SpeechLLM:
     """In place: merge LoRA, then every linear layer of the LLM (output layer included) an ``Int8Linear``.
 
@@ -97,19 +114,13 @@ def quantize_int8(model: SpeechLLM) -> SpeechLLM:
     if model.training:
         raise ValueError("quantize_int8 is for inference: call model.eval() first (an int8 model cannot train)")
     merge_lora(model.llm)
-    output = model.llm.get_output_embeddings()
-    if output is not None and output.weight is model.llm.get_input_embeddings().weight:
-        model.llm.config.tie_word_embeddings = False  # the int8 output layer gets its own copy of the weights
+    untie_output(model.llm)
     for module in list(model.llm.modules()):
         for fused_name, names in FUSED.items():
             parts = [getattr(module, name, None) for name in names]
             if not all(type(p) is nn.Linear and p.bias is None for p in parts):
                 continue
-            fused, start = Int8Linear.of(*parts), 0
-            setattr(module, fused_name, fused)
-            for name, part in zip(names, parts, strict=True):
-                setattr(module, name, fused.rows(start, start + part.out_features))
-                start += part.out_features
+            put_fused(module, fused_name, Int8Linear.of(*parts))
     for parent in list(model.llm.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None:
