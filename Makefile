@@ -13,21 +13,22 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 setup: $(STAMP) system-deps
 
 # Debian packages: chromium + chromium-driver (tests/test_browser.py), espeak-ng (the corpus builder's fast voice,
-# tests/test_corpus_offline.py) and PortAudio (`live --mic`). Installed only as root, with apt-get, and only when
-# missing; a failure never fails the install: those tests then skip with the reason, and --mic says what to install.
-SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng
+# tests/test_corpus_offline.py), PortAudio (`live --mic`) and g++ (TorchInductor's C++ compiler: `--compile`).
+# Installed only as root, with apt-get, and only when missing; a failure never fails the install: those tests then
+# skip with the reason, and --mic / --compile say what to install.
+SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng g++:g++
 system-deps:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
 	ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2' || missing="$$missing libportaudio2"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-		echo "== not installing$$missing (needs root and apt-get); the browser test will skip"; exit 0; fi; \
+		echo "== not installing$$missing (needs root and apt-get); the tests needing them will skip"; exit 0; fi; \
 	echo "== apt-get install$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get install -y -q $$missing >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; } \
-		|| echo "== could not install$$missing; the browser test will skip, --mic will say what is missing"
+		|| echo "== could not install$$missing; the tests needing them will skip, --mic and --compile will say what is missing"
 
 $(STAMP):
 	@echo "== installing pinned dependencies into $(VENV) (first time: about 5 minutes here)"

@@ -88,8 +88,9 @@ SHARD = 250  # test instances per SimulEval job (a killed one keeps its finished
 CA_INSTANCES = 100  # test instances of the computation-aware run (SimulEval itself, one at a time)
 # its heads: the offline decode, entropy writing late (1.0: speech LAAL 92% of offline's) and mid-curve (3.0: 69%)
 CA_HEADS = {"offline": {}, "entropy": {"threshold": [1.0, 3.0]}}
+# agent flags; int4 calibrates (GPTQ) at its first load and --compile compiles before the first instance, untimed
 CA_PRECISIONS = {"main-ca": {}, "main-ca-fp16": {"fp16": True}, "main-ca-int8": {"int8": True},
-                 "main-ca-int4": {"int4": True}}  # agent flags; int4 calibrates (GPTQ) at its first load, untimed
+                 "main-ca-int4": {"int4": True}, "main-ca-int4-compiled": {"int4": True, "compile": True}}
 CA_VARIANTS = tuple(CA_PRECISIONS)  # the computation-aware runs: the main model, its LLM in fp32, fp16, int8, int4
 log = logging.getLogger("bench")
 
@@ -372,7 +373,8 @@ def stage_computation_aware(bench: Bench, task: TaskPlan) -> dict:
     The sweeps batch instances (``--batch``), which leaves ``elapsed`` empty; this run measures what a user's
     single stream costs on this machine: the entropy head (``CA_HEADS``: writing late and mid-curve) on the main
     model and the offline decode, in float32 (``main-ca``) and with the LLM in float16, int8 and 4 bits
-    (``main-ca-fp16``, ``main-ca-int8``, ``main-ca-int4``: their speed and their quality on the same utterances).
+    (``main-ca-fp16``, ``main-ca-int8``, ``main-ca-int4``: their speed and their quality on the same utterances),
+    and 4 bits with compiled steps (``main-ca-int4-compiled``: ``--compile``).
     """
     from simul_agents.sweep import SweepConfig, sweep
     from training.corpus import write_simuleval_files
@@ -847,7 +849,7 @@ def ca_table(rows: list[dict]) -> list[str]:
         "",
         f"Computation-aware latency of one stream: SimulEval one instance at a time on this machine, "
         f"n = {int(ca[0]['n_instances'] or 0)}; the LLM in float32 (`main-ca`), float16 (`-fp16`), int8 (`-int8`) or "
-        "4 bits (`-int4`, GPTQ). "
+        "4 bits (`-int4`, GPTQ; `-int4-compiled`: its steps compiled by `torch.compile`, `--compile`). "
         "The target is LAAL_CA at most 1.25x LAAL.",
         "",
         "| variant | head | param | LAAL | LAAL_CA | CA / plain | BLEU | chrF |",

@@ -43,6 +43,7 @@ from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
 from streaming_llm.engine import StreamingSession
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
+from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import precision_from_flags, set_precision
 
 from . import latency as L
@@ -458,6 +459,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int4", action="store_true",
                    help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~30 s at start)")
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
     return p.parse_args(argv)
 
@@ -535,6 +538,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         precision = precision_from_flags(args.int8, args.fp16, args.int4)
         model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
         model = set_precision(model, precision, args.checkpoint)
+        if args.compile:
+            compile_steps(model.llm)
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         limits = Limits(max_target_tokens=args.max_target_tokens)
         tty = out.isatty()

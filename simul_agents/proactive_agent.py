@@ -73,17 +73,27 @@ class SetupError(ValueError):
 # ---- setup -----------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str, precision: str = "fp32"):
-    """Load a checkpoint once per process (keyed by path, modification time and the LLM's precision)."""
+def load_model(checkpoint: str, precision: str = "fp32", compiled: bool = False):
+    """Load a checkpoint once per process (keyed by path, modification time, the LLM's precision and whether its
+    steps are compiled: ``--compile``, ``streaming_llm.lean.compile_steps``, before the first instance)."""
+    from streaming_llm.lean import compile_steps
     from streaming_llm.quantize import set_precision
 
     path = Path(checkpoint)
     meta_file = path / "checkpoint.json"
-    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, precision)
+    key = (str(path.resolve()), meta_file.stat().st_mtime if meta_file.exists() else 0.0, precision, compiled)
     if key not in _MODELS:
         _MODELS.clear()
         model = load_checkpoint(path, merge_lora=True)  # in eval mode
-        _MODELS[key] = set_precision(model, precision, checkpoint=path)
+        model = set_precision(model, precision, checkpoint=path)
+        if compiled:
+            logger.info("compiling the LLM's streaming steps (--compile; once per process, untimed)")
+            try:
+                seconds = compile_steps(model.llm)
+            except ValueError as e:
+                raise SetupError(f"--compile: {e}") from None
+            logger.info("compiled in %.0f s", seconds)
+        _MODELS[key] = model
     return _MODELS[key]
 
 
@@ -254,7 +264,9 @@ class ProactiveBase(GenericAgent):
     modality = ""
 
     def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None):
-        self.model = model if model is not None else load_model(args.checkpoint, precision_of(args))
+        if model is None:
+            model = load_model(args.checkpoint, precision_of(args), getattr(args, "compile", False))
+        self.model = model
         self.head = head if head is not None else build_head(args)
         self.session_options = self.head.session_options(self.model)
         self.sources = sources
@@ -298,6 +310,9 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--int4", action="store_true",
                             help="run the LLM in 4 bits (streaming_llm/gptq.py; calibrated on the checkpoint's "
                                  "training data the first time, then kept beside it as int4-g32.pt)")
+        parser.add_argument("--compile", action="store_true",
+                            help="compile the LLM's streaming steps (torch.compile, TorchInductor: needs a C++ "
+                                 "compiler; about 30 s before the first instance, then faster steps on CPU)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         parser.add_argument(
             "--long-audio", choices=("auto", "segment", "off"), default="auto",
@@ -318,7 +333,7 @@ class ProactiveBase(GenericAgent):
         try:
             if getattr(args, "threads", 0):
                 torch.set_num_threads(args.threads)
-            model = load_model(args.checkpoint, precision_of(args))
+            model = load_model(args.checkpoint, precision_of(args), getattr(args, "compile", False))
             modality = model.config.modality
             agent_cls = cls if cls.modality else (ProactiveSpeechAgent if modality == SPEECH else ProactiveTextAgent)
             if agent_cls.modality != modality:

@@ -67,6 +67,7 @@ from websockets.http11 import Request, Response
 
 from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.config import SPEECH
+from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import precision_from_flags, set_precision
 
 from .live import Limits, LiveStream, build_head, latency_summary, max_source
@@ -598,6 +599,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--int4", action="store_true",
                    help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~30 s at start)")
     return p.parse_args(argv)
 
 
@@ -643,6 +646,8 @@ def main(argv=None) -> int:
         precision = precision_from_flags(args.int8, args.fp16, args.int4)
         model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
         model = set_precision(model, precision, args.checkpoint)
+        if args.compile:
+            compile_steps(model.llm)
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from simul_agents.proactive_agent import (
     ProactiveTextAgent,
 )
 from streaming_llm.checkpoint import save_checkpoint
+from streaming_llm.lean import cxx_compiler
 
 SENTENCES = ["I would like a cup of coffee .", "Where is the train station ?", "Thank you for your help ."]
 REFERENCES = ["Ich möchte eine Tasse Kaffee .", "Wo ist der Bahnhof ?", "Danke für Ihre Hilfe ."]
@@ -319,3 +320,22 @@ def test_int4_agent_runs_on_weights_calibrated_for_its_checkpoint(data, tmp_path
     (model,) = proactive_agent._MODELS.values()
     assert any(isinstance(m, gptq.Int4Linear) for m in model.llm.modules())
     assert [ins["index"] for ins in instances] == [0, 1, 2] and all(ins["prediction"].strip() for ins in instances)
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
+def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_during_instances(
+    data, tmp_path, monkeypatch
+):
+    import torch._dynamo
+
+    from simul_agents import proactive_agent
+    from streaming_llm.lean import is_compiled
+
+    eager = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", name="eager")
+    model = proactive_agent.load_model(str(data / "speech-ckpt"), "fp32", compiled=True)  # what --compile loads
+    assert is_compiled(model.llm)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # the warm-up met every shape already
+    compiled = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", "--compile", name="compiled")
+    assert proactive_agent._MODELS and next(iter(proactive_agent._MODELS.values())) is model
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["prediction"] == b["prediction"] and a["delays"] == b["delays"]

@@ -1,9 +1,10 @@
 """The lean Llama forward computes what transformers' forward computes, for one session's streaming steps."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
-from streaming_llm.lean import lean_forward, supports_lean
+from streaming_llm.lean import compile_steps, cxx_compiler, is_compiled, lean_forward, supports_lean
 from streaming_llm.model import run_llm
 from streaming_llm.quantize import quantize_int8
 from streaming_llm.tiny import tiny_model
@@ -75,3 +76,17 @@ def test_a_4bit_llm_runs_lean_with_the_same_layers_as_transformers():
     full = _steps(llm, lambda *a: run_llm(*a, logits_to_keep=0))
     for a, b in zip(lean, full, strict=True):
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++ as root)"
+)
+def test_compiled_steps_equal_the_eager_steps():
+    llm = tiny_model("text", seed=3).eval().llm
+    eager = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    seconds = compile_steps(llm)
+    assert is_compiled(llm) and seconds > 0
+    compiled = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=1e-4, rtol=1e-4)
