@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import weakref
 from functools import partial
 from types import SimpleNamespace
 
@@ -33,6 +34,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 COMPILED = "_lean_compiled_layers"  # where compile_steps keeps the compiled layers, in the LM's __dict__
 WARM_UP_ROWS = (9, 4, 1, 1, 3)  # the row counts compile_steps feeds: every shape family a session reaches
+_COMPILED_LMS: weakref.WeakSet = weakref.WeakSet()  # the LM whose layers are compiled now (one per process)
 
 
 def supports_lean(llm: PreTrainedModel) -> bool:
@@ -142,6 +144,8 @@ def compile_steps(llm: PreTrainedModel) -> float:
     operations between the products fused into C++ loops); compiles them now, on a warm-up of the shapes a
     streaming session feeds (a prompt into an empty cache, a block of rows, one row), so that no instance pays for
     it. Returns the seconds it took. Needs a C++ compiler; the values equal the eager ones up to float rounding.
+    One LM per process runs compiled: compiling another returns the earlier one to eager steps. Steps run under
+    ``torch.inference_mode`` with inputs made there, as the engine's are (others compile a second variant, once).
     """
     if not supports_lean(llm):
         raise ValueError(f"compiled steps need a float32 Llama-shaped LM (lean.supports_lean); this is a "
@@ -149,6 +153,12 @@ def compile_steps(llm: PreTrainedModel) -> float:
     if cxx_compiler() is None:
         raise ValueError("compiled steps need a C++ compiler for TorchInductor and none is on PATH (g++, c++, "
                          "clang++); install one (Debian: apt-get install g++) or run without --compile")  # fmt: skip
+    # every LM's compiled layers are entries of one function's cache (``_layers``), which keeps at most 8: an
+    # earlier LM's entries go, or a third LM compiled in one process would run eagerly without a word
+    torch._dynamo.reset()
+    for other in list(_COMPILED_LMS):
+        other.__dict__.pop(COMPILED, None)
+    _COMPILED_LMS.add(llm)
     llm.__dict__[COMPILED] = torch.compile(partial(_layers, llm), dynamic=True)
     start = time.perf_counter()
     d = llm.config.hidden_size

@@ -323,9 +323,7 @@ def test_int4_agent_runs_on_weights_calibrated_for_its_checkpoint(data, tmp_path
 
 
 @pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
-def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_during_instances(
-    data, tmp_path, monkeypatch
-):
+def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_during_instances(data, tmp_path):
     import torch._dynamo
 
     from simul_agents import proactive_agent
@@ -334,8 +332,8 @@ def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_
     eager = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", name="eager")
     model = proactive_agent.load_model(str(data / "speech-ckpt"), "fp32", compiled=True)  # what --compile loads
     assert is_compiled(model.llm)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # the warm-up met every shape already
-    compiled = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", "--compile", name="compiled")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up met every shape already
+        compiled = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", "--compile", name="compiled")
     assert proactive_agent._MODELS and next(iter(proactive_agent._MODELS.values())) is model
     for a, b in zip(eager, compiled, strict=True):
         assert a["prediction"] == b["prediction"] and a["delays"] == b["delays"]

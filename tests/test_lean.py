@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._dynamo
 from transformers import DynamicCache
 
 from streaming_llm.lean import compile_steps, cxx_compiler, is_compiled, lean_forward, supports_lean
@@ -16,13 +17,13 @@ def _steps(llm, forward):
     d = llm.config.hidden_size
     cache, outs, past = DynamicCache(), [], 0
     for q in (7, 3, 1):
-        x = torch.randn(1, q, d) * 0.5
-        positions = torch.arange(past, past + q)[None]
-        allowed = torch.ones(q, past + q, dtype=torch.bool).tril(diagonal=past)
-        if past:
-            allowed[0, past - 2] = False  # a row that may not see an earlier entry (as source rows skip targets)
-        mask = torch.zeros(1, 1, q, past + q).masked_fill(~allowed, float("-inf"))
-        with torch.inference_mode():
+        with torch.inference_mode():  # as the engine makes its inputs
+            x = torch.randn(1, q, d) * 0.5
+            positions = torch.arange(past, past + q)[None]
+            allowed = torch.ones(q, past + q, dtype=torch.bool).tril(diagonal=past)
+            if past:
+                allowed[0, past - 2] = False  # a row that may not see an earlier entry (as source rows skip targets)
+            mask = torch.zeros(1, 1, q, past + q).masked_fill(~allowed, float("-inf"))
             outs.append(forward(llm, x, positions, mask, cache))
         past += q
     return outs
@@ -78,15 +79,31 @@ def test_a_4bit_llm_runs_lean_with_the_same_layers_as_transformers():
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(
-    cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++ as root)"
-)
-def test_compiled_steps_equal_the_eager_steps():
-    llm = tiny_model("text", seed=3).eval().llm
+def _tiny_llm(precision: str):
+    model = tiny_model("text", seed=3).eval()
+    if precision == "int8":
+        model = quantize_int8(model)
+    elif precision == "int4":
+        from streaming_llm import gptq
+
+        state = gptq.calibrate(model, [["a", "house", "is", "here"], ["the", "dog", "runs"]], progress=False)
+        model = gptq.quantize_int4(model, state)
+    return model.llm
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_compiled_steps_equal_the_eager_steps(precision):
+    llm = _tiny_llm(precision)
     eager = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     seconds = compile_steps(llm)
     assert is_compiled(llm) and seconds > 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs - before >= 3  # the warm-up's: a prompt into an empty cache, a block of rows, one row
     compiled = _steps(llm, lambda *a: lean_forward(*a, logits_to_keep=0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the steps compiled nothing more
+    tolerance = 1e-4 if precision == "fp32" else 1e-3  # bfloat16 inputs to the int8/4-bit products may round apart
     for a, b in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.logits, b.logits, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=tolerance, rtol=tolerance)
