@@ -8,6 +8,7 @@
     python benchmarks/streaming_cost.py --real     # Whisper tiny.en + SmolLM2-135M (needs `make assets`)
     python benchmarks/streaming_cost.py --real --int8   # the same with the LLM in int8 (streaming_llm/quantize.py)
     python benchmarks/streaming_cost.py --real --fp16   # the same with the LLM in float16
+    python benchmarks/streaming_cost.py --real --compile   # the LLM's steps compiled (streaming_llm/lean.py)
 
 The source is fed lazily (``StreamingSession`` docstring): the steady-lag schedule below asks for the model's
 output only when it writes, as wait-k does. Times are wall-clock (the best of ``--repeats``); ``*_cpu_s`` are
@@ -126,11 +127,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--int8", action="store_true", help="quantize the LLM to int8 (inference only)")
     parser.add_argument("--fp16", action="store_true", help="the LLM in float16 (inference only)")
+    parser.add_argument("--compile", action="store_true", help="compile the LLM's steps first (torch.compile)")
     args = parser.parse_args()
     from streaming_llm.quantize import precision_from_flags
 
     precision = precision_from_flags(args.int8, args.fp16)
     model = load_model(args.real, args.block_ms, precision)
+    if args.compile:
+        from streaming_llm.lean import compile_steps
+
+        print(f"compiled the LLM's steps in {compile_steps(model.llm):.0f} s", flush=True)
     audio = (0.05 * np.random.default_rng(0).standard_normal(int(SAMPLE_RATE * args.seconds))).astype(np.float32)
     words = word_tokens(model)
     offline(model, audio[: SAMPLE_RATE * 2], words[:2])  # warm-up
@@ -142,7 +148,8 @@ def main() -> None:
         print(f"{name:12s} {results[name]:8.3f} s wall  {cpu[name]:8.3f} s CPU", flush=True)
     n_chunks = -(-len(audio) // (SAMPLE_RATE * CHUNK_MS // 1000))
     summary = {
-        "model": ("tiny.en+SmolLM2-135M" if args.real else "tiny") + ("" if precision == "fp32" else f" {precision}"),
+        "model": ("tiny.en+SmolLM2-135M" if args.real else "tiny") + ("" if precision == "fp32" else f" {precision}")
+        + (" compiled" if args.compile else ""),
         "seconds_of_audio": args.seconds,
         "block_ms": args.block_ms,
         "words": len(words),
