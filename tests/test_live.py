@@ -14,6 +14,7 @@ from simul_agents import live
 from simul_agents.live import Display, LiveStream, Result, build_head, latency_summary, run_stream
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.heads import make_head
+from streaming_llm.lean import cxx_compiler
 
 SENTENCE = "I would like a cup of coffee ."
 
@@ -239,3 +240,20 @@ def test_terminal_display_redraws_in_place(data):
 
 def test_result_text_joins_words():
     assert Result(["a", "b"], [1.0, 2.0], [1.0, 2.0], 2.0, "words", 0.0).text == "a b"
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
+def test_command_with_compiled_steps_writes_what_it_writes_eagerly_and_refuses_them_in_fp16(data, capsys):
+    root = data["root"]
+    argv = [str(root / "tone.wav"), "--checkpoint", str(root / "speech-ckpt"), "--head", "wait-k",
+            "--head-param", "k=2", "--fast", "--max-target-tokens", "24"]  # fmt: skip
+    eager, compiled = io.StringIO(), io.StringIO()
+    assert live.main(argv, out=eager) == 0 and live.main([*argv, "--compile"], out=compiled) == 0
+    def writes(out: io.StringIO) -> list[str]:  # the WRITE lines, but their elapsed wall clock
+        return [re.sub(r", elapsed [0-9.]+ s", "", line) for line in out.getvalue().splitlines() if "WRITE" in line]
+
+
+    assert writes(eager) and writes(eager) == writes(compiled)
+    capsys.readouterr()
+    assert live.main([*argv, "--compile", "--fp16"], out=io.StringIO()) == 2
+    assert "compiled steps need a float32" in capsys.readouterr().err
