@@ -15,6 +15,7 @@ from simul_agents.proactive_agent import ProactiveAgent
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.engine import StreamingSession
+from streaming_llm.lean import cxx_compiler, is_compiled
 
 SENTENCES = [
     "I would like a cup of coffee .",
@@ -207,3 +208,21 @@ def test_a_request_that_fails_fails_alone():
     session.push_words(SENTENCES[0].split())
     torch.testing.assert_close(results["good"], session.next_logits(), atol=1e-5, rtol=1e-5)
     assert isinstance(results["bad"], Exception)
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
+def test_batch_eval_with_compiled_steps_writes_what_simuleval_writes_eagerly(data, tmp_path):
+    import torch._dynamo
+
+    from simul_agents import proactive_agent
+
+    argv = ["--checkpoint", data / "speech-ckpt", "--source", data / "speech.txt", "--target", data / "target.txt",
+            *LIMITS, "--source-segment-size", "320", "--head", "entropy", "--threshold", "6"]  # fmt: skip
+    evaluate_inprocess(ProactiveAgent, [*argv, "--output", tmp_path / "simuleval"])
+    model = proactive_agent.load_model(str(data / "speech-ckpt"), "fp32", compiled=True)  # what --compile loads
+    with torch._dynamo.config.patch(error_on_recompile=True):  # packed batches reach no shape the warm-up did not
+        batch_eval(["--batch", "3", *argv, "--compile", "--output", tmp_path / "batched"])
+    assert list(proactive_agent._MODELS.values()) == [model] and is_compiled(model.llm)
+    want, got = instances(tmp_path / "simuleval"), instances(tmp_path / "batched")
+    for a, b in zip(want, got, strict=True):
+        assert (b["prediction"], b["delays"]) == (a["prediction"], a["delays"])
