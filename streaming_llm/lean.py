@@ -163,15 +163,21 @@ def compile_steps(llm: PreTrainedModel) -> float:
     start = time.perf_counter()
     d = llm.config.hidden_size
     generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        cache, past = DynamicCache(), 0
-        for q_len in WARM_UP_ROWS:
-            x = torch.randn(1, q_len, d, generator=generator) * 0.1
-            positions = torch.arange(past, past + q_len)[None]
-            mask = torch.zeros(1, 1, q_len, past + q_len)
-            mask[..., past:] = torch.full((q_len, q_len), float("-inf")).triu(1)
-            lean_forward(llm, x, positions, mask, cache)
-            past += q_len
+    try:
+        with torch.inference_mode():
+            cache, past = DynamicCache(), 0
+            for q_len in WARM_UP_ROWS:
+                x = torch.randn(1, q_len, d, generator=generator) * 0.1
+                positions = torch.arange(past, past + q_len)[None]
+                mask = torch.zeros(1, 1, q_len, past + q_len)
+                mask[..., past:] = torch.full((q_len, q_len), float("-inf")).triu(1)
+                lean_forward(llm, x, positions, mask, cache)
+                past += q_len
+    except Exception as e:  # TorchInductor's failures (a compiler error, a missing header) are long; keep the gist
+        llm.__dict__.pop(COMPILED, None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"compiling the LM's steps failed ({type(e).__name__}: {first[:300]}); "
+                         "run without --compile") from e  # fmt: skip
     return time.perf_counter() - start
 
 

@@ -107,3 +107,19 @@ def test_compiled_steps_equal_the_eager_steps(precision):
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a.logits, b.logits, atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=tolerance, rtol=tolerance)
+
+
+def test_a_compiler_failure_leaves_the_lm_eager_and_says_to_run_without_compile(monkeypatch):
+    llm = tiny_model("text", seed=3).eval().llm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("g++: fatal error: Python.h: No such file or directory\ncompilation terminated.")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    if cxx_compiler() is None:
+        monkeypatch.setattr("streaming_llm.lean.cxx_compiler", lambda: "/usr/bin/g++")
+    with pytest.raises(ValueError, match=r"failed \(RuntimeError: g\+\+: fatal error: Python.h.*run without --compile"):
+        compile_steps(llm)
+    assert not is_compiled(llm)
+    assert lean_forward(llm, torch.randn(1, 2, llm.config.hidden_size), torch.arange(2)[None],
+                        torch.zeros(1, 1, 2, 2), DynamicCache()).logits.shape[1] == 1  # fmt: skip
