@@ -460,7 +460,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~30 s at start)")
+                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~1 min at start)")
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
     return p.parse_args(argv)
 
@@ -539,7 +539,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
         model = set_precision(model, precision, args.checkpoint)
         if args.compile:
-            compile_steps(model.llm)
+            out.write("compiling the LLM's streaming steps (--compile; about a minute) ...\n")
+            out.flush()
+            out.write(f"compiled in {compile_steps(model.llm):.0f} s\n")
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         limits = Limits(max_target_tokens=args.max_target_tokens)
         tty = out.isatty()

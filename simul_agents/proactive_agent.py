@@ -312,7 +312,7 @@ class ProactiveBase(GenericAgent):
                                  "training data the first time, then kept beside it as int4-g32.pt)")
         parser.add_argument("--compile", action="store_true",
                             help="compile the LLM's streaming steps (torch.compile, TorchInductor: needs a C++ "
-                                 "compiler; about 30 s before the first instance, then faster steps on CPU)")
+                                 "compiler; about a minute before the first instance, then faster steps on CPU)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         parser.add_argument(
             "--long-audio", choices=("auto", "segment", "off"), default="auto",

@@ -600,7 +600,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~30 s at start)")
+                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~1 min at start)")
     return p.parse_args(argv)
 
 
@@ -647,7 +647,8 @@ def main(argv=None) -> int:
         model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
         model = set_precision(model, precision, args.checkpoint)
         if args.compile:
-            compile_steps(model.llm)
+            logger.info("compiling the LLM's streaming steps (--compile; about a minute)")
+            logger.info("compiled in %.0f s", compile_steps(model.llm))
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
