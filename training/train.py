@@ -384,18 +384,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             _barrier(world)
     bar.close()
     if step < cfg.max_steps:  # stopped early on request: the step checkpoint holds everything to go on
-        _barrier(world)
-        if world > 1:
-            dist.destroy_process_group()
+        _barrier(world)  # the process group stays: main() ends a torchrun worker (_end_worker)
         log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.max_steps)
         return latest_checkpoint(ckpt_root) or ckpt_root
     final = out / "final"
     if rank == 0:
         save_checkpoint(model, final, delta=is_delta(model), extra={"step": step, "train_config": cfg.to_dict()})
         log.info("final model: %s", final)
-    _barrier(world)
-    if world > 1:
-        dist.destroy_process_group()
+    _barrier(world)  # the process group stays: main() ends a torchrun worker (_end_worker)
     return final
 
 
@@ -611,9 +607,27 @@ def main(argv: list[str] | None = None) -> int:
         final = train(cfg, resume=args.resume, stop_after=args.stop_after)
     except (ValueError, TrainingError, OSError) as e:  # OSError: a log or output folder that cannot be written
         tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, not after the progress bar
-        return 1
-    print(f"done: {final}")
-    return 0
+        code = 1
+    else:
+        print(f"done: {final}")
+        code = 0
+    if dist.is_initialized():
+        _end_worker(code)
+    return code
+
+
+def _end_worker(code: int) -> None:
+    """End a torchrun worker now, with its output flushed, without tearing down its gloo process group.
+
+    Tearing it down can deadlock (seen here with torch 2.13: the group's destructor, run with the GIL held when
+    the last reference goes, joins the gloo worker thread, which is waiting for the GIL to free a finished
+    collective's tensors). Every collective has finished (the last barrier), the checkpoint is on disk; the
+    operating system closes the sockets.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
