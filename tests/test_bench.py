@@ -197,6 +197,7 @@ def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations(
     assert both.index("speech-computation-aware") < both.index("speech-train-encoder-lora")
     assert both.index("speech-sweep-encoder-lora") < both.index("text-train-no-mslm")
     assert both.index("text-sweep-no-spsd") < both.index("text-compare") < both.index("speech-train-no-mslm")
+    assert both.index("text-sweep-stream-0.3") < both.index("text-compare")  # every text variant is compared
     assert both.index("speech-sweep-no-spsd") < both.index("speech-compare")
     assert len(both) == len(set(both))
     assert "text-train-encoder-lora" not in both  # a text model has no encoder
