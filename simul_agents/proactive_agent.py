@@ -299,7 +299,7 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--k", type=int, default=None, help="wait-k: k; fixed-chunk: chunk; local-agreement: n")
         parser.add_argument(
             "--head-param", action="append", default=None, metavar="KEY=VALUE",
-            help="any head parameter, repeatable (e.g. frontier=2, layers=4,5,6)",
+            help="any head parameter, repeatable (e.g. frontier=2, layers=4,5,6, min_lag=2)",
         )  # fmt: skip
         parser.add_argument("--max-len-a", type=float, default=2.0, help="at most a * source units + b target words")
         parser.add_argument("--max-len-b", type=float, default=10.0, help="at most a * source units + b target words")

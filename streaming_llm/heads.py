@@ -10,13 +10,17 @@ Shared rules, in order:
 - the source is finished: WRITE (flush; ``write_word`` returns None once the model ends the sentence);
 - the greedy next token ends the sentence while the source is not finished: READ (adaptive heads only; the
   fixed schedules, wait-k and fixed-chunk, write the best other token, as ``write_word`` does);
-- nothing has been read yet: READ.
+- nothing has been read yet: READ;
+- lag bounds (entropy and probe; the lag is units read - words written; 0 turns a bound off), checked before
+  the LM runs, as in Zheng et al. 2020's adaptive policy between wait-k schedules: a lag under ``min_lag``:
+  READ; a lag of ``max_lag`` or more: WRITE (the best token other than the sentence end, as wait-k does).
 
 Heads (``make_head(name, **params)``; parameters from the command line or a checkpoint's
 ``checkpoint.json`` ``extra.heads.<name>``):
 
 ==================  ==========================================================================================
-``entropy``         WRITE when the next-token entropy (nats) < ``threshold`` (the paper's head)
+``entropy``         WRITE when the next-token entropy (nats) < ``threshold`` (the paper's head), between the
+                    lag bounds ``min_lag`` and ``max_lag`` (0, the default: no bound)
 ``attention``       WRITE when the pending target row's attention share on the newest ``frontier`` source units
                     is above ``threshold`` (``write_when="low"``: below it, the textbook rule)
 ``wait-k``          WRITE while words written < units read - ``k`` + 1 (a unit: one encoder block for speech,
@@ -24,7 +28,7 @@ Heads (``make_head(name, **params)``; parameters from the command line or a chec
 ``fixed-chunk``     WRITE while words written < ``words`` * (units read // ``chunk``)
 ``local-agreement`` LocalAgreement-``n``: WRITE the longest common prefix of the greedy continuations decoded
                     after each of the last ``n`` source prefixes, beyond what is written
-``probe``           WRITE when sigmoid(model.probe_logit(hidden)) > ``threshold``
+``probe``           WRITE when sigmoid(model.probe_logit(hidden)) > ``threshold``; lag bounds as entropy's
 ``oracle``          ANALYSIS ONLY, needs the whole source: WRITE when the greedy next word under the prefix
                     equals the word the full-source model would write next after the same target prefix
 ``offline``         READ until the source is finished (the full-source decode, the top line of a sweep)
@@ -98,6 +102,11 @@ def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
         return READ
     if head.fixed_schedule:
         return head.schedule(session.units_read, len(session.words))
+    lag = session.units_read - len(session.words)
+    if getattr(head, "min_lag", 0) and lag < head.min_lag:  # 0: no floor (a head may run ahead of the source)
+        return READ
+    if getattr(head, "max_lag", 0) and lag >= head.max_lag:
+        return WRITE
     signals = session.signals()
     return READ if signals.ends_sentence else head.decide(signals, session, memory)
 
@@ -105,11 +114,26 @@ def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
 # ---- heads -----------------------------------------------------------------------------------------
 
 
+def check_lag_bounds(head: Head) -> None:
+    """``min_lag`` and ``max_lag``: source units read beyond the words written; 0 turns a bound off."""
+    if head.min_lag < 0 or head.max_lag < 0:
+        raise ValueError(f"{head.name}: min_lag={head.min_lag}, max_lag={head.max_lag}; each counts source units "
+                         "read beyond the words written: 0 (no bound) or more")  # fmt: skip
+    if head.max_lag and head.max_lag < head.min_lag:
+        raise ValueError(f"{head.name}: max_lag={head.max_lag} is under min_lag={head.min_lag}; the head would have "
+                         "no room to decide: give max_lag >= min_lag, or 0 for no ceiling")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class EntropyHead(Head):
     threshold: float = 1.0  # nats
+    min_lag: int = 0  # READ while units read - words written < min_lag (0: no floor; ``decide`` applies both)
+    max_lag: int = 0  # WRITE once units read - words written >= max_lag (0: no ceiling)
 
     name: ClassVar[str] = "entropy"
+
+    def __post_init__(self):
+        check_lag_bounds(self)
 
     def decide(self, signals, session, memory):
         return WRITE if signals.entropy < self.threshold else READ
@@ -281,8 +305,13 @@ def agreed_length(hypotheses: Sequence[Hypothesis]) -> int:
 @dataclass(frozen=True)
 class ProbeHead(Head):
     threshold: float = 0.5  # WRITE when P(stream prediction already equals the full view's) > threshold
+    min_lag: int = 0  # lag bounds, as EntropyHead's
+    max_lag: int = 0
 
     name: ClassVar[str] = "probe"
+
+    def __post_init__(self):
+        check_lag_bounds(self)
 
     def session_options(self, model):
         if getattr(model, "probe", None) is None:

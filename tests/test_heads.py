@@ -91,6 +91,64 @@ def test_entropy_head():
     assert head.decide(signals(entropy=float("inf")), None, {}) is READ
 
 
+class CountingSession(FakeSession):
+    def signals(self):
+        self.asked = True
+        return self.step
+
+
+@pytest.mark.parametrize("min_lag", [1, 2, 3])
+def test_a_lag_floor_reads_until_min_lag_units_are_read_beyond_the_words_written(min_lag):
+    sure = EntropyHead(threshold=10.0, min_lag=min_lag)  # the entropy alone would always write
+    for units in range(1, 8):
+        for n_words in range(8):
+            session = CountingSession(signals(units_read=units, n_words=n_words, entropy=0.1))
+            decision = decide(sure, session, {})
+            assert decision is (WRITE if units - n_words >= min_lag else READ)
+            assert hasattr(session, "asked") is (decision is WRITE)  # under the floor the LM is not run
+    # with the floor the entropy still decides: an unsure step reads
+    assert decide(EntropyHead(threshold=0.5, min_lag=1), FakeSession(signals(entropy=2.0, units_read=5)), {}) is READ
+    assert decide(EntropyHead(threshold=0.5), FakeSession(signals(entropy=0.1, units_read=1, n_words=4)), {}) is WRITE
+    with pytest.raises(ValueError, match="min_lag=-1"):
+        make_head("probe", min_lag=-1)
+    with pytest.raises(ValueError, match="max_lag=2 is under min_lag=3"):
+        make_head("entropy", min_lag=3, max_lag=2)
+
+
+@pytest.mark.parametrize("max_lag", [1, 3])
+def test_a_lag_ceiling_writes_without_asking_the_lm_once_the_lag_reaches_max_lag(max_lag):
+    unsure = EntropyHead(threshold=0.0, min_lag=1, max_lag=max_lag)  # the entropy alone would never write
+    for units in range(1, 8):
+        for n_words in range(8):
+            session = CountingSession(signals(units_read=units, n_words=n_words, entropy=3.0))
+            decision = decide(unsure, session, {})
+            assert decision is (WRITE if units - n_words >= max_lag else READ)
+            assert not hasattr(session, "asked") or decision is READ  # a forced WRITE needs no LM output
+    # a ceiling equal to the floor is wait-k
+    same = EntropyHead(threshold=0.0, min_lag=3, max_lag=3)
+    for units in range(1, 8):
+        for n_words in range(8):
+            state = signals(units_read=units, n_words=n_words)
+            assert decide(same, FakeSession(state), {}) is WaitKHead(k=3).decide(state, None, {})
+
+
+def test_a_lag_floor_delays_every_word_on_a_real_session(model):
+    """Word i (from 0) is written after at least i + min_lag source words, until the source ends."""
+    for min_lag in (0, 2):
+        session = StreamingSession(model, max_target_tokens=40)
+        head, delays = EntropyHead(threshold=100.0, min_lag=min_lag), []
+        for units, word in enumerate(WORDS, start=1):
+            session.push_words([word])
+            while decide(head, session, {}) is WRITE and session.write_word() is not None:
+                delays.append(units)
+        assert delays, "the tiny model wrote nothing before the source ended"
+        if min_lag == 0:
+            assert delays[0] == 1 and len(delays) > delays[-1]  # a sure head writes at once, and runs ahead
+        else:
+            assert all(d >= i + min_lag for i, d in enumerate(delays))
+            assert any(d == i + min_lag for i, d in enumerate(delays))  # and as soon as the floor allows
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_wait_k_schedule(k):
     head = WaitKHead(k=k)
