@@ -28,6 +28,7 @@ PROACTIVE = ("entropy", "attention", "probe")
 MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
 LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
 BOOTSTRAP_SAMPLES = 1000
+PLAIN = "no-mslm"  # the plain full-sentence fine-tune: the offline-quality baseline of a streaming recipe
 
 
 def load_runs(task_dir: Path, variant: str) -> list[dict]:
@@ -138,6 +139,13 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             other = next((r for r in runs[variant] if r["head"] == "offline"), None)
             if other is not None:  # main as the system, the ablation as the baseline
                 result["offline"][variant] = paired_bootstrap(other["output"], offline["output"])
+        # #7's offline target: each other streaming-trained variant against the plain full-sentence fine-tune
+        plain = next((r for r in runs.get(PLAIN, []) if r["head"] == "offline"), None)
+        result["offline_vs_plain"] = {}
+        for variant in variants:
+            other = next((r for r in runs[variant] if r["head"] == "offline"), None)
+            if variant not in ("main", PLAIN) and plain is not None and other is not None:
+                result["offline_vs_plain"][variant] = paired_bootstrap(plain["output"], other["output"])
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
@@ -195,6 +203,13 @@ def format_comparison(result: dict) -> list[str]:
             f"Offline decode, main vs {variant}: chrF {c['system']:.1f} vs {c['baseline']:.1f} "
             f"(Δ {c['delta']:+.2f}, p {c['p']:.3f}); BLEU {b['system']:.2f} vs {b['baseline']:.2f} "
             f"(Δ {b['delta']:+.2f}, p {b['p']:.3f})."
+        )
+    for variant, test in (result.get("offline_vs_plain") or {}).items():
+        c, b = test["chrF"], test["BLEU"]
+        lines.append(
+            f"Offline decode, {variant} vs {PLAIN} (the plain fine-tune): chrF {c['system']:.1f} vs "
+            f"{c['baseline']:.1f} (Δ {c['delta']:+.2f}, p {c['p']:.3f}); BLEU {b['system']:.2f} vs "
+            f"{b['baseline']:.2f} (Δ {b['delta']:+.2f}, p {b['p']:.3f})."
         )
     if result.get("oracle"):
         o = result["oracle"]

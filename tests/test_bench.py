@@ -51,6 +51,7 @@ def task_dir(tmp_path):
         _write_run(main / "wait-k" / f"k={k}", _corrupt(refs, share, 2), refs, delays_per_word=float(k))
     _write_run(main / "oracle" / "-", refs[:100] + _corrupt(refs[100:], 1.0, 4), refs, delays_per_word=0.5)
     _write_run(root / "eval-no-mslm" / "offline" / "-", _corrupt(refs, 0.3, 3), refs, delays_per_word=10.0)
+    _write_run(root / "eval-no-spsd" / "offline" / "-", _corrupt(refs, 0.6, 5), refs, delays_per_word=10.0)
     return root
 
 
@@ -76,7 +77,16 @@ def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(tas
     assert (result["oracle"]["same_as_offline"], result["oracle"]["instances"]) == (100, 120)
     text = "\n".join(format_comparison(result))
     assert "significantly better on 2" in text and "main vs no-mslm" in text
+    assert "offline_vs_plain" in result and not result["offline_vs_plain"]  # main is already against no-mslm
     assert "equals the offline decode on 100 of 120 instances" in text
+
+
+def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_tune(task_dir):
+    result = compare_task(task_dir, ["main", "no-mslm", "no-spsd"], "text")
+    assert set(result["offline_vs_plain"]) == {"no-spsd"}
+    test = result["offline_vs_plain"]["no-spsd"]["chrF"]  # no-spsd (60% noise) as the system, no-mslm (30%)
+    assert test["delta"] < 0 and test["p"] < 0.05
+    assert "Offline decode, no-spsd vs no-mslm (the plain fine-tune)" in "\n".join(format_comparison(result))
 
 
 def test_matched_without_a_baseline_head_marks_points_unmatched(task_dir):
