@@ -387,8 +387,13 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> None:
 
 
 def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
+    import matplotlib
+
     unit = rows[0]["latency_unit"] if rows else ""
-    for head in dict.fromkeys(row["head"] for row in rows):
+    heads = list(dict.fromkeys(row["head"] for row in rows))
+    curves = [head for head in heads if head != "offline"]
+    colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors  # no two curves alike
+    for head in heads:
         points = sorted(
             (row["LAAL"], row[metric], row["param"])
             for row in rows
@@ -401,7 +406,9 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
         if not points:
             continue
         xs, ys, labels = zip(*points, strict=True)
-        axes.plot(xs, ys, marker="o", label=head)
+        other_model = head.endswith(")")  # "entropy (no-spsd)": another model's curve, drawn dashed
+        axes.plot(xs, ys, marker="s" if other_model else "o", linestyle="--" if other_model else "-",
+                  color=colors[curves.index(head) % len(colors)], label=head)  # fmt: skip
         for x, y, label in points:
             axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
     axes.set_xlabel(f"LAAL ({unit})")

@@ -178,3 +178,22 @@ def test_runs_and_shards():
     assert shard_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
     assert shard_ranges(2, 5) == [(0, 1), (1, 2)]
     assert shard_ranges(5, 1) == [(0, 5)]
+
+
+def test_the_plot_gives_every_curve_its_own_colour_and_other_models_dashed_lines():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simul_agents.sweep import _plot_metric
+
+    heads = ["offline", *(f"head{i}" for i in range(9)), "entropy (no-spsd)", "entropy (stream-0.3)"]
+    rows = [{"head": h, "param": f"t={t}", "LAAL": float(t), "chrF": 20.0 + t, "latency_unit": "words"}
+            for h in heads for t in (1, 2)]  # fmt: skip
+    figure, axes = plt.subplots()
+    _plot_metric(axes, rows, "chrF")
+    curves = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("offline")}
+    assert len(curves) == 11 and len({line.get_color() for line in curves.values()}) == 11
+    assert curves["entropy (no-spsd)"].get_linestyle() == "--" and curves["head0"].get_linestyle() == "-"
+    plt.close(figure)
