@@ -2,6 +2,8 @@
 
     python benchmarks/serve_load.py                                  # runs/demo/train/final if present, else tiny
     python benchmarks/serve_load.py --checkpoint CKPT --clients 1,2,3,4,6 --seconds 12 --threads 1
+    python benchmarks/serve_load.py --checkpoint runs/bench/speech/main/final --test data/offline/test.tsv \
+        --int4 --compile                                             # 4-bit LLM, compiled steps
 
 The server runs as its own process (``python -m simul_agents.serve``), as it would in use. For each N the clients
 start within one chunk of each other, each sends float32 chunks at real-time pace (utterances of the demo test set
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +60,14 @@ def tiny_checkpoint(directory: Path) -> Path:
     return save_checkpoint(build_model(config, tiny_tokenizer()).eval(), directory / "tiny-ckpt")
 
 
-def source_audio(seconds: float) -> tuple[np.ndarray, str]:
-    """The demo test utterances back to back (to ``seconds``), or a synthetic signal where there are none."""
-    if DEMO_TEST.is_file():
-        with open(DEMO_TEST, encoding="utf-8") as f:
+def source_audio(seconds: float, test: Path = DEMO_TEST) -> tuple[np.ndarray, str]:
+    """A test manifest's utterances back to back (to ``seconds``), or a synthetic signal where there are none."""
+    if test.is_file():
+        with open(test, encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         pieces, total = [], 0
         for row in rows:
-            path = DEMO_TEST.parent / row["audio"]
+            path = test.parent / row["audio"]
             if not path.is_file():
                 continue
             audio = load_audio(path)
@@ -73,21 +76,21 @@ def source_audio(seconds: float) -> tuple[np.ndarray, str]:
             if total >= seconds * SAMPLE_RATE:
                 break
         if pieces:
-            return np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], f"{DEMO_TEST.parent.name} test speech"
+            return np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], f"{test.parent.name} test speech"
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     signal = 0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 0.5 * t) + 0.05 * np.sin(2 * np.pi * 1300 * t)
     return signal.astype(np.float32), "synthetic signal"
 
 
-def start_server(checkpoint: Path, threads: int, head: str, int8: bool = False) -> tuple[subprocess.Popen, int]:
+def start_server(checkpoint: Path, threads: int, head: str, flags: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
+    """The server process and its port; ``flags``: its precision flags (``--int8``, ``--int4``, ``--compile``)."""
     command = [sys.executable, "-m", "simul_agents.serve", "--checkpoint", str(checkpoint), "--port", "0",
                "--max-clients", "256", "--idle-timeout", "60", "--head", head]  # fmt: skip
     if threads:
         command += ["--threads", str(threads)]
-    if int8:
-        command.append("--int8")
+    command += list(flags)
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # 4-bit calibration and --compile's warm-up come first
     for line in server.stdout:
         if line.startswith("serving on http://"):
             port = int(line.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
@@ -216,7 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     p.add_argument("--idle", type=int, default=20, help="idle connections for the memory figure")
+    p.add_argument("--test", type=Path, default=DEMO_TEST, help="the speech manifest whose utterances are streamed")
     p.add_argument("--int8", action="store_true", help="the server runs the LLM in int8 (simul_agents.serve --int8)")
+    p.add_argument("--int4", action="store_true", help="the LLM in 4 bits (GPTQ; simul_agents.serve --int4)")
+    p.add_argument("--compile", action="store_true", help="compiled streaming steps (simul_agents.serve --compile)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +232,7 @@ def main(argv=None) -> int:
             checkpoint = DEMO_CHECKPOINT
         else:
             checkpoint = tiny_checkpoint(Path(tmp))
-        audio, what = source_audio(args.seconds)
+        audio, what = source_audio(args.seconds, args.test)
         start = {"head": args.head}
         if args.threshold is not None:
             start["threshold"] = args.threshold
@@ -234,7 +240,8 @@ def main(argv=None) -> int:
         threads = args.threads or "default"
         print(f"checkpoint {checkpoint}; {audio.shape[0] / SAMPLE_RATE:.1f} s of {what} per client in "
               f"{args.chunk_ms} ms chunks; head {start}; server threads {threads}", flush=True)  # fmt: skip
-        server, port = start_server(checkpoint, args.threads, args.head, args.int8)
+        flags = [f"--{name}" for name in ("int8", "int4", "compile") if getattr(args, name)]
+        server, port = start_server(checkpoint, args.threads, args.head, flags)
         try:
             trials = []
             for n in [int(x) for x in args.clients.split(",")]:
@@ -266,6 +273,7 @@ def main(argv=None) -> int:
         "max_realtime_clients": best["clients"] if best else 0, "p95_ms": at["p95_ms"], "p50_ms": at["p50_ms"],
         "rtf_max_at_max": at["rtf_max"], "checkpoint": str(checkpoint), "audio_s": audio.shape[0] / SAMPLE_RATE,
         "chunk_ms": args.chunk_ms, "head": start, "server_threads": args.threads or "default", "int8": args.int8,
+        "int4": args.int4, "compile": args.compile,
         "trials": [{k: v for k, v in t.items() if k != "rtf_per_client"} for t in trials],
         **memory, "server_stats": server_stats,
     }  # fmt: skip

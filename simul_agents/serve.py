@@ -111,10 +111,22 @@ class StreamSpec:
     head: Any  # streaming_llm.heads.Head
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every stream's model work.
+
+    Load the model on it too (``main`` does): PyTorch's OpenMP keeps one thread pool per thread that calls it,
+    and the main thread's pool (left by loading, quantizing, compiling) and the model thread's then share the
+    cores. On 2 cores that made each stream's steps about 1.5x slower (``benchmarks/serve_load.py``: one
+    client's real-time factor 0.51 against 0.29 for the same stream run on the main thread)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
 class Translator:
     """The shared model and its one worker thread; counts connections and streams."""
 
-    def __init__(self, model, checkpoint: str | None = None, config: ServeConfig = ServeConfig()):
+    def __init__(self, model, checkpoint: str | None = None, config: ServeConfig = ServeConfig(),
+                 executor: ThreadPoolExecutor | None = None):  # fmt: skip
+        """``executor``: the model thread, where ``main`` loaded the model (``model_thread``); a new one if None."""
         self.model = model
         self.checkpoint = checkpoint
         self.config = config
@@ -124,7 +136,7 @@ class Translator:
             self.max_source = min(config.max_stream_s, model_limit)
         else:
             self.max_source = model_limit
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.executor = executor or model_thread()
         self.connections = 0
         self.streams = 0  # open streams (a LiveStream exists)
         self.served = 0  # streams that reached 'end'
@@ -640,21 +652,27 @@ def main(argv=None) -> int:
         from streaming_llm.checkpoint import CheckpointError, load_checkpoint
 
         config = config_from_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
         build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
         precision = precision_from_flags(args.int8, args.fp16, args.int4)
-        model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
-        model = set_precision(model, precision, args.checkpoint)
-        if args.compile:
-            logger.info("compiling the LLM's streaming steps (--compile; about a minute)")
-            logger.info("compiled in %.0f s", compile_steps(model.llm))
+        executor = model_thread()
+
+        def load():  # on the model thread, which then runs every step (model_thread says why)
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
+            model = set_precision(model, precision, args.checkpoint)
+            if args.compile:
+                logger.info("compiling the LLM's streaming steps (--compile; about a minute)")
+                logger.info("compiled in %.0f s", compile_steps(model.llm))
+            return model
+
+        model = executor.submit(load).result()
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2
     if not is_loopback(args.host):
         logger.warning("binding %s: anyone who can reach this address can use the model (no authentication)", args.host)
-    translator = Translator(model, args.checkpoint, config)
+    translator = Translator(model, args.checkpoint, config, executor)
     try:
         asyncio.run(serve_forever(translator, args.host, args.port))
     except KeyboardInterrupt:

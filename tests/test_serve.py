@@ -401,3 +401,23 @@ def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(model
         assert events[-1] == {"type": "end", "text": "", "words": 0, "dropped": True}
         assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["words"] > 0
         assert s.translator.streams == 0
+
+
+def test_main_loads_the_model_on_the_thread_that_serves_it(models, monkeypatch):
+    """One OpenMP pool: loading on the main thread and stepping on the model thread made steps ~1.5x slower."""
+    from streaming_llm import checkpoint
+
+    seen = {}
+    real_load = checkpoint.load_checkpoint
+
+    def load(*args, **kwargs):
+        seen["load"] = threading.current_thread()
+        return real_load(*args, **kwargs)
+
+    async def serve_forever(translator, host, port):
+        seen["serve"] = translator.executor.submit(threading.current_thread).result()
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
+    monkeypatch.setattr(serve_module, "serve_forever", serve_forever)
+    assert serve_module.main(["--checkpoint", models["speech-ckpt"], "--port", "0"]) == 0
+    assert seen["load"] is seen["serve"] and seen["load"] is not threading.main_thread()
