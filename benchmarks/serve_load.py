@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--int4", action="store_true", help="the LLM in 4 bits (GPTQ; simul_agents.serve --int4)")
     p.add_argument("--compile", action="store_true", help="compiled streaming steps (simul_agents.serve --compile)")
     args = p.parse_args(argv)
+    if args.test != DEMO_TEST and not args.test.is_file():  # the default may be missing: then a synthetic signal
+        p.error(f"--test {args.test}: no such manifest (a TSV with an audio column, e.g. data/offline/test.tsv)")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
