@@ -10,7 +10,8 @@ the main models):
   the train split capped, the test split large enough for the bootstrap);
 - ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
   plain full-sentence fine-tune, the streaming-quality baseline), for text the streaming terms at 0.3 of the full
-  view's weight (``stream-0.3``: whether a lighter streaming loss keeps offline quality) and, for speech, ``main``
+  view's weight (``stream-0.3``: whether a lighter streaming loss keeps offline quality; ``-x4``: it and the
+  plain fine-tune for 4x the steps) and, for speech, ``main``
   with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). A speech
   model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to
   the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
@@ -67,6 +68,10 @@ VARIANTS = {  # name -> training overrides
     # the streaming terms at 0.3 of the full view's weight: does a lighter streaming loss keep offline quality
     # (main loses 0.66 chrF to no-mslm on text) and the entropy head's curve?
     "stream-0.3": {"w_mslm": 0.3, "spsd_lambda": 0.3},
+    # 4x the steps (2 epochs of text), the light recipe and its plain baseline: does training longer let the
+    # streaming model keep the plain fine-tune's offline quality, and the entropy head pass wait-k?
+    "stream-0.3-x4": {"w_mslm": 0.3, "spsd_lambda": 0.3, "max_steps": 2000},
+    "no-mslm-x4": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "max_steps": 2000},
     "encoder-lora": {"train_encoder": "lora"},  # speech: does fine-tuning the block-causal encoder pay?
 }
 INIT_VARIANT = {"encoder-lora": "main"}  # which text variant starts a speech variant (default: the same name)
@@ -75,6 +80,8 @@ VARIANT_LABELS = {
     "no-spsd": "MSLM only (no SPSD)",
     "no-mslm": "full-sentence only",
     "stream-0.3": "MSLM + SPSD at 0.3 of the full view's weight",
+    "stream-0.3-x4": "stream-0.3 for 2,000 steps",
+    "no-mslm-x4": "no-mslm for 2,000 steps",
     "encoder-lora": "MSLM + SPSD, encoder LoRA",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
@@ -134,7 +141,7 @@ TASKS = {
         "text", "training/configs/offline_text.yaml", "data/offline_text", steps=500, test=1000,
         agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
-        variants=("no-mslm", "no-spsd", "stream-0.3"),
+        variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4"),
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
@@ -421,7 +428,22 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return {"output": str(out)}
+    return {"output": str(out), "variants": list(variants)}
+
+
+def outgrown_compares(bench: Bench, tasks: list[str]) -> list[str]:
+    """The finished ``<task>-compare`` stages whose record compared other variants than the plan now trains (a
+    variant added since): they run again when the plan reaches them. Their ``compare.json`` stays until then, so
+    the summary keeps the comparisons it had."""
+    out = []
+    for task in tasks:
+        name = f"{task}-compare"
+        marker = bench.done_dir / f"{name}.json"
+        if marker.is_file():
+            compared = json.loads(marker.read_text(encoding="utf-8")).get("variants")
+            if compared != ["main", *TASKS[task].variants]:
+                out.append(name)
+    return out
 
 
 def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
@@ -668,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
     restore(bench, args.tasks, [name for name, _ in plan])
+    for name in outgrown_compares(bench, args.tasks):
+        (bench.done_dir / f"{name}.json").unlink()
+        print(f"== {name}: its record does not list the variants the plan now compares; it runs again when the "
+              "plan reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
     if args.list:
         for name, _ in plan:
             print(f"{name:24s} {'done' if (bench.done_dir / f'{name}.json').is_file() else 'to run'}")

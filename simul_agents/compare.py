@@ -31,6 +31,12 @@ BOOTSTRAP_SAMPLES = 1000
 PLAIN = "no-mslm"  # the plain full-sentence fine-tune: the offline-quality baseline of a streaming recipe
 
 
+def plain_of(variant: str) -> str:
+    """The plain fine-tune with the same budget: 'stream-0.3-x4' -> 'no-mslm-x4', 'no-spsd' -> 'no-mslm'."""
+    head, sep, times = variant.rpartition("-x")
+    return f"{PLAIN}-x{times}" if sep and head and times.isdigit() else PLAIN
+
+
 def load_runs(task_dir: Path, variant: str) -> list[dict]:
     """Every finished run of a variant: {head, param, LAAL, chrF, BLEU, mean_source_length, output}."""
     runs = []
@@ -140,12 +146,15 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             if other is not None:  # main as the system, the ablation as the baseline
                 result["offline"][variant] = paired_bootstrap(other["output"], offline["output"])
         # #7's offline target: each other streaming-trained variant against the plain full-sentence fine-tune
-        plain = next((r for r in runs.get(PLAIN, []) if r["head"] == "offline"), None)
+        # of the same budget
         result["offline_vs_plain"] = {}
         for variant in variants:
+            base = plain_of(variant)
+            plain = next((r for r in runs.get(base, []) if r["head"] == "offline"), None)
             other = next((r for r in runs[variant] if r["head"] == "offline"), None)
-            if variant not in ("main", PLAIN) and plain is not None and other is not None:
-                result["offline_vs_plain"][variant] = paired_bootstrap(plain["output"], other["output"])
+            if variant not in ("main", base) and plain is not None and other is not None:
+                result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
+                                                       "plain": base}  # fmt: skip
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
@@ -207,7 +216,7 @@ def format_comparison(result: dict) -> list[str]:
     for variant, test in (result.get("offline_vs_plain") or {}).items():
         c, b = test["chrF"], test["BLEU"]
         lines.append(
-            f"Offline decode, {variant} vs {PLAIN} (the plain fine-tune): chrF {c['system']:.1f} vs "
+            f"Offline decode, {variant} vs {test.get('plain', PLAIN)} (the plain fine-tune): chrF {c['system']:.1f} vs "
             f"{c['baseline']:.1f} (Δ {c['delta']:+.2f}, p {c['p']:.3f}); BLEU {b['system']:.2f} vs "
             f"{b['baseline']:.2f} (Δ {b['delta']:+.2f}, p {b['p']:.3f})."
         )

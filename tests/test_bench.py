@@ -89,6 +89,15 @@ def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_t
     assert "Offline decode, no-spsd vs no-mslm (the plain fine-tune)" in "\n".join(format_comparison(result))
 
 
+def test_a_longer_variant_is_compared_with_the_plain_fine_tune_of_the_same_budget():
+    from simul_agents.compare import plain_of
+
+    assert [plain_of(v) for v in ("no-spsd", "stream-0.3", "stream-0.3-x4", "main-x", "no-mslm-x4")] == [
+        "no-mslm", "no-mslm", "no-mslm-x4", "no-mslm", "no-mslm-x4"]  # fmt: skip
+    steps = [B.VARIANTS[v]["max_steps"] for v in ("stream-0.3-x4", "no-mslm-x4")]
+    assert steps == [4 * B.TASKS["text"].steps] * 2
+
+
 def test_matched_without_a_baseline_head_marks_points_unmatched(task_dir):
     runs = [{"head": "entropy", "param": "t=1", "LAAL": 1.0, "output": ""}]
     assert matched(runs, "entropy", "wait-k") == [{"head": "entropy", "param": "t=1", "LAAL": 1.0, "matched": None}]
@@ -364,3 +373,15 @@ def test_a_stage_clock_does_not_count_the_time_its_process_was_stopped(tmp_path,
     clock.seconds()
     now[0] += 10
     assert clock.seconds() == 4 * B.HEARTBEAT_SECONDS + B.MAX_GAP_SECONDS + 10
+
+
+def test_a_comparison_made_before_a_variant_was_added_runs_again_but_keeps_its_output(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    now = ["main", *B.TASKS["text"].variants]
+    B.run_stage(bench, "text-compare", lambda: {"variants": now[:-1]})  # an earlier plan, one variant short
+    B.run_stage(bench, "speech-compare", lambda: {"variants": ["main", *B.TASKS["speech"].variants]})
+    assert B.outgrown_compares(bench, ["text", "speech"]) == ["text-compare"]
+    (bench.done_dir / "text-compare.json").write_text(json.dumps({"seconds": 1}), encoding="utf-8")  # no record
+    assert B.outgrown_compares(bench, ["text"]) == ["text-compare"]
+    B.run_stage(bench, "text-compare", lambda: {})  # still marked done: run_stage leaves it
+    assert B.outgrown_compares(bench, ["speech"]) == []
