@@ -64,6 +64,7 @@ class Decision(enum.Enum):
 
 
 READ, WRITE = Decision.READ, Decision.WRITE
+LAG_BOUNDS = ("min_lag", "max_lag")  # the adaptive heads' optional bounds (0: off)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,11 @@ class Head:
         raise NotImplementedError
 
     def describe(self) -> str:
-        """'entropy(threshold=0.6)'"""
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        """'entropy(threshold=0.6)'; a lag bound left off (0) is not listed."""
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+            if not (f.name in LAG_BOUNDS and getattr(self, f.name) == 0)
+        )
         return f"{self.name}({fields})"
 
 

@@ -149,6 +149,12 @@ def test_a_lag_floor_delays_every_word_on_a_real_session(model):
             assert any(d == i + min_lag for i, d in enumerate(delays))  # and as soon as the floor allows
 
 
+def test_describe_lists_the_lag_bounds_only_when_they_are_set():
+    assert EntropyHead(threshold=0.6).describe() == "entropy(threshold=0.6)"
+    assert EntropyHead(threshold=0.6, max_lag=4).describe() == "entropy(threshold=0.6, max_lag=4)"
+    assert WaitKHead(k=3).describe() == "wait-k(k=3)"
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_wait_k_schedule(k):
     head = WaitKHead(k=k)
