@@ -17,7 +17,7 @@ Calibration: the full-source greedy decode of ``CALIBRATION_EXAMPLES`` training 
 the layout of PyTorch's CPU 4-bit kernel (``torch._weight_int4pack_mm_for_cpu``, bfloat16 activations, float32
 handed back as ``Int8Linear`` does). q/k/v and gate/up are quantized as one fused layer each (they read the same
 input: the same ``H``), which ``lean.lean_forward`` runs as one product; the separate layers stay (``RowsOf``:
-each computes the fused product and keeps its rows) for ``transformers``' own forward.
+the fused product computed once per input, each keeping its rows) for ``transformers``' own forward.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ MIDPOINT = 8  # the kernel subtracts it: w = (q - 8) * scale + zero
 BLOCK = 128  # columns rounded before the rest of the layer is updated (GPTQ's lazy batch)
 DAMP = 0.01  # of H's mean diagonal, added to its diagonal (more when that is not enough to factor it)
 FORMAT = "proactive-simulst-int4"
+LAST_PRODUCT = "_last_rows_product"  # where RowsOf keeps a fused layer's last input and product
 
 
 def weights_file(checkpoint: str | Path, group_size: int = GROUP_SIZE) -> Path:
@@ -85,7 +86,8 @@ class Int4Linear(nn.Module):
 
 class RowsOf(nn.Module):
     """Output rows start:stop of a fused layer: ``transformers``' own forward calls q_proj, k_proj, ... one by
-    one (the attention head needs it); each computes the fused product and keeps its rows."""
+    one (the attention head needs it) on the same input tensor. The first computes the fused product; the
+    others find it kept on the fused layer (for that very tensor object) and take their rows of it."""
 
     def __init__(self, fused: nn.Module, start: int, stop: int):
         super().__init__()
@@ -93,7 +95,11 @@ class RowsOf(nn.Module):
         self.in_features, self.out_features = fused.in_features, stop - start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused(x)[..., self.start : self.stop]
+        kept = self.fused.__dict__.get(LAST_PRODUCT)  # (input, product) of the fused layer's last call from here
+        if kept is None or kept[0] is not x:
+            kept = (x, self.fused(x))
+            self.fused.__dict__[LAST_PRODUCT] = kept  # one tuple, replaced whole: a reader sees a matching pair
+        return kept[1][..., self.start : self.stop]
 
 
 # ---- rounding ----------------------------------------------------------------------------------------------

@@ -50,6 +50,23 @@ def test_the_4bit_kernel_computes_the_stored_weights():
     torch.testing.assert_close(layer.rows(16, 48)(x), layer(x)[:, 16:48])
 
 
+def test_the_rows_of_one_fused_layer_share_one_product_per_input(monkeypatch):
+    torch.manual_seed(1)
+    layer = gptq.Int4Linear.of(*gptq.round_to_nearest(torch.randn(64, 96)))
+    q, k, v = layer.rows(0, 32), layer.rows(32, 48), layer.rows(48, 64)
+    calls = []
+    kernel = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(2, 96)
+    parts = [q(x), k(x), v(x)]
+    assert len(calls) == 1  # as transformers' attention calls q_proj, k_proj, v_proj on one tensor
+    y = x.clone()  # an equal tensor is another input: computed again, never mistaken for the kept one
+    k_of_y = k(y)
+    assert len(calls) == 2
+    torch.testing.assert_close(torch.cat(parts, dim=-1), layer(x))
+    torch.testing.assert_close(k_of_y, layer(x)[:, 32:48])
+
+
 def _logits(model) -> torch.Tensor:
     session = StreamingSession(model)
     session.push_words(SENTENCES[0].split()[:4])
