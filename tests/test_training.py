@@ -443,3 +443,41 @@ def test_a_fine_tuned_encoder_learns_and_its_checkpoint_keeps_what_it_learned(tm
     else:  # it moved, the checkpoint holds what it learned, and its outputs are never cached
         assert moved > 1e-3 and not (tmp_path / "run" / "encoder_cache").exists()
     assert torch.allclose(kept, merged, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("max_steps=ten", "max_steps='ten': expected a whole number"),
+        ("batch_size=2.5", "batch_size=2.5: expected a whole number"),
+        ("lr=fast", "lr='fast': expected a number"),
+        ("probe=maybe", "probe='maybe': expected true or false"),
+        ("save_every=0", "save_every=0: each of"),
+        ("eval_every=0", "eval_every=0: each of"),
+        ("spsd_lambda=-1", "spsd_lambda=-1.0: must not be negative"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_or_range_is_refused_by_name(override, message):
+    from training.config import parse_overrides
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(TINY_TEXT, parse_overrides([override]))
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    from training.config import parse_overrides
+
+    cfg = load_config(TINY_TEXT, parse_overrides(["lr=1e-4", "max_steps=2e3", "prompt=12"]))
+    assert (cfg.lr, cfg.max_steps, cfg.prompt) == (1e-4, 2000, "12")
+
+
+def test_the_trainer_cli_names_a_broken_yaml_and_a_bad_stop_after(tmp_path, capsys):
+    from training.train import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a:\n  b: 1\n c: 2\n", encoding="utf-8")
+    assert main(["--config", str(broken)]) == 1
+    assert f"{broken}: not valid YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(TINY_TEXT), "--stop-after", "-1"])
+    assert "--stop-after -1: give the step" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,11 @@ from .losses import LossConfig
 LLM_MODES = ("none", "lora", "full")
 TASKS = ("translate", "transcribe")  # transcribe: the source transcript is the target (aligns a new adapter)
 ENCODER_MODES = ("frozen", "lora", "full")
+
+
+AT_LEAST_ONE = ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "log_every")
+NOT_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "w_full", "w_mslm", "spsd_lambda", "align_steps",
+                "keep_last", "clip_norm", "dev_subset", "dev_bleu_subset")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,12 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
         if self.task == "transcribe" and self.modality != "speech":
             raise ValueError("task=transcribe needs modality=speech (a text source is its own transcript)")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ValueError("batch_size, grad_accum and max_steps must be at least 1")
+        small = [f"{k}={getattr(self, k)}" for k in AT_LEAST_ONE if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)}: each of {', '.join(AT_LEAST_ONE)} must be at least 1")
+        negative = [f"{k}={getattr(self, k)}" for k in NOT_NEGATIVE if getattr(self, k) < 0]
+        if negative:
+            raise ValueError(f"{', '.join(negative)}: must not be negative")
         _ = self.loss  # validates the objective's fields
 
     @property
@@ -105,7 +115,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ValueError(f"override {pair!r}: expected key=value")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value  # not a YAML scalar ("a: b"): the text itself, checked against the type
     return out
 
 
@@ -115,7 +128,12 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
         path = Path(path)
         if not path.exists():
             raise ValueError(f"{path}: no such config; the shipped ones are in training/configs/")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
     data.update(overrides or {})
@@ -128,8 +146,25 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
         data["lora_targets"] = tuple(targets.split(",") if isinstance(targets, str) else targets)
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for key, value in list(data.items()):
-        if types[key] == "float" and isinstance(value, int):
-            data[key] = float(value)
-        elif types[key] == "str" and value is not None and not isinstance(value, str):
-            data[key] = str(value)
+        data[key] = _typed(key, value, types[key])
     return TrainConfig(**data)
+
+
+def _typed(key: str, value, kind: str):
+    """A setting's value as its field's type (``kind``, the annotation's text), or a ValueError naming it."""
+    if kind in ("int", "float") and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)  # YAML reads 1e-4 (no dot) as text
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and is_number and float(value).is_integer():
+        return int(value)
+    if kind == "float" and is_number:
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and not isinstance(value, (list, dict)):
+        return "" if value is None else str(value)
+    if kind.startswith("tuple") and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return value
+    expected = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+    raise ValueError(f"{key}={value!r}: expected {expected.get(kind, 'a list of names')}")

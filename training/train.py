@@ -600,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=int, metavar="STEP",
                         help="leave after this step with a checkpoint (fit a time slot; --resume goes on)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value settings before and after the options alike
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after {args.stop_after}: give the step to stop after (1 or more)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, parse_overrides(args.overrides))
