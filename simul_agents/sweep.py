@@ -107,6 +107,8 @@ def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise SweepError(f"{path}: cannot read ({e})") from None
     except yaml.YAMLError as e:
@@ -119,6 +121,9 @@ def load_config(path: str | Path) -> SweepConfig:
     missing = [k for k in ("task", "checkpoint", "source", "target", "output", "heads") if not data.get(k)]
     if missing:
         raise SweepError(f"{path}: missing {', '.join(missing)}")
+    for key in ("heads", "agent_args"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise SweepError(f"{path}: {key} must be a mapping (name: settings), not {type(data[key]).__name__}")
     heads = dict(data["heads"])
     if "offline" not in heads:
         heads["offline"] = {}
@@ -133,11 +138,21 @@ def load_config(path: str | Path) -> SweepConfig:
         target=str(data["target"]),
         output=Path(data["output"]),
         heads=heads,
-        source_segment_size=data.get("source_segment_size"),
-        shards=int(data.get("shards") or 1),
-        batch=int(data.get("batch") or 1),
+        source_segment_size=_count(path, data, "source_segment_size", None),
+        shards=_count(path, data, "shards", 1),
+        batch=_count(path, data, "batch", 1),
         agent_args=dict(data.get("agent_args") or {}),
     )
+
+
+def _count(path: Path, data: dict, key: str, default: int | None) -> int | None:
+    """A whole number of at least 1 from the YAML (absent or empty: ``default``)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"{path}: {key}: {value!r}; expected a whole number of at least 1")
+    return value
 
 
 def expand_runs(config: SweepConfig) -> list[Run]:
@@ -174,8 +189,14 @@ def count_instances(source: str) -> int:
     path = Path(source)
     if not path.is_file():
         raise SweepError(f"source {path}: no such file (paths are relative to the current directory)")
-    with open(path, encoding="utf-8") as f:
-        return len(f.readlines())
+    try:
+        with open(path, encoding="utf-8") as f:
+            n = len(f.readlines())
+    except UnicodeDecodeError as e:
+        raise SweepError(f"source {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if n == 0:
+        raise SweepError(f"source {path}: empty; a sweep needs at least one instance (one line per source)")
+    return n
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -434,8 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.jobs < 1:
+            raise SweepError(f"--jobs {args.jobs}: at least 1 process")
+        if args.shards is not None and args.shards < 1:
+            raise SweepError(f"--shards {args.shards}: at least 1 shard per run")
         if args.output:
             config = SweepConfig(**{**config.__dict__, "output": Path(args.output)})
+        if config.output.exists() and not config.output.is_dir():
+            raise SweepError(f"output {config.output}: a file, not a folder; give a folder for the runs")
         if args.batch is not None:
             if args.batch < 1:
                 raise SweepError(f"--batch {args.batch}: at least 1 instance at a time")

@@ -411,7 +411,7 @@ def make_head(name: str, **params) -> Head:
         kind = type(fields[key].default)
         try:
             values[key] = _convert(value, kind)
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: None (an empty YAML value), a list where a number goes
             raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a valid {kind.__name__}") from None
     return cls(**values)
 

@@ -168,6 +168,33 @@ def test_config_errors_name_the_problem(setup, tmp_path):
     assert main([str(bad_source)]) == 2
 
 
+def test_a_badly_typed_config_an_empty_source_or_a_file_as_output_is_refused_before_any_run(setup, tmp_path, capsys):
+    cases = {
+        "heads must be a mapping": {"heads": ["entropy"]},
+        "agent_args must be a mapping": {"agent_args": ["threads=1"]},
+        "shards: 'two'; expected a whole number": {"shards": "two"},
+        "batch: -4; expected a whole number": {"batch": -4},
+        "threshold=None is not a valid float": {"heads": {"entropy": {"threshold": None}}},
+    }
+    for i, (message, change) in enumerate(cases.items()):
+        with pytest.raises(SweepError, match=message.replace("(", r"\(")):
+            expand_runs(load_config(write_config(setup, tmp_path / f"{i}.yaml", **change)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Grüße\n".encode("latin-1"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("", encoding="utf-8")
+    for argv, message in [
+        ([str(write_config(setup, tmp_path / "s.yaml", source=str(empty)))], "empty; a sweep needs at least one"),
+        ([str(write_config(setup, tmp_path / "l.yaml", source=str(latin)))], "not UTF-8 text"),
+        ([str(write_config(setup, tmp_path / "o.yaml")), "--output", str(a_file)], "a file, not a folder"),
+        ([str(write_config(setup, tmp_path / "j.yaml")), "--jobs", "0"], "--jobs 0: at least 1"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_runs_and_shards():
     heads = {"attention": {"threshold": [0.5, 1.0], "frontier": 1}, "wait-k": {"k": 3}, "offline": {}}
     runs = expand_runs(SweepConfig("t", "ckpt", "s.txt", "t.txt", Path("out"), heads))

@@ -109,7 +109,7 @@ class TrainConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """["lr=1e-4", "bf16=true"] -> {"lr": 0.0001, "bf16": True} (values parsed as YAML scalars)."""
+    """["lr=1e-4", "bf16=true"] -> {"lr": "1e-4", "bf16": True}: YAML scalars, made the settings' types by load_config."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
