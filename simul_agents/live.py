@@ -484,6 +484,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise LiveError(f"{args.file}: no such file")
     if args.chunk_ms < 10 or args.word_ms < 1:
         raise LiveError(f"--chunk-ms {args.chunk_ms} / --word-ms {args.word_ms}: use at least 10 ms chunks, 1 ms/word")
+    if args.threads < 0:
+        raise LiveError(f"--threads {args.threads}: give a number of threads, or 0 for torch's default")
+    if args.max_target_tokens < 1:
+        raise LiveError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
 
 
 def load_text(path: str) -> list[list[str]]:

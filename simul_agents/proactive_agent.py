@@ -158,6 +158,8 @@ def read_sources(args: Namespace, modality: str) -> list[str]:
         if n_target != len(lines):
             raise SetupError(f"--source has {len(lines)} lines but --target has {n_target}; they must pair up")
     start = args.start_index
+    if start >= len(lines):
+        raise SetupError(f"--start-index {start} is past the {len(lines)} lines of --source {source} (the first is 0)")
     end = len(lines) if args.end_index < 0 else min(args.end_index, len(lines))
     for i in range(start, end):
         if args.target and not references[i].strip():
@@ -188,15 +190,52 @@ def check_audio_file(path: str, where: str) -> None:
 def first_index(args: Namespace) -> int:
     """The index of the first instance this run evaluates (SimulEval's --start-index / --continue-unfinished)."""
     if getattr(args, "continue_unfinished", False) and args.output:
-        log = Path(args.output) / "instances.log"
-        if log.exists():
-            last = None
-            for line in log.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    last = line
-            if last is not None:
-                return json.loads(last)["index"] + 1
+        records = finished_records(Path(args.output) / "instances.log")
+        if records:
+            return records[-1]["index"] + 1
     return args.start_index
+
+
+def check_run_args(args: Namespace) -> None:
+    """What SimulEval leaves unchecked and would fail on later: threads, the output folder, the index range."""
+    if getattr(args, "threads", 0) < 0:
+        raise SetupError(f"--threads {args.threads}: give a number of threads, or 0 for torch's default")
+    output = Path(args.output) if getattr(args, "output", None) else None
+    if output is not None and output.exists() and not output.is_dir():
+        raise SetupError(f"--output {output}: a file, not a folder; give a folder for instances.log and scores")
+    if getattr(args, "start_index", 0) < 0:
+        raise SetupError(f"--start-index {args.start_index}: instances count from 0")
+    if getattr(args, "end_index", -1) >= 0 and args.end_index <= getattr(args, "start_index", 0):
+        raise SetupError(f"--end-index {args.end_index} is not after --start-index {args.start_index}: no instance")
+    if output is not None and getattr(args, "continue_unfinished", False):
+        finished_records(output / "instances.log")
+
+
+def finished_records(log: Path) -> list[dict]:
+    """The instances a run being continued has finished. A run killed while writing leaves its last line cut:
+    that line is dropped from the log (SimulEval's own --continue-unfinished would stop on it) and its instance
+    runs again. Any other line that is not an instance record is an error."""
+    if not log.is_file():
+        return []
+    try:
+        lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SetupError(f"{log}: not UTF-8 text ({e.reason}); delete it to run from the start") from None
+    records = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise SetupError(f"{log} line {n} is not JSON; only a killed run's last line can be cut: "
+                                 "delete the log to run from the start") from None  # fmt: skip
+            logger.warning("%s: its last line was cut (killed while writing it); dropped, instance runs again", log)
+            log.write_text("".join(line + "\n" for line in lines[:-1]), encoding="utf-8")
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("index"), int):
+            raise SetupError(f"{log} line {n} is not a SimulEval instance record (no index)")
+        records.append(record)
+    return records
 
 
 # ---- streaming audio in ----------------------------------------------------------------------------------
@@ -331,6 +370,7 @@ class ProactiveBase(GenericAgent):
     @classmethod
     def from_args(cls, args: Namespace) -> ProactiveBase:
         try:
+            check_run_args(args)
             if getattr(args, "threads", 0):
                 torch.set_num_threads(args.threads)
             model = load_model(args.checkpoint, precision_of(args), getattr(args, "compile", False))

@@ -521,6 +521,45 @@ def test_text_agent_names_non_utf8_and_empty_sources_and_targets(checkpoints, tm
     assert not (tmp_path / "out" / "instances.log").exists()
 
 
+def test_text_agent_refuses_bad_run_options_before_the_first_instance(checkpoints, tmp_path):
+    source = tmp_path / "source.txt"
+    source.write_text("Hello there .\nThank you .\n", encoding="utf-8")
+    target = tmp_path / "target.txt"
+    target.write_text("Hallo .\nDanke .\n", encoding="utf-8")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("", encoding="utf-8")
+    cases = [
+        (tmp_path / "out", ("--threads", "-2"), r"--threads -2: give a number of threads"),
+        (a_file, (), r"--output .*a_file: a file, not a folder"),
+        (tmp_path / "out", ("--start-index", "5"), r"--start-index 5 is past the 2 lines of --source"),
+        (tmp_path / "out", ("--end-index", "0"), r"--end-index 0 is not after --start-index 0"),
+    ]
+    for output, extra, problem in cases:
+        with pytest.raises(SystemExit, match=problem) as caught:
+            simuleval(checkpoints / "text", source, target, output, *extra)
+        one_line(str(caught.value))
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
+def test_text_agent_continues_a_run_killed_while_writing_its_log(checkpoints, tmp_path):
+    source = tmp_path / "source.txt"
+    source.write_text("Hello there .\nThank you .\nGood night .\n", encoding="utf-8")
+    target = tmp_path / "target.txt"
+    target.write_text("Hallo .\nDanke .\nGute Nacht .\n", encoding="utf-8")
+    whole = simuleval(checkpoints / "text", source, target, tmp_path / "whole", "--head", "wait-k", "--k", "1")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    lines = (tmp_path / "whole" / "instances.log").read_text(encoding="utf-8").splitlines()
+    (killed / "instances.log").write_text(lines[0] + "\n" + lines[1][:40], encoding="utf-8")  # cut in line 2
+    resumed = simuleval(checkpoints / "text", source, target, killed, "--head", "wait-k", "--k", "1",
+                        "--continue-unfinished")  # fmt: skip
+    assert [r["index"] for r in resumed] == [0, 1, 2]
+    assert [r["prediction"] for r in resumed] == [r["prediction"] for r in whole]
+    (killed / "instances.log").write_text("not json\n" + lines[0] + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"instances.log line 1 is not JSON"):
+        simuleval(checkpoints / "text", source, target, killed, "--continue-unfinished")
+
+
 # ---- the scorer --------------------------------------------------------------------------------------------
 
 

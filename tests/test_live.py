@@ -192,6 +192,14 @@ def test_command_refuses_a_file_longer_than_the_context_naming_both_lengths(data
     assert code == 2 and "is 1.0 s; this model hears at most 0.6 s per utterance" in err
 
 
+def test_command_refuses_negative_threads_and_no_target_tokens(data, capsys):
+    argv = [str(data["root"] / "tone.wav"), "--checkpoint", str(data["root"] / "speech-ckpt"), "--fast"]
+    assert live.main([*argv, "--threads", "-1"]) == 2
+    assert "--threads -1: give a number of threads" in capsys.readouterr().err
+    assert live.main([*argv, "--max-target-tokens", "0"]) == 2
+    assert "--max-target-tokens 0: at least 1" in capsys.readouterr().err
+
+
 def test_mic_without_sounddevice_or_portaudio_says_what_to_install(data, capsys, monkeypatch):
     real_import = builtins.__import__
 
