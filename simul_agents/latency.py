@@ -111,7 +111,7 @@ def average_token_delay(delays: Sequence[float], speech: bool, elapsed: Sequence
             whole, rest = divmod(step, source_token)
             lengths = int(whole) * [source_token] + ([rest] if rest != 0 else [])
         else:
-            lengths = step * [source_token]
+            lengths = int(step) * [source_token]  # whole words: score.py refuses a fractional text delay
         chunk_sizes["src"].append(len(lengths))
         for length in lengths:
             token_to_time["src"].append(token_to_time["src"][-1] + length)

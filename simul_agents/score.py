@@ -30,6 +30,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from . import latency as L
 
 LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
+TOKENIZERS = tuple(BLEU.TOKENIZERS)  # what --tokenize takes (sacrebleu's names)
 TABLE = ("BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
 
 
@@ -47,6 +48,7 @@ def read_instances(output: str | Path) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ScoreError(f"{path}: not UTF-8 ({e}); SimulEval writes UTF-8, so this is not its log") from None
+    numbers = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -58,8 +60,14 @@ def read_instances(output: str | Path) -> list[dict]:
         if problem:
             raise ScoreError(f"{path} line {number}: {problem}; is this a SimulEval instances.log?")
         instances.append(instance)
+        numbers.append(number)
     if not instances:
         raise ScoreError(f"{path}: no instances")
+    if source_type(output, instances) == "text":
+        for number, instance in zip(numbers, instances, strict=True):
+            problem = _text_delays_problem(instance)
+            if problem:
+                raise ScoreError(f"{path} line {number}: {problem}")
     return sorted(instances, key=lambda ins: ins["index"])
 
 
@@ -75,12 +83,41 @@ def _instance_problem(instance) -> str | None:
             return f"no {key!r} field"
         if not isinstance(instance[key], kind) or isinstance(instance[key], bool):
             return f"{key!r} is {instance[key]!r}"
+    if not math.isfinite(instance["source_length"]) or instance["source_length"] < 0:
+        return f"'source_length' is {instance['source_length']!r}, not a length"
     for key in ("delays", "elapsed"):
         values = instance.get(key)
         if values is not None and (
-            not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values)
+            not isinstance(values, list)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
         ):
             return f"{key!r} is not a list of numbers"
+    delays, elapsed = instance.get("delays") or [], instance.get("elapsed") or []
+    if (delays or elapsed) and instance["source_length"] == 0:
+        return "'source_length' is 0 but the instance wrote words: no latency over an empty source"
+    if elapsed and len(elapsed) != len(delays):
+        return (
+            f"'elapsed' has {len(elapsed)} values but 'delays' has {len(delays)}; SimulEval writes one of each per "
+            "target word"
+        )
+    return None
+
+
+def _text_delays_problem(instance: dict) -> str | None:
+    """Why a text instance's delays are not word counts, or None.
+
+    For text input SimulEval's delay is the number of source words read (``TextInputInstance.step_to_delay``
+    returns the integer step), and its own ATD cannot take a fraction of a word (``step * [1]``). A fractional
+    delay in a text log is therefore not SimulEval's (most often a speech log scored without its config.yaml),
+    and rounding it would report made-up numbers, so it is refused; a whole number written as a float (3.0, as
+    a JSON round trip may leave it) is the same count and is accepted.
+    """
+    fractional = [d for d in instance.get("delays") or [] if not float(d).is_integer()]
+    if fractional:
+        return (
+            f"'delays' holds {fractional[0]!r}, but a text log's delays count source words read (whole numbers); "
+            "if this is a speech run, put its config.yaml (source_type: speech) beside instances.log"
+        )
     return None
 
 
@@ -130,12 +167,23 @@ def latency_scores(instances: Sequence[dict], speech: bool, key: str = "delays")
     return {name: scores[name] for name in LATENCY_METRICS}
 
 
+def _bleu(tokenize: str) -> BLEU:
+    """sacrebleu's BLEU with this tokenizer; ``ScoreError`` for an unknown one or one it cannot set up (the
+    MeCab ones need extra packages, the spm/flores ones download their model on first use)."""
+    if tokenize not in TOKENIZERS:
+        raise ScoreError(f"tokenizer {tokenize!r}: choose one of {', '.join(TOKENIZERS)}")
+    try:
+        return BLEU(tokenize=tokenize)
+    except (RuntimeError, OSError) as e:  # RuntimeError: missing extras; OSError (URLError): no download
+        raise ScoreError(f"tokenizer {tokenize!r}: sacrebleu cannot set it up: {' '.join(str(e).split())}") from None
+
+
 def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13a") -> dict:
     """Every metric of the module docstring, as a flat dict."""
     predictions = [ins["prediction"] for ins in instances]
     references = [ins["reference"] for ins in instances]
     scores: dict = {
-        "BLEU": BLEU(tokenize=tokenize).corpus_score(predictions, [references]).score,
+        "BLEU": _bleu(tokenize).corpus_score(predictions, [references]).score,
         "chrF": CHRF().corpus_score(predictions, [references]).score,
     }
     scores.update(latency_scores(instances, speech))
@@ -158,9 +206,13 @@ def score_output(output: str | Path, tokenize: str = "13a", write: bool = True) 
     kind = source_type(output, instances)
     scores = {"source_type": kind, **score_instances(instances, kind == "speech", tokenize)}
     failed = output / "failed.jsonl"
-    scores["n_failed"] = (
-        sum(1 for line in failed.read_text(encoding="utf-8").splitlines() if line.strip()) if failed.is_file() else 0
-    )
+    try:
+        failed_lines = failed.read_text(encoding="utf-8").splitlines() if failed.is_file() else []
+    except UnicodeDecodeError as e:
+        raise ScoreError(
+            f"{failed}: not UTF-8 ({e}); it should hold one JSON line per failed instance (--skip-failed writes it)"
+        ) from None
+    scores["n_failed"] = sum(1 for line in failed_lines if line.strip())
     if write:
         (output / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
     return scores
@@ -184,16 +236,29 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="a SimulEval --output directory (with instances.log)")
-    parser.add_argument("--tokenize", default="13a", help="sacrebleu BLEU tokenizer (SimulEval's default: 13a)")
-    parser.add_argument("--json", default=None, help="also write the scores to this file")
+    parser.add_argument("--tokenize", default="13a", choices=TOKENIZERS,
+                        help="sacrebleu BLEU tokenizer (SimulEval's default: 13a)")  # fmt: skip
+    parser.add_argument("--json", default=None, help="also write the scores to this file (its folder is made)")
     args = parser.parse_args(argv)
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:
+        if json_path.is_dir():
+            parser.error(f"--json {json_path}: is a folder; give a file path (e.g. {json_path / 'scores.json'})")
+        blocking = next((p for p in json_path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            parser.error(f"--json {json_path}: {blocking} is a file, not a folder; give another path")
     try:
         scores = score_output(args.output, args.tokenize)
     except ScoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"error: --json {json_path}: cannot write it ({e.strerror or e}); give another path", file=sys.stderr)
+            return 2
     print(format_table([scores]))
     print(f"(latency in {scores['latency_unit']}; {Path(args.output) / 'scores.json'})")
     return 0

@@ -11,8 +11,9 @@ import torch
 
 from simul_agents import evaluate_inprocess
 from simul_agents import latency as L
+from simul_agents import score as score_module
 from simul_agents.proactive_agent import ProactiveAgent
-from simul_agents.score import main, score_output
+from simul_agents.score import ScoreError, main, score_output
 from streaming_llm.checkpoint import build_model, save_checkpoint
 from streaming_llm.tiny import tiny_config, tiny_tokenizer
 
@@ -110,3 +111,85 @@ def test_score_cli_sorts_merged_logs_and_reports_errors(runs, tmp_path, capsys):
     assert scores["n_failed"] == 1 and scores["n_instances"] == 3
     assert main([str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _output(folder: Path, *rows: dict, failed: bytes | None = None) -> Path:
+    """An output folder whose instances.log holds these rows (a text run: no config.yaml, no audio info)."""
+    folder.mkdir()
+    (folder / "instances.log").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if failed is not None:
+        (folder / "failed.jsonl").write_bytes(failed)
+    return folder
+
+
+GOOD_ROW = {"index": 0, "prediction": "a b", "reference": "x y", "source_length": 3, "delays": [1, 3]}
+
+
+def test_score_cli_refuses_an_unknown_tokenizer_and_lists_the_valid_ones(tmp_path, capsys):
+    out = _output(tmp_path / "out", GOOD_ROW)
+    with pytest.raises(SystemExit) as caught:
+        main([str(out), "--tokenize", "bogus"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in err and "'13a'" in err and "'intl'" in err
+    with pytest.raises(ScoreError, match=r"tokenizer 'bogus': choose one of .*13a"):
+        score_output(out, "bogus")
+
+
+def test_a_tokenizer_sacrebleu_cannot_set_up_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def needs_extras(tokenize):
+        raise RuntimeError("\nJapanese tokenization requires extra dependencies.\n\n    pip install sacrebleu[ja]\n")
+
+    monkeypatch.setattr(score_module, "BLEU", needs_extras)
+    assert main([str(_output(tmp_path / "out", GOOD_ROW)), "--tokenize", "ja-mecab"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: tokenizer 'ja-mecab': sacrebleu cannot set it up: Japanese tokenization requires extra "
+                   "dependencies. pip install sacrebleu[ja]\n")  # fmt: skip
+
+
+def test_score_cli_makes_the_folder_of_json_and_refuses_a_folder_or_file_in_its_way(tmp_path, capsys):
+    out = _output(tmp_path / "out", GOOD_ROW)
+    target = tmp_path / "new" / "deeper" / "s.json"
+    assert main([str(out), "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["n_instances"] == 1
+    with pytest.raises(SystemExit) as caught:
+        main([str(out), "--json", str(tmp_path / "new")])
+    assert caught.value.code == 2 and "--json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main([str(out), "--json", str(target / "x.json")])
+    assert caught.value.code == 2 and f"{target} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({**GOOD_ROW, "source_length": 0, "delays": [0, 0]}, r"line 1: 'source_length' is 0 but the instance wrote"),
+    ({**GOOD_ROW, "source_length": -3}, r"line 1: 'source_length' is -3, not a length"),
+    ({**GOOD_ROW, "source_length": float("nan")}, r"line 1: 'source_length' is nan, not a length"),
+    ({**GOOD_ROW, "delays": [1, float("inf")]}, r"line 1: 'delays' is not a list of numbers"),
+    ({**GOOD_ROW, "source": [1], "delays": [320, 640], "elapsed": [400]},
+     r"line 1: 'elapsed' has 1 values but 'delays' has 2"),
+    ({**GOOD_ROW, "delays": [1.5, 3]}, r"line 1: 'delays' holds 1.5, but a text log's delays count source words"),
+], ids=["zero-source", "negative-source", "nan-source", "inf-delay", "short-elapsed", "fraction-word"])  # fmt: skip
+def test_scorer_refuses_numbers_that_break_the_latency_maths_in_one_line(tmp_path, capsys, row, problem):
+    out = _output(tmp_path / "out", GOOD_ROW, {**row, "index": 1})
+    with pytest.raises(ScoreError, match=problem.replace("line 1", "line 2")):
+        score_output(out)
+    assert main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (out / "scores.json").exists()
+
+
+def test_fractional_delays_are_kept_for_speech_and_whole_floats_score_as_words_for_text(tmp_path):
+    speech = _output(tmp_path / "speech", {**GOOD_ROW, "source_length": 1000.0, "delays": [320.5, 640.25]})
+    (speech / "config.yaml").write_text("source_type: speech\n", encoding="utf-8")
+    assert score_output(speech, write=False)["StartOffset"] == pytest.approx(320.5)
+    as_ints = score_output(_output(tmp_path / "ints", GOOD_ROW), write=False)
+    as_floats = score_output(_output(tmp_path / "floats", {**GOOD_ROW, "delays": [1.0, 3.0]}), write=False)
+    assert {k: as_floats[k] for k in METRICS} == {k: as_ints[k] for k in METRICS}
+
+
+def test_scorer_names_a_failed_jsonl_that_is_not_utf8(tmp_path, capsys):
+    out = _output(tmp_path / "out", GOOD_ROW, failed=b"\xff\xfe\n")
+    with pytest.raises(ScoreError, match=r"failed.jsonl: not UTF-8 .*--skip-failed"):
+        score_output(out)
+    assert main([str(out)]) == 2 and capsys.readouterr().err.count("\n") == 1
