@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import soundfile as sf
 from fixtures_corpus import DING_LINES, tone, write_ding, write_mustc
 
@@ -98,3 +99,57 @@ def test_build_text_only_through_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train" in out and sum(len(read_manifest(tmp_path / "t" / f"{s}.tsv")) for s in
                                   ("train", "dev", "test")) == 8
+
+
+def test_simuleval_names_the_manifest_line_and_id_of_a_missing_or_empty_audio_file(tmp_path, caplog):
+    sf.write(tmp_path / "a.wav", tone(0.5), 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    good = Row("a", str(tmp_path / "a.wav"), 8000, "Hi.", "Hallo.")
+    for name, bad in [("gone", Row("gone", str(tmp_path / "gone.wav"), 8000, "Gone.", "Weg.")),
+                      ("empty", Row("empty", str(tmp_path / "empty.wav"), 8000, "Empty.", "Leer."))]:  # fmt: skip
+        manifest = tmp_path / f"{name}.tsv"
+        write_manifest(manifest, [good, bad])
+        caplog.clear()
+        assert main(["simuleval", str(manifest), "--out", str(tmp_path / name)]) == 2
+        (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert message.startswith(f"{manifest}:3: id {name}: {tmp_path / f'{name}.wav'}: ") and "\n" not in message
+        assert not (tmp_path / name / "source.txt").exists()
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["build", "--dev-share", "2"], "argument --dev-share: 2: a fraction of the sentences"),
+    (["build", "--dev-share", "0.6", "--test-share", "0.5"], "--dev-share 0.6 + --test-share 0.5: must be below 1"),
+    (["build", "--max-utterances", "-5"], "argument --max-utterances: -5: must be at least 1"),
+    (["build", "--max-utterances", "0"], "argument --max-utterances: 0: must be at least 1"),
+    (["build", "--max-train", "-1"], "argument --max-train: -1: must be at least 0"),
+    (["build", "--workers", "0"], "argument --workers: 0: must be at least 1"),
+    (["simuleval", "M.tsv", "--max-utterances", "-1", "--seed", "1"], "--max-utterances: -1: must be at least 1"),
+    (["simuleval", "M.tsv", "--max-utterances", "0"], "argument --max-utterances: 0: must be at least 1"),
+], ids=["share", "sum", "max-negative", "max-zero", "cap-negative", "workers", "seeded-negative", "zero"])  # fmt: skip
+def test_cli_refuses_counts_and_shares_out_of_range_in_one_line(tmp_path, capsys, argv, problem):
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert caught.value.code == 2
+    assert problem in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_out_is_refused_when_a_file_stands_for_a_folder_or_a_folder_for_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afolder").mkdir()
+    cases = [
+        (["simuleval", "M.tsv", "--out", str(tmp_path / "afile")], "afile: is a file, not a folder"),
+        (["build", "--out", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+        (["tsv", "u.tsv", "--out", str(tmp_path / "afolder"), "--audio-column", ""], "afolder: is a folder; give"),
+    ]
+    for argv, problem in cases:
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        assert caught.value.code == 2 and problem in capsys.readouterr().err, argv
+
+
+def test_choose_rows_refuses_fewer_than_one_utterance():
+    rows = [Row(f"s{i}", "", 0, f"Sentence {i}.", f"Satz {i}.") for i in range(3)]
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="at least 1"):
+            choose_rows(rows, bad, seed=1)

@@ -109,7 +109,8 @@ class TrainConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """["lr=1e-4", "bf16=true"] -> {"lr": "1e-4", "bf16": True}: YAML scalars, made the settings' types by load_config."""
+    """["lr=1e-4", "bf16=true"] -> {"lr": "1e-4", "bf16": True}: YAML scalars (load_config makes them the
+    settings' types)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .audio_files import AUDIO_FORMATS
@@ -117,21 +119,76 @@ def _tsv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return count
+
+
+def _share(text: str) -> float:
+    """An argparse type: a fraction of the sentences, 0 <= share < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{text}: a fraction of the sentences, at least 0 and below 1 (e.g. 0.05)")
+    return value
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so no folder can be made under it)."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def _out_folder(text: str) -> str:
+    """An argparse type: a folder to write into (made if missing); an existing file there is refused."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a folder; give a folder path")
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {blocking} is a file, not a folder; give another path")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """An argparse type: a file to write (its folder is made if missing); an existing folder there is refused."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; give the manifest's file path (e.g. {path / 'm.tsv'})")
+    blocking = _file_in_the_way(path)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {blocking} is a file, not a folder; give another path")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.corpus", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="the offline corpus: Ding sentence pairs + synthetic English speech")
-    b.add_argument("--out", required=True, help="folder for audio/ and {train,dev,test}.tsv")
-    b.add_argument("--max-utterances", type=int, help="first N of a stable hash order (bigger N: a superset)")
+    b.add_argument("--out", required=True, type=_out_folder, help="folder for audio/ and {train,dev,test}.tsv")
+    b.add_argument("--max-utterances", type=_at_least(1),
+                   help="first N of a stable hash order (bigger N: a superset)")  # fmt: skip
     for split in ("train", "dev", "test"):
-        b.add_argument(f"--max-{split}", type=int, help=f"at most N {split} utterances (first N of the same order)")
+        b.add_argument(f"--max-{split}", type=_at_least(0),
+                       help=f"at most N {split} utterances (first N of the same order; 0: none)")  # fmt: skip
     b.add_argument("--voice", choices=VOICES, default="piper")
     b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac")
-    b.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    b.add_argument("--workers", type=_at_least(1), default=DEFAULT_WORKERS,
                    help="synthesis processes, one ONNX thread each (default: %(default)s)")
-    b.add_argument("--dev-share", type=float, default=SplitShares.dev)
-    b.add_argument("--test-share", type=float, default=SplitShares.test)
+    b.add_argument("--dev-share", type=_share, default=SplitShares.dev, help="dev + test must stay below 1")
+    b.add_argument("--test-share", type=_share, default=SplitShares.test)
     b.add_argument("--min-words", type=int, default=DingFilter.min_words, help="English words")
     b.add_argument("--max-words", type=int, default=DingFilter.max_words, help="English words")
     b.add_argument("--ding", help="the Ding file (default: the ding asset or /usr/share/trans/de-en)")
@@ -145,15 +202,15 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simuleval", help="source.txt / target.txt for SimulEval from a manifest")
     s.add_argument("manifest")
-    s.add_argument("--out", required=True)
-    s.add_argument("--max-utterances", type=int)
+    s.add_argument("--out", required=True, type=_out_folder)
+    s.add_argument("--max-utterances", type=_at_least(1))
     s.add_argument("--seed", type=int, help="with --max-utterances: a seeded random subset (else the first N)")
     s.add_argument("--text", action="store_true", help="source.txt holds source sentences (text-to-text)")
     s.set_defaults(run=_simuleval)
 
     m = sub.add_parser("mustc", help="MuST-C release -> OUT/{split}.tsv (path:offset:frames slices)")
     m.add_argument("root", help="the release folder holding en-de/ (or the en-de folder itself)")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, type=_out_folder)
     m.add_argument("--splits", nargs="+", default=["train", "dev", "tst-COMMON"])
     m.add_argument("--lang-pair", default="en-de")
     m.add_argument("--skip-bad", action="store_true", help="log and count bad segments instead of stopping")
@@ -162,17 +219,17 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("covost", help="CoVoST 2 TSVs + Common Voice clips -> OUT/{split}.tsv")
     v.add_argument("--tsv-dir", required=True, help="folder with covost_v2.en_de.{split}.tsv")
     v.add_argument("--clips", required=True, help="Common Voice clips/ folder")
-    v.add_argument("--out", required=True)
+    v.add_argument("--out", required=True, type=_out_folder)
     v.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
     v.add_argument("--lang-pair", default="en_de")
-    v.add_argument("--to-flac", help="convert clips once to 16 kHz FLAC under TO_FLAC/{split}/")
+    v.add_argument("--to-flac", type=_out_folder, help="convert clips once to 16 kHz FLAC under TO_FLAC/{split}/")
     v.add_argument("--header-only", action="store_true", help="do not decode clips (fast; unchecked)")
     v.add_argument("--skip-bad", action="store_true", help="log and count bad lines instead of stopping")
     v.set_defaults(run=_covost)
 
     t = sub.add_parser("tsv", help="your own TSV (columns named by options) -> a manifest")
     t.add_argument("tsv")
-    t.add_argument("--out", required=True, help="the manifest to write")
+    t.add_argument("--out", required=True, type=_out_file, help="the manifest to write")
     t.add_argument("--audio-column", default="audio", help="'' for text-to-text")
     t.add_argument("--src-column", default="src_text")
     t.add_argument("--tgt-column", default="tgt_text")
@@ -185,7 +242,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "build" and args.dev_share + args.test_share >= 1:
+        p.error(f"--dev-share {args.dev_share} + --test-share {args.test_share}: must be below 1 (the rest is train)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.run(args)

@@ -103,6 +103,13 @@ def read_manifest(path: str | os.PathLike, on_error: Callable[[CorpusError], Non
     receives the error (``BadInput(skip_bad=True)`` logs and counts it; ``list.append`` collects it) and the
     line is left out.
     """
+    return [row for _, row in read_numbered_manifest(path, on_error)]
+
+
+def read_numbered_manifest(
+    path: str | os.PathLike, on_error: Callable[[CorpusError], None] | None = None
+) -> list[tuple[int, Row]]:
+    """``read_manifest`` with each row's line number, for errors found later that must name the line."""
     path = Path(path)
 
     def bad(line: int | None, message: str) -> None:
@@ -144,7 +151,7 @@ def read_manifest(path: str | os.PathLike, on_error: Callable[[CorpusError], Non
         if problem:
             bad(number, problem)
             continue
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 

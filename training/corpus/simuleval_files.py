@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
-from speech_frontend.audio import SAMPLE_RATE, load_audio_spec, parse_audio_spec
+from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio_spec, parse_audio_spec
 
 from .audio_files import probe_audio, write_audio
 from .errors import CorpusError
-from .manifest import Row, read_manifest
+from .manifest import Row, read_numbered_manifest
 
+T = TypeVar("T")
 USABLE_AS_IS = ("WAV", "FLAC")
 WAV_DIR = "wav"
 
@@ -32,8 +35,10 @@ class SimulEvalFiles:
     count: int
 
 
-def choose_rows(rows: list[Row], max_utterances: int | None = None, seed: int | None = None) -> list[Row]:
+def choose_rows(rows: Sequence[T], max_utterances: int | None = None, seed: int | None = None) -> list[T]:
     """All rows, the first ``max_utterances``, or (with ``seed``) a seeded random subset in manifest order."""
+    if max_utterances is not None and max_utterances < 1:
+        raise ValueError(f"max_utterances {max_utterances}: at least 1 (or None for all rows)")
     if max_utterances is None or max_utterances >= len(rows):
         return list(rows)
     if seed is None:
@@ -64,7 +69,8 @@ def write_simuleval_files(
 ) -> SimulEvalFiles:
     """Write ``source.txt``, ``target.txt`` and ``ids.txt`` under ``out_dir`` for a manifest (split)."""
     manifest = Path(manifest)
-    rows = choose_rows(read_manifest(manifest), max_utterances, seed)
+    numbered = choose_rows(read_numbered_manifest(manifest), max_utterances, seed)
+    rows = [row for _, row in numbered]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if text:
@@ -80,7 +86,16 @@ def write_simuleval_files(
             )
         wav_dir = out_dir / WAV_DIR
         wav_dir.mkdir(exist_ok=True)
-        sources = [_source_path(row, wav_dir) for row in tqdm(rows, unit="utt", desc="sources", disable=not progress)]
+        sources = []
+        for number, row in tqdm(numbered, unit="utt", desc="sources", disable=not progress):
+            try:
+                sources.append(_source_path(row, wav_dir))
+            except AudioError as e:
+                raise CorpusError(
+                    manifest,
+                    number,
+                    f"id {row.id}: {e}; fix or drop the row (`python -m training.corpus check` lists every problem)",
+                ) from None
     files = SimulEvalFiles(out_dir / "source.txt", out_dir / "target.txt", out_dir / "ids.txt", len(rows))
     for path, lines in (
         (files.source, sources),
