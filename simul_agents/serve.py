@@ -594,19 +594,41 @@ class BackgroundServer:
 # ---- the command -----------------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0: any free port, which the server picks and logs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0..65535 (0: any free port)")
+    return value
+
+
+def _threads(text: str) -> int:
+    """An argparse type: torch CPU threads, 0 (torch's default) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 (torch's default) or a positive number of threads")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = ServeConfig()
     p = argparse.ArgumentParser(prog="python -m simul_agents.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (streaming_llm.checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free port; the log line names it)")
+    p.add_argument("--port", type=_port, default=8765, help="port (0: any free port; the log line names it)")
     p.add_argument("--head", default=defaults.head, help="the head when a client's start names none")
     p.add_argument("--max-clients", type=int, default=defaults.max_clients)
     p.add_argument("--queue-frames", type=int, default=defaults.queue_frames, help="frames queued per client")
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="seconds")
     p.add_argument("--max-stream", type=float, default=defaults.max_stream_s, help="seconds (0: the model's context)")
     p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (0: torch's default)")
+    p.add_argument("--threads", type=_threads, default=0, help="torch CPU threads for the model (0: torch's default)")
     p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--int4", action="store_true",
                    help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")

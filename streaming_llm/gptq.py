@@ -341,13 +341,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streaming_llm.gptq", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--calibration", help="a manifest TSV (default: the checkpoint's train_manifest)")
-    parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
+    # torch._weight_int4pack_mm_for_cpu takes groups of 32, 64, 128 or 256 columns; gptq() rounds BLOCK (128)
+    # columns at a time and a group must not straddle two blocks, so 256 is out
+    sizes = (32, 64, 128)
+    parser.add_argument("--group-size", type=int, default=GROUP_SIZE, metavar="{32,64,128}",
+                        help=f"input columns per scale and zero point (default: {GROUP_SIZE})")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.group_size not in sizes:
+        parser.error(f"--group-size {args.group_size}: must be 32, 64 or 128 (the group sizes of PyTorch's 4-bit "
+                     f"kernel that divide GPTQ's block of {BLOCK} columns)")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from .checkpoint import CheckpointError, load_checkpoint
 
     try:
         model = load_checkpoint(args.checkpoint, merge_lora=True)
+        modules = dict(model.llm.named_modules())
+        for key in _targets(model.llm):  # refused now, not after the calibration decodes (minutes)
+            if modules[key].in_features % args.group_size:
+                print(f"error: --group-size {args.group_size}: layer {key} has {modules[key].in_features} input "
+                      f"columns, not a multiple of it; choose a size that divides every layer (e.g. "
+                      f"{GROUP_SIZE})", file=sys.stderr)  # fmt: skip
+                return 2
         weights_file(args.checkpoint, args.group_size).unlink(missing_ok=True)
         int4_weights(args.checkpoint, model, args.calibration, args.group_size)
     except (CheckpointError, ValueError) as e:

@@ -130,3 +130,22 @@ def test_gptq_damps_a_singular_hessian_enough_to_factor_it():
     x = torch.randn(8, 64)  # 8 rows for 64 inputs: H has rank 8
     q, scales, zeros = gptq.gptq(torch.randn(16, 64), x.T @ x)
     assert torch.isfinite(scales).all() and torch.isfinite(zeros).all() and int(q.max()) <= 15
+
+
+@pytest.mark.parametrize("size", ["0", "-32", "48", "256"])
+def test_gptq_cli_refuses_a_group_size_the_kernel_cannot_take(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as caught:
+        gptq.main([str(tmp_path / "ckpt"), "--group-size", size])
+    assert caught.value.code == 2
+    assert f"error: --group-size {size}: must be 32, 64 or 128" in capsys.readouterr().err
+
+
+def test_gptq_cli_refuses_a_group_size_that_does_not_divide_the_layers_before_calibrating(tmp_path, capsys,
+                                                                                          monkeypatch):  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_model("text", seed=3), ckpt)  # hidden size 64
+    monkeypatch.setattr(gptq, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    assert gptq.main([str(ckpt), "--group-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --group-size 128: layer " in err and "has 64 input columns" in err and err.count("\n") == 1
+    assert not gptq.weights_file(ckpt, 128).exists()

@@ -421,3 +421,21 @@ def test_main_loads_the_model_on_the_thread_that_serves_it(models, monkeypatch):
     monkeypatch.setattr(serve_module, "serve_forever", serve_forever)
     assert serve_module.main(["--checkpoint", models["speech-ckpt"], "--port", "0"]) == 0
     assert seen["load"] is seen["serve"] and seen["load"] is not threading.main_thread()
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["--port", "99999"], "argument --port: 99999: must be 0..65535"),
+    (["--port", "-1"], "argument --port: -1: must be 0..65535"),
+    (["--threads", "-1"], "argument --threads: -1: must be 0 (torch's default) or a positive number"),
+], ids=["port-too-big", "port-negative", "threads-negative"])  # fmt: skip
+def test_serve_refuses_ports_outside_0_65535_and_negative_threads_before_loading(capsys, argv, problem):
+    with pytest.raises(SystemExit) as caught:
+        serve_module.main(["--checkpoint", "no-such-checkpoint", *argv])
+    assert caught.value.code == 2
+    assert problem in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_serve_takes_port_0_65535_and_threads_0():
+    args = serve_module.parse_args(["--checkpoint", "c", "--port", "0", "--threads", "0"])
+    assert (args.port, args.threads) == (0, 0)
+    assert serve_module.parse_args(["--checkpoint", "c", "--port", "65535"]).port == 65535
