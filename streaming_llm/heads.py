@@ -118,6 +118,12 @@ def decide(head: Head, session: StreamingSession, memory: dict) -> Decision:
 # ---- heads -----------------------------------------------------------------------------------------
 
 
+def check_share(head: Head, what: str) -> None:
+    """A threshold on a quantity between 0 and 1: outside that range the head would always or never write."""
+    if not 0 <= head.threshold <= 1:
+        raise ValueError(f"{head.name} head: threshold={head.threshold}; it is {what}, between 0 and 1")
+
+
 def check_lag_bounds(head: Head) -> None:
     """``min_lag`` and ``max_lag``: source units read beyond the words written; 0 turns a bound off."""
     if head.min_lag < 0 or head.max_lag < 0:
@@ -137,6 +143,9 @@ class EntropyHead(Head):
     name: ClassVar[str] = "entropy"
 
     def __post_init__(self):
+        if self.threshold < 0:
+            raise ValueError(f"entropy head: threshold={self.threshold}; an entropy is at least 0 nats, so it would "
+                             "never write before the source ends (that is --head offline)")  # fmt: skip
         check_lag_bounds(self)
 
     def decide(self, signals, session, memory):
@@ -164,6 +173,7 @@ class AttentionHead(Head):
     name: ClassVar[str] = "attention"
 
     def __post_init__(self):
+        check_share(self, "a share of attention")
         if self.frontier < 1:
             raise ValueError(f"attention head: frontier={self.frontier}; it must be at least 1 unit")
         if self.normalise not in ("source", "all"):
@@ -315,6 +325,7 @@ class ProbeHead(Head):
     name: ClassVar[str] = "probe"
 
     def __post_init__(self):
+        check_share(self, "a probability")
         check_lag_bounds(self)
 
     def session_options(self, model):

@@ -149,6 +149,15 @@ def test_a_lag_floor_delays_every_word_on_a_real_session(model):
             assert any(d == i + min_lag for i, d in enumerate(delays))  # and as soon as the floor allows
 
 
+@pytest.mark.parametrize(
+    ("name", "threshold", "problem"),
+    [("entropy", -1.0, "at least 0 nats"), ("probe", 1.5, "a probability"), ("attention", -0.1, "a share")],
+)
+def test_a_threshold_the_head_could_never_cross_is_refused(name, threshold, problem):
+    with pytest.raises(ValueError, match=problem):
+        make_head(name, threshold=threshold)
+
+
 def test_describe_lists_the_lag_bounds_only_when_they_are_set():
     assert EntropyHead(threshold=0.6).describe() == "entropy(threshold=0.6)"
     assert EntropyHead(threshold=0.6, max_lag=4).describe() == "entropy(threshold=0.6, max_lag=4)"
