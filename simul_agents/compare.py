@@ -11,6 +11,7 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   length, as a fraction of the offline decode's chrF;
 - ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
   offline quality);
+- ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
 - ``oracle``: the oracle head's point, the floor of this model's latency.
 """
 
@@ -151,6 +152,9 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             if variant not in ("main", base) and plain is not None and other is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
+    # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid)
+    result["variant_entropy_vs_waitk"] = {v: matched(runs[v], "entropy", "wait-k") for v in variants
+                                          if v != "main" and any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
@@ -210,6 +214,20 @@ def format_comparison(result: dict) -> list[str]:
                 f"{100 * keep['share']:.1f}% of the offline chrF {keep['offline_chrF']:.1f}."
             )
         lines.append("")
+    for variant, points in (result.get("variant_entropy_vs_waitk") or {}).items():
+        tested = [p for p in points if p.get("matched")]
+        pairs = "; ".join(
+            f"{p['param']} (LAAL {p['LAAL']:.2f}) vs {p['matched']}: {p['chrF']['delta']:+.2f}"
+            f"{' *' if p['chrF']['p'] < 0.05 else ''} (p {p['chrF']['p']:.3f})"
+            for p in tested
+        )  # fmt: skip
+        lines.append(
+            f"{variant}, entropy vs its own wait-k: {len(tested)} matched of {len(points)} points, significantly "
+            f"better on {sum(p['better'] for p in tested)}, worse on {sum(p['worse'] for p in tested)}"
+            + (f" (chrF: {pairs})." if pairs else ".")
+        )
+    if result.get("variant_entropy_vs_waitk"):
+        lines.append("")
     for variant, test in (result.get("offline") or {}).items():
         lines.append(_offline_line("main", variant, test))
     for variant, test in (result.get("offline_vs_plain") or {}).items():
@@ -234,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["main"])
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
+    found = sorted(p.name.removeprefix("eval-") for p in Path(args.task_dir).glob("eval-*") if p.is_dir())
+    if "main" not in found:
+        parser.error(f"{args.task_dir}: no eval-main/ folder of runs (found: {', '.join(found) or 'none'}); give "
+                     "a task folder of the bench, e.g. runs/bench/text")  # fmt: skip
     result = compare_task(args.task_dir, args.variants)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

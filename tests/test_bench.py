@@ -89,6 +89,28 @@ def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_t
     assert "Offline decode, no-spsd vs no-mslm (the plain fine-tune)" in "\n".join(format_comparison(result))
 
 
+def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
+    refs = _sentences(120, 0)
+    variant = task_dir / "eval-stream-0.3"
+    _write_run(variant / "offline" / "-", refs, refs, delays_per_word=10.0)
+    _write_run(variant / "entropy" / "threshold=1.0", _corrupt(refs, 0.5, 6), refs, delays_per_word=2.0)
+    _write_run(variant / "wait-k" / "k=2", _corrupt(refs, 0.1, 7), refs, delays_per_word=2.0)
+    result = compare_task(task_dir, ["main", "no-mslm", "stream-0.3"], "text")
+    assert set(result["variant_entropy_vs_waitk"]) == {"stream-0.3"}  # no-mslm swept no entropy head
+    (point,) = result["variant_entropy_vs_waitk"]["stream-0.3"]
+    assert point["matched"] == "wait-k k=2" and point["worse"]
+    text = "\n".join(format_comparison(result))
+    assert "stream-0.3, entropy vs its own wait-k: 1 matched of 1 points, significantly better on 0, worse on 1" in text
+
+
+def test_compare_cli_names_a_folder_without_the_main_runs(tmp_path, capsys):
+    from simul_agents.compare import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere")])
+    assert "no eval-main/ folder of runs (found: none)" in capsys.readouterr().err
+
+
 def test_a_longer_variant_is_compared_with_the_plain_fine_tune_of_the_same_budget():
     from simul_agents.compare import plain_of
 
