@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where the run, SimulEval outputs and plot go")
     parser.add_argument("--data", default="data/demo", help="where the demo corpus goes")
     args = parser.parse_args(argv)
+    small = [f"--{k} {getattr(args, k)}" for k in ("utterances", "steps", "test") if getattr(args, k) < 1]
+    if small:
+        parser.error(f"{', '.join(small)}: each count must be at least 1")
+    for option in ("out", "data"):
+        path = Path(getattr(args, option))
+        if path.exists() and not path.is_dir():
+            parser.error(f"--{option} {path}: a file, not a folder; give a folder")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out, data = Path(args.out), Path(args.data)
     started = time.time()

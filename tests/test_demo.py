@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from simul_agents import demo
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.tiny import tiny_model
@@ -37,3 +39,13 @@ def test_demo_reuses_a_bench_checkpoint_without_training(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "BENCH_CHECKPOINT", tmp_path / "bench-model")
     assert demo.train_or_reuse(tmp_path / "out", tmp_path / "data", steps=10) == tmp_path / "bench-model"
     assert seen == []
+
+
+def test_demo_refuses_counts_under_one_and_a_file_as_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("", encoding="utf-8")
+    for argv, problem in [(["--test", "0"], "--test 0: each count must be at least 1"),
+                          (["--out", str(a_file)], "a file, not a folder")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            demo.main(argv)
+        assert problem in capsys.readouterr().err
