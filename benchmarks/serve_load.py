@@ -83,7 +83,7 @@ def source_audio(seconds: float, test: Path = DEMO_TEST) -> tuple[np.ndarray, st
 
 
 def start_server(checkpoint: Path, threads: int, head: str, flags: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
-    """The server process and its port; ``flags``: its precision flags (``--int8``, ``--int4``, ``--compile``)."""
+    """The server process and its port; ``flags``: its flags (``--int8``, ``--int4``, ``--compile``, ``--batch``)."""
     command = [sys.executable, "-m", "simul_agents.serve", "--checkpoint", str(checkpoint), "--port", "0",
                "--max-clients", "256", "--idle-timeout", "60", "--head", head]  # fmt: skip
     if threads:
@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action="store_true", help="the server runs the LLM in int8 (simul_agents.serve --int8)")
     p.add_argument("--int4", action="store_true", help="the LLM in 4 bits (GPTQ; simul_agents.serve --int4)")
     p.add_argument("--compile", action="store_true", help="compiled streaming steps (simul_agents.serve --compile)")
+    p.add_argument("--batch", action="store_true", help="the streams' LM forwards batched (simul_agents.serve --batch)")
     args = p.parse_args(argv)
     if args.test != DEMO_TEST and not args.test.is_file():  # the default may be missing: then a synthetic signal
         p.error(f"--test {args.test}: no such manifest (a TSV with an audio column, e.g. data/offline/test.tsv)")
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
         print(f"checkpoint {checkpoint}; {audio.shape[0] / SAMPLE_RATE:.1f} s of {what} per client in "
               f"{args.chunk_ms} ms chunks; head {start}; server threads {threads}", flush=True)  # fmt: skip
         flags = [f"--{name}" for name in ("int8", "int4", "compile") if getattr(args, name)]
+        flags += ["--batch"] if args.batch else []
         server, port = start_server(checkpoint, args.threads, args.head, flags)
         try:
             trials = []
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
         "max_realtime_clients": best["clients"] if best else 0, "p95_ms": at["p95_ms"], "p50_ms": at["p50_ms"],
         "rtf_max_at_max": at["rtf_max"], "checkpoint": str(checkpoint), "audio_s": audio.shape[0] / SAMPLE_RATE,
         "chunk_ms": args.chunk_ms, "head": start, "server_threads": args.threads or "default", "int8": args.int8,
-        "int4": args.int4, "compile": args.compile,
+        "int4": args.int4, "compile": args.compile, "batch": args.batch,
         "trials": [{k: v for k, v in t.items() if k != "rtf_per_client"} for t in trials],
         **memory, "server_stats": server_stats,
     }  # fmt: skip

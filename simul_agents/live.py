@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio
+from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
-from streaming_llm.engine import StreamingSession
+from streaming_llm.engine import LMCall, StreamingSession
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import precision_from_flags, set_precision
@@ -99,10 +100,11 @@ class LiveStream:
 
     ``step()`` asks the head (through ``heads.decide``) and writes one word on WRITE; it returns None on READ, at the
     word cap, or when the translation is complete (``done``). ``delays`` hold each word's delay in ``unit``.
-    Not thread-safe: one caller at a time (the server runs every stream's model work on one worker thread).
+    Not thread-safe: one caller at a time (the server runs a stream's jobs one after another).
     """
 
-    def __init__(self, model, head: Head, limits: Limits = Limits()):
+    def __init__(self, model, head: Head, limits: Limits = Limits(), lm_call: LMCall = forward_one):
+        """``lm_call``: how the session runs the LM (the server passes its ``LMBatcher``)."""
         if head.needs_full_source:
             raise ValueError(f"the {head.name} head needs the whole source in advance; it cannot run live")
         self.model = model
@@ -111,7 +113,7 @@ class LiveStream:
         self.speech = model.config.modality == SPEECH
         self.unit = "ms" if self.speech else "words"
         self.session = StreamingSession(
-            model, max_target_tokens=limits.max_target_tokens, **head.session_options(model)
+            model, max_target_tokens=limits.max_target_tokens, lm_call=lm_call, **head.session_options(model)
         )
         self.memory: dict = {}
         self.received = 0  # samples (speech) or words (text) pushed

@@ -3,9 +3,12 @@
     python -m simul_agents.serve --checkpoint runs/demo/train/final [--host 127.0.0.1] [--port 8765]
 
 The model is loaded once and shared; every connection gets its own ``LiveStream`` (``simul_agents.live``: one
-``StreamingSession``, one head, one memory). All model work runs on one worker thread, one small job at a time
-(a frame of source, or one word), so streams take turns word by word and the asyncio loop never waits on the
-model. Binds to loopback unless ``--host`` says otherwise; there is no authentication.
+``StreamingSession``, one head, one memory). A stream's model work runs as small jobs (a frame of source, or one
+word), one after another, off the asyncio loop, which never waits on the model. By default every job runs on
+one model thread, one at a time, streams taking turns word by word. With ``--batch`` the jobs of different streams
+run at the same time, each on a worker thread of its own with one torch thread, and their LM forwards meet in one
+packed forward on the model thread (``streaming_llm.batching.LMBatcher``; ``Translator`` has the measurements).
+Binds to loopback unless ``--host`` says otherwise; there is no authentication.
 
 Protocol (JSON text messages, binary audio; one stream at a time per connection, any number one after another):
 
@@ -29,8 +32,9 @@ Times: ``delay_ms`` is the audio received when the word was written (SimulEval's
 time from the arrival of the newest frame read to the word going out (computation-aware, on the clock of a
 client that sends in real time). For text, ``delay_ms`` is the arrival of the newest word read and ``elapsed_ms``
 the send time, both since the first words message; ``delay_words`` is SimulEval's delay, and the end's AL and LAAL
-are in words. ``compute_ms`` is the stream's model time, ``busy_ms`` that plus its jobs' wait behind other
-streams, and ``rtf`` = busy_ms / source_ms: above 1 the server cannot keep up with this client.
+are in words. ``compute_ms`` is the stream's model time (batched: its jobs' time, shared forwards included),
+``busy_ms`` that plus its jobs' wait behind other streams, and ``rtf`` = busy_ms / source_ms: above 1 the server
+cannot keep up with this client.
 
 Errors never stop the server. A malformed or unexpected message (codes: bad_json, bad_message, bad_start,
 not_started, wrong_mode, bad_audio, too_large, too_long) is answered with an error event and dropped; the
@@ -60,13 +64,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from speech_frontend.audio import SAMPLE_RATE
+from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
+from streaming_llm.engine import StreamingSession
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import precision_from_flags, set_precision
 
@@ -92,6 +99,7 @@ class ServeConfig:
     hard_frame_bytes: int = 8 << 20  # a larger message closes the connection (1009), before it is buffered
     head: str = "entropy"  # the head when a start names none
     limits: Limits = Limits()
+    batch: bool = False  # streams' LM forwards batched on the model thread (``Translator``); else one job at a time
 
 
 class ProtocolError(ValueError):
@@ -112,7 +120,7 @@ class StreamSpec:
 
 
 def model_thread() -> ThreadPoolExecutor:
-    """The one thread that runs every stream's model work.
+    """The one thread that runs the LM: every batched forward (``--batch``), or every job (``--no-batch``).
 
     Load the model on it too (``main`` does): PyTorch's OpenMP keeps one thread pool per thread that calls it,
     and the main thread's pool (left by loading, quantizing, compiling) and the model thread's then share the
@@ -122,7 +130,19 @@ def model_thread() -> ThreadPoolExecutor:
 
 
 class Translator:
-    """The shared model and its one worker thread; counts connections and streams."""
+    """The shared model, the threads that run the streams' jobs, and counts of connections and streams.
+
+    Batched (``ServeConfig.batch``, ``--batch``): a LM step of SmolLM2-135M reads every weight for a row or two,
+    so several streams' rows in one forward cost little more than one stream's. Each job runs on a worker thread
+    with one torch thread (the encoder, the head; no OpenMP pool of its own) and hands its LM forwards to the
+    ``LMBatcher``, which runs them, packed with every other waiting stream's, on the model thread with its
+    ``--threads``. Measured on 2 cores (README, ``benchmarks/serve_load.py``): with eager steps (float32, 4-bit)
+    each client's real-time factor at 2-8 clients is 12-29% lower than one job at a time; with ``--compile`` it
+    is higher (the compiled one-row step is already cheap, and the hand-offs and single-threaded encoders cost
+    more than the packing saves), so batching is off by default. A packed product sums in another order than a
+    one-row product: in float32 a stream writes what it writes alone; with int8 or 4-bit weights (bfloat16
+    activations) a close decision can go the other way under load, so its words can differ from the agent's.
+    """
 
     def __init__(self, model, checkpoint: str | None = None, config: ServeConfig = ServeConfig(),
                  executor: ThreadPoolExecutor | None = None):  # fmt: skip
@@ -137,6 +157,16 @@ class Translator:
         else:
             self.max_source = model_limit
         self.executor = executor or model_thread()
+        # batched: each stream's jobs run on a worker thread of their own, single-threaded, and their LM forwards
+        # meet in one LMBatcher whose forwards run on the model thread; else every job runs on the model thread
+        self.batcher = LMBatcher(model.llm, runner=self.executor) if config.batch else None
+        self.workers = self.executor
+        if config.batch:
+            # the sessions' shared start state (the prompt through the LM, alone) made here, by the model thread:
+            # made by the first stream on its single-threaded worker, it would run the (compiled) LM there
+            self.executor.submit(StreamingSession, model).result()
+            self.workers = ThreadPoolExecutor(max_workers=config.max_clients, thread_name_prefix="stream",
+                                              initializer=torch.set_num_threads, initargs=(1,))  # fmt: skip
         self.connections = 0
         self.streams = 0  # open streams (a LiveStream exists)
         self.served = 0  # streams that reached 'end'
@@ -150,19 +180,30 @@ class Translator:
 
         def job():
             started[0] = time.perf_counter()
-            return fn(*args)
+            if self.batcher is None:
+                return fn(*args)
+            with self.batcher.member():
+                return fn(*args)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+            return await asyncio.get_running_loop().run_in_executor(self.workers, job)
         finally:
             done = time.perf_counter()
             if started[0]:
                 timing[0] += done - started[0]
             timing[1] += done - submitted
 
+    def live_stream(self, head) -> LiveStream:
+        """A new stream's LiveStream (on a worker), its LM calls going through the batcher when batching."""
+        lm_call = forward_one if self.batcher is None else self.batcher
+        return LiveStream(self.model, head, self.config.limits, lm_call=lm_call)
+
     def stats(self) -> dict:
-        return {"connections": self.connections, "streams": self.streams, "served": self.served,
-                "errors": self.errors, "modality": self.model.config.modality}  # fmt: skip
+        stats = {"connections": self.connections, "streams": self.streams, "served": self.served,
+                 "errors": self.errors, "modality": self.model.config.modality}  # fmt: skip
+        if self.batcher is not None:
+            stats["lm_forwards"], stats["lm_requests"] = self.batcher.n_forwards, self.batcher.n_requests
+        return stats
 
     def parse_start(self, message: dict) -> StreamSpec:
         unknown = sorted(set(message) - START_FIELDS)
@@ -364,7 +405,7 @@ class Connection:
             spec: StreamSpec = item[1]
             self.stream = stream = _Stream(spec, int(self.t.max_source * SAMPLE_RATE) if self.t.speech else 0)
             self.t.streams += 1
-            stream.live = await self.t.run(stream.timing, LiveStream, self.t.model, spec.head, self.t.config.limits)
+            stream.live = await self.t.run(stream.timing, self.t.live_stream, spec.head)
             if spec.sample_rate != SAMPLE_RATE:
                 import soxr
 
@@ -635,6 +676,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
     p.add_argument("--compile", action="store_true",
                    help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~1 min at start)")
+    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=ServeConfig.batch,
+                   help="batch the LM forwards of concurrent streams into one (each stream's other work on a "
+                   "thread of its own): 12-29%% less time per client with eager steps, not with --compile")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -643,7 +687,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("--max-clients, --queue-frames must be >= 1, --idle-timeout > 0, --max-frame-bytes >= 1024")
     return dataclasses.replace(
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,
-        max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head,
+        max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head, batch=args.batch,
         hard_frame_bytes=max(ServeConfig.hard_frame_bytes, 4 * args.max_frame_bytes),
     )  # fmt: skip
 
@@ -669,8 +713,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
-        import torch
-
         from streaming_llm.checkpoint import CheckpointError, load_checkpoint
 
         config = config_from_args(args)

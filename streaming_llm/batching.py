@@ -18,6 +18,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -65,8 +66,12 @@ class LMBatcher:
     is not a member runs at once, alone.
     """
 
-    def __init__(self, llm: PreTrainedModel):
+    def __init__(self, llm: PreTrainedModel, runner: Executor | None = None):
+        """``runner``: a one-thread executor on which every batched forward runs (the server's model thread, with
+        its OpenMP pool), so that the member threads can run their own work single-threaded; None: the forward
+        runs on the member thread that completes the batch."""
         self.llm = llm
+        self.runner = runner
         self._cond = threading.Condition()
         self._members = 0
         self._waiting: list[_Request] = []
@@ -104,6 +109,20 @@ class LMBatcher:
             return
         batch, self._waiting = self._waiting, []
         start = time.perf_counter()
+        if self.runner is None:
+            self._forward(batch)
+        else:  # the members are all waiting (and a new one waits for the lock): nothing else runs meanwhile
+            self.runner.submit(self._forward, batch).result()
+        self.seconds += time.perf_counter() - start
+        self.n_forwards += 1
+        self.n_requests += len(batch)
+        for request in batch:
+            request.done = True
+        self._cond.notify_all()
+
+
+    def _forward(self, batch: list[_Request]) -> None:
+        """Run the batch; each request gets its output or its own error."""
         try:
             with torch.inference_mode():  # the last member leaving may run the batch outside its session's mode
                 forward_batch(self.llm, batch)
@@ -116,12 +135,6 @@ class LMBatcher:
                         )
                 except Exception as e:
                     request.error = e
-        self.seconds += time.perf_counter() - start
-        self.n_forwards += 1
-        self.n_requests += len(batch)
-        for request in batch:
-            request.done = True
-        self._cond.notify_all()
 
 
 def forward_batch(llm: PreTrainedModel, requests: list[_Request]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import soundfile as sf
@@ -12,7 +13,8 @@ from transformers import DynamicCache
 from simul_agents import evaluate_inprocess
 from simul_agents.batch_eval import run as batch_eval
 from simul_agents.proactive_agent import ProactiveAgent
-from streaming_llm.batching import LMBatcher, forward_one
+from streaming_llm import batching
+from streaming_llm.batching import LMBatcher, forward_batch, forward_one
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.engine import StreamingSession
 from streaming_llm.lean import cxx_compiler, is_compiled
@@ -40,7 +42,8 @@ def follow(session: StreamingSession, words: list[str], trace: list[torch.Tensor
         trace.append(session.next_logits().clone())
 
 
-def test_batched_forwards_equal_one_session_at_a_time():
+@pytest.mark.parametrize("on_a_runner", [False, True])
+def test_batched_forwards_equal_one_session_at_a_time(on_a_runner):
     model = untied_tiny("text", seed=1)
     sources = [s.split() for s in SENTENCES]
     alone = []
@@ -49,23 +52,36 @@ def test_batched_forwards_equal_one_session_at_a_time():
         follow(StreamingSession(model, max_target_tokens=24), words, trace)
         alone.append(trace)
 
-    batcher = LMBatcher(model.llm)
+    runner = ThreadPoolExecutor(1, thread_name_prefix="runner") if on_a_runner else None
+    batcher = LMBatcher(model.llm, runner=runner)
     batched = [[] for _ in sources]
+    forward_threads = set()
 
     def work(i: int) -> None:
         with batcher.member():
             follow(StreamingSession(model, max_target_tokens=24, lm_call=batcher), sources[i], batched[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def batch_on(llm, requests):
+        forward_threads.add(threading.current_thread().name)
+        return forward_batch(llm, requests)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"member-{i}") for i in range(len(sources))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batching, "forward_batch", batch_on)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     for one, many in zip(alone, batched, strict=True):
         assert len(one) == len(many)
         for a, b in zip(one, many, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert batcher.n_requests > 2 * batcher.n_forwards, "sessions of different lengths did share forwards"
+    if on_a_runner:  # every batched forward ran on the runner's one thread
+        assert {name.split("_")[0] for name in forward_threads} == {"runner"}
+        runner.shutdown()
+    else:
+        assert all(name.startswith("member-") for name in forward_threads)
 
 
 def test_batched_attention_weights_are_each_sessions_own():

@@ -293,9 +293,28 @@ def test_a_stream_longer_than_the_maximum_is_cut_with_an_error(models):
 
 
 def test_several_clients_at_once_each_get_their_own_stream_and_settings(models, speech_server):
+    several_clients_at_once(models, speech_server)
+
+
+def test_batched_clients_share_lm_forwards_and_get_the_words_they_get_alone(models):
+    with server(models, batch=True) as s:
+        several_clients_at_once(models, s)
+        stats = s.translator.stats()
+    assert stats["lm_requests"] > stats["lm_forwards"], stats  # the streams' forwards did meet
+
+
+def test_unbatched_clients_take_turns_on_the_model_thread(models):
+    with server(models, batch=False) as s:
+        several_clients_at_once(models, s)
+        assert s.translator.batcher is None and s.translator.workers is s.translator.executor
+        assert "lm_forwards" not in s.translator.stats()
+
+
+def several_clients_at_once(models, speech_server):
     jobs = [({"head": "wait-k", "params": {"k": 1}}, tone(1.0, shift=0)),
             ({"head": "wait-k", "params": {"k": 3}}, tone(1.0, shift=50)),
-            ({"head": "offline"}, tone(1.0, shift=90))]  # fmt: skip
+            ({"head": "offline"}, tone(1.0, shift=90)),
+            ({"head": "entropy", "threshold": 2.0}, tone(1.0, shift=20))]  # fmt: skip
     results: dict[int, list] = {}
 
     def client(i, start, audio):
@@ -309,8 +328,9 @@ def test_several_clients_at_once_each_get_their_own_stream_and_settings(models, 
         t.join(60)
     expected = [live_words(models["speech"], make_head("wait-k", k=1), jobs[0][1])[0],
                 live_words(models["speech"], make_head("wait-k", k=3), jobs[1][1])[0],
-                offline_words(models["speech"], jobs[2][1])]  # fmt: skip
-    assert [results[i][-1]["text"] for i in range(3)] == [" ".join(words) for words in expected]
+                offline_words(models["speech"], jobs[2][1]),
+                live_words(models["speech"], make_head("entropy", threshold=2.0), jobs[3][1])[0]]  # fmt: skip
+    assert [results[i][-1]["text"] for i in range(len(jobs))] == [" ".join(words) for words in expected]
 
 
 def test_a_client_that_vanishes_mid_stream_frees_its_session_and_the_server_goes_on(models, speech_server):
