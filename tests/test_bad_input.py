@@ -514,11 +514,17 @@ def test_text_agent_names_non_utf8_and_empty_sources_and_targets(checkpoints, tm
         (good, empty_line, r"--target .*empty-line.txt line 2 \(instance 1\) is empty; every line needs a reference"),
         (empty, target, r"--source .*empty.txt: empty file"),
     ]
-    for source, tgt, problem in cases:
-        with pytest.raises(SystemExit, match=problem) as caught:
-            simuleval(checkpoints / "text", source, tgt, tmp_path / "out")
-        one_line(str(caught.value))
+    out = tmp_path / "out"
+    refused_before_the_first_instance(checkpoints / "text", [(src, tgt, out, (), why) for src, tgt, why in cases])
     assert not (tmp_path / "out" / "instances.log").exists()
+
+
+def refused_before_the_first_instance(checkpoint: Path, cases: list[tuple]) -> None:
+    """Each (source, target, output, extra args, problem): the run stops with one line matching ``problem``."""
+    for source, target, output, extra, problem in cases:
+        with pytest.raises(SystemExit, match=problem) as caught:
+            simuleval(checkpoint, source, target, output, *extra)
+        one_line(str(caught.value))
 
 
 def test_text_agent_refuses_bad_run_options_before_the_first_instance(checkpoints, tmp_path):
@@ -528,17 +534,14 @@ def test_text_agent_refuses_bad_run_options_before_the_first_instance(checkpoint
     target.write_text("Hallo .\nDanke .\n", encoding="utf-8")
     a_file = tmp_path / "a_file"
     a_file.write_text("", encoding="utf-8")
-    cases = [
-        (tmp_path / "out", ("--threads", "-2"), r"--threads -2: give a number of threads"),
-        (a_file, (), r"--output .*a_file: a file, not a folder"),
-        (tmp_path / "out", ("--start-index", "5"), r"--start-index 5 is past the 2 lines of --source"),
-        (tmp_path / "out", ("--end-index", "0"), r"--end-index 0 is not after --start-index 0"),
-    ]
-    for output, extra, problem in cases:
-        with pytest.raises(SystemExit, match=problem) as caught:
-            simuleval(checkpoints / "text", source, target, output, *extra)
-        one_line(str(caught.value))
-    assert not (tmp_path / "out" / "instances.log").exists()
+    out = tmp_path / "out"
+    refused_before_the_first_instance(checkpoints / "text", [
+        (source, target, out, ("--threads", "-2"), r"--threads -2: give a number of threads"),
+        (source, target, a_file, (), r"--output .*a_file: a file, not a folder"),
+        (source, target, out, ("--start-index", "5"), r"--start-index 5 is past the 2 lines of --source"),
+        (source, target, out, ("--end-index", "0"), r"--end-index 0 is not after --start-index 0"),
+    ])  # fmt: skip
+    assert not (out / "instances.log").exists()
 
 
 def test_text_agent_continues_a_run_killed_while_writing_its_log(checkpoints, tmp_path):
