@@ -496,11 +496,19 @@ def test_speech_agent_streams_a_ten_minute_file_in_segments(files, checkpoints, 
     assert instance["delays"][-1] > 0.9 * TEN_MINUTES * 1000  # the last segment is translated at its end
 
 
+def _text_lists(tmp_path: Path, pairs: list[tuple[str, str]]) -> tuple[Path, Path]:
+    """source.txt and target.txt, one sentence and its reference per line."""
+    source, target = tmp_path / "source.txt", tmp_path / "target.txt"
+    source.write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
+    target.write_text("".join(f"{t}\n" for _, t in pairs), encoding="utf-8")
+    return source, target
+
+
+TWO_PAIRS = [("Hello there .", "Hallo ."), ("Thank you .", "Danke .")]
+
+
 def test_text_agent_names_non_utf8_and_empty_sources_and_targets(checkpoints, tmp_path):
-    good = tmp_path / "source.txt"
-    good.write_text("Hello there .\nThank you .\n", encoding="utf-8")
-    target = tmp_path / "target.txt"
-    target.write_text("Hallo .\nDanke .\n", encoding="utf-8")
+    good, target = _text_lists(tmp_path, TWO_PAIRS)
     latin = tmp_path / "latin1.txt"
     latin.write_bytes(b"Hallo .\n" + NON_UTF8 + b"\n")
     empty_line = tmp_path / "empty-line.txt"
@@ -528,10 +536,7 @@ def refused_before_the_first_instance(checkpoint: Path, cases: list[tuple]) -> N
 
 
 def test_text_agent_refuses_bad_run_options_before_the_first_instance(checkpoints, tmp_path):
-    source = tmp_path / "source.txt"
-    source.write_text("Hello there .\nThank you .\n", encoding="utf-8")
-    target = tmp_path / "target.txt"
-    target.write_text("Hallo .\nDanke .\n", encoding="utf-8")
+    source, target = _text_lists(tmp_path, TWO_PAIRS)
     a_file = tmp_path / "a_file"
     a_file.write_text("", encoding="utf-8")
     out = tmp_path / "out"
@@ -545,10 +550,7 @@ def test_text_agent_refuses_bad_run_options_before_the_first_instance(checkpoint
 
 
 def test_text_agent_continues_a_run_killed_while_writing_its_log(checkpoints, tmp_path):
-    source = tmp_path / "source.txt"
-    source.write_text("Hello there .\nThank you .\nGood night .\n", encoding="utf-8")
-    target = tmp_path / "target.txt"
-    target.write_text("Hallo .\nDanke .\nGute Nacht .\n", encoding="utf-8")
+    source, target = _text_lists(tmp_path, [*TWO_PAIRS, ("Good night .", "Gute Nacht .")])
     whole = simuleval(checkpoints / "text", source, target, tmp_path / "whole", "--head", "wait-k", "--k", "1")
     killed = tmp_path / "killed"
     killed.mkdir()
