@@ -126,7 +126,8 @@ def run(argv: Sequence[str]) -> dict:
         logger.info("resuming: %d of %d instances were finished before", len(kept), len(evaluator.instances))
     todo = sorted((i, ins) for i, ins in evaluator.instances.items() if i not in kept)
     batcher = LMBatcher(system.model.llm)
-    agents = [system] + [type(system)(args, model=system.model, head=system.head, sources=system.sources)
+    agents = [system] + [type(system)(args, model=system.model, head=system.head, sources=system.sources,
+                                      first=system.index)
                          for _ in range(min(batch, max(1, len(todo))) - 1)]  # fmt: skip
     for agent in agents:
         agent.lm_call = batcher

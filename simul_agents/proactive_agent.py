@@ -207,8 +207,6 @@ def check_run_args(args: Namespace) -> None:
         raise SetupError(f"--start-index {args.start_index}: instances count from 0")
     if getattr(args, "end_index", -1) >= 0 and args.end_index <= getattr(args, "start_index", 0):
         raise SetupError(f"--end-index {args.end_index} is not after --start-index {args.start_index}: no instance")
-    if output is not None and getattr(args, "continue_unfinished", False):
-        finished_records(output / "instances.log")
 
 
 def finished_records(log: Path) -> list[dict]:
@@ -302,7 +300,9 @@ class ProactiveBase(GenericAgent):
 
     modality = ""
 
-    def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None):
+    def __init__(self, args: Namespace, model=None, head: Head | None = None, sources: list[str] | None = None,
+                 first: int | None = None):  # fmt: skip
+        """``first``: the index of the first instance (``first_index``, read from the log once by ``from_args``)."""
         if model is None:
             model = load_model(args.checkpoint, precision_of(args), getattr(args, "compile", False))
         self.model = model
@@ -321,7 +321,7 @@ class ProactiveBase(GenericAgent):
             silence_db=getattr(args, "silence_db", SegmentConfig.silence_db),
         )
         self.output = Path(args.output) if getattr(args, "output", None) else None
-        self.index = first_index(args)
+        self.index = first_index(args) if first is None else first
         self.n_failed = 0
         self.lm_call = forward_one  # how sessions run the LM (simul_agents.batch_eval swaps in an LMBatcher)
         if self.output is not None and not getattr(args, "continue_unfinished", False):
@@ -392,9 +392,10 @@ class ProactiveBase(GenericAgent):
             head = build_head(args)
             head.session_options(model)  # checks the head against the model (probe present, layers in range)
             sources = read_sources(args, modality) if getattr(args, "source", None) or head.needs_full_source else None
+            first = first_index(args)  # a log cut by a kill is mended here; a broken one is refused here
         except (SetupError, CheckpointError, AudioError, ValueError) as e:
             raise SystemExit(f"proactive_agent: error: {e}") from None
-        return agent_cls(args, model=model, head=head, sources=sources)
+        return agent_cls(args, model=model, head=head, sources=sources, first=first)
 
     def build_states(self) -> ProactiveStates:
         return ProactiveStates()

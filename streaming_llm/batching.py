@@ -120,7 +120,6 @@ class LMBatcher:
             request.done = True
         self._cond.notify_all()
 
-
     def _forward(self, batch: list[_Request]) -> None:
         """Run the batch; each request gets its output or its own error."""
         try:
