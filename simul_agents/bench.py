@@ -24,8 +24,9 @@ the main models):
   (text) and 2.8x (speech) faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
   offline on ``main``, the LLM in float32, float16 and int8): the computation-aware latency of one stream here;
-- ``<task>-compare-main`` (right after the main sweep: the heads against each other) and ``<task>-compare``
-  (after the ablations, everything): sacrebleu paired bootstrap for every comparison the README makes;
+- ``<task>-compare-main`` (right after the main sweep: the heads against each other, and main against any
+  ablation swept by then) and ``<task>-compare`` (after the ablations, everything): sacrebleu paired bootstrap
+  for every comparison the README makes;
 - ``streaming-cost``, ``training-cost``: the two cost benchmarks (``benchmarks/``);
 - ``summary``: ``results/SUMMARY.md`` from everything above (always rewritten).
 
@@ -39,6 +40,10 @@ variant's final checkpoint (``results/<task>/model``, ``results/<task>/models/<v
 sweep run's ``instances.log`` (``results/<task>/logs``; ``simul_agents.archive``). On start the bench puts them
 back (``restore``) and skips each stage whose outputs all came back; assets and corpora are rebuilt (Piper
 draws prosody at random: a rebuilt speech corpus has the same sentences and splits, not the same waveforms).
+
+A plan that grows is followed: a sweep finished with fewer runs than the plan now lists (a threshold added) runs
+again for the new runs only, and a comparison runs again when a sweep it read runs again, or when the final one
+lacks a variant the plan now trains.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
     "entropy": {},  # threshold: TaskPlan.entropy
     "wait-k": {},  # k: TaskPlan.wait_k (words for text, 640 ms blocks for speech)
-    "probe": {"threshold": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]},  # text: LAAL 1.0 to 3.8 words from 0.5 to 0.9
+    "probe": {},  # threshold: TaskPlan.probe
     "oracle": {},
     "attention": {"frontier": 1, "layers": "upper", "normalise": "all"},  # threshold: TaskPlan.attention
     "fixed-chunk": {"chunk": [2], "words": 2},
@@ -123,6 +128,7 @@ class TaskPlan:
     # the attention head's thresholds: the quartiles of its frontier share (benchmarks/attention_head.py on dev)
     attention: tuple[float, ...] = (0.03, 0.05, 0.08)
     entropy: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)  # the entropy head's thresholds on the main model
+    probe: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the probe head's (on the main model)
 
     def heads(self, variant: str) -> dict:
         """The heads and settings swept on ``variant``."""
@@ -133,6 +139,7 @@ class TaskPlan:
             out["attention"] = {**out["attention"], "threshold": list(self.attention)}
         if variant == "main":
             out["entropy"] = {"threshold": list(self.entropy)}
+            out["probe"] = {"threshold": list(self.probe)}
         return out
 
 
@@ -142,6 +149,8 @@ TASKS = {
         agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
         variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4"),
+        # LAAL 0.9 to 5.3 words; 0.75 lies between 0.7 (2.33) and 0.8 (3.05), where #7's 35% limit (2.77) falls
+        probe=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95),
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
@@ -431,19 +440,54 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
     return {"output": str(out), "variants": list(variants)}
 
 
-def outgrown_compares(bench: Bench, tasks: list[str]) -> list[str]:
-    """The finished ``<task>-compare`` stages whose record compared other variants than the plan now trains (a
-    variant added since): they run again when the plan reaches them. Their ``compare.json`` stays until then, so
-    the summary keeps the comparisons it had."""
+def swept(bench: Bench, task: TaskPlan) -> list[str]:
+    """The task's ablation variants whose sweep is done (with its logs here): ``<task>-compare-main`` compares them
+    with ``main`` too, so that running it again (a threshold added to the main sweep) keeps the comparisons the
+    summary had."""
+    return [
+        v for v in task.variants
+        if (bench.done_dir / f"{task.name}-sweep-{v}.json").is_file()
+        and not missing_logs(bench.runs / task.name / f"eval-{v}")
+    ]  # fmt: skip
+
+
+def outgrown_sweeps(bench: Bench, tasks: list[str]) -> list[str]:
+    """The finished ``<task>-sweep-<variant>`` stages that ran fewer runs than the plan now has (a threshold added
+    since): they run again when the plan reaches them, and the sweep runs only the new runs (it keeps every
+    finished one)."""
     out = []
     for task in tasks:
-        name = f"{task}-compare"
-        marker = bench.done_dir / f"{name}.json"
-        if marker.is_file():
-            compared = json.loads(marker.read_text(encoding="utf-8")).get("variants")
-            if compared != ["main", *TASKS[task].variants]:
+        for variant in ("main", *TASKS[task].variants):
+            record = _done_record(bench, f"{task}-sweep-{variant}")
+            if isinstance(record.get("runs"), int) and record["runs"] < planned_runs(task, variant):
+                out.append(f"{task}-sweep-{variant}")
+    return out
+
+
+def outgrown_compares(bench: Bench, tasks: list[str]) -> list[str]:
+    """The finished ``<task>-compare-main`` and ``<task>-compare`` stages to run again when the plan reaches them:
+    the final comparison when its record compared other variants than the plan now trains (a variant added since),
+    and either when a sweep it compared is to run again or finished after it did. Their ``compare.json`` stays
+    until then, so the summary keeps the comparisons it had. Call it after ``outgrown_sweeps``' stages are
+    unmarked."""
+    out = []
+    for task in tasks:
+        for name in (f"{task}-compare-main", f"{task}-compare"):
+            if not (bench.done_dir / f"{name}.json").is_file():
+                continue
+            record = _done_record(bench, name)
+            compared = record.get("variants") or ["main"]
+            sweeps = [_done_record(bench, f"{task}-sweep-{v}") for v in compared]
+            stale = any(not s or s.get("finished", "") > record.get("finished", "") for s in sweeps)
+            if stale or (name == f"{task}-compare" and compared != ["main", *TASKS[task].variants]):
                 out.append(name)
     return out
+
+
+def _done_record(bench: Bench, name: str) -> dict:
+    """A finished stage's record ({} when it is not done)."""
+    marker = bench.done_dir / f"{name}.json"
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
 
 
 def stage_benchmark(bench: Bench, script: str, args: list[str]) -> dict:
@@ -476,7 +520,7 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
     for name in tasks:
         task = TASKS[name]
         plan.append((f"{name}-sweep-main", lambda t=task: stage_sweep(bench, t, "main")))
-        plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main"])))
+        plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main", *swept(bench, t)])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
     ablations = [(name, variant) for name in tasks for variant in TASKS[name].variants]
@@ -690,10 +734,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
     restore(bench, args.tasks, [name for name, _ in plan])
+    for name in outgrown_sweeps(bench, args.tasks):
+        (bench.done_dir / f"{name}.json").unlink()
+        print(f"== {name}: the plan has more runs than it ran; it runs again when the plan reaches it (only the new "
+              "runs)", flush=True)  # fmt: skip
     for name in outgrown_compares(bench, args.tasks):
         (bench.done_dir / f"{name}.json").unlink()
-        print(f"== {name}: its record does not list the variants the plan now compares; it runs again when the "
-              "plan reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
+        print(f"== {name}: the plan compares other variants or runs than it did; it runs again when the plan "
+              "reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
     if args.list:
         for name, _ in plan:
             print(f"{name:24s} {'done' if (bench.done_dir / f'{name}.json').is_file() else 'to run'}")

@@ -397,9 +397,18 @@ def test_a_stage_clock_does_not_count_the_time_its_process_was_stopped(tmp_path,
     assert clock.seconds() == 4 * B.HEARTBEAT_SECONDS + B.MAX_GAP_SECONDS + 10
 
 
+def _mark_done(bench, name: str, finished: str = "2026-11-30 10:00", **record) -> None:
+    bench.done_dir.mkdir(parents=True, exist_ok=True)
+    (bench.done_dir / f"{name}.json").write_text(json.dumps({"seconds": 1, "finished": finished, **record}),
+                                                 encoding="utf-8")  # fmt: skip
+
+
 def test_a_comparison_made_before_a_variant_was_added_runs_again_but_keeps_its_output(tmp_path):
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
     now = ["main", *B.TASKS["text"].variants]
+    for task in ("text", "speech"):
+        for variant in ("main", *B.TASKS[task].variants):
+            _mark_done(bench, f"{task}-sweep-{variant}", finished="2026-11-30 09:00")
     B.run_stage(bench, "text-compare", lambda: {"variants": now[:-1]})  # an earlier plan, one variant short
     B.run_stage(bench, "speech-compare", lambda: {"variants": ["main", *B.TASKS["speech"].variants]})
     assert B.outgrown_compares(bench, ["text", "speech"]) == ["text-compare"]
@@ -407,3 +416,41 @@ def test_a_comparison_made_before_a_variant_was_added_runs_again_but_keeps_its_o
     assert B.outgrown_compares(bench, ["text"]) == ["text-compare"]
     B.run_stage(bench, "text-compare", lambda: {})  # still marked done: run_stage leaves it
     assert B.outgrown_compares(bench, ["speech"]) == []
+
+
+def test_a_sweep_finished_before_a_threshold_was_added_runs_again_and_so_do_the_comparisons_that_read_it(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    planned = B.planned_runs("text", "main")
+    _mark_done(bench, "text-sweep-main", runs=planned - 1)  # an earlier plan: one probe threshold fewer
+    _mark_done(bench, "text-sweep-no-mslm", runs=B.planned_runs("text", "no-mslm"))
+    _mark_done(bench, "text-compare-main", finished="2026-11-30 10:05", variants=["main", "no-mslm"])
+    assert B.outgrown_sweeps(bench, ["text"]) == ["text-sweep-main"]
+    assert B.outgrown_compares(bench, ["text"]) == []  # its sweeps are done and older: unmarking them decides
+    (bench.done_dir / "text-sweep-main.json").unlink()
+    assert B.outgrown_compares(bench, ["text"]) == ["text-compare-main"]
+
+    _mark_done(bench, "text-sweep-main", finished="2026-11-30 11:00", runs=planned)  # the new run, done
+    assert B.outgrown_sweeps(bench, ["text"]) == []
+    assert B.outgrown_compares(bench, ["text"]) == ["text-compare-main"]  # after a kill, restored from its record
+    _mark_done(bench, "text-compare-main", finished="2026-11-30 11:01", variants=["main", "no-mslm"])
+    assert B.outgrown_compares(bench, ["text"]) == []
+
+
+def test_the_main_comparison_takes_every_ablation_already_swept_with_its_logs(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    task = B.TASKS["text"]
+    assert B.swept(bench, task) == []
+    _mark_done(bench, "text-sweep-no-spsd")
+    _mark_done(bench, "text-sweep-no-mslm")
+    assert B.swept(bench, task) == ["no-mslm", "no-spsd"]  # in the plan's order
+    eval_dir = bench.runs / "text" / "eval-no-mslm"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "sweep.csv").write_text(f"task,head,param,output\nt,offline,-,{eval_dir}/offline/default\n",
+                                        encoding="utf-8")  # fmt: skip
+    assert B.swept(bench, task) == ["no-spsd"]  # its table came back without its logs: not comparable
+
+
+def test_the_main_sweep_plans_the_probe_thresholds_of_its_task():
+    text, speech = B.TASKS["text"].heads("main"), B.TASKS["speech"].heads("main")
+    assert 0.75 in text["probe"]["threshold"] and 0.75 not in speech["probe"]["threshold"]
+    assert "probe" not in B.TASKS["text"].heads("no-mslm")
