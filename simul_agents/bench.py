@@ -49,6 +49,8 @@ lacks a variant the plan now trains.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -246,7 +248,37 @@ class _StageClock:
 
 def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     """Run ``fn`` unless the stage is done; record its time (over every attempt) and outcome; a failure names the
-    stage and its log."""
+    stage and its log. A stage that another bench process is running is waited for, then skipped as done (run a
+    later training stage alongside: ``python -m simul_agents.bench --only text-train-no-mslm-x4``)."""
+    with _stage_lock(bench, name):
+        return _run_stage(bench, name, fn)
+
+
+@contextlib.contextmanager
+def _stage_lock(bench: Bench, name: str):
+    """Hold ``runs/bench/locks/<stage>.lock`` (an exclusive ``flock``) while the stage runs, waiting for another
+    process that holds it; the lock goes with its process, killed or not."""
+    path = bench.runs / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(f"== {name}: running in another bench process (pid {holder}); waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     marker = bench.done_dir / f"{name}.json"
     unlogged = _runs_without_logs(bench, name)
     if marker.is_file() and unlogged:  # marked done before runs were archived: it reruns those (the rest are kept)

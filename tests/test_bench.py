@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -454,3 +456,26 @@ def test_the_main_sweep_plans_the_probe_thresholds_of_its_task():
     text, speech = B.TASKS["text"].heads("main"), B.TASKS["speech"].heads("main")
     assert 0.75 in text["probe"]["threshold"] and 0.75 not in speech["probe"]["threshold"]
     assert "probe" not in B.TASKS["text"].heads("no-mslm")
+
+
+def test_a_stage_another_bench_process_is_running_is_waited_for_then_skipped(tmp_path, capsys):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    lock = bench.runs / "locks" / "text-train-no-mslm-x4.lock"
+    lock.parent.mkdir(parents=True)
+    calls, result = [], {}
+    with open(lock, "w", encoding="utf-8") as other:  # another process: an open file description of its own
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242")
+        other.flush()
+        waiter = threading.Thread(target=lambda: result.update(B.run_stage(bench, "text-train-no-mslm-x4",
+                                                                           lambda: calls.append(1) or {})))  # fmt: skip
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not calls  # waiting, not training the same run twice
+        _mark_done(bench, "text-train-no-mslm-x4", steps=2000)  # the other process finishes it
+        fcntl.flock(other, fcntl.LOCK_UN)
+    waiter.join(10)
+    assert not waiter.is_alive() and not calls and result["steps"] == 2000
+    assert "running in another bench process (pid 4242)" in capsys.readouterr().out
+    B.run_stage(bench, "text-train-no-mslm-x4", lambda: calls.append(2) or {})  # free, and done: skipped at once
+    assert not calls
