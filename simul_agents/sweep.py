@@ -398,11 +398,14 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    figure, panels = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
     for axes, metric in zip(panels, ("BLEU", "chrF"), strict=True):
         _plot_metric(axes, rows, metric)
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:  # one legend for both panels, beside them: inside, it hides the points
+        figure.legend(handles, labels, loc="center right", fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.83 if handles else 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -430,8 +433,10 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
         other_model = head.endswith(")")  # "entropy (no-spsd)": another model's curve, drawn dashed
         axes.plot(xs, ys, marker="s" if other_model else "o", linestyle="--" if other_model else "-",
                   color=colors[curves.index(head) % len(colors)], label=head)  # fmt: skip
-        for x, y, label in points:
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        if not other_model:  # the settings of this model's curves: "0.75", "k=3" (other models' would crowd them)
+            for x, y, label in [p for p in points if p[2] != "-"]:  # the oracle has no setting
+                axes.annotate(label.removeprefix("threshold="), (x, y), textcoords="offset points", xytext=(3, 3),
+                              fontsize=6)  # fmt: skip
     axes.set_xlabel(f"LAAL ({unit})")
     axes.set_ylabel(metric)
     low, high = axes.get_ylim()
@@ -440,7 +445,6 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
         bottom = max(0.0, (low + high) / 2 - span / 2)
         axes.set_ylim(bottom, bottom + span)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
