@@ -6,6 +6,7 @@ source and what is wrong, so no user mistake ever surfaces as a traceback from d
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -123,11 +124,17 @@ class StreamTo16k:
         return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
+OVERRUN_TOLERANCE = 100  # a slice may run 1/100 s past its file's end unremarked (MuST-C's segment times round)
+_WARNED_OVERRUN: set[Path] = set()  # files whose overrun was logged (once each: a manifest has many segments)
+log = logging.getLogger(__name__)
+
+
 def load_audio(path: str | os.PathLike, offset: int = 0, frames: int = -1) -> np.ndarray:
     """Read a file (WAV, FLAC, OGG, MP3, ...: whatever soundfile reads) -> (n,) float32, 16 kHz mono.
 
     ``offset`` and ``frames`` are in the file's own samples and are read by seeking, so a segment of a
-    long talk never loads the whole talk.
+    long talk never loads the whole talk. A slice that runs past the file's end reads what is there (as fairseq
+    does), with a warning once per file when it is more than rounding.
     """
     path = Path(path)
     if not path.exists():
@@ -153,6 +160,12 @@ def load_audio(path: str | os.PathLike, offset: int = 0, frames: int = -1) -> np
         raise AudioError(f"{path}: cannot be decoded as audio ({first})") from None
     if samples.shape[0] == 0:
         raise AudioError(f"{path}: holds no audio (0 samples)")
+    short = frames - samples.shape[0] if frames > 0 else 0
+    if short > rate // OVERRUN_TOLERANCE and path not in _WARNED_OVERRUN:  # a few samples: segment times rounded
+        _WARNED_OVERRUN.add(path)
+        log.warning("%s: the slice %d:%d runs %.2f s past the end of the file (%d samples at %d Hz); reading what "
+                    "is there. A manifest with another sample rate than the file's?", path, offset, frames,
+                    short / rate, offset + samples.shape[0], rate)  # fmt: skip
     return to_mono_16k(samples, rate, name=str(path), channels_last=True)
 
 

@@ -332,6 +332,20 @@ def test_trainer_names_the_line_of_bad_target_text(tmp_path, case, capsys):
 # ---- StreamingSession ------------------------------------------------------------------------------------
 
 
+def test_a_slice_past_the_end_of_its_file_reads_what_is_there_and_says_so_once_beyond_rounding(tmp_path, caplog):
+    path = tmp_path / "talk.wav"
+    sf.write(path, np.full(8000, 0.1, dtype=np.float32), 8000)  # 1 s at 8 kHz
+    with caplog.at_level(logging.WARNING, logger="speech_frontend.audio"):
+        assert load_audio(path, 4000, 4040).shape[0] == 8000  # 40 samples over at 8 kHz (5 ms): rounding
+        assert not caplog.records
+        assert load_audio(path, 4000, 16000).shape[0] == 8000  # a 16 kHz slice of an 8 kHz file: 1.5 s over
+        assert load_audio(path, 0, 16000).shape[0] == 16000
+    assert len(caplog.records) == 1, caplog.text  # once per file
+    assert "talk.wav: the slice 4000:16000 runs 1.50 s past the end of the file (8000 samples at 8000 Hz)" in (
+        caplog.text
+    )
+
+
 @pytest.fixture(scope="module")
 def speech_model():
     return untied_tiny("speech")
