@@ -278,6 +278,20 @@ def _stage_lock(bench: Bench, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def running(bench: Bench, name: str) -> str | None:
+    """The pid of the bench process running stage ``name`` now (holding its lock), else None."""
+    path = bench.runs / "locks" / f"{name}.lock"
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     marker = bench.done_dir / f"{name}.json"
     unlogged = _runs_without_logs(bench, name)
@@ -749,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         "--redo", nargs="+", metavar="STAGE", default=[],
         help="forget these finished evaluation stages (their runs and records) and run them again",
     )  # fmt: skip
-    parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    parser.add_argument("--list", action="store_true", help="list the stages: done, running (pid) or to run")
     parser.add_argument("--summary-only", action="store_true", help="rewrite results/SUMMARY.md and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -776,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
               "reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
     if args.list:
         for name, _ in plan:
-            print(f"{name:24s} {'done' if (bench.done_dir / f'{name}.json').is_file() else 'to run'}")
+            holder = running(bench, name)
+            state = "done" if (bench.done_dir / f"{name}.json").is_file() else "to run"
+            print(f"{name:24s} {state if holder is None else f'running (pid {holder})'}")
         return 0
     print(
         "make bench: the full offline experiment (text and speech En-De; MSLM+SPSD and two ablations; every head).\n"

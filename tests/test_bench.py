@@ -472,10 +472,12 @@ def test_a_stage_another_bench_process_is_running_is_waited_for_then_skipped(tmp
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive() and not calls  # waiting, not training the same run twice
+        assert B.running(bench, "text-train-no-mslm-x4") == "4242"  # what --list shows
         _mark_done(bench, "text-train-no-mslm-x4", steps=2000)  # the other process finishes it
         fcntl.flock(other, fcntl.LOCK_UN)
     waiter.join(10)
     assert not waiter.is_alive() and not calls and result["steps"] == 2000
+    assert B.running(bench, "text-train-no-mslm-x4") is None and B.running(bench, "text-sweep-main") is None
     assert "running in another bench process (pid 4242)" in capsys.readouterr().out
     B.run_stage(bench, "text-train-no-mslm-x4", lambda: calls.append(2) or {})  # free, and done: skipped at once
     assert not calls
