@@ -27,6 +27,10 @@ BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simu
 ALIGN_STEPS = 400  # CTC steps aligning the adapter first (training/align.py): ~0.4 s each here
 TEXT_CHECKPOINT = Path("results/text/model")  # the bench's text model (in git): the demo's LLM starts from it
 TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "LAAL", "AL", "LAAL_CA", "RCO")
+# spread over the bench speech model's curve (its 500 test utterances): entropy LAAL 1848 / 1390 / 882 ms, wait-k
+# (640 ms blocks) 1074 / 1510 / 2096 ms; entropy under ~1.0 waits for the whole source (LAAL 2142 at 1.0)
+ENTROPY = (2.0, 4.0, 5.0)
+WAIT_K = (1, 2, 4)
 
 
 def say(message: str) -> None:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         target=str(files.target),
         output=out / "eval",
         source_segment_size=320,
-        heads={"offline": {}, "entropy": {"threshold": [0.5, 1.5, 3.0]}, "wait-k": {"k": [1, 2, 4]}},
+        heads={"offline": {}, "entropy": {"threshold": list(ENTROPY)}, "wait-k": {"k": list(WAIT_K)}},
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
     )
     rows, errors = sweep(config, jobs=1)
