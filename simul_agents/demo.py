@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"
         f"It builds the offline assets (first time: ~3 min here), a {args.utterances}-utterance corpus "
         f"(~{corpus_min} min), {model_plan}, then runs 7 SimulEval evaluations on {args.test} test utterances "
-        "(~10 min). A second run reuses everything and takes minutes."
+        "(4 to 10 min on 2 cores). A second run reuses everything and takes minutes."
     )
 
     say("1/5 offline assets")
