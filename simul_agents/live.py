@@ -45,7 +45,7 @@ from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
 from streaming_llm.engine import LMCall, StreamingSession
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.lean import compile_steps
-from streaming_llm.quantize import precision_from_flags, set_precision
+from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
 from . import latency as L
 
@@ -457,12 +457,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="--mic: stop after this long (default: the context)")
     p.add_argument("--reference", default=None, help="a reference translation: its length is AL's |Y|")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
-    p.add_argument("--int4", action="store_true",
-                   help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
-    p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~1 min at start)")
+    add_precision_args(p)
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
     return p.parse_args(argv)
 

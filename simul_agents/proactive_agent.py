@@ -55,6 +55,7 @@ from streaming_llm.config import SPEECH, TEXT
 from streaming_llm.engine import StreamingSession, max_source_samples
 from streaming_llm.heads import HEADS, READ, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.long_stream import LongStream, SegmentConfig
+from streaming_llm.quantize import add_precision_args
 
 logger = logging.getLogger("simul_agents.proactive_agent")
 
@@ -344,14 +345,7 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--max-len-b", type=float, default=10.0, help="at most a * source units + b target words")
         parser.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
         parser.add_argument("--skip-failed", action="store_true", help="log a failing instance and go on")
-        parser.add_argument("--int8", action="store_true",
-                            help="run the LLM in int8 (streaming_llm/quantize.py): faster on CPU, slightly different")
-        parser.add_argument("--int4", action="store_true",
-                            help="run the LLM in 4 bits (streaming_llm/gptq.py; calibrated on the checkpoint's "
-                                 "training data the first time, then kept beside it as int4-g32.pt)")
-        parser.add_argument("--compile", action="store_true",
-                            help="compile the LLM's streaming steps (torch.compile, TorchInductor: needs a C++ "
-                                 "compiler; about a minute before the first instance, then faster steps on CPU)")
+        add_precision_args(parser, fp16=False)  # --int8, --int4, --compile (SimulEval has its own --fp16)
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         parser.add_argument(
             "--long-audio", choices=("auto", "segment", "off"), default="auto",

@@ -75,7 +75,7 @@ from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
 from streaming_llm.engine import StreamingSession
 from streaming_llm.lean import compile_steps
-from streaming_llm.quantize import precision_from_flags, set_precision
+from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
 from .live import Limits, LiveStream, build_head, latency_summary, max_source
 
@@ -670,12 +670,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-stream", type=float, default=defaults.max_stream_s, help="seconds (0: the model's context)")
     p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
     p.add_argument("--threads", type=_threads, default=0, help="torch CPU threads for the model (0: torch's default)")
-    p.add_argument("--int8", action="store_true", help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU")
-    p.add_argument("--int4", action="store_true",
-                   help="the LLM in 4 bits (streaming_llm/gptq.py, calibrated once for the checkpoint): faster still")
-    p.add_argument("--fp16", action="store_true", help="the LLM in float16 (streaming_llm/quantize.py): faster on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the LLM's streaming steps (torch.compile; needs a C++ compiler; ~1 min at start)")
+    add_precision_args(p)
     p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=ServeConfig.batch,
                    help="batch the LM forwards of concurrent streams into one (each stream's other work on a "
                    "thread of its own): 12-29%% less time per client with eager steps, not with --compile")  # fmt: skip

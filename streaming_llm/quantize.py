@@ -158,6 +158,22 @@ def set_precision(model: SpeechLLM, precision: str, checkpoint: str | Path | Non
     return model
 
 
+def add_precision_args(parser, fp16: bool = True) -> None:
+    """The flags that say how the LLM runs, the same on the agent, ``live`` and ``serve``: ``--int8``, ``--int4``,
+    ``--fp16`` (not the agent's: SimulEval has its own) and ``--compile``; ``precision_from_flags`` reads them."""
+    parser.add_argument("--int8", action="store_true",
+                        help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU, slightly different")
+    parser.add_argument("--int4", action="store_true",
+                        help="the LLM in 4 bits (streaming_llm/gptq.py; calibrated on the checkpoint's training "
+                             "data the first time, then kept beside it as int4-g32.pt): faster still")
+    if fp16:
+        parser.add_argument("--fp16", action="store_true",
+                            help="the LLM in float16 (streaming_llm/quantize.py): faster on some CPUs")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the LLM's streaming steps (torch.compile, TorchInductor: needs a C++ compiler; "
+                             "about a minute at start, then faster steps on CPU)")  # fmt: skip
+
+
 def precision_from_flags(int8: bool = False, fp16: bool = False, int4: bool = False) -> str:
     """The ``--int8`` / ``--fp16`` / ``--int4`` flags of a command line -> one of PRECISIONS."""
     given = [flag for flag, on in (("--int8", int8), ("--fp16", fp16), ("--int4", int4)) if on]
