@@ -399,7 +399,49 @@ def training_summary(log_jsonl: Path) -> dict:
             out[f"train_{key}"] = round(sum(r[key] for r in tail) / len(tail), 4)
     if dev:
         out.update({k: v for k, v in dev[-1].items() if k.startswith("dev_")})
+        out["dev_full_by_step"] = {str(r["step"]): r["dev_full"] for r in dev if "dev_full" in r}
     return out
+
+
+def dev_curves(bench: Bench, task: str) -> dict[str, dict[int, float]]:
+    """variant -> {step: dev full-view loss}: from the run's log here (a training under way shows its progress so
+    far), else from its stage record (a model trained on another machine), else the record's last value."""
+    curves = {}
+    for variant in ("main", *TASKS[task].variants):
+        log_jsonl = bench.runs / task / variant / "log.jsonl"
+        record = {}
+        for folder in (bench.records, bench.done_dir):
+            path = folder / f"{task}-train-{variant}.json"
+            if path.is_file():
+                record = json.loads(path.read_text(encoding="utf-8"))
+        if log_jsonl.is_file():
+            curve = training_summary(log_jsonl).get("dev_full_by_step", {})
+        else:
+            curve = record.get("dev_full_by_step") or (
+                {str(record["steps"]): record["dev_full"]} if "dev_full" in record and "steps" in record else {}
+            )
+        if curve:
+            curves[variant] = {int(step): value for step, value in curve.items()}
+    return curves
+
+
+def dev_curve_table(bench: Bench, task: str) -> list[str]:
+    """The dev full-view loss of every trained variant at each evaluated step, as Markdown lines."""
+    curves = dev_curves(bench, task)
+    if not curves:
+        return []
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines = ["Dev full-view loss (nats per target token, the offline view; lower is better) at each evaluated "
+             "training step; a variant still training shows its steps so far. Each run's learning rate follows "
+             "its own schedule (warmup, then cosine to 10% at its last step): compare runs of one length.", "",
+             "| variant | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
+    for variant, curve in curves.items():
+        done = (bench.done_dir / f"{task}-train-{variant}.json").is_file() or (
+            bench.records / f"{task}-train-{variant}.json"
+        ).is_file()
+        name = variant if done else f"{variant} (training)"
+        lines.append(f"| {name} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "-" for s in steps) + " |")
+    return lines + [""]
 
 
 def test_files(task: TaskPlan, bench: Bench):
@@ -942,6 +984,7 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         variants = dict.fromkeys(r["variant"] for r in rows)
         lines += ["Variants: " + "; ".join(f"`{v}` {VARIANT_LABELS[v]}" for v in variants if v in VARIANT_LABELS)
                   + ".", ""]  # fmt: skip
+        lines += dev_curve_table(bench, task)
         lines += [
             "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
             "|---|---|---|---|---|---|---|---|---|",

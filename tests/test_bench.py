@@ -481,3 +481,27 @@ def test_a_stage_another_bench_process_is_running_is_waited_for_then_skipped(tmp
     assert "running in another bench process (pid 4242)" in capsys.readouterr().out
     B.run_stage(bench, "text-train-no-mslm-x4", lambda: calls.append(2) or {})  # free, and done: skipped at once
     assert not calls
+
+
+def test_the_summary_shows_each_variants_dev_loss_by_step_from_its_log_or_its_record(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    log = bench.runs / "text" / "no-mslm" / "log.jsonl"  # trained here, finished
+    log.parent.mkdir(parents=True)
+    lines = [{"step": 1, "loss": 3.0, "full": 3.0, "mslm": 0.0, "spsd": 0.0, "probe_acc": 0.0, "s_per_step": 2.0},
+             {"step": 200, "dev_full": 2.6521, "dev_bleu": 1.0},
+             {"step": 400, "dev_full": 2.5}]  # fmt: skip
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    _mark_done(bench, "text-train-no-mslm", **B.training_summary(log))
+    assert B.training_summary(log)["dev_full_by_step"] == {"200": 2.6521, "400": 2.5}
+    bench.records.mkdir(parents=True)  # trained on another machine: only its record came with results/
+    (bench.records / "text-train-main.json").write_text(json.dumps({"steps": 500, "dev_full": 2.489}), encoding="utf-8")
+    running = bench.runs / "text" / "stream-0.3-x4" / "log.jsonl"  # under way: no record yet
+    running.parent.mkdir(parents=True)
+    running.write_text(json.dumps({"step": 200, "dev_full": 2.684}) + "\n", encoding="utf-8")
+
+    table = B.dev_curve_table(bench, "text")
+    assert "| variant | 200 | 400 | 500 |" in table
+    assert "| main | - | - | 2.489 |" in table
+    assert "| no-mslm | 2.652 | 2.500 | - |" in table
+    assert "| stream-0.3-x4 (training) | 2.684 | - | - |" in table
+    assert B.dev_curve_table(bench, "speech") == []
