@@ -839,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "make bench: the full offline experiment (text and speech En-De; MSLM+SPSD and two ablations; every head).\n"
         "On 2 CPU cores this takes many hours; it resumes where it stopped (stage by stage, and inside training).\n"
+        "A later stage can run beside it in a second process, which waits for any stage this one is running:\n"
+        "  OMP_NUM_THREADS=1 python -m simul_agents.bench --only STAGE   (stages and their state: --list)\n"
         f"Stages: {', '.join(name for name, _ in plan)}",
         flush=True,
     )
