@@ -180,6 +180,10 @@ class Bench:
     def done_dir(self) -> Path:
         return self.runs / "done"
 
+    def lock(self, stage: str) -> Path:
+        """The file a running stage holds locked (``_stage_lock``; ``running`` asks it)."""
+        return self.runs / "locks" / f"{stage}.lock"
+
     @property
     def records(self) -> Path:
         """The stage records kept with the results (committed): what a fresh machine restores from."""
@@ -258,7 +262,7 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
 def _stage_lock(bench: Bench, name: str):
     """Hold ``runs/bench/locks/<stage>.lock`` (an exclusive ``flock``) while the stage runs, waiting for another
     process that holds it; the lock goes with its process, killed or not."""
-    path = bench.runs / "locks" / f"{name}.lock"
+    path = bench.lock(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
         try:
@@ -280,7 +284,7 @@ def _stage_lock(bench: Bench, name: str):
 
 def running(bench: Bench, name: str) -> str | None:
     """The pid of the bench process running stage ``name`` now (holding its lock), else None."""
-    path = bench.runs / "locks" / f"{name}.lock"
+    path = bench.lock(name)
     if not path.is_file():
         return None
     with open(path, encoding="utf-8") as f:
@@ -409,14 +413,14 @@ def dev_curves(bench: Bench, task: str) -> dict[str, dict[int, float]]:
     curves = {}
     for variant in ("main", *TASKS[task].variants):
         log_jsonl = bench.runs / task / variant / "log.jsonl"
-        record = {}
-        for folder in (bench.records, bench.done_dir):
-            path = folder / f"{task}-train-{variant}.json"
-            if path.is_file():
-                record = json.loads(path.read_text(encoding="utf-8"))
         if log_jsonl.is_file():
             curve = training_summary(log_jsonl).get("dev_full_by_step", {})
         else:
+            record = {}
+            for folder in (bench.records, bench.done_dir):
+                path = folder / f"{task}-train-{variant}.json"
+                if path.is_file():
+                    record = json.loads(path.read_text(encoding="utf-8"))
             curve = record.get("dev_full_by_step") or (
                 {str(record["steps"]): record["dev_full"]} if "dev_full" in record and "steps" in record else {}
             )
