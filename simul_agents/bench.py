@@ -258,6 +258,9 @@ def run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
         return _run_stage(bench, name, fn)
 
 
+STARTUP = "startup"  # the lock a starting process holds while it restores and unmarks outgrown stages
+
+
 @contextlib.contextmanager
 def _stage_lock(bench: Bench, name: str):
     """Hold ``runs/bench/locks/<stage>.lock`` (an exclusive ``flock``) while the stage runs, waiting for another
@@ -825,15 +828,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
-    restore(bench, args.tasks, [name for name, _ in plan])
-    for name in outgrown_sweeps(bench, args.tasks):
-        (bench.done_dir / f"{name}.json").unlink()
-        print(f"== {name}: the plan has more runs than it ran; it runs again when the plan reaches it (only the new "
-              "runs)", flush=True)  # fmt: skip
-    for name in outgrown_compares(bench, args.tasks):
-        (bench.done_dir / f"{name}.json").unlink()
-        print(f"== {name}: the plan compares other variants or runs than it did; it runs again when the plan "
-              "reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
+    with _stage_lock(bench, STARTUP):  # two bench processes started together tidy the done markers one at a time
+        restore(bench, args.tasks, [name for name, _ in plan])
+        for name in outgrown_sweeps(bench, args.tasks):
+            (bench.done_dir / f"{name}.json").unlink()
+            print(f"== {name}: the plan has more runs than it ran; it runs again when the plan reaches it (only the "
+                  "new runs)", flush=True)  # fmt: skip
+        for name in outgrown_compares(bench, args.tasks):
+            (bench.done_dir / f"{name}.json").unlink()
+            print(f"== {name}: the plan compares other variants or runs than it did; it runs again when the plan "
+                  "reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
     if args.list:
         for name, _ in plan:
             holder = running(bench, name)

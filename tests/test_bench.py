@@ -505,3 +505,24 @@ def test_the_summary_shows_each_variants_dev_loss_by_step_from_its_log_or_its_re
     assert "| no-mslm | 2.652 | 2.500 | - |" in table
     assert "| stream-0.3-x4 (training) | 2.684 | - | - |" in table
     assert B.dev_curve_table(bench, "speech") == []
+
+
+def test_two_bench_processes_started_together_tidy_the_done_markers_one_at_a_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main's Bench: runs/bench and results/ under here
+    bench = B.Bench()
+    lock = bench.lock(B.STARTUP)
+    lock.parent.mkdir(parents=True)
+    result = {}
+    with open(lock, "w", encoding="utf-8") as other:  # the other process, restoring and unmarking
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242")
+        other.flush()
+        starting = threading.Thread(target=lambda: result.update(code=B.main(["--list"])))
+        starting.start()
+        starting.join(0.5)
+        assert starting.is_alive() and "code" not in result  # waits: it would unmark what the other just unmarked
+        fcntl.flock(other, fcntl.LOCK_UN)
+    starting.join(30)
+    assert result == {"code": 0}
+    out = capsys.readouterr().out
+    assert "startup: running in another bench process (pid 4242)" in out and "text-train-main" in out
