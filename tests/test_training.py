@@ -213,6 +213,25 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
         assert a["loss"] == b["loss"] and a["mslm"] == b["mslm"] and a["spsd"] == b["spsd"], (a, b)
 
 
+def test_a_run_killed_between_a_checkpoint_and_its_dev_evaluation_evaluates_that_step_on_resume(tmp_path):
+    import shutil
+
+    dev = str(ROOT / "tests/data/tiny_text.tsv")
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, eval_every=2, dev_manifest=dev, dev_bleu_subset=1)
+    out = Path(cfg.out_dir)
+    train(cfg)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    reference = {r["step"]: r["dev_full"] for r in map(json.loads, lines) if "dev_full" in r}
+    assert sorted(reference) == [2, 4]
+    shutil.rmtree(out / "checkpoints" / "step-0000004")  # killed after step 2's checkpoint, before its evaluation
+    kept = [x for x in lines if json.loads(x)["step"] <= 2 and "dev_full" not in x]
+    (out / "log.jsonl").write_text("".join(x + "\n" for x in kept))
+    train(cfg, resume=True)
+    dev = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "dev_full" in r]
+    assert [r["step"] for r in dev] == [2, 4]  # step 2's point is back, once, before step 3
+    assert dev[0]["dev_full"] == pytest.approx(reference[2], abs=1e-4)
+
+
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     manifest = ROOT / "tests/data/tiny_text.tsv"

@@ -311,6 +311,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             log.info("resumed from %s (step %d)", found, step)
     if rank == 0:
         _truncate_log(out / "log.jsonl", step)
+    if step and dev_ex and _dev_due(cfg, step) and not _dev_logged(out / "log.jsonl", step):
+        if rank == 0:  # killed between a step's checkpoint and its dev evaluation: the curve keeps its point
+            record = evaluate(model, dev_ex, units, cfg, step)
+            _append_log(out / "log.jsonl", record)
+            log.info("dev @ %d (missed before the resume): dev_full=%s", step, record.get("dev_full"))
+        _barrier(world)
     if step == 0 and cfg.align_steps and model.adapter is not None and not cfg.init_adapter:
         aligned = align_adapter(
             model, train_ex, dev_ex, units, cfg.align_steps, 2 * cfg.batch_size, cfg.seed, progress=rank == 0
@@ -376,7 +382,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             if rank == 0:
                 last_saved = save_training_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg)
             _barrier(world)
-        if dev_ex and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if dev_ex and _dev_due(cfg, step):
             if rank == 0:
                 record = evaluate(model, dev_ex, units, cfg, step)
                 _append_log(out / "log.jsonl", record)
@@ -568,6 +574,25 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _dev_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether the dev set is evaluated after this step (every ``eval_every`` steps and after the last)."""
+    return step % cfg.eval_every == 0 or step == cfg.max_steps
+
+
+def _dev_logged(path: Path, step: int) -> bool:
+    """Whether the log holds the dev evaluation of this step."""
+    if not path.exists():
+        return False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") == step and "dev_full" in record:
+            return True
+    return False
 
 
 def _append_log(path: Path, record: dict) -> None:
