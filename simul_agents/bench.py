@@ -391,10 +391,11 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
 
 def training_summary(log_jsonl: Path) -> dict:
     """Median seconds per step, the minutes an undisturbed run spends in alignment and steps (steps x median; dev
-    evaluations not counted), the last training losses and the last dev evaluation from a run's JSONL log."""
+    evaluations not counted), the last training losses and the latest step's dev evaluation from a run's JSONL log
+    (by step: an evaluation made up later, after a resume, may come after a later one in the file)."""
     records = [json.loads(line) for line in log_jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     steps = [r for r in records if "s_per_step" in r]
-    dev = [r for r in records if any(k.startswith("dev_") for k in r)]
+    dev = sorted((r for r in records if any(k.startswith("dev_") for k in r)), key=lambda r: r.get("step", 0))
     tail = steps[-20:]
     out = {"steps": steps[-1]["step"] if steps else 0}
     if steps:

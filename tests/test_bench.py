@@ -168,6 +168,15 @@ def test_training_summary_counts_a_step_redone_after_a_resume_once(tmp_path):
     assert summary["steps"] == 4 and summary["train_minutes"] == round((60 + 4 * 6) / 60, 1)
 
 
+def test_training_summary_takes_the_latest_steps_dev_evaluation_whatever_its_place_in_the_log(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 4, "dev_full": 2.0, "dev_chrf": 24.0}, {"step": 2, "dev_full": 2.5, "dev_chrf": 20.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))  # step 2's evaluation made up after a resume
+    summary = B.training_summary(log)
+    assert summary["dev_full"] == 2.0 and summary["dev_chrf"] == 24.0
+    assert list(summary["dev_full_by_step"]) == ["2", "4"]
+
+
 def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_dir):
     from simul_agents.score import score_output
     from simul_agents.sweep import write_csv
