@@ -311,8 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             log.info("resumed from %s (step %d)", found, step)
     if rank == 0:
         _truncate_log(out / "log.jsonl", step)
-    if step and dev_ex and _dev_due(cfg, step) and not _dev_logged(out / "log.jsonl", step):
-        if rank == 0:  # killed between a step's checkpoint and its dev evaluation: the curve keeps its point
+    if step and dev_ex and _dev_due(cfg, step):  # every rank meets the barrier; rank 0 alone reads the log
+        if rank == 0 and not _dev_logged(out / "log.jsonl", step):  # killed between its checkpoint and evaluation
             record = evaluate(model, dev_ex, units, cfg, step)
             _append_log(out / "log.jsonl", record)
             log.info("dev @ %d (missed before the resume): dev_full=%s", step, record.get("dev_full"))
