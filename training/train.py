@@ -309,10 +309,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         else:
             step = restore(found, model, optimizer, scheduler)
             log.info("resumed from %s (step %d)", found, step)
-    if rank == 0:
-        _truncate_log(out / "log.jsonl", step)
+    logged = _truncate_log(out / "log.jsonl", step) if rank == 0 else []
     if step and dev_ex and _dev_due(cfg, step):  # every rank meets the barrier; rank 0 alone reads the log
-        if rank == 0 and not _dev_logged(out / "log.jsonl", step):  # killed between its checkpoint and evaluation
+        if rank == 0 and not any(r.get("step") == step and "dev_full" in r for r in logged):  # killed before it ran
             record = evaluate(model, dev_ex, units, cfg, step)
             _append_log(out / "log.jsonl", record)
             log.info("dev @ %d (missed before the resume): dev_full=%s", step, record.get("dev_full"))
@@ -581,31 +580,17 @@ def _dev_due(cfg: TrainConfig, step: int) -> bool:
     return step % cfg.eval_every == 0 or step == cfg.max_steps
 
 
-def _dev_logged(path: Path, step: int) -> bool:
-    """Whether the log holds the dev evaluation of this step."""
-    if not path.exists():
-        return False
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step") == step and "dev_full" in record:
-            return True
-    return False
-
-
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def _truncate_log(path: Path, step: int) -> list[dict]:
     """On resume, drop log lines past the resumed step (they will be written again), and a last line cut off by a
-    kill; rewritten atomically (temporary file, then rename), so a kill now loses nothing."""
+    kill; rewritten atomically (temporary file, then rename), so a kill now loses nothing -> the records kept."""
     if not path.exists():
-        return
-    keep = []
+        return []
+    keep, records = [], []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
@@ -613,9 +598,11 @@ def _truncate_log(path: Path, step: int) -> None:
             continue  # a line cut off by a kill mid-write
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             keep.append(line)
+            records.append(record)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
