@@ -798,6 +798,13 @@ def planned_runs(task: str, variant: str) -> int:
     return sum(math.prod(len(v) for v in params.values() if isinstance(v, list)) for params in heads.values())
 
 
+def unmark(bench: Bench, names: list[str], why: str) -> None:
+    """Remove these finished stages' done markers, so that the plan runs them again, and say why."""
+    for name in names:
+        (bench.done_dir / f"{name}.json").unlink()
+        print(f"== {name}: {why}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["text", "speech"])
@@ -831,14 +838,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
     with _stage_lock(bench, STARTUP):  # two bench processes started together tidy the done markers one at a time
         restore(bench, args.tasks, [name for name, _ in plan])
-        for name in outgrown_sweeps(bench, args.tasks):
-            (bench.done_dir / f"{name}.json").unlink()
-            print(f"== {name}: the plan has more runs than it ran; it runs again when the plan reaches it (only the "
-                  "new runs)", flush=True)  # fmt: skip
-        for name in outgrown_compares(bench, args.tasks):
-            (bench.done_dir / f"{name}.json").unlink()
-            print(f"== {name}: the plan compares other variants or runs than it did; it runs again when the plan "
-                  "reaches it (its compare.json stays until then)", flush=True)  # fmt: skip
+        unmark(bench, outgrown_sweeps(bench, args.tasks), "the plan has more runs than it ran; it runs again when "
+               "the plan reaches it (only the new runs)")  # fmt: skip
+        unmark(bench, outgrown_compares(bench, args.tasks), "the plan compares other variants or runs than it did; "
+               "it runs again when the plan reaches it (its compare.json stays until then)")  # fmt: skip
     if args.list:
         for name, _ in plan:
             holder = running(bench, name)
