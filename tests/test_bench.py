@@ -237,6 +237,14 @@ def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_eve
     assert speech.heads("no-spsd")["entropy"] == {"threshold": [1.0, 2.0, 3.0, 4.0]}
 
 
+def test_an_ablation_named_in_probe_variants_sweeps_its_probe_after_entropy_and_wait_k():
+    text = B.TASKS["text"]
+    assert list(text.heads("stream-0.3-x4")) == ["offline", "entropy", "wait-k", "probe"]
+    assert text.heads("stream-0.3-x4")["probe"] == {"threshold": list(text.probe)}
+    assert "probe" not in text.heads("no-mslm-x4")  # trained without a probe
+    assert B.planned_runs("text", "stream-0.3-x4") == B.planned_runs("text", "stream-0.3") + len(text.probe)
+
+
 def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
     assert names.index("text-sweep-main") < names.index("text-compare-main") < names.index("text-train-no-mslm")
