@@ -12,6 +12,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
   offline quality);
 - ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
+  ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
+  ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``oracle``: the oracle head's point, the floor of this model's latency.
 """
 
@@ -130,15 +132,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     result["entropy_vs_waitk"] = matched(main_runs, "entropy", "wait-k")
     result["probe_vs_entropy"] = matched(main_runs, "probe", "entropy")
     if offline:
-        low = [r for r in main_runs if r["head"] in PROACTIVE and r["LAAL"] is not None
-               and r["LAAL"] <= LOW_LATENCY_SHARE * mean_source]  # fmt: skip
-        best = max(low, key=lambda r: r["chrF"], default=None)
-        result["keep_offline"] = {
-            "offline_chrF": offline["chrF"],
-            "laal_limit": round(LOW_LATENCY_SHARE * mean_source, 2),
-            "best": None if best is None else {k: best[k] for k in ("head", "param", "LAAL", "chrF", "BLEU")},
-            "share": None if best is None else round(best["chrF"] / offline["chrF"], 3) if offline["chrF"] else None,
-        }
+        result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
         offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
         # main as the system, each ablation as the baseline
         result["offline"] = {v: paired_bootstrap(other["output"], offline["output"])
@@ -152,9 +146,18 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             if variant not in ("main", base) and plain is not None and other is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
-    # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid)
-    result["variant_entropy_vs_waitk"] = {v: matched(runs[v], "entropy", "wait-k") for v in variants
-                                          if v != "main" and any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
+    # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid), their
+    # probes (where swept) against their own entropy, and how much of their own offline chrF they keep
+    others = [v for v in variants if v != "main"]
+    result["variant_entropy_vs_waitk"] = {v: matched(runs[v], "entropy", "wait-k") for v in others
+                                          if any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
+    result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
+                                          if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
+    result["variant_keep_offline"] = {}
+    for v in others:
+        own = next((r for r in runs[v] if r["head"] == "offline"), None)
+        if own and any(r["head"] in PROACTIVE for r in runs[v]):
+            result["variant_keep_offline"][v] = keep_offline(runs[v], own, mean_source)
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
@@ -166,6 +169,44 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             result["oracle"]["same_as_offline"] = sum(ours[i] == theirs.get(i) for i in ours)
             result["oracle"]["instances"] = len(ours)
     return result
+
+
+def keep_offline(runs: Sequence[dict], offline: dict, mean_source: float) -> dict:
+    """The best proactive point at LAAL <= 35% of the mean source, and its share of ``offline``'s chrF."""
+    limit = LOW_LATENCY_SHARE * mean_source
+    low = [r for r in runs if r["head"] in PROACTIVE and r["LAAL"] is not None and r["LAAL"] <= limit]
+    best = max(low, key=lambda r: r["chrF"], default=None)
+    return {
+        "offline_chrF": offline["chrF"],
+        "laal_limit": round(limit, 2),
+        "best": None if best is None else {k: best[k] for k in ("head", "param", "LAAL", "chrF", "BLEU")},
+        "share": None if best is None else round(best["chrF"] / offline["chrF"], 3) if offline["chrF"] else None,
+    }
+
+
+def _keep_line(keep: dict, unit: str, variant: str = "") -> str:
+    """'Best proactive head at LAAL <= 2.77 words (35% of the mean source): probe ..., = 95.5% of ...'; with a
+    variant: 'stream-0.3-x4, best proactive head ... of its offline chrF ...'."""
+    at = f"LAAL <= {keep['laal_limit']} {unit} (35% of the mean source)"
+    if keep["best"] is None:
+        return f"{variant}, no proactive point at {at}." if variant else f"No proactive point has {at}."
+    best = keep["best"]
+    return (f"{f'{variant}, best' if variant else 'Best'} proactive head at {at}: {best['head']} {best['param']}, "
+            f"chrF {best['chrF']:.1f} at LAAL {best['LAAL']:.2f} = {100 * keep['share']:.1f}% of "
+            f"{'its' if variant else 'the'} offline chrF {keep['offline_chrF']:.1f}.")  # fmt: skip
+
+
+def _variant_line(variant: str, title: str, points: list[dict]) -> str:
+    """'no-mslm, entropy vs its own wait-k: 4 matched of 4 points, significantly better on 0, worse on 3 (...).'"""
+    tested = [p for p in points if p.get("matched")]
+    pairs = "; ".join(
+        f"{p['param']} (LAAL {p['LAAL']:.2f}) vs {p['matched']}: {p['chrF']['delta']:+.2f}"
+        f"{' *' if p['chrF']['p'] < 0.05 else ''} (p {p['chrF']['p']:.3f})"
+        for p in tested
+    )  # fmt: skip
+    return (f"{variant}, {title}: {len(tested)} matched of {len(points)} points, significantly better on "
+            f"{sum(p['better'] for p in tested)}, worse on {sum(p['worse'] for p in tested)}"
+            + (f" (chrF: {pairs})." if pairs else "."))  # fmt: skip
 
 
 def _offline_line(system: str, baseline: str, test: dict) -> str:
@@ -204,30 +245,14 @@ def format_comparison(result: dict) -> list[str]:
         lines.append("")
     keep = result.get("keep_offline")
     if keep:
-        if keep["best"] is None:
-            lines.append(f"No proactive point has LAAL <= {keep['laal_limit']} {unit} (35% of the mean source).")
-        else:
-            best = keep["best"]
-            lines.append(
-                f"Best proactive head at LAAL <= {keep['laal_limit']} {unit} (35% of the mean source): "
-                f"{best['head']} {best['param']}, chrF {best['chrF']:.1f} at LAAL {best['LAAL']:.2f} = "
-                f"{100 * keep['share']:.1f}% of the offline chrF {keep['offline_chrF']:.1f}."
-            )
-        lines.append("")
-    for variant, points in (result.get("variant_entropy_vs_waitk") or {}).items():
-        tested = [p for p in points if p.get("matched")]
-        pairs = "; ".join(
-            f"{p['param']} (LAAL {p['LAAL']:.2f}) vs {p['matched']}: {p['chrF']['delta']:+.2f}"
-            f"{' *' if p['chrF']['p'] < 0.05 else ''} (p {p['chrF']['p']:.3f})"
-            for p in tested
-        )  # fmt: skip
-        lines.append(
-            f"{variant}, entropy vs its own wait-k: {len(tested)} matched of {len(points)} points, significantly "
-            f"better on {sum(p['better'] for p in tested)}, worse on {sum(p['worse'] for p in tested)}"
-            + (f" (chrF: {pairs})." if pairs else ".")
-        )
-    if result.get("variant_entropy_vs_waitk"):
-        lines.append("")
+        lines += [_keep_line(keep, unit), ""]
+    variant_lines = [_variant_line(v, "entropy vs its own wait-k", points)
+                     for v, points in (result.get("variant_entropy_vs_waitk") or {}).items()]  # fmt: skip
+    variant_lines += [_variant_line(v, "probe vs its own entropy", points)
+                      for v, points in (result.get("variant_probe_vs_entropy") or {}).items()]  # fmt: skip
+    variant_lines += [_keep_line(keep, unit, v) for v, keep in (result.get("variant_keep_offline") or {}).items()]
+    if variant_lines:
+        lines += variant_lines + [""]
     for variant, test in (result.get("offline") or {}).items():
         lines.append(_offline_line("main", variant, test))
     for variant, test in (result.get("offline_vs_plain") or {}).items():

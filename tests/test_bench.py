@@ -105,6 +105,25 @@ def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
     assert "stream-0.3, entropy vs its own wait-k: 1 matched of 1 points, significantly better on 0, worse on 1" in text
 
 
+def test_a_variant_s_probe_is_matched_with_its_own_entropy_and_its_low_latency_share_is_its_own(task_dir):
+    refs = _sentences(120, 0)
+    variant = task_dir / "eval-stream-0.3-x4"
+    _write_run(variant / "offline" / "-", _corrupt(refs, 0.2, 8), refs, delays_per_word=10.0)
+    _write_run(variant / "entropy" / "threshold=3.0", _corrupt(refs, 0.6, 9), refs, delays_per_word=2.0)
+    _write_run(variant / "probe" / "threshold=0.8", _corrupt(refs, 0.2, 10), refs, delays_per_word=2.0)
+    _write_run(variant / "wait-k" / "k=5", _corrupt(refs, 0.2, 11), refs, delays_per_word=5.0)
+    result = compare_task(task_dir, ["main", "no-mslm", "stream-0.3-x4"], "text")
+    (point,) = result["variant_probe_vs_entropy"]["stream-0.3-x4"]
+    assert point["matched"] == "entropy threshold=3.0" and point["better"]
+    assert set(result["variant_keep_offline"]) == {"stream-0.3-x4"}  # no-mslm swept only its offline decode
+    keep = result["variant_keep_offline"]["stream-0.3-x4"]
+    assert keep["best"]["param"] == "threshold=0.8" and keep["share"] > 0.9  # against its own offline decode
+    text = "\n".join(format_comparison(result))
+    assert "stream-0.3-x4, probe vs its own entropy: 1 matched of 1 points, significantly better on 1" in text
+    best = "stream-0.3-x4, best proactive head at LAAL <= 3.5 words (35% of the mean source): probe threshold=0.8"
+    assert best in text and "of its offline chrF" in text
+
+
 def test_compare_cli_names_a_folder_without_the_main_runs(tmp_path, capsys):
     from simul_agents.compare import main
 
