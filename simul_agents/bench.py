@@ -18,10 +18,10 @@ the main models):
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
   inside a stage from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations (``simul_agents.sweep``; finished runs, shards of 250 instances and a
-  killed shard's finished instances are kept). ``--jobs`` processes, each evaluating ``--batch`` instances at a
-  time (``simul_agents.batch_eval``: SimulEval's loop with batched LM forwards; same predictions and delays, 4x
-  (text) and 2.8x (speech) faster here, no ``elapsed``);
+  entropy and wait-k on the ablations, and the probe on those in ``probe_variants`` (``simul_agents.sweep``;
+  finished runs, shards of 250 instances and a killed shard's finished instances are kept). ``--jobs``
+  processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``: SimulEval's loop with
+  batched LM forwards; same predictions and delays, 4x (text) and 2.8x (speech) faster here, no ``elapsed``);
 - ``speech-computation-aware``: SimulEval itself, one instance at a time, on 100 test utterances (entropy and
   offline on ``main``, the LLM in float32, float16 and int8): the computation-aware latency of one stream here;
 - ``<task>-compare-main`` (right after the main sweep: the heads against each other, and main against any
