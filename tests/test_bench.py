@@ -261,6 +261,8 @@ def test_an_ablation_named_in_probe_variants_sweeps_its_probe_after_entropy_and_
     assert list(text.heads("stream-0.3-x4")) == ["offline", "entropy", "wait-k", "probe"]
     assert text.heads("stream-0.3-x4")["probe"] == {"threshold": list(text.probe)}
     assert "probe" not in text.heads("no-mslm-x4")  # trained without a probe
+    for task in B.TASKS.values():  # only a variant that trains a probe can sweep one
+        assert all(v in task.variants and B.VARIANTS[v].get("probe", True) for v in task.probe_variants)
     assert B.planned_runs("text", "stream-0.3-x4") == B.planned_runs("text", "stream-0.3") + len(text.probe)
 
 
