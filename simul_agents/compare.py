@@ -125,7 +125,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     result: dict = {"task": task or task_dir.name}
     if not main_runs:
         return result
-    offline = next((r for r in main_runs if r["head"] == "offline"), None)
+    offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
+    offline = offline_of["main"]
     mean_source = main_runs[0]["mean_source_length"]
     result["mean_source_length"] = mean_source
     result["latency_unit"] = main_runs[0]["latency_unit"]
@@ -133,7 +134,6 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     result["probe_vs_entropy"] = matched(main_runs, "probe", "entropy")
     if offline:
         result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
-        offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
         # main as the system, each ablation as the baseline
         result["offline"] = {v: paired_bootstrap(other["output"], offline["output"])
                              for v, other in offline_of.items() if v != "main" and other is not None}  # fmt: skip
@@ -153,11 +153,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
                                           if any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
-    result["variant_keep_offline"] = {}
-    for v in others:
-        own = next((r for r in runs[v] if r["head"] == "offline"), None)
-        if own and any(r["head"] in PROACTIVE for r in runs[v]):
-            result["variant_keep_offline"][v] = keep_offline(runs[v], own, mean_source)
+    result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
+                                      if offline_of[v] and any(r["head"] in PROACTIVE for r in runs[v])}  # fmt: skip
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
