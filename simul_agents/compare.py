@@ -14,7 +14,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
-- ``oracle``: the oracle head's point, the floor of this model's latency.
+- ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
+  each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL.
 """
 
 from __future__ import annotations
@@ -165,7 +166,27 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             )
             result["oracle"]["same_as_offline"] = sum(ours[i] == theirs.get(i) for i in ours)
             result["oracle"]["instances"] = len(ours)
+        # how far the heads are from the floor: the latency each needs for the oracle's quality, and whether the
+        # oracle itself beats the fixed schedule at its own latency
+        result["oracle"]["reach"] = reach(main_runs, oracle["chrF"])
+        result["oracle"]["vs_waitk"] = matched([oracle, *(r for r in main_runs if r["head"] == "wait-k")],
+                                               "oracle", "wait-k")[0]  # fmt: skip
     return result
+
+
+REACH_HEADS = ("wait-k", *PROACTIVE)
+
+
+def reach(runs: Sequence[dict], chrf: float) -> dict:
+    """Per head, its lowest-LAAL point whose chrF is at least ``chrf`` (None where no point gets there)."""
+    out = {}
+    for head in REACH_HEADS:
+        points = [r for r in runs if r["head"] == head and r["LAAL"] is not None]
+        if points:
+            good = [r for r in points if r["chrF"] >= chrf]
+            best = min(good, key=lambda r: r["LAAL"], default=None)
+            out[head] = None if best is None else {k: best[k] for k in ("param", "LAAL", "chrF")}
+    return out
 
 
 def keep_offline(runs: Sequence[dict], offline: dict, mean_source: float) -> dict:
@@ -265,6 +286,19 @@ def format_comparison(result: dict) -> list[str]:
                 "were computed under a shorter source (as in training: token t sees phi(t) units), so the "
                 "continuation after them can differ."
             )
+        if o.get("reach"):
+            got = sorted(((h, r) for h, r in o["reach"].items() if r), key=lambda hr: hr[1]["LAAL"])
+            never = [h for h, r in o["reach"].items() if not r]
+            lines[-1] += (" The lowest LAAL at which each head scores the oracle's chrF or more: "
+                          + "; ".join(f"{h} {r['param']} {r['LAAL']:.2f}" for h, r in got)
+                          + (f"; never: {', '.join(never)}" if never else "") + ".")  # fmt: skip
+        test = o.get("vs_waitk") or {}
+        if test.get("matched"):
+            c, b = test["chrF"], test["BLEU"]
+            lines[-1] += (f" Against {test['matched']} at equal LAAL ({test['matched_LAAL']:.2f}): chrF "
+                          f"{c['delta']:+.2f} (p {c['p']:.3f}), BLEU {b['delta']:+.2f} (p {b['p']:.3f}).")  # fmt: skip
+        elif "vs_waitk" in o:
+            lines[-1] += " No wait-k point lies within 10% of its LAAL."
     return lines
 
 

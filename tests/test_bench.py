@@ -83,6 +83,19 @@ def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(tas
     assert "equals the offline decode on 100 of 120 instances" in text
 
 
+def test_the_oracle_is_placed_against_each_head_s_latency_for_its_quality(task_dir):
+    """Entropy at 0.5 (a tenth of the words wrong) beats the oracle's chrF (a sixth of the sentences wrong) at a
+    lag of one word; no wait-k point gets there; the oracle's lag of half a word has no wait-k point near it."""
+    result = compare_task(task_dir, ["main"], "text")
+    oracle = result["oracle"]
+    assert oracle["reach"]["entropy"]["param"] == "threshold=0.5"
+    assert oracle["reach"]["wait-k"] is None and "probe" not in oracle["reach"]  # no probe run: not listed
+    assert oracle["vs_waitk"]["matched"] is None
+    text = "\n".join(format_comparison(result))
+    assert "scores the oracle's chrF or more: entropy threshold=0.5" in text and "never: wait-k" in text
+    assert "No wait-k point lies within 10% of its LAAL" in text
+
+
 def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_tune(task_dir):
     result = compare_task(task_dir, ["main", "no-mslm", "no-spsd"], "text")
     assert set(result["offline_vs_plain"]) == {"no-spsd"}
