@@ -132,9 +132,14 @@ class TaskPlan:
     entropy: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)  # the entropy head's thresholds on the main model
     probe: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the probe head's (on the main model)
     probe_variants: tuple[str, ...] = ()  # ablations whose jointly trained probe is swept too (probe's thresholds)
+    # entropy or probe between lag bounds on the main model, (head, threshold, min_lag, max_lag; 0: no bound):
+    # Zheng et al. 2020's adaptive policy between two wait-k schedules, its own curve ("entropy, lag-bounded")
+    lag_bounded: tuple[tuple[str, float, int, int], ...] = ()
 
     def heads(self, variant: str) -> dict:
         """The heads and settings swept on ``variant``."""
+        from simul_agents.sweep import setting_blocks
+
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
@@ -144,6 +149,10 @@ class TaskPlan:
             out["entropy"] = {"threshold": list(self.entropy)}
         if variant == "main" or variant in self.probe_variants:
             out["probe"] = {"threshold": list(self.probe)}
+        if variant == "main":
+            for head, t, lo, hi in self.lag_bounded:  # a list of settings: the sweep runs each block in turn
+                bounded = {"threshold": [t], **({"min_lag": [lo]} if lo else {}), **({"max_lag": [hi]} if hi else {})}
+                out[head] = [*setting_blocks(out[head]), bounded]
         return out
 
 
@@ -156,6 +165,9 @@ TASKS = {
         # LAAL 0.9 to 5.3 words; 0.75 lies between 0.7 (2.33) and 0.8 (3.05), where #7's 35% limit (2.77) falls
         probe=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95),
         probe_variants=("stream-0.3-x4",),  # the longest-trained streaming model: does its probe keep 95%?
+        # lags 1-3 straddle wait-k k=2, where the schedule starts to lose (k=1: 93.8% of offline, k=3: 99.0%);
+        # 2-4 and 2-none: the 250-pair pilot's two settings, on the whole test set
+        lag_bounded=(("entropy", 2.0, 1, 3), ("entropy", 3.0, 1, 3), ("entropy", 3.0, 2, 4), ("entropy", 4.0, 2, 0)),
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
@@ -165,6 +177,9 @@ TASKS = {
         attention=(0.04, 0.08, 0.13),  # the share's quartiles on speech dev: 0.036, 0.076, 0.126 (text: 0.03-0.08)
         # 5.0 writes at LAAL 37% of the mean source (868 ms); 6.0 reaches below the 35% #7's keep-95% target reads
         entropy=(0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+        # #7's keep-95% at LAAL <= 820 ms: the probe at 0.8 (834 ms, 94.5%) and entropy at 4.0 and 5.0 with their
+        # lag capped at one 640 ms block, wait-k k=1's pace (LAAL 1074 ms, 98.8%), so that no word waits longer
+        lag_bounded=(("probe", 0.8, 0, 1), ("entropy", 4.0, 0, 1), ("entropy", 5.0, 0, 1)),
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -318,8 +333,12 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     print(f"\n== {name} (log: {log_path})", flush=True)
+    clock_path = bench.runs / "time" / f"{name}.json"
+    earlier = bench.records / f"{name}.json"
+    if not clock_path.is_file() and earlier.is_file():  # finished on another machine, running again (its plan
+        _carry_clock(earlier, clock_path)  # grew): its time goes on from that record's, as on the machine it ran on
     try:
-        with _StageClock(bench.runs / "time" / f"{name}.json") as clock:
+        with _StageClock(clock_path) as clock:
             info = fn() or {}
     except Exception as e:
         logging.getLogger().exception("stage %s failed", name)
@@ -334,6 +353,15 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"== {name}: finished in {record['seconds'] / 60:.1f} min", flush=True)
     return record
+
+
+def _carry_clock(record: Path, clock: Path) -> None:
+    """Start a stage's clock from its earlier record: the seconds and attempts it had when it finished."""
+    earlier = json.loads(record.read_text(encoding="utf-8"))
+    attempts = earlier.get("attempts")
+    clock.parent.mkdir(parents=True, exist_ok=True)
+    clock.write_text(json.dumps({"seconds": float(earlier.get("seconds", 0.0)),
+                                 "attempts": attempts if isinstance(attempts, int) else 1}) + "\n")  # fmt: skip
 
 
 # ---- stages ----------------------------------------------------------------------------------------------
@@ -798,7 +826,10 @@ def planned_runs(task: str, variant: str) -> int:
         heads = TASKS[task].heads(variant)
     else:
         return 0
-    return sum(math.prod(len(v) for v in params.values() if isinstance(v, list)) for params in heads.values())
+    from simul_agents.sweep import setting_blocks
+
+    return sum(math.prod(len(v) for v in block.values() if isinstance(v, list))
+               for params in heads.values() for block in setting_blocks(params))  # fmt: skip
 
 
 def unmark(bench: Bench, names: list[str], why: str) -> None:
@@ -902,14 +933,15 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
 
 
 def _run_order(row: dict) -> tuple:
-    """Heads in the order they run (``ALL_HEADS``), each one's runs by their parameter's value."""
+    """Heads in the order they run (``ALL_HEADS``), each one's runs by their first parameter's value, runs
+    between lag bounds after the head's own."""
     heads = list(ALL_HEADS)
-    value = str(row["param"]).partition("=")[2]
+    first, _, rest = str(row["param"]).partition(",")
     try:
-        number = float(value)
+        number = float(first.partition("=")[2])
     except ValueError:
         number = 0.0
-    return (heads.index(row["head"]) if row["head"] in heads else len(heads), number)
+    return (heads.index(row["head"]) if row["head"] in heads else len(heads), "_lag=" in rest, rest, number)
 
 
 def _number(value: str):
@@ -937,12 +969,27 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
     main_rows = [r for r in rows if r["variant"] == "main"]
-    for r in rows:  # ablations as their own curves: "entropy (no-spsd)"
-        if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline"):
+    for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"
+        if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline") \
+                and not VARIANTS[r["variant"]].get("max_steps"):  # fmt: skip
             main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
     plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
+    for steps in other_budgets(rows):  # longer-trained models on their own axes: they would squash main's curves
+        budget_rows = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows if r["variant"] in VARIANTS
+                       and VARIANTS[r["variant"]].get("max_steps") == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
+        plot(budget_rows, out / f"curve-{steps}-steps.png",
+             f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
     return rows
+
+
+BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
+
+
+def other_budgets(rows: list[dict]) -> list[int]:
+    """The training lengths (``max_steps``) of the swept variants trained longer than the task's plan."""
+    return sorted({VARIANTS[r["variant"]]["max_steps"] for r in rows
+                   if r["variant"] in VARIANTS and VARIANTS[r["variant"]].get("max_steps")})  # fmt: skip
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:
@@ -981,9 +1028,11 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             lines.append("No sweep has finished yet.")
             continue
         unit = rows[0].get("latency_unit") or ""
+        lines += [f"![quality-latency]({task}/curve.png)", ""]
+        for steps in other_budgets(rows):
+            lines += [f"The models trained {steps:,} steps, on their own axes:", "",
+                      f"![quality-latency, {steps:,} steps]({task}/curve-{steps}-steps.png)", ""]  # fmt: skip
         lines += [
-            f"![quality-latency]({task}/curve.png)",
-            "",
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "
             f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`.",
             "",

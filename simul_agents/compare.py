@@ -7,6 +7,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 
 - ``matched``: every entropy (and probe) point against the wait-k (resp. entropy) point of nearest LAAL, when
   the two LAALs are within 10% of each other: chrF and BLEU difference, bootstrap p-value and 95% interval;
+  ``bounded_vs_waitk``: the same for the entropy head's runs between lag bounds (``entropy, lag-bounded``,
+  another policy's curve), where the sweep ran any;
 - ``keep_offline``: the best proactive head (entropy, attention, probe) at LAAL <= 35% of the mean source
   length, as a fraction of the offline decode's chrF;
 - ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
@@ -27,8 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .score import ScoreError, read_instances, score_output
+from .sweep import curve_name
 
 PROACTIVE = ("entropy", "attention", "probe")
+BOUNDED = "entropy, lag-bounded"  # the entropy head between lag bounds (sweep.curve_name)
+ADAPTIVE = (*PROACTIVE, BOUNDED, "probe, lag-bounded")  # the heads that read the model's state
 MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
 LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
 BOOTSTRAP_SAMPLES = 1000
@@ -42,7 +47,8 @@ def plain_of(variant: str) -> str:
 
 
 def load_runs(task_dir: Path, variant: str) -> list[dict]:
-    """Every finished run of a variant: {head, param, LAAL, chrF, BLEU, mean_source_length, output}."""
+    """Every finished run of a variant: {head, param, LAAL, chrF, BLEU, mean_source_length, output}; ``head`` is
+    the run's curve (``entropy, lag-bounded`` for the entropy head between lag bounds)."""
     runs = []
     root = task_dir / f"eval-{variant}"
     for log in sorted(root.glob("*/*/instances.log")):
@@ -51,7 +57,8 @@ def load_runs(task_dir: Path, variant: str) -> list[dict]:
             scores = score_output(output, write=False)
         except ScoreError:
             continue
-        runs.append({"head": output.parent.name, "param": output.name, "output": str(output), **scores})
+        runs.append({"head": curve_name(output.parent.name, output.name), "param": output.name, "output": str(output),
+                     **scores})  # fmt: skip
     return runs
 
 
@@ -133,6 +140,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     result["latency_unit"] = main_runs[0]["latency_unit"]
     result["entropy_vs_waitk"] = matched(main_runs, "entropy", "wait-k")
     result["probe_vs_entropy"] = matched(main_runs, "probe", "entropy")
+    if any(r["head"] == BOUNDED for r in main_runs):
+        result["bounded_vs_waitk"] = matched(main_runs, BOUNDED, "wait-k")
     if offline:
         result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
         # main as the system, each ablation as the baseline
@@ -174,7 +183,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     return result
 
 
-REACH_HEADS = ("wait-k", *PROACTIVE)
+REACH_HEADS = ("wait-k", *ADAPTIVE)
 
 
 def reach(runs: Sequence[dict], chrf: float) -> dict:
@@ -192,7 +201,7 @@ def reach(runs: Sequence[dict], chrf: float) -> dict:
 def keep_offline(runs: Sequence[dict], offline: dict, mean_source: float) -> dict:
     """The best proactive point at LAAL <= 35% of the mean source, and its share of ``offline``'s chrF."""
     limit = LOW_LATENCY_SHARE * mean_source
-    low = [r for r in runs if r["head"] in PROACTIVE and r["LAAL"] is not None and r["LAAL"] <= limit]
+    low = [r for r in runs if r["head"] in ADAPTIVE and r["LAAL"] is not None and r["LAAL"] <= limit]
     best = max(low, key=lambda r: r["chrF"], default=None)
     return {
         "offline_chrF": offline["chrF"],
@@ -239,7 +248,8 @@ def format_comparison(result: dict) -> list[str]:
     """Markdown lines for SUMMARY.md."""
     unit = result.get("latency_unit", "")
     lines = [f"### Paired bootstrap ({BOOTSTRAP_SAMPLES} resamples, sacrebleu; p < 0.05 marked)", ""]
-    for key, title in (("entropy_vs_waitk", "entropy vs wait-k"), ("probe_vs_entropy", "probe vs entropy")):
+    for key, title in (("entropy_vs_waitk", "entropy vs wait-k"), ("probe_vs_entropy", "probe vs entropy"),
+                       ("bounded_vs_waitk", "entropy between lag bounds vs wait-k")):
         points = result.get(key) or []
         if not points:
             continue

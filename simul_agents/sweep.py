@@ -16,8 +16,12 @@ The YAML (see ``eval_configs/``)::
     heads:
       entropy: {threshold: [0.5, 1.0, 2.0]}     # a list is swept, a scalar is fixed
       wait-k: {k: [1, 3, 5]}
+      probe:                                    # a list of settings: each swept in turn
+        - {threshold: [0.6, 0.8]}
+        - {threshold: [0.8], min_lag: [1], max_lag: [3]}
 
-Every (head, parameter combination) is one run in ``output/<head>/<param>``; the ``offline`` head (READ until
+Every (head, parameter combination) is one run in ``output/<head>/<param>``, ``<param>`` naming the swept
+parameters and any lag bound that is on (``threshold=0.8,min_lag=1,max_lag=3``); the ``offline`` head (READ until
 the source ends: the full-source decode) is added unless ``heads`` says ``offline: false``, and drawn as a
 horizontal line. Paths are relative to the current directory (run from the repository root).
 
@@ -129,8 +133,10 @@ def load_config(path: str | Path) -> SweepConfig:
         heads["offline"] = {}
     heads = {name: (params or {}) for name, params in heads.items() if params is not False}
     for name, params in heads.items():
-        if not isinstance(params, dict):
-            raise SweepError(f"{path}: heads.{name} must map parameter names to a value or a list of values")
+        blocks = setting_blocks(params)
+        if not blocks or not all(isinstance(block, dict) for block in blocks):
+            raise SweepError(f"{path}: heads.{name} must map parameter names to a value or a list of values "
+                             "(or be a list of such mappings, swept one after another)")  # fmt: skip
     return SweepConfig(
         task=str(data["task"]),
         checkpoint=str(data["checkpoint"]),
@@ -155,29 +161,61 @@ def _count(path: Path, data: dict, key: str, default: int | None) -> int | None:
     return value
 
 
-def expand_runs(config: SweepConfig) -> list[Run]:
-    """One run per head and combination of its list-valued parameters."""
-    from streaming_llm.heads import head_name, make_head
+def setting_blocks(params: dict | list) -> list:
+    """A head's settings in a sweep: one mapping, or a list of mappings swept one after another."""
+    return list(params) if isinstance(params, list) else [params]
 
-    runs = []
+
+def expand_runs(config: SweepConfig) -> list[Run]:
+    """One run per head and combination of its list-valued parameters (per block of settings)."""
+    from streaming_llm.heads import LAG_BOUNDS, head_name, make_head
+
+    runs: list[Run] = []
     for name, params in config.heads.items():
         try:
             canonical = head_name(name)
         except ValueError as e:
             raise SweepError(str(e)) from None
-        swept = {k: v for k, v in params.items() if isinstance(v, list)}
-        fixed = {k: v for k, v in params.items() if not isinstance(v, list)}
-        for values in itertools.product(*swept.values()):
-            chosen = dict(zip(swept, values, strict=True))
-            every = {**fixed, **chosen}
-            try:
-                make_head(canonical, **every)  # fail here, not in the 40th subprocess
-            except ValueError as e:
-                raise SweepError(f"heads.{name}: {e}") from None
-            label = ",".join(f"{k}={v}" for k, v in chosen.items()) or "-"
-            output = run_output(config.output, canonical, label)
-            runs.append(Run(canonical, tuple(every.items()), label, output))
+        for block in setting_blocks(params):
+            swept = {k: v for k, v in block.items() if isinstance(v, list)}
+            fixed = {k: v for k, v in block.items() if not isinstance(v, list)}
+            for values in itertools.product(*swept.values()):
+                chosen = dict(zip(swept, values, strict=True))
+                every = {**fixed, **chosen}
+                try:
+                    make_head(canonical, **every)  # fail here, not in the 40th subprocess
+                except ValueError as e:
+                    raise SweepError(f"heads.{name}: {e}") from None
+                # a lag bound that is on is named even when fixed: a bounded run is another policy's point
+                named = {k: every[k] for k in block if k in chosen or (k in LAG_BOUNDS and str(every[k]) != "0")}
+                label = ",".join(f"{k}={v}" for k, v in named.items()) or "-"
+                output = run_output(config.output, canonical, label)
+                if any(run.output == output for run in runs):
+                    raise SweepError(f"heads.{name}: two settings give the same run {canonical} {label}; "
+                                     "list each setting once")  # fmt: skip
+                runs.append(Run(canonical, tuple(every.items()), label, output))
     return runs
+
+
+def curve_name(head: str, label: str) -> str:
+    """The curve a run belongs to: its head, or 'entropy, lag-bounded' when a lag bound is on (another policy:
+    Zheng et al. 2020's between two wait-k schedules)."""
+    from streaming_llm.heads import LAG_BOUNDS  # here: torch loads only where a head is run or named
+
+    settings = dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
+    return f"{head}, lag-bounded" if any(settings.get(k, "0") != "0" for k in LAG_BOUNDS) else head
+
+
+def short_label(label: str) -> str:
+    """A point's label on the plot: 'threshold=3.0,min_lag=2,max_lag=4' -> '3.0 [2,4]', 'k=3' -> 'k=3'."""
+    from streaming_llm.heads import LAG_BOUNDS
+
+    settings = dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
+    bounds = [settings.pop(k, "0") for k in LAG_BOUNDS]
+    text = ",".join(v if k == "threshold" else f"{k}={v}" for k, v in settings.items())
+    if any(b != "0" for b in bounds):
+        text += f" [{bounds[0]},{bounds[1] if bounds[1] != '0' else '-'}]"
+    return text
 
 
 def run_output(output: Path, head: str, label: str) -> Path:
@@ -414,14 +452,15 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
     import matplotlib
 
     unit = rows[0]["latency_unit"] if rows else ""
-    heads = list(dict.fromkeys(row["head"] for row in rows))
+    heads = list(dict.fromkeys(curve_name(row["head"], row["param"]) for row in rows))
     curves = [head for head in heads if head != "offline"]
     colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors  # no two curves alike
     for head in heads:
         points = sorted(
             (row["LAAL"], row[metric], row["param"])
             for row in rows
-            if row["head"] == head and row["LAAL"] is not None and row.get(metric) is not None
+            if curve_name(row["head"], row["param"]) == head and row["LAAL"] is not None
+            and row.get(metric) is not None
         )
         if head == "offline":
             for _, value, _ in points:
@@ -435,7 +474,7 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
                   color=colors[curves.index(head) % len(colors)], label=head)  # fmt: skip
         if not other_model:  # the settings of this model's curves: "0.75", "k=3" (other models' would crowd them)
             for x, y, label in [p for p in points if p[2] != "-"]:  # the oracle has no setting
-                axes.annotate(label.removeprefix("threshold="), (x, y), textcoords="offset points", xytext=(3, 3),
+                axes.annotate(short_label(label), (x, y), textcoords="offset points", xytext=(3, 3),
                               fontsize=6)  # fmt: skip
     axes.set_xlabel(f"LAAL ({unit})")
     axes.set_ylabel(metric)

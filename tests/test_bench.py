@@ -83,6 +83,19 @@ def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(tas
     assert "equals the offline decode on 100 of 120 instances" in text
 
 
+def test_the_entropy_head_between_lag_bounds_is_its_own_curve_against_wait_k(task_dir):
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main" / "offline" / "-" / "instances.log")
+            .read_text(encoding="utf-8").splitlines()]  # fmt: skip
+    bounded = task_dir / "eval-main" / "entropy" / "threshold=3.0,min_lag=2,max_lag=4"
+    _write_run(bounded, _corrupt(refs, 0.1, 6), refs, delays_per_word=2.0)
+    result = compare_task(task_dir, ["main"], "text")
+    assert [p["param"] for p in result["entropy_vs_waitk"]] == ["threshold=0.5", "threshold=2.0"]  # not mixed in
+    (point,) = result["bounded_vs_waitk"]
+    assert point["head"] == "entropy, lag-bounded" and point["matched"] == "wait-k k=2" and point["better"]
+    assert "**entropy between lag bounds vs wait-k** at equal LAAL (within 10%): 1 matched of 1 points" in "\n".join(
+        format_comparison(result))
+
+
 def test_the_oracle_is_placed_against_each_head_s_latency_for_its_quality(task_dir):
     """Entropy at 0.5 (a tenth of the words wrong) beats the oracle's chrF (a sixth of the sentences wrong) at a
     lag of one word; no wait-k point gets there; the oracle's lag of half a word has no wait-k point near it."""
@@ -190,6 +203,15 @@ def test_a_stage_resumed_after_a_kill_reports_the_time_of_every_attempt(tmp_path
     assert json.loads(clock.read_text())["attempts"] == 2
 
 
+def test_a_stage_run_again_on_a_new_machine_adds_to_the_time_its_record_kept(tmp_path):
+    """A sweep finished elsewhere (its record in results/, no clock here) whose plan grew: its time goes on."""
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    bench.records.mkdir(parents=True)
+    (bench.records / "one.json").write_text(json.dumps({"stage": "one", "seconds": 8650.5, "attempts": 7}))
+    record = B.run_stage(bench, "one", lambda: {})
+    assert 8650.5 <= record["seconds"] < 8700.0 and record["attempts"] == 8
+
+
 def test_training_summary_counts_a_step_redone_after_a_resume_once(tmp_path):
     log = tmp_path / "log.jsonl"
     records = [{"step": 0, "align_seconds": 60.0}]
@@ -221,6 +243,10 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
         out = log.parent
         rows.append({"task": "t", "head": out.parent.name, "param": out.name, **score_output(out), "output": str(out)})
     write_csv(rows, task_dir / "eval-main" / "sweep.csv")
+    longer = task_dir / "eval-no-mslm" / "offline" / "-"  # as if trained 4x as long: a plot of its own
+    (task_dir / "eval-no-mslm-x4").mkdir()
+    write_csv([{"task": "t", "head": "offline", "param": "-", **score_output(longer), "output": str(longer)}],
+              task_dir / "eval-no-mslm-x4" / "sweep.csv")  # fmt: skip
     B.run_stage(bench, "text-train-main", lambda: {"s_per_step": 9.5})
     path = B.write_summary(bench, ["text"])
     summary = path.read_text()
@@ -232,6 +258,9 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert "stale numbers" not in embedded and "## After" in embedded
     assert "| main | entropy | threshold=0.5 |" in embedded
     assert "](results/text/curve.png)" in embedded and "### text-to-text En-De" in embedded
+    steps = B.VARIANTS["no-mslm-x4"]["max_steps"]
+    assert (bench.results / "text" / f"curve-{steps}-steps.png").is_file()
+    assert f"](results/text/curve-{steps}-steps.png)" in embedded
 
 
 def test_summary_gives_each_computation_aware_run_its_ratio_to_plain_laal(tmp_path):
@@ -264,8 +293,8 @@ def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_eve
     assert speech.heads("main")["attention"] == {"threshold": [0.04, 0.08, 0.13], "frontier": 1, "layers": "upper",
                                                  "normalise": "all"}  # fmt: skip
     assert "attention" not in speech.heads("no-spsd")
-    assert text.heads("main")["entropy"] == {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}
-    assert speech.heads("main")["entropy"]["threshold"][-1] == 6.0  # down to LAAL 35% of the source
+    assert text.heads("main")["entropy"][0] == {"threshold": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}  # then lag-bounded
+    assert speech.heads("main")["entropy"][0]["threshold"][-1] == 6.0  # down to LAAL 35% of the source
     assert speech.heads("no-spsd")["entropy"] == {"threshold": [1.0, 2.0, 3.0, 4.0]}
 
 
@@ -277,6 +306,28 @@ def test_an_ablation_named_in_probe_variants_sweeps_its_probe_after_entropy_and_
     for task in B.TASKS.values():  # only a variant that trains a probe can sweep one
         assert all(v in task.variants and B.VARIANTS[v].get("probe", True) for v in task.probe_variants)
     assert B.planned_runs("text", "stream-0.3-x4") == B.planned_runs("text", "stream-0.3") + len(text.probe)
+
+
+def test_the_main_text_sweep_runs_the_lag_bounded_entropy_head_as_its_own_runs():
+    from simul_agents.sweep import SweepConfig, curve_name, expand_runs
+
+    text = B.TASKS["text"]
+    config = SweepConfig("t", "ckpt", "src", "tgt", Path("out"), text.heads("main"))
+    labels = [run.label for run in expand_runs(config) if run.head == "entropy"]
+    assert labels[:6] == [f"threshold={t}" for t in text.entropy]  # the plain curve keeps its runs
+    assert "threshold=3.0,min_lag=2,max_lag=4" in labels and "threshold=4.0,min_lag=2" in labels  # 0: not named
+    assert len(labels) == len(text.entropy) + len(text.lag_bounded) == len(set(labels))
+    assert B.planned_runs("text", "main") == len(expand_runs(config))
+    assert [curve_name("entropy", label) for label in labels].count("entropy, lag-bounded") == len(text.lag_bounded)
+    speech = B.TASKS["speech"]  # the probe between bounds too, after its own thresholds
+    probe = [run.label for run in expand_runs(SweepConfig("t", "c", "s", "t", Path("o"), speech.heads("main")))
+             if run.head == "probe"]  # fmt: skip
+    assert probe[:len(speech.probe)] == [f"threshold={t}" for t in speech.probe] and len(probe) > len(speech.probe)
+    params = ("threshold=3.0,min_lag=1,max_lag=3", "threshold=4.0", "threshold=2.0,min_lag=1,max_lag=3",
+              "threshold=1.0")
+    rows = [{"head": "entropy", "param": p} for p in params]
+    assert [r["param"] for r in sorted(rows, key=B._run_order)] == [
+        "threshold=1.0", "threshold=4.0", "threshold=2.0,min_lag=1,max_lag=3", "threshold=3.0,min_lag=1,max_lag=3"]
 
 
 def test_stage_plan_puts_the_main_models_then_their_sweeps_before_the_ablations():
@@ -505,7 +556,7 @@ def test_the_main_comparison_takes_every_ablation_already_swept_with_its_logs(tm
 
 def test_the_main_sweep_plans_the_probe_thresholds_of_its_task():
     text, speech = B.TASKS["text"].heads("main"), B.TASKS["speech"].heads("main")
-    assert 0.75 in text["probe"]["threshold"] and 0.75 not in speech["probe"]["threshold"]
+    assert 0.75 in text["probe"]["threshold"] and 0.75 not in speech["probe"][0]["threshold"]  # then lag-bounded
     assert "probe" not in B.TASKS["text"].heads("no-mslm")
 
 

@@ -224,3 +224,31 @@ def test_the_plot_gives_every_curve_its_own_colour_and_other_models_dashed_lines
     assert len(curves) == 11 and len({line.get_color() for line in curves.values()}) == 11
     assert curves["entropy (no-spsd)"].get_linestyle() == "--" and curves["head0"].get_linestyle() == "-"
     plt.close(figure)
+
+
+def test_a_head_swept_in_blocks_gives_its_lag_bounded_runs_their_own_names_and_curve(setup, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simul_agents.sweep import _plot_metric, curve_name
+
+    heads = {"entropy": [{"threshold": [1.0, 2.0]}, {"threshold": [2.0], "min_lag": 1, "max_lag": [3]},
+                         {"threshold": 3.0, "min_lag": 2, "max_lag": 0}]}  # fmt: skip
+    runs = expand_runs(load_config(write_config(setup, tmp_path / "blocks.yaml", heads=heads)))
+    labels = [r.label for r in runs if r.head == "entropy"]
+    assert labels == ["threshold=1.0", "threshold=2.0", "max_lag=3,min_lag=1,threshold=2.0", "min_lag=2"]  # key order
+    assert [curve_name("entropy", label) for label in labels].count("entropy, lag-bounded") == 2
+    with pytest.raises(SweepError, match="two settings give the same run entropy threshold=1.0"):
+        expand_runs(load_config(write_config(setup, tmp_path / "twice.yaml",
+                                             heads={"entropy": [{"threshold": [1.0]}, {"threshold": [1.0, 2.0]}]})))
+    with pytest.raises(SweepError, match="heads.entropy must map parameter names"):
+        load_config(write_config(setup, tmp_path / "bad.yaml", heads={"entropy": [{"threshold": [1.0]}, "k=3"]}))
+    rows = [{"head": "entropy", "param": p, "LAAL": x, "chrF": 20.0 + x, "latency_unit": "words"}
+            for p, x in (("threshold=1.0", 4.0), ("threshold=2.0", 3.0), ("threshold=3.0,min_lag=2,max_lag=4", 3.5))]
+    figure, axes = plt.subplots()
+    _plot_metric(axes, rows, "chrF")
+    assert {line.get_label() for line in axes.get_lines()} == {"entropy", "entropy, lag-bounded"}
+    assert "3.0 [2,4]" in {text.get_text() for text in axes.texts}
+    plt.close(figure)
