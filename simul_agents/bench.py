@@ -202,6 +202,10 @@ class Bench:
         """The file a running stage holds locked (``_stage_lock``; ``running`` asks it)."""
         return self.runs / "locks" / f"{stage}.lock"
 
+    def clock(self, stage: str) -> Path:
+        """Where a stage's time over its attempts is kept (``_StageClock``)."""
+        return self.runs / "time" / f"{stage}.json"
+
     @property
     def records(self) -> Path:
         """The stage records kept with the results (committed): what a fresh machine restores from."""
@@ -333,12 +337,8 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     print(f"\n== {name} (log: {log_path})", flush=True)
-    clock_path = bench.runs / "time" / f"{name}.json"
-    earlier = bench.records / f"{name}.json"
-    if not clock_path.is_file() and earlier.is_file():  # finished on another machine, running again (its plan
-        _carry_clock(earlier, clock_path)  # grew): its time goes on from that record's, as on the machine it ran on
     try:
-        with _StageClock(clock_path) as clock:
+        with _StageClock(bench.clock(name)) as clock:
             info = fn() or {}
     except Exception as e:
         logging.getLogger().exception("stage %s failed", name)
@@ -736,7 +736,7 @@ def forget(bench: Bench, name: str) -> list[Path]:
     else:
         raise ValueError(f"--redo {name}: only evaluation stages (sweeps, compares, computation-aware, costs) are "
                          "redone this way; a model, corpus or asset stage keeps what it made")  # fmt: skip
-    records = [bench.done_dir / f"{name}.json", bench.records / f"{name}.json", bench.runs / "time" / f"{name}.json"]
+    records = [bench.done_dir / f"{name}.json", bench.records / f"{name}.json", bench.clock(name)]
     removed = []
     for path in (*records, *outputs):
         if path.is_dir():
@@ -833,9 +833,14 @@ def planned_runs(task: str, variant: str) -> int:
 
 
 def unmark(bench: Bench, names: list[str], why: str) -> None:
-    """Remove these finished stages' done markers, so that the plan runs them again, and say why."""
+    """Remove these finished stages' done markers, so that the plan runs them again, and say why. A stage that
+    finished on another machine (its marker restored, no clock here) goes on from its recorded time, as it would
+    have there."""
     for name in names:
-        (bench.done_dir / f"{name}.json").unlink()
+        marker = bench.done_dir / f"{name}.json"
+        if not bench.clock(name).is_file():
+            _carry_clock(marker, bench.clock(name))
+        marker.unlink()
         print(f"== {name}: {why}", flush=True)
 
 

@@ -200,7 +200,7 @@ def expand_runs(config: SweepConfig) -> list[Run]:
 def curve_name(head: str, label: str) -> str:
     """The curve a run belongs to: its head, or 'entropy, lag-bounded' when a lag bound is on (another policy:
     Zheng et al. 2020's between two wait-k schedules)."""
-    from streaming_llm.heads import LAG_BOUNDS  # here: torch loads only where a head is run or named
+    from streaming_llm.heads import LAG_BOUNDS  # imported here: streaming_llm.heads loads torch
 
     settings = dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
     return f"{head}, lag-bounded" if any(settings.get(k, "0") != "0" for k in LAG_BOUNDS) else head

@@ -203,13 +203,18 @@ def test_a_stage_resumed_after_a_kill_reports_the_time_of_every_attempt(tmp_path
     assert json.loads(clock.read_text())["attempts"] == 2
 
 
-def test_a_stage_run_again_on_a_new_machine_adds_to_the_time_its_record_kept(tmp_path):
-    """A sweep finished elsewhere (its record in results/, no clock here) whose plan grew: its time goes on."""
+def test_a_stage_whose_plan_grew_on_a_new_machine_adds_to_the_time_its_record_kept(tmp_path):
+    """A sweep finished elsewhere (its marker restored from results/, no clock here) is unmarked because its
+    plan grew: its time goes on from the record. A stage merely run here (a corpus rebuilt) starts at zero."""
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
-    bench.records.mkdir(parents=True)
-    (bench.records / "one.json").write_text(json.dumps({"stage": "one", "seconds": 8650.5, "attempts": 7}))
+    bench.done_dir.mkdir(parents=True)
+    (bench.done_dir / "one.json").write_text(json.dumps({"stage": "one", "seconds": 8650.5, "attempts": 7}))
+    B.unmark(bench, ["one"], "the plan has more runs")
     record = B.run_stage(bench, "one", lambda: {})
     assert 8650.5 <= record["seconds"] < 8700.0 and record["attempts"] == 8
+    bench.records.mkdir(parents=True, exist_ok=True)
+    (bench.records / "corpus.json").write_text(json.dumps({"stage": "corpus", "seconds": 600.0, "attempts": 1}))
+    assert B.run_stage(bench, "corpus", lambda: {})["seconds"] < 60.0
 
 
 def test_training_summary_counts_a_step_redone_after_a_resume_once(tmp_path):
