@@ -9,8 +9,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   the two LAALs are within 10% of each other: chrF and BLEU difference, bootstrap p-value and 95% interval;
   ``bounded_vs_waitk``: the same for the entropy head's runs between lag bounds (``entropy, lag-bounded``,
   another policy's curve), where the sweep ran any;
-- ``keep_offline``: the best proactive head (entropy, attention, probe) at LAAL <= 35% of the mean source
-  length, as a fraction of the offline decode's chrF;
+- ``keep_offline``: the best proactive head (entropy, attention, probe, and entropy or probe between lag bounds)
+  at LAAL <= 35% of the mean source length, as a fraction of the offline decode's chrF;
 - ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
   offline quality);
 - ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
