@@ -940,13 +940,16 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
 def _run_order(row: dict) -> tuple:
     """Heads in the order they run (``ALL_HEADS``), each one's runs by their first parameter's value, runs
     between lag bounds after the head's own."""
+    from simul_agents.sweep import curve_name
+
     heads = list(ALL_HEADS)
     first, _, rest = str(row["param"]).partition(",")
     try:
         number = float(first.partition("=")[2])
     except ValueError:
         number = 0.0
-    return (heads.index(row["head"]) if row["head"] in heads else len(heads), "_lag=" in rest, rest, number)
+    bounded = curve_name(row["head"], row["param"]) != row["head"]
+    return (heads.index(row["head"]) if row["head"] in heads else len(heads), bounded, rest, number)
 
 
 def _number(value: str):
@@ -976,13 +979,13 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
     main_rows = [r for r in rows if r["variant"] == "main"]
     for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"
         if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline") \
-                and not VARIANTS[r["variant"]].get("max_steps"):  # fmt: skip
+                and not _steps(r["variant"]):  # fmt: skip
             main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
     plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
     for steps in other_budgets(rows):  # longer-trained models on their own axes: they would squash main's curves
-        budget_rows = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows if r["variant"] in VARIANTS
-                       and VARIANTS[r["variant"]].get("max_steps") == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
+        budget_rows = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
+                       if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
     return rows
@@ -991,10 +994,14 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
 
 
+def _steps(variant: str) -> int | None:
+    """A variant's own training length (``max_steps``), where it trains longer than its task's plan."""
+    return VARIANTS.get(variant, {}).get("max_steps")
+
+
 def other_budgets(rows: list[dict]) -> list[int]:
-    """The training lengths (``max_steps``) of the swept variants trained longer than the task's plan."""
-    return sorted({VARIANTS[r["variant"]]["max_steps"] for r in rows
-                   if r["variant"] in VARIANTS and VARIANTS[r["variant"]].get("max_steps")})  # fmt: skip
+    """The training lengths of the swept variants trained longer than the task's plan."""
+    return sorted({steps for r in rows if (steps := _steps(r["variant"]))})
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:

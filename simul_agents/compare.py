@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .score import ScoreError, read_instances, score_output
-from .sweep import curve_name
+from .sweep import bounded_curve, curve_name
 
 PROACTIVE = ("entropy", "attention", "probe")
-BOUNDED = "entropy, lag-bounded"  # the entropy head between lag bounds (sweep.curve_name)
-ADAPTIVE = (*PROACTIVE, BOUNDED, "probe, lag-bounded")  # the heads that read the model's state
+BOUNDED = bounded_curve("entropy")  # the entropy head between lag bounds
+ADAPTIVE = (*PROACTIVE, BOUNDED, bounded_curve("probe"))  # the heads that read the model's state
 MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
 LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
 BOOTSTRAP_SAMPLES = 1000
@@ -164,7 +164,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
-                                      if offline_of[v] and any(r["head"] in PROACTIVE for r in runs[v])}  # fmt: skip
+                                      if offline_of[v] and any(r["head"] in ADAPTIVE for r in runs[v])}  # fmt: skip
     oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
     if oracle:
         result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}

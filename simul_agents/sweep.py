@@ -197,20 +197,30 @@ def expand_runs(config: SweepConfig) -> list[Run]:
     return runs
 
 
+def label_settings(label: str) -> dict[str, str]:
+    """A run's label as its settings: 'threshold=3.0,min_lag=2' -> {'threshold': '3.0', 'min_lag': '2'}."""
+    return dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
+
+
+def bounded_curve(head: str) -> str:
+    """The curve of a head's runs between lag bounds: 'entropy, lag-bounded'."""
+    return f"{head}, lag-bounded"
+
+
 def curve_name(head: str, label: str) -> str:
-    """The curve a run belongs to: its head, or 'entropy, lag-bounded' when a lag bound is on (another policy:
+    """The curve a run belongs to: its head, or ``bounded_curve(head)`` when a lag bound is on (another policy:
     Zheng et al. 2020's between two wait-k schedules)."""
     from streaming_llm.heads import LAG_BOUNDS  # imported here: streaming_llm.heads loads torch
 
-    settings = dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
-    return f"{head}, lag-bounded" if any(settings.get(k, "0") != "0" for k in LAG_BOUNDS) else head
+    settings = label_settings(label)
+    return bounded_curve(head) if any(settings.get(k, "0") != "0" for k in LAG_BOUNDS) else head
 
 
 def short_label(label: str) -> str:
     """A point's label on the plot: 'threshold=3.0,min_lag=2,max_lag=4' -> '3.0 [2,4]', 'k=3' -> 'k=3'."""
     from streaming_llm.heads import LAG_BOUNDS
 
-    settings = dict(part.split("=", 1) for part in str(label).split(",") if "=" in part)
+    settings = label_settings(label)
     bounds = [settings.pop(k, "0") for k in LAG_BOUNDS]
     text = ",".join(v if k == "threshold" else f"{k}={v}" for k, v in settings.items())
     if any(b != "0" for b in bounds):
@@ -452,15 +462,15 @@ def _plot_metric(axes, rows: Sequence[dict], metric: str) -> None:
     import matplotlib
 
     unit = rows[0]["latency_unit"] if rows else ""
-    heads = list(dict.fromkeys(curve_name(row["head"], row["param"]) for row in rows))
+    curve_of = [curve_name(row["head"], row["param"]) for row in rows]  # each row's curve, named once
+    heads = list(dict.fromkeys(curve_of))
     curves = [head for head in heads if head != "offline"]
     colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors  # no two curves alike
     for head in heads:
         points = sorted(
             (row["LAAL"], row[metric], row["param"])
-            for row in rows
-            if curve_name(row["head"], row["param"]) == head and row["LAAL"] is not None
-            and row.get(metric) is not None
+            for row, curve in zip(rows, curve_of, strict=True)
+            if curve == head and row["LAAL"] is not None and row.get(metric) is not None
         )
         if head == "offline":
             for _, value, _ in points:
