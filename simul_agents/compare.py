@@ -301,7 +301,7 @@ def format_comparison(result: dict) -> list[str]:
             never = [h for h, r in o["reach"].items() if not r]
             lines[-1] += (" The lowest LAAL at which each head scores the oracle's chrF or more: "
                           + "; ".join(f"{h} {r['param']} {r['LAAL']:.2f}" for h, r in got)
-                          + (f"; never: {', '.join(never)}" if never else "") + ".")  # fmt: skip
+                          + (f"; never: {'; '.join(never)}" if never else "") + ".")  # fmt: skip
         test = o.get("vs_waitk") or {}
         if test.get("matched"):
             c, b = test["chrF"], test["BLEU"]
