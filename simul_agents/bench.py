@@ -11,14 +11,16 @@ the main models):
 - ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
   plain full-sentence fine-tune, the streaming-quality baseline), for text the streaming terms at 0.3 of the full
   view's weight (``stream-0.3``: whether a lighter streaming loss keeps offline quality; ``-x4``: it and the
-  plain fine-tune for 4x the steps) and, for speech, ``main``
+  plain fine-tune for 4x the steps; ``main-seed1``, ``no-mslm-seed1``: both trained again with another seed, whose
+  offline decodes show how far two trainings of one recipe differ) and, for speech, ``main``
   with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). A speech
   model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to
   the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
   inside a stage from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations, and the probe on those in ``probe_variants`` (``simul_agents.sweep``;
+  entropy and wait-k on the ablations (the offline decode only on a seed replica), and the probe on those in
+  ``probe_variants`` (``simul_agents.sweep``;
   finished runs, shards of 250 instances and a killed shard's finished instances are kept). ``--jobs``
   processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``: SimulEval's loop with
   batched LM forwards; same predictions and delays, 4x (text) and 2.8x (speech) faster here, no ``elapsed``);
@@ -80,6 +82,10 @@ VARIANTS = {  # name -> training overrides
     "stream-0.3-x4": {"w_mslm": 0.3, "spsd_lambda": 0.3, "max_steps": 2000},
     "no-mslm-x4": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "max_steps": 2000},
     "encoder-lora": {"train_encoder": "lora"},  # speech: does fine-tuning the block-causal encoder pay?
+    # a second training seed (LoRA and probe init, batch order, prefixes) of main and of its plain baseline: is
+    # main's offline gap to the plain fine-tune larger than two seeds of one recipe differ? (offline decode only)
+    "main-seed1": {"seed": 1},
+    "no-mslm-seed1": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "seed": 1},
 }
 INIT_VARIANT = {"encoder-lora": "main"}  # which text variant starts a speech variant (default: the same name)
 VARIANT_LABELS = {
@@ -90,6 +96,8 @@ VARIANT_LABELS = {
     "stream-0.3-x4": "stream-0.3 for 2,000 steps",
     "no-mslm-x4": "no-mslm for 2,000 steps",
     "encoder-lora": "MSLM + SPSD, encoder LoRA",
+    "main-seed1": "main, training seed 1",
+    "no-mslm-seed1": "no-mslm, training seed 1",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
@@ -138,8 +146,11 @@ class TaskPlan:
 
     def heads(self, variant: str) -> dict:
         """The heads and settings swept on ``variant``."""
+        from simul_agents.compare import split_seed
         from simul_agents.sweep import setting_blocks
 
+        if split_seed(variant)[1]:  # a seed replica: its offline decode is what the seed study compares
+            return {"offline": {}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
@@ -161,7 +172,7 @@ TASKS = {
         "text", "training/configs/offline_text.yaml", "data/offline_text", steps=500, test=1000,
         agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
-        variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4"),
+        variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4", "no-mslm-seed1", "main-seed1"),
         # LAAL 0.9 to 5.3 words; 0.75 lies between 0.7 (2.33) and 0.8 (3.05), where #7's 35% limit (2.77) falls
         probe=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95),
         probe_variants=("stream-0.3-x4",),  # the longest-trained streaming model: does its probe keep 95%?
@@ -960,6 +971,7 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
+    from simul_agents.compare import split_seed
     from simul_agents.sweep import COLUMNS, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
@@ -977,9 +989,9 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
     main_rows = [r for r in rows if r["variant"] == "main"]
-    for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"
+    for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"; not seed replicas
         if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline") \
-                and not _steps(r["variant"]):  # fmt: skip
+                and not _steps(r["variant"]) and not split_seed(r["variant"])[1]:  # fmt: skip
             main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
     plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")

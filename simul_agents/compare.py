@@ -11,11 +11,13 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   another policy's curve), where the sweep ran any;
 - ``keep_offline``: the best proactive head (entropy, attention, probe, and entropy or probe between lag bounds)
   at LAAL <= 35% of the mean source length, as a fraction of the offline decode's chrF;
-- ``offline``: the main model's full-source decode against each ablation's (streaming training must not cost
-  offline quality);
+- ``offline``: the main model's full-source decode against each ablation's of the same training length
+  (streaming training must not cost offline quality);
 - ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
+- ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
+  the seeds against each other and main's seed-mean against the plain fine-tune's (``seed_study``);
 - ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
   each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL.
 """
@@ -44,6 +46,12 @@ def plain_of(variant: str) -> str:
     """The plain fine-tune with the same budget: 'stream-0.3-x4' -> 'no-mslm-x4', 'no-spsd' -> 'no-mslm'."""
     head, sep, times = variant.rpartition("-x")
     return f"{PLAIN}-x{times}" if sep and head and times.isdigit() else PLAIN
+
+
+def split_seed(variant: str) -> tuple[str, int]:
+    """A variant's recipe and training seed: 'main-seed1' -> ('main', 1), 'no-mslm' -> ('no-mslm', 0)."""
+    recipe, sep, seed = variant.rpartition("-seed")
+    return (recipe, int(seed)) if sep and recipe and seed.isdigit() else (variant, 0)
 
 
 def load_runs(task_dir: Path, variant: str) -> list[dict]:
@@ -144,18 +152,22 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
         result["bounded_vs_waitk"] = matched(main_runs, BOUNDED, "wait-k")
     if offline:
         result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
-        # main as the system, each ablation as the baseline
+        # main as the system, each ablation of main's budget as the baseline (a seed replica is not an ablation:
+        # ``seeds`` compares it with its recipe's other seeds)
+        firsts = {v: run for v, run in offline_of.items() if run is not None and not split_seed(v)[1]}
         result["offline"] = {v: paired_bootstrap(other["output"], offline["output"])
-                             for v, other in offline_of.items() if v != "main" and other is not None}  # fmt: skip
+                             for v, other in firsts.items() if v != "main" and plain_of(v) == PLAIN}  # fmt: skip
         # #7's offline target: each other streaming-trained variant against the plain full-sentence fine-tune
         # of the same budget
         result["offline_vs_plain"] = {}
-        for variant, other in offline_of.items():
+        for variant, other in firsts.items():
             base = plain_of(variant)
-            plain = offline_of.get(base)
-            if variant not in ("main", base) and plain is not None and other is not None:
+            plain = firsts.get(base)
+            if variant not in ("main", base) and plain is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
+        if len(firsts) < sum(run is not None for run in offline_of.values()):
+            result["seeds"] = seed_study(offline_of)
     # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid), their
     # probes (where swept) against their own entropy, and how much of their own offline chrF they keep
     others = [v for v in variants if v != "main"]
@@ -181,6 +193,52 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
         result["oracle"]["vs_waitk"] = matched([oracle, *(r for r in main_runs if r["head"] == "wait-k")],
                                                "oracle", "wait-k")[0]  # fmt: skip
     return result
+
+
+def seed_study(offline_of: dict[str, dict | None]) -> dict:
+    """The offline decodes of recipes trained with more than one seed (``main-seed1``: main, seed 1).
+
+    Per recipe: each seed's chrF and BLEU, their means, and each later seed against seed 0 (paired bootstrap): how
+    far two trainings of one recipe lie apart, which the bootstrap over test sentences of one model cannot see.
+    Then ``main_vs_plain``: main's seed-mean chrF and BLEU minus the plain fine-tune's.
+    """
+    recipes: dict[str, dict[int, dict]] = {}
+    for variant, run in offline_of.items():
+        if run is not None:
+            recipe, seed = split_seed(variant)
+            recipes.setdefault(recipe, {})[seed] = run
+    out: dict = {}
+    for recipe, by_seed in recipes.items():
+        if len(by_seed) < 2 or 0 not in by_seed:
+            continue
+        seeds = sorted(by_seed)
+        out[recipe] = {
+            **{m: {str(s): round(by_seed[s][m], 2) for s in seeds} for m in ("chrF", "BLEU")},
+            **{f"mean_{m}": round(sum(by_seed[s][m] for s in seeds) / len(seeds), 2) for m in ("chrF", "BLEU")},
+            "vs_seed0": {str(s): paired_bootstrap(by_seed[0]["output"], by_seed[s]["output"]) for s in seeds[1:]},
+        }
+    if "main" in out and PLAIN in out:
+        out["main_vs_plain"] = {m: round(out["main"][f"mean_{m}"] - out[PLAIN][f"mean_{m}"], 2)
+                                for m in ("chrF", "BLEU")}  # fmt: skip
+    return out
+
+
+def _seed_lines(study: dict) -> list[str]:
+    """'Training seeds, offline decode: main chrF 21.73 (seed 0), 21.90 (seed 1), mean 21.82; ...'."""
+    lines = []
+    for recipe, r in study.items():
+        if recipe == "main_vs_plain":
+            continue
+        chrf = ", ".join(f"{v:.2f} (seed {s})" for s, v in r["chrF"].items())
+        later = "; ".join(f"seed {s} vs seed 0: chrF {t['chrF']['delta']:+.2f} (p {t['chrF']['p']:.3f}), "
+                          f"BLEU {t['BLEU']['delta']:+.2f} (p {t['BLEU']['p']:.3f})"
+                          for s, t in r["vs_seed0"].items())  # fmt: skip
+        lines.append(f"Training seeds, offline decode, {recipe}: chrF {chrf}, mean {r['mean_chrF']:.2f} "
+                     f"(BLEU mean {r['mean_BLEU']:.2f}); {later}.")  # fmt: skip
+    if "main_vs_plain" in study:
+        d = study["main_vs_plain"]
+        lines.append(f"main minus {PLAIN}, over the seed means: chrF {d['chrF']:+.2f}, BLEU {d['BLEU']:+.2f}.")
+    return lines
 
 
 REACH_HEADS = ("wait-k", *ADAPTIVE)
@@ -285,6 +343,7 @@ def format_comparison(result: dict) -> list[str]:
         lines.append(_offline_line("main", variant, test))
     for variant, test in (result.get("offline_vs_plain") or {}).items():
         lines.append(_offline_line(variant, f"{test.get('plain', PLAIN)} (the plain fine-tune)", test))
+    lines += _seed_lines(result.get("seeds") or {})
     if result.get("oracle"):
         o = result["oracle"]
         lines += ["", f"Oracle head (reads the whole source; analysis only): LAAL {o['LAAL']:.2f} {unit}, "

@@ -110,11 +110,37 @@ def test_the_oracle_is_placed_against_each_head_s_latency_for_its_quality(task_d
 
 
 def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_tune(task_dir):
-    result = compare_task(task_dir, ["main", "no-mslm", "no-spsd"], "text")
+    refs = _sentences(120, 0)
+    _write_run(task_dir / "eval-no-mslm-x4" / "offline" / "-", _corrupt(refs, 0.1, 8), refs, delays_per_word=10.0)
+    result = compare_task(task_dir, ["main", "no-mslm", "no-spsd", "no-mslm-x4"], "text")
+    assert set(result["offline"]) == {"no-mslm", "no-spsd"}  # main against its own budget's ablations only
     assert set(result["offline_vs_plain"]) == {"no-spsd"}
     test = result["offline_vs_plain"]["no-spsd"]["chrF"]  # no-spsd (60% noise) as the system, no-mslm (30%)
     assert test["delta"] < 0 and test["p"] < 0.05
     assert "Offline decode, no-spsd vs no-mslm (the plain fine-tune)" in "\n".join(format_comparison(result))
+
+
+def test_a_second_training_seed_is_set_beside_its_recipe_not_compared_as_an_ablation(task_dir):
+    refs = _sentences(120, 0)
+    _write_run(task_dir / "eval-main-seed1" / "offline" / "-", _corrupt(refs, 0.2, 8), refs, delays_per_word=10.0)
+    _write_run(task_dir / "eval-no-mslm-seed1" / "offline" / "-", _corrupt(refs, 0.3, 9), refs, 10.0)
+    result = compare_task(task_dir, ["main", "no-mslm", "no-mslm-seed1", "main-seed1"], "text")
+    assert set(result["offline"]) == {"no-mslm"} and not result["offline_vs_plain"]
+    seeds = result["seeds"]
+    assert set(seeds) == {"main", "no-mslm", "main_vs_plain"}
+    main, plain = seeds["main"], seeds["no-mslm"]
+    assert main["chrF"]["0"] == 100.0 and main["vs_seed0"]["1"]["chrF"]["delta"] < 0  # seed 1 is the noisy one
+    assert main["mean_chrF"] == round((main["chrF"]["0"] + main["chrF"]["1"]) / 2, 2)
+    assert seeds["main_vs_plain"]["chrF"] == round(main["mean_chrF"] - plain["mean_chrF"], 2) > 0
+    text = "\n".join(format_comparison(result))
+    assert "Training seeds, offline decode, no-mslm: chrF" in text and "seed 1 vs seed 0: chrF" in text
+    assert "main minus no-mslm, over the seed means: chrF +" in text
+
+
+def test_a_seed_replica_is_swept_with_its_offline_decode_only():
+    assert B.TASKS["text"].heads("main-seed1") == {"offline": {}}
+    assert B.planned_runs("text", "no-mslm-seed1") == 1
+    assert B.VARIANTS["no-mslm-seed1"] == {**B.VARIANTS["no-mslm"], "seed": 1}
 
 
 def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
