@@ -146,10 +146,9 @@ class TaskPlan:
 
     def heads(self, variant: str) -> dict:
         """The heads and settings swept on ``variant``."""
-        from simul_agents.compare import split_seed
         from simul_agents.sweep import setting_blocks
 
-        if split_seed(variant)[1]:  # a seed replica: its offline decode is what the seed study compares
+        if _seed(variant):  # a seed replica: its offline decode is what the seed study compares
             return {"offline": {}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
@@ -971,7 +970,6 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
-    from simul_agents.compare import split_seed
     from simul_agents.sweep import COLUMNS, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
@@ -991,7 +989,7 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
     main_rows = [r for r in rows if r["variant"] == "main"]
     for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"; not seed replicas
         if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline") \
-                and not _steps(r["variant"]) and not split_seed(r["variant"])[1]:  # fmt: skip
+                and not _steps(r["variant"]) and not _seed(r["variant"]):  # fmt: skip
             main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
     plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
@@ -1009,6 +1007,11 @@ BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pai
 def _steps(variant: str) -> int | None:
     """A variant's own training length (``max_steps``), where it trains longer than its task's plan."""
     return VARIANTS.get(variant, {}).get("max_steps")
+
+
+def _seed(variant: str) -> int:
+    """A variant's training seed where it is a seed replica of another recipe (``main-seed1``), else 0."""
+    return VARIANTS.get(variant, {}).get("seed", 0)
 
 
 def other_budgets(rows: list[dict]) -> list[int]:

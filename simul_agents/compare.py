@@ -166,8 +166,9 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             if variant not in ("main", base) and plain is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
-        if len(firsts) < sum(run is not None for run in offline_of.values()):
-            result["seeds"] = seed_study(offline_of)
+        study = seed_study(offline_of)
+        if study:
+            result["seeds"] = study
     # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid), their
     # probes (where swept) against their own entropy, and how much of their own offline chrF they keep
     others = [v for v in variants if v != "main"]
