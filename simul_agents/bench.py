@@ -12,14 +12,15 @@ the main models):
   plain full-sentence fine-tune, the streaming-quality baseline), for text the streaming terms at 0.3 of the full
   view's weight (``stream-0.3``: whether a lighter streaming loss keeps offline quality; ``-x4``: it and the
   plain fine-tune for 4x the steps; ``main-seed1``, ``no-mslm-seed1``: both trained again with another seed, whose
-  offline decodes show how far two trainings of one recipe differ) and, for speech, ``main``
-  with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays). A speech
+  sweeps show how far two trainings of one recipe differ) and, for speech, ``main``
+  with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays) and ``main`` again
+  with another seed (``main-seed1``, from the text ``main-seed1``). A speech
   model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to
   the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
   inside a stage from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations (the offline decode only on a seed replica), and the probe on those in
+  entropy and wait-k on the ablations and the seed replicas, and the probe on those in
   ``probe_variants`` (``simul_agents.sweep``;
   finished runs, shards of 250 instances and a killed shard's finished instances are kept). ``--jobs``
   processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``: SimulEval's loop with
@@ -83,7 +84,8 @@ VARIANTS = {  # name -> training overrides
     "no-mslm-x4": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "max_steps": 2000},
     "encoder-lora": {"train_encoder": "lora"},  # speech: does fine-tuning the block-causal encoder pay?
     # a second training seed (LoRA and probe init, batch order, prefixes) of main and of its plain baseline: is
-    # main's offline gap to the plain fine-tune larger than two seeds of one recipe differ? (offline decode only)
+    # main's offline gap to the plain fine-tune larger than two seeds of one recipe differ, and does each seed's
+    # entropy head fall behind its own wait-k where seed 0's does? (swept as the ablations are)
     "main-seed1": {"seed": 1},
     "no-mslm-seed1": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "seed": 1},
 }
@@ -148,8 +150,6 @@ class TaskPlan:
         """The heads and settings swept on ``variant``."""
         from simul_agents.sweep import setting_blocks
 
-        if _seed(variant):  # a seed replica: its offline decode is what the seed study compares
-            return {"offline": {}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
@@ -182,7 +182,8 @@ TASKS = {
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
-        variants=("encoder-lora", "no-mslm", "no-spsd"), init_from="text",
+        # main-seed1 starts from the text main-seed1 model: the whole recipe trained again with another seed
+        variants=("encoder-lora", "no-mslm", "no-spsd", "main-seed1"), init_from="text",
         wait_k=tuple(range(1, 7)),  # 640 ms blocks: k=6 waits 3.84 s; 90% of test utterances are under 3.65 s
         attention=(0.04, 0.08, 0.13),  # the share's quartiles on speech dev: 0.036, 0.076, 0.126 (text: 0.03-0.08)
         # 5.0 writes at LAAL 37% of the mean source (868 ms); 6.0 reaches below the 35% #7's keep-95% target reads

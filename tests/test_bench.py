@@ -137,9 +137,10 @@ def test_a_second_training_seed_is_set_beside_its_recipe_not_compared_as_an_abla
     assert "main minus no-mslm, over the seed means: chrF +" in text
 
 
-def test_a_seed_replica_is_swept_with_its_offline_decode_only():
-    assert B.TASKS["text"].heads("main-seed1") == {"offline": {}}
-    assert B.planned_runs("text", "no-mslm-seed1") == 1
+def test_a_seed_replica_is_swept_as_the_ablations_are():
+    text = B.TASKS["text"]
+    assert text.heads("main-seed1") == text.heads("no-spsd")  # entropy and every other k of wait-k
+    assert B.planned_runs("text", "no-mslm-seed1") == B.planned_runs("text", "no-mslm") == 10
     assert B.VARIANTS["no-mslm-seed1"] == {**B.VARIANTS["no-mslm"], "seed": 1}
 
 
