@@ -42,7 +42,7 @@ from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio
 from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
-from streaming_llm.engine import LMCall, StreamingSession
+from streaming_llm.engine import REENCODE, LMCall, StreamingSession
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
@@ -103,8 +103,10 @@ class LiveStream:
     Not thread-safe: one caller at a time (the server runs a stream's jobs one after another).
     """
 
-    def __init__(self, model, head: Head, limits: Limits = Limits(), lm_call: LMCall = forward_one):
-        """``lm_call``: how the session runs the LM (the server passes its ``LMBatcher``)."""
+    def __init__(self, model, head: Head, limits: Limits = Limits(), lm_call: LMCall = forward_one,
+                 reencode: str = "never"):  # fmt: skip
+        """``lm_call``: how the session runs the LM (the server passes its ``LMBatcher``); ``reencode``: when the
+        words written are re-read under more source (``StreamingSession.flush``)."""
         if head.needs_full_source:
             raise ValueError(f"the {head.name} head needs the whole source in advance; it cannot run live")
         self.model = model
@@ -113,7 +115,8 @@ class LiveStream:
         self.speech = model.config.modality == SPEECH
         self.unit = "ms" if self.speech else "words"
         self.session = StreamingSession(
-            model, max_target_tokens=limits.max_target_tokens, lm_call=lm_call, **head.session_options(model)
+            model, max_target_tokens=limits.max_target_tokens, lm_call=lm_call, reencode=reencode,
+            **head.session_options(model),
         )
         self.memory: dict = {}
         self.received = 0  # samples (speech) or words (text) pushed
@@ -459,6 +462,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_precision_args(p)
     p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
+    p.add_argument("--reencode", choices=REENCODE, default="never",
+                   help="re-read the words written under more source: never, end (once it ends), read (every read)")
     return p.parse_args(argv)
 
 
@@ -575,7 +580,7 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
         started = time.perf_counter() - first[1] / 1000  # the first chunk has just arrived
         out.write(f"recording up to {seconds:.1f} s (the model's context is {limit:.1f} s); Ctrl-C to stop\n")
         display = Display(out, "ms", None, tty)
-        stream = LiveStream(model, head, limits)
+        stream = LiveStream(model, head, limits, reencode=args.reencode)
         result = run_stream(stream, _chain(first, chunks), pace=False, wall_clock=True, display=display, t0=started)
     else:
         try:
@@ -590,7 +595,7 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
                 "cut it into utterances (e.g. at pauses)"
             )
         display = Display(out, "ms", seconds * 1000, tty)
-        stream = LiveStream(model, head, limits)
+        stream = LiveStream(model, head, limits, reencode=args.reencode)
         chunks = audio_chunks(audio, args.chunk_ms)
         result = run_stream(stream, chunks, pace=not args.fast, wall_clock=not args.fast, display=display)
     out.write(f"translation: {result.text}\n{summary_line(result, args.reference)}\n")
@@ -600,7 +605,7 @@ def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) ->
     for words in load_text(args.file):
         display = Display(out, "words", float(len(words)), tty)
         out.write(f"source: {' '.join(words)}\n")
-        stream = LiveStream(model, head, limits)
+        stream = LiveStream(model, head, limits, reencode=args.reencode)
         chunks = word_chunks(words, args.word_ms)
         result = run_stream(stream, chunks, pace=not args.fast, wall_clock=not args.fast, display=display)
         out.write(f"translation: {result.text}\n{text_summary_line(result, args.word_ms, args.reference)}\n")

@@ -52,7 +52,7 @@ from speech_frontend.audio import SAMPLE_RATE, AudioError, to_mono_16k
 from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import SPEECH, TEXT
-from streaming_llm.engine import StreamingSession, max_source_samples
+from streaming_llm.engine import REENCODE, StreamingSession, max_source_samples
 from streaming_llm.heads import HEADS, READ, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.long_stream import LongStream, SegmentConfig
 from streaming_llm.quantize import add_precision_args
@@ -308,7 +308,8 @@ class ProactiveBase(GenericAgent):
             model = load_model(args.checkpoint, precision_of(args), getattr(args, "compile", False))
         self.model = model
         self.head = head if head is not None else build_head(args)
-        self.session_options = self.head.session_options(self.model)
+        self.session_options = {**self.head.session_options(self.model),
+                                 "reencode": getattr(args, "reencode", "never")}  # fmt: skip
         self.sources = sources
         self.max_len_a = args.max_len_a
         self.max_len_b = args.max_len_b
@@ -345,6 +346,11 @@ class ProactiveBase(GenericAgent):
         parser.add_argument("--max-len-b", type=float, default=10.0, help="at most a * source units + b target words")
         parser.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
         parser.add_argument("--skip-failed", action="store_true", help="log a failing instance and go on")
+        parser.add_argument(
+            "--reencode", choices=REENCODE, default="never",
+            help="re-read the words written so far under more source: never (each keeps the source it was written "
+            "under), end (under the whole source, once it ends), read (after every read); StreamingSession.flush",
+        )  # fmt: skip
         add_precision_args(parser, fp16=False)  # --int8, --int4, --compile (SimulEval has its own --fp16)
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         parser.add_argument(
@@ -515,7 +521,7 @@ class ProactiveSpeechAgent(ProactiveBase, SpeechToTextAgent):
         if states.session is None and states.long is None and self._is_long():
             states.long = LongStream(
                 self.model, self.head, self.segments, max_target_tokens=self.max_target_tokens,
-                max_len_a=self.max_len_a, max_len_b=self.max_len_b,
+                max_len_a=self.max_len_a, max_len_b=self.max_len_b, reencode=self.session_options["reencode"],
             )  # fmt: skip
         if states.long is None:
             return super()._step(states)

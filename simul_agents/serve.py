@@ -73,7 +73,7 @@ from websockets.http11 import Request, Response
 from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
-from streaming_llm.engine import StreamingSession
+from streaming_llm.engine import REENCODE, StreamingSession
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
@@ -100,6 +100,7 @@ class ServeConfig:
     head: str = "entropy"  # the head when a start names none
     limits: Limits = Limits()
     batch: bool = False  # streams' LM forwards batched on the model thread (``Translator``); else one job at a time
+    reencode: str = "never"  # when a stream's written words are re-read under more source (StreamingSession.flush)
 
 
 class ProtocolError(ValueError):
@@ -196,7 +197,7 @@ class Translator:
     def live_stream(self, head) -> LiveStream:
         """A new stream's LiveStream (on a worker), its LM calls going through the batcher when batching."""
         lm_call = forward_one if self.batcher is None else self.batcher
-        return LiveStream(self.model, head, self.config.limits, lm_call=lm_call)
+        return LiveStream(self.model, head, self.config.limits, lm_call=lm_call, reencode=self.config.reencode)
 
     def stats(self) -> dict:
         stats = {"connections": self.connections, "streams": self.streams, "served": self.served,
@@ -674,6 +675,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=ServeConfig.batch,
                    help="batch the LM forwards of concurrent streams into one (each stream's other work on a "
                    "thread of its own): 12-29%% less time per client with eager steps, not with --compile")  # fmt: skip
+    p.add_argument("--reencode", choices=REENCODE, default=defaults.reencode,
+                   help="re-read the words written under more source: never, end (once it ends), read (every read)")
     return p.parse_args(argv)
 
 
@@ -683,6 +686,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return dataclasses.replace(
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,
         max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head, batch=args.batch,
+        reencode=args.reencode,
         hard_frame_bytes=max(ServeConfig.hard_frame_bytes, 4 * args.max_frame_bytes),
     )  # fmt: skip
 

@@ -47,6 +47,7 @@ from .model import SpeechLLM
 
 PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
 LMCall = Callable[..., Any]  # (llm, x, positions, mask, cache, attentions) -> LM output; see batching.py
+REENCODE = ("never", "end", "read")  # when written target rows are fed again under more source (``flush``)
 MAX_WORD_TOKENS = 24  # a "word" longer than this is cut: a degenerate model cannot loop inside one word
 
 
@@ -101,8 +102,12 @@ class StreamingSession:
         attention_layers: Sequence[int] | None = None,
         max_target_tokens: int = 256,
         lm_call: LMCall = forward_one,
+        reencode: str = "never",
     ):
+        if reencode not in REENCODE:
+            raise ValueError(f"reencode={reencode!r}; one of {', '.join(REENCODE)} (see StreamingSession.flush)")
         self.model = model
+        self.reencode = reencode  # when the written target is re-read under the source read so far (``flush``)
         self.lm_call = lm_call  # runs the LM: alone (forward_one) or batched with other sessions (LMBatcher)
         self.config = model.config
         self.attention_layers = None if attention_layers is None else list(attention_layers)
@@ -269,14 +274,26 @@ class StreamingSession:
         self._unfed.append((torch.cat(units), unit_ids))
 
     def flush(self) -> None:
-        """Feed the source waiting in ``_unfed`` (and the pending rows again) to the LM, in one forward."""
+        """Feed the source waiting in ``_unfed`` (and the pending rows again) to the LM, in one forward.
+
+        ``reencode`` (the session's option) says when this forward feeds every target row again, not only the
+        pending ones. Each word written was encoded under the source read when it was written, and keeps that
+        view (``never``: the masked training forward of DESIGN.md section 3, phi as followed). ``end``: the flush
+        that takes the end of the source re-reads the written words under the whole source, the full view of
+        training, so the rest of the sentence is decoded as the offline decode would continue that prefix (one
+        forward over the target rows per utterance). ``read``: every flush re-reads them under all the source
+        read so far (each written row then sees phi = units read, a monotonic phi too); on a CPU the extra rows
+        ride along in the forward that takes the new source."""
         if not self._unfed:
             return
         embeds = torch.cat([e for e, _ in self._unfed])
         units = [u for _, ids in self._unfed for u in ids]
         self._unfed = []
         with torch.inference_mode():
-            self._feed_source_and_pending(embeds, units)
+            if self.reencode == "read" or (self.reencode == "end" and self.source_finished):
+                self._reencode_target(embeds, units)
+            else:
+                self._feed_source_and_pending(embeds, units)
 
     # ---- target ------------------------------------------------------------------------------------
 
@@ -383,6 +400,22 @@ class StreamingSession:
         self._feed([(self.model.embed_ids(ids), TARGET, 0)])
         self.target_group += ids
         self._n_pending = len(ids)
+
+    def _reencode_target(self, embeds: torch.Tensor, units: list[int]) -> None:
+        """The last source (``embeds``), then every target row again, in one forward: the target rows are first
+        taken out of the cache (its prompt and source entries stay, in order). Target positions are a fixed
+        group, so the rows come back at the same positions; only what they see changes."""
+        keep = [i for i, kind in enumerate(self.kinds) if kind != TARGET]
+        index = torch.tensor(keep, device=self.model.device)
+        cache, self.cache = self.cache, DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            self.cache.update(layer.keys.index_select(2, index), layer.values.index_select(2, index), i)
+        self.kinds = [self.kinds[i] for i in keep]
+        self.entry_units = [self.entry_units[i] for i in keep]
+        target, self.target_group = self.target_group, []
+        self._feed([(embeds, SOURCE, units), (self.model.embed_ids(target), TARGET, 0)])
+        self.target_group = target
+        self._n_pending = len(target)
 
     def _feed_source_and_pending(self, embeds: torch.Tensor, units: int | list[int]) -> None:
         """New source entries, then the pending rows again (taken out of the cache first), in one forward."""

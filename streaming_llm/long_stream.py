@@ -125,12 +125,14 @@ class LongStream:
         max_target_tokens: int = 256,
         max_len_a: float = 2.0,
         max_len_b: float = 10.0,
+        reencode: str = "never",
     ):
+        """``reencode``: each segment's session's (``StreamingSession.flush``)."""
         if head.needs_full_source:
             raise ValueError(f"the {head.name} head needs the whole source up front; it cannot run on a long stream")
         self.model = model
         self.head = head
-        self.session_options = head.session_options(model)
+        self.session_options = {**head.session_options(model), "reencode": reencode}
         self.max_target_tokens = max_target_tokens
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.segmenter = EnergySegmenter(segments, segments.max_samples(max_source_samples(model)))

@@ -141,6 +141,20 @@ def test_wait_k_speech_delays_count_model_blocks(data, tmp_path, checkpoint, seg
         assert ins["delays"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode", ["end", "read"])
+def test_reencoding_changes_what_wait_k_writes_not_when(data, tmp_path, mode):
+    """``--reencode`` reaches every instance's session: the words after a re-read differ (what the re-read words
+    see changed), wait-k's delays stay its schedule (``test_streaming_llm`` proves what the rows see)."""
+    room = ["--head", "wait-k", "--k", "4", "--max-target-tokens", "64"]  # words left to write after the end
+    plain = text_run(data, tmp_path, *room, name="plain")
+    again = text_run(data, tmp_path, *room, "--reencode", mode, name="again")
+    for ins in again:
+        assert ins["delays"] == [min(i + 3, ins["source_length"]) for i in range(1, len(ins["delays"]) + 1)]
+    assert [a["prediction"] for a in plain] != [b["prediction"] for b in again]
+    with pytest.raises(SystemExit):
+        text_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--reencode", "always", name="bad")
+
+
 # ---- state ----------------------------------------------------------------------------------------------
 
 

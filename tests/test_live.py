@@ -63,6 +63,34 @@ def test_wait_k_writes_at_most_units_minus_k_plus_one_words_before_the_end(data)
     assert any(d < len(words) for d in stream.delays), "wait-2 writes before the source ends"
 
 
+@pytest.mark.parametrize("mode", ["end", "read"])
+def test_a_live_stream_re_reads_its_words_as_a_session_with_the_same_option_does(data, mode):
+    """``--reencode`` in live: the stream writes what a ``StreamingSession`` with that option writes on the same
+    schedule (wait-2), and not what it writes without it."""
+    from streaming_llm.engine import StreamingSession
+
+    model, words = data["text"], SENTENCE.split()
+
+    def session_words(reencode):
+        session = StreamingSession(model, max_target_tokens=64, reencode=reencode)
+        for i, word in enumerate(words):
+            session.push_words([word])
+            if i >= 2:
+                session.write_word()
+        session.finish_source()
+        while session.write_word() is not None:
+            pass
+        return session.words
+
+    stream = LiveStream(model, make_head("wait-k", k=3), live.Limits(max_target_tokens=64), reencode=mode)
+    for word in words:
+        stream.push_words([word])
+        stream.drain()
+    stream.finish()
+    stream.drain()
+    assert stream.session.words == session_words(mode) != session_words("never")  # raw words (the display cleans)
+
+
 def test_oracle_head_is_refused_live_with_the_heads_that_work(data):
     with pytest.raises(ValueError, match="cannot run live; use one of entropy"):
         build_head(None, "oracle")

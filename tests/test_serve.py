@@ -459,3 +459,9 @@ def test_serve_takes_port_0_65535_and_threads_0():
     args = serve_module.parse_args(["--checkpoint", "c", "--port", "0", "--threads", "0"])
     assert (args.port, args.threads) == (0, 0)
     assert serve_module.parse_args(["--checkpoint", "c", "--port", "65535"]).port == 65535
+
+
+def test_serve_passes_its_reencode_option_to_every_stream():
+    args = serve_module.parse_args(["--checkpoint", "c", "--reencode", "read"])
+    assert serve_module.config_from_args(args).reencode == "read"
+    assert serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c"])).reencode == "never"

@@ -85,6 +85,73 @@ def test_incremental_speech_logits_equal_masked_full_forward(seed, block_ms):
     torch.testing.assert_close(streamed, full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("modality", ["text", "speech"])
+def test_reencoding_at_the_end_gives_the_full_view_for_the_rest(modality):
+    """With ``reencode="end"`` the target written under a prefix is re-read under the whole source when the
+    source ends: from there on the logits are those of the full view (phi = M for every row), where without it
+    the rows written early keep what they saw."""
+    model = tiny_model(modality, seed=3)
+    targets = model.target_ids(TARGET_TEXT)
+    if modality == "text":
+        units = model.text_units(SOURCE_WORDS)
+        pieces = [[w] for w in SOURCE_WORDS]
+    else:
+        audio = (0.1 * np.random.default_rng(3).standard_normal(6 * model.block_samples)).astype(np.float32)
+        units = model.speech_units(model.encode_speech(audio))
+        pieces = np.split(audio, 6)  # one block each
+    m, n_early = len(units), 3
+    full_phi = torch.full((len(targets),), m)
+    full = full_forward_logits(model, units, targets, full_phi)
+    stale_phi = full_phi.clone()
+    stale_phi[:n_early] = 1  # the first words written after one unit
+    stale = full_forward_logits(model, units, targets, stale_phi)
+
+    def stream(reencode):
+        session = StreamingSession(model, reencode=reencode)
+        push = session.push_words if modality == "text" else session.push_audio
+        push(pieces[0])
+        session.force_target(targets[:n_early])
+        for piece in pieces[1:]:
+            push(piece)
+        session.finish_source()
+        rest = []
+        for y in targets[n_early:]:
+            rest.append(session.next_logits().clone())
+            session.force_target([y])
+        return torch.stack(rest)
+
+    torch.testing.assert_close(stream("end"), full[n_early:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stream("never"), stale[n_early:], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full[n_early:], stale[n_early:], atol=1e-3)
+
+
+def test_reencoding_at_every_read_lets_every_written_row_see_what_is_read():
+    """With ``reencode="read"`` the logits for y_t, read to phi(t), are the masked forward's where every row sees
+    phi(t) units: the words written earlier are re-read under the newer source."""
+    model = tiny_model("text", seed=4)
+    targets = model.target_ids(TARGET_TEXT)
+    m = len(SOURCE_WORDS)
+    phi = random_phi(m, len(targets), torch.Generator().manual_seed(4))
+    words = iter(SOURCE_WORDS)
+
+    def read_unit(session):
+        session.push_words([next(words)])
+        if session.units_read == m:
+            session.finish_source()
+
+    streamed = streamed_logits(StreamingSession(model, reencode="read"), targets, phi, read_unit)
+    units = model.text_units(SOURCE_WORDS)
+    for t in range(len(targets)):
+        seen = torch.full((len(targets),), int(phi[t]))
+        expected = full_forward_logits(model, units, targets, seen)[t]
+        torch.testing.assert_close(streamed[t], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_unknown_reencode_mode_is_refused():
+    with pytest.raises(ValueError, match="reencode='always'; one of never, end, read"):
+        StreamingSession(tiny_model("text"), reencode="always")
+
+
 def test_speech_units_do_not_depend_on_chunking():
     model = tiny_model("speech")
     audio = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
