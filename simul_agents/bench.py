@@ -89,6 +89,9 @@ VARIANTS = {  # name -> training overrides
     "main-seed1": {"seed": 1},
     "no-mslm-seed1": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "seed": 1},
 }
+# main's trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
+# written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
+DECODINGS = {"main-reencode": {"reencode": "read"}}
 INIT_VARIANT = {"encoder-lora": "main"}  # which text variant starts a speech variant (default: the same name)
 VARIANT_LABELS = {
     "main": "MSLM + SPSD",
@@ -100,6 +103,7 @@ VARIANT_LABELS = {
     "encoder-lora": "MSLM + SPSD, encoder LoRA",
     "main-seed1": "main, training seed 1",
     "no-mslm-seed1": "no-mslm, training seed 1",
+    "main-reencode": "main's model, the words written re-read under the new source at every read (`--reencode read`)",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
@@ -145,10 +149,18 @@ class TaskPlan:
     # entropy or probe between lag bounds on the main model, (head, threshold, min_lag, max_lag; 0: no bound):
     # Zheng et al. 2020's adaptive policy between two wait-k schedules, its own curve ("entropy, lag-bounded")
     lag_bounded: tuple[tuple[str, float, int, int], ...] = ()
+    decodings: dict = field(default_factory=dict)  # DECODINGS swept on the main model: name -> its heads
+
+    def compared(self) -> list[str]:
+        """What the task's final comparison reads: main, its ablations and replicas, main's other decodings."""
+        return ["main", *self.variants, *self.decodings]
 
     def heads(self, variant: str) -> dict:
         """The heads and settings swept on ``variant``."""
         from simul_agents.sweep import setting_blocks
+
+        if variant in self.decodings:
+            return dict(self.decodings[variant])
 
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
@@ -178,6 +190,11 @@ TASKS = {
         # lags 1-3 straddle wait-k k=2, where the schedule starts to lose (k=1: 93.8% of offline, k=3: 99.0%);
         # 2-4 and 2-none: the 250-pair pilot's two settings, on the whole test set
         lag_bounded=(("entropy", 2.0, 1, 3), ("entropy", 3.0, 1, 3), ("entropy", 3.0, 2, 4), ("entropy", 4.0, 2, 0)),
+        # re-reading the written words (a 250-pair pilot: wait-k k=2 +0.88 chrF, entropy 4.0 +0.73, probe 0.8
+        # +1.0): wait-k where main's loses to its offline decode (k <= 5), entropy and probe at LAAL 1.7-4.7; no
+        # offline run: with nothing written before the source ends, re-reading changes nothing (main's is used)
+        decodings={"main-reencode": {"wait-k": {"k": [1, 2, 3, 4, 5]}, "entropy": {"threshold": [3.0, 4.0, 5.0]},
+                                     "oracle": {}, "probe": {"threshold": [0.8]}}},
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
@@ -191,6 +208,9 @@ TASKS = {
         # #7's keep-95% at LAAL <= 820 ms: the probe at 0.8 (834 ms, 94.5%) and entropy at 4.0 and 5.0 with their
         # lag capped at one 640 ms block, wait-k k=1's pace (LAAL 1074 ms, 98.8%), so that no word waits longer
         lag_bounded=(("probe", 0.8, 0, 1), ("entropy", 4.0, 0, 1), ("entropy", 5.0, 0, 1)),
+        # its own offline run: main's was decoded on the audio of an earlier corpus build (Interruptions, README)
+        decodings={"main-reencode": {"wait-k": {"k": [1, 2, 3]}, "entropy": {"threshold": [3.0, 4.0, 5.0]},
+                                     "oracle": {}, "probe": {"threshold": [0.8]}, "offline": {}}},
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -507,9 +527,10 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
     from simul_agents.sweep import SweepConfig, sweep
 
     files = test_files(task, bench)
+    model = "main" if variant in DECODINGS else variant
     config = SweepConfig(
         task=f"offline-{task.name}-en-de/{variant}",
-        checkpoint=str(bench.runs / task.name / variant / "final"),
+        checkpoint=str(bench.runs / task.name / model / "final"),
         source=str(files.source),
         target=str(files.target),
         output=bench.runs / task.name / f"eval-{variant}",
@@ -517,7 +538,7 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         source_segment_size=task.segment,
         shards=math.ceil(task.test / SHARD),
         batch=bench.batch,
-        agent_args=task.agent_args,
+        agent_args={**task.agent_args, **DECODINGS.get(variant, {})},
     )
     rows, errors = sweep(config, jobs=bench.jobs)  # writes config.output/sweep.csv as runs finish
     pack(config.output, bench.archive_dir(task.name, variant))
@@ -571,7 +592,8 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
             raise RuntimeError(f"{len(missing)} run(s) of {task.name}-sweep-{variant} have no instances.log here "
                                f"(e.g. {missing[0]}); rerun that sweep: python -m simul_agents.bench --only "
                                f"{task.name}-sweep-{variant}")  # fmt: skip
-    result = compare_task(bench.runs / task.name, variants, task.name)
+    decodings = [v for v in variants if v in DECODINGS]
+    result = compare_task(bench.runs / task.name, variants, task.name, decodings=decodings)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -583,7 +605,7 @@ def swept(bench: Bench, task: TaskPlan) -> list[str]:
     with ``main`` too, so that running it again (a threshold added to the main sweep) keeps the comparisons the
     summary had."""
     return [
-        v for v in task.variants
+        v for v in (*task.variants, *task.decodings)
         if (bench.done_dir / f"{task.name}-sweep-{v}.json").is_file()
         and not missing_logs(bench.runs / task.name / f"eval-{v}")
     ]  # fmt: skip
@@ -595,7 +617,7 @@ def outgrown_sweeps(bench: Bench, tasks: list[str]) -> list[str]:
     finished one)."""
     out = []
     for task in tasks:
-        for variant in ("main", *TASKS[task].variants):
+        for variant in TASKS[task].compared():
             record = _done_record(bench, f"{task}-sweep-{variant}")
             if isinstance(record.get("runs"), int) and record["runs"] < planned_runs(task, variant):
                 out.append(f"{task}-sweep-{variant}")
@@ -617,7 +639,7 @@ def outgrown_compares(bench: Bench, tasks: list[str]) -> list[str]:
             compared = record.get("variants") or ["main"]
             sweeps = [_done_record(bench, f"{task}-sweep-{v}") for v in compared]
             stale = any(not s or s.get("finished", "") > record.get("finished", "") for s in sweeps)
-            if stale or (name == f"{task}-compare" and compared != ["main", *TASKS[task].variants]):
+            if stale or (name == f"{task}-compare" and compared != TASKS[task].compared()):
                 out.append(name)
     return out
 
@@ -661,6 +683,8 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main", *swept(bench, t)])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
+        for variant in task.decodings:  # the main model decoded another way
+            plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
     ablations = [(name, variant) for name in tasks for variant in TASKS[name].variants]
     # first those that start from a main model (speech encoder-lora: does fine-tuning the encoder pay?), then
     # the recipe ablations, which a speech model takes from the text model of the same recipe
@@ -672,7 +696,7 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
         plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
         if variant == last[name]:
-            plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, ["main", *t.variants])))
+            plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, t.compared())))
     plan.append(("streaming-cost", lambda: stage_benchmark(bench, "benchmarks/streaming_cost.py", ["--real"])))
     plan.append(("training-cost", lambda: stage_benchmark(bench, "benchmarks/training_cost.py", ["--real"])))
     return plan
@@ -833,7 +857,7 @@ def planned_runs(task: str, variant: str) -> int:
     """How many runs the bench sweeps on ``variant`` (a computation-aware variant: ``CA_HEADS``)."""
     if variant in CA_VARIANTS:
         heads = CA_HEADS
-    elif task in TASKS and variant in VARIANTS:
+    elif task in TASKS and (variant in VARIANTS or variant in TASKS[task].decodings):
         heads = TASKS[task].heads(variant)
     else:
         return 0
@@ -935,7 +959,7 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
     import csv
 
     rows = []
-    for variant in (*VARIANTS, *CA_VARIANTS):
+    for variant in (*VARIANTS, *DECODINGS, *CA_VARIANTS):
         eval_dir = bench.runs / task / f"eval-{variant}"
         merged: dict[tuple, dict] = {}  # (head, param) -> row; a rerun takes its earlier row's place
         for name in (EARLIER, "sweep.csv"):

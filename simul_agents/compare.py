@@ -19,7 +19,11 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
   the seeds against each other and main's seed-mean against the plain fine-tune's (``seed_study``);
 - ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
-  each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL.
+  each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL;
+  ``variant_oracle``: the same on another variant's runs, where it has an oracle run;
+- ``decoding_vs_main``: for a variant that is main's model decoded another way (``decodings``: e.g. the written
+  words re-read at every read, ``--reencode read``), each of its runs against main's run of the same head and
+  parameters.
 """
 
 from __future__ import annotations
@@ -134,7 +138,10 @@ def matched(runs: Sequence[dict], head: str, baseline_head: str) -> list[dict]:
     return out
 
 
-def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") -> dict:
+def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", decodings: Sequence[str] = ()) -> dict:
+    """``decodings``: the variants of ``variants`` that are main's model decoded another way (agent flags, e.g.
+    ``--reencode read``), not trained models: no offline or seed comparison, but their own oracle study and
+    ``decoding_vs_main``; one without an offline run of its own uses main's."""
     task_dir = Path(task_dir)
     runs = {v: load_runs(task_dir, v) for v in variants}
     main_runs = runs.get("main") or []
@@ -143,6 +150,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
         return result
     offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
     offline = offline_of["main"]
+    for v in decodings:
+        offline_of[v] = offline_of[v] or offline
     mean_source = main_runs[0]["mean_source_length"]
     result["mean_source_length"] = mean_source
     result["latency_unit"] = main_runs[0]["latency_unit"]
@@ -154,7 +163,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
         result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
         # main as the system, each ablation of main's budget as the baseline (a seed replica is not an ablation:
         # ``seeds`` compares it with its recipe's other seeds)
-        firsts = {v: run for v, run in offline_of.items() if run is not None and not split_seed(v)[1]}
+        firsts = {v: run for v, run in offline_of.items()
+                  if run is not None and not split_seed(v)[1] and v not in decodings}  # fmt: skip
         result["offline"] = {v: paired_bootstrap(other["output"], offline["output"])
                              for v, other in firsts.items() if v != "main" and plain_of(v) == PLAIN}  # fmt: skip
         # #7's offline target: each other streaming-trained variant against the plain full-sentence fine-tune
@@ -166,7 +176,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
             if variant not in ("main", base) and plain is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
-        study = seed_study(offline_of)
+        study = seed_study({v: run for v, run in offline_of.items() if v not in decodings})
         if study:
             result["seeds"] = study
     # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid), their
@@ -178,22 +188,47 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "") 
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
                                       if offline_of[v] and any(r["head"] in ADAPTIVE for r in runs[v])}  # fmt: skip
-    oracle = next((r for r in main_runs if r["head"] == "oracle"), None)
-    if oracle:
-        result["oracle"] = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
-        if offline:  # the oracle writes only full-view words, but the words after them see stale target states
-            ours, theirs = (
-                {ins["index"]: ins.get("prediction") or "" for ins in read_instances(run["output"])}
-                for run in (oracle, offline)
-            )
-            result["oracle"]["same_as_offline"] = sum(ours[i] == theirs.get(i) for i in ours)
-            result["oracle"]["instances"] = len(ours)
-        # how far the heads are from the floor: the latency each needs for the oracle's quality, and whether the
-        # oracle itself beats the fixed schedule at its own latency
-        result["oracle"]["reach"] = reach(main_runs, oracle["chrF"])
-        result["oracle"]["vs_waitk"] = matched([oracle, *(r for r in main_runs if r["head"] == "wait-k")],
-                                               "oracle", "wait-k")[0]  # fmt: skip
+    study = oracle_study(main_runs, offline)
+    if study:
+        result["oracle"] = study
+    result["variant_oracle"] = {v: s for v in others if (s := oracle_study(runs[v], offline_of[v]))}
+    result["decoding_vs_main"] = {v: same_runs(main_runs, runs[v]) for v in decodings}
     return result
+
+
+def oracle_study(runs: Sequence[dict], offline: dict | None) -> dict | None:
+    """The oracle head's point among ``runs`` (None without one): how often its output is the offline decode's,
+    the lowest LAAL at which each head scores its chrF (``reach``), and the oracle against the wait-k point of
+    equal LAAL (``vs_waitk``): how far the heads are from the floor, and whether the floor beats the schedule."""
+    oracle = next((r for r in runs if r["head"] == "oracle"), None)
+    if oracle is None:
+        return None
+    study = {k: oracle[k] for k in ("LAAL", "AL", "chrF", "BLEU")}
+    if offline:  # the oracle writes only full-view words, but the words after them may see stale target states
+        ours, theirs = (
+            {ins["index"]: ins.get("prediction") or "" for ins in read_instances(run["output"])}
+            for run in (oracle, offline)
+        )
+        study["same_as_offline"] = sum(ours[i] == theirs.get(i) for i in ours)
+        study["instances"] = len(ours)
+    study["reach"] = reach(runs, oracle["chrF"])
+    study["vs_waitk"] = matched([oracle, *(r for r in runs if r["head"] == "wait-k")], "oracle", "wait-k")[0]
+    return study
+
+
+def same_runs(baseline: Sequence[dict], runs: Sequence[dict]) -> list[dict]:
+    """Each run of ``runs`` against ``baseline``'s run of the same head and parameters (one model decoded two
+    ways): both LAALs, and the paired bootstrap of the second against the first."""
+    by_setting = {(r["head"], r["param"]): r for r in baseline}
+    out = []
+    for run in runs:
+        base = by_setting.get((run["head"], run["param"]))
+        if base is None or run["head"] == "offline":
+            continue
+        test = paired_bootstrap(base["output"], run["output"])
+        out.append({"head": run["head"], "param": run["param"], "LAAL": run["LAAL"], "baseline_LAAL": base["LAAL"],
+                    **test})  # fmt: skip
+    return out
 
 
 def seed_study(offline_of: dict[str, dict | None]) -> dict:
@@ -303,6 +338,51 @@ def _offline_line(system: str, baseline: str, test: dict) -> str:
             f"(Δ {b['delta']:+.2f}, p {b['p']:.3f}).")  # fmt: skip
 
 
+def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
+    """The oracle's point, how often it is the offline decode, the heads' reach of its chrF, and it against
+    wait-k at its LAAL."""
+    line = (f"{f'{variant}, oracle' if variant else 'Oracle'} head (reads the whole source; analysis only): LAAL "
+            f"{o['LAAL']:.2f} {unit}, chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}.")  # fmt: skip
+    if "same_as_offline" in o:
+        line += f" Its output equals the offline decode on {o['same_as_offline']} of {o['instances']} instances"
+        line += (
+            "." if o["same_as_offline"] == o["instances"] else
+            ": each word it writes is the full-source model's next word, but the target tokens already written "
+            "were computed under a shorter source (as in training: token t sees phi(t) units), so the "
+            "continuation after them can differ."
+        )  # fmt: skip
+    if o.get("reach"):
+        got = sorted(((h, r) for h, r in o["reach"].items() if r), key=lambda hr: hr[1]["LAAL"])
+        never = [h for h, r in o["reach"].items() if not r]
+        line += (" The lowest LAAL at which each head scores the oracle's chrF or more: "
+                 + "; ".join(f"{h} {r['param']} {r['LAAL']:.2f}" for h, r in got)
+                 + (f"; never: {'; '.join(never)}" if never else "") + ".")  # fmt: skip
+    test = o.get("vs_waitk") or {}
+    if test.get("matched"):
+        c, b = test["chrF"], test["BLEU"]
+        line += (f" Against {test['matched']} at equal LAAL ({test['matched_LAAL']:.2f}): chrF "
+                 f"{c['delta']:+.2f} (p {c['p']:.3f}), BLEU {b['delta']:+.2f} (p {b['p']:.3f}).")  # fmt: skip
+    elif "vs_waitk" in o:
+        line += " No wait-k point lies within 10% of its LAAL."
+    return line
+
+
+def _decoding_table(variant: str, points: list[dict], unit: str) -> list[str]:
+    """Each run of a decoding of main's model against main's run of the same head and parameters."""
+    better = sum(p["chrF"]["delta"] > 0 and p["chrF"]["p"] < 0.05 for p in points)
+    worse = sum(p["chrF"]["delta"] < 0 and p["chrF"]["p"] < 0.05 for p in points)
+    lines = [f"**{variant} vs main**, run by run (the same model, head and parameters): chrF significantly higher "
+             f"on {better} of {len(points)} runs, lower on {worse}.", "",
+             f"| head | param | LAAL ({unit}) | main's LAAL | chrF | Δ chrF | p | BLEU Δ | p |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in points:
+        c, b = p["chrF"], p["BLEU"]
+        mark = " *" if c["p"] < 0.05 else ""
+        lines.append(f"| {p['head']} | {p['param']} | {p['LAAL']:.2f} | {p['baseline_LAAL']:.2f} | {c['system']:.1f} | "
+                     f"{c['delta']:+.2f}{mark} | {c['p']:.3f} | {b['delta']:+.2f} | {b['p']:.3f} |")  # fmt: skip
+    return lines
+
+
 def format_comparison(result: dict) -> list[str]:
     """Markdown lines for SUMMARY.md."""
     unit = result.get("latency_unit", "")
@@ -346,29 +426,12 @@ def format_comparison(result: dict) -> list[str]:
         lines.append(_offline_line(variant, f"{test.get('plain', PLAIN)} (the plain fine-tune)", test))
     lines += _seed_lines(result.get("seeds") or {})
     if result.get("oracle"):
-        o = result["oracle"]
-        lines += ["", f"Oracle head (reads the whole source; analysis only): LAAL {o['LAAL']:.2f} {unit}, "
-                      f"chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}."]  # fmt: skip
-        if "same_as_offline" in o:
-            lines[-1] += (
-                f" Its output equals the offline decode on {o['same_as_offline']} of {o['instances']} instances: "
-                "each word it writes is the full-source model's next word, but the target tokens already written "
-                "were computed under a shorter source (as in training: token t sees phi(t) units), so the "
-                "continuation after them can differ."
-            )
-        if o.get("reach"):
-            got = sorted(((h, r) for h, r in o["reach"].items() if r), key=lambda hr: hr[1]["LAAL"])
-            never = [h for h, r in o["reach"].items() if not r]
-            lines[-1] += (" The lowest LAAL at which each head scores the oracle's chrF or more: "
-                          + "; ".join(f"{h} {r['param']} {r['LAAL']:.2f}" for h, r in got)
-                          + (f"; never: {'; '.join(never)}" if never else "") + ".")  # fmt: skip
-        test = o.get("vs_waitk") or {}
-        if test.get("matched"):
-            c, b = test["chrF"], test["BLEU"]
-            lines[-1] += (f" Against {test['matched']} at equal LAAL ({test['matched_LAAL']:.2f}): chrF "
-                          f"{c['delta']:+.2f} (p {c['p']:.3f}), BLEU {b['delta']:+.2f} (p {b['p']:.3f}).")  # fmt: skip
-        elif "vs_waitk" in o:
-            lines[-1] += " No wait-k point lies within 10% of its LAAL."
+        lines += ["", _oracle_line(result["oracle"], unit)]
+    for variant, o in (result.get("variant_oracle") or {}).items():
+        lines += ["", _oracle_line(o, unit, variant)]
+    for variant, points in (result.get("decoding_vs_main") or {}).items():
+        if points:
+            lines += ["", *_decoding_table(variant, points, unit)]
     return lines
 
 

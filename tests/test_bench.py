@@ -8,6 +8,7 @@ import random
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -142,6 +143,51 @@ def test_a_seed_replica_is_swept_as_the_ablations_are():
     assert text.heads("main-seed1") == text.heads("no-spsd")  # entropy and every other k of wait-k
     assert B.planned_runs("text", "no-mslm-seed1") == B.planned_runs("text", "no-mslm") == 10
     assert B.VARIANTS["no-mslm-seed1"] == {**B.VARIANTS["no-mslm"], "seed": 1}
+
+
+def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_compared_last(tmp_path, monkeypatch):
+    import simul_agents.sweep
+
+    text = B.TASKS["text"]
+    assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
+    assert text.compared()[-1] == "main-reencode"
+    assert B.planned_runs("text", "main-reencode") == 10  # wait-k 1-5, entropy 3-5, oracle, probe 0.8
+    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
+    assert names.index("text-compare-main") < names.index("text-sweep-main-reencode") < names.index("text-compare")
+    assert "text-train-main-reencode" not in names  # nothing to train
+    seen = {}
+
+    def fake_sweep(config, jobs):
+        seen["config"] = config
+        return [], []
+
+    monkeypatch.setattr(simul_agents.sweep, "sweep", fake_sweep)
+    monkeypatch.setattr(B, "test_files", lambda task, bench: SimpleNamespace(source="s.txt", target="t.txt"))
+    B.stage_sweep(B.Bench(runs=tmp_path / "runs", results=tmp_path / "results"), text, "main-reencode")
+    config = seen["config"]
+    assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
+    assert config.output == tmp_path / "runs" / "text" / "eval-main-reencode"
+    assert config.agent_args == {**text.agent_args, "reencode": "read"} and config.heads == text.heads("main-reencode")
+
+
+def test_a_decoding_of_main_is_compared_run_by_run_with_main_and_has_its_own_oracle(task_dir):
+    """main's model decoded another way: its runs against main's of the same setting, its oracle against its own
+    wait-k, main's offline decode as its own; no offline or seed comparison of a model with itself."""
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    other = task_dir / "eval-main-reencode"
+    _write_run(other / "wait-k" / "k=2", _corrupt(refs, 0.1, 2), refs, delays_per_word=2.0)  # main's: 0.5 wrong
+    _write_run(other / "oracle" / "-", refs, refs, delays_per_word=2.0)
+    result = compare_task(task_dir, ["main", "no-mslm", "main-reencode"], "text", decodings=["main-reencode"])
+    points = {(p["head"], p["param"]): p for p in result["decoding_vs_main"]["main-reencode"]}
+    assert set(points) == {("wait-k", "k=2"), ("oracle", "-")}  # its offline decode is main's: not compared
+    assert all(p["chrF"]["delta"] > 0 and p["chrF"]["p"] < 0.05 for p in points.values())
+    oracle = result["variant_oracle"]["main-reencode"]
+    assert oracle["same_as_offline"] == oracle["instances"] == 120  # main's offline decode stands in
+    assert oracle["vs_waitk"]["matched"] == "wait-k k=2"
+    assert "main-reencode" not in result["offline"] and "main-reencode" not in result.get("offline_vs_plain", {})
+    text = "\n".join(format_comparison(result))
+    assert "**main-reencode vs main**, run by run" in text and "significantly higher on 2 of 2 runs" in text
+    assert "main-reencode, oracle head" in text and "equals the offline decode on 120 of 120 instances." in text
 
 
 def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
@@ -541,12 +587,12 @@ def _mark_done(bench, name: str, finished: str = "2026-11-30 10:00", **record) -
 
 def test_a_comparison_made_before_a_variant_was_added_runs_again_but_keeps_its_output(tmp_path):
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
-    now = ["main", *B.TASKS["text"].variants]
+    now = B.TASKS["text"].compared()
     for task in ("text", "speech"):
-        for variant in ("main", *B.TASKS[task].variants):
+        for variant in B.TASKS[task].compared():
             _mark_done(bench, f"{task}-sweep-{variant}", finished="2026-11-30 09:00")
     B.run_stage(bench, "text-compare", lambda: {"variants": now[:-1]})  # an earlier plan, one variant short
-    B.run_stage(bench, "speech-compare", lambda: {"variants": ["main", *B.TASKS["speech"].variants]})
+    B.run_stage(bench, "speech-compare", lambda: {"variants": B.TASKS["speech"].compared()})
     assert B.outgrown_compares(bench, ["text", "speech"]) == ["text-compare"]
     (bench.done_dir / "text-compare.json").write_text(json.dumps({"seconds": 1}), encoding="utf-8")  # no record
     assert B.outgrown_compares(bench, ["text"]) == ["text-compare"]
