@@ -1023,10 +1023,16 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
                        if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
+    for variant in (v for v in DECODINGS if any(r["variant"] == v for r in rows)):  # main's model decoded two ways
+        decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
+                   if r["variant"] in ("main", variant) and r["head"] in DECODING_HEADS]  # fmt: skip
+        plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, main's model decoded two ways "
+             f"(LAAL in {unit})")  # fmt: skip
     return rows
 
 
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
+DECODING_HEADS = ("offline", "entropy", "wait-k", "probe", "oracle")  # a decoding's plot, beside main's runs
 
 
 def _steps(variant: str) -> int | None:
@@ -1084,6 +1090,9 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         for steps in other_budgets(rows):
             lines += [f"The models trained {steps:,} steps, on their own axes:", "",
                       f"![quality-latency, {steps:,} steps]({task}/curve-{steps}-steps.png)", ""]  # fmt: skip
+        for variant in (v for v in DECODINGS if any(r["variant"] == v for r in rows)):
+            lines += [f"main's model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside its own decode:", "",
+                      f"![quality-latency, {variant}]({task}/curve-{variant}.png)", ""]  # fmt: skip
         lines += [
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "
             f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`.",

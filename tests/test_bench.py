@@ -325,6 +325,8 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     (task_dir / "eval-no-mslm-x4").mkdir()
     write_csv([{"task": "t", "head": "offline", "param": "-", **score_output(longer), "output": str(longer)}],
               task_dir / "eval-no-mslm-x4" / "sweep.csv")  # fmt: skip
+    (task_dir / "eval-main-reencode").mkdir()  # main's model decoded another way: a plot beside main's runs
+    write_csv([r for r in rows if r["head"] == "wait-k"], task_dir / "eval-main-reencode" / "sweep.csv")
     B.run_stage(bench, "text-train-main", lambda: {"s_per_step": 9.5})
     path = B.write_summary(bench, ["text"])
     summary = path.read_text()
@@ -339,6 +341,8 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     steps = B.VARIANTS["no-mslm-x4"]["max_steps"]
     assert (bench.results / "text" / f"curve-{steps}-steps.png").is_file()
     assert f"](results/text/curve-{steps}-steps.png)" in embedded
+    assert (bench.results / "text" / "curve-main-reencode.png").is_file()
+    assert "](results/text/curve-main-reencode.png)" in embedded and "| main-reencode | wait-k | k=1 |" in embedded
 
 
 def test_summary_gives_each_computation_aware_run_its_ratio_to_plain_laal(tmp_path):
