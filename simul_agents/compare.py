@@ -345,8 +345,8 @@ def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
             f"{o['LAAL']:.2f} {unit}, chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}.")  # fmt: skip
     if "same_as_offline" in o:
         line += f" Its output equals the offline decode on {o['same_as_offline']} of {o['instances']} instances"
-        line += (
-            "." if o["same_as_offline"] == o["instances"] else
+        line += (  # another variant's decode (``--reencode``) may re-read them: it explains its own
+            "." if o["same_as_offline"] == o["instances"] or variant else
             ": each word it writes is the full-source model's next word, but the target tokens already written "
             "were computed under a shorter source (as in training: token t sees phi(t) units), so the "
             "continuation after them can differ."
