@@ -995,7 +995,7 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
-    from simul_agents.sweep import COLUMNS, plot
+    from simul_agents.sweep import COLUMNS, curve_name, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
         pack(eval_dir, bench.archive_dir(task, eval_dir.name.removeprefix("eval-")))
@@ -1024,8 +1024,6 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
     for variant in (v for v in DECODINGS if any(r["variant"] == v for r in rows)):  # main's model decoded two ways
-        from simul_agents.sweep import curve_name
-
         decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows  # main's offline: the line
                    if r["variant"] in ("main", variant) and r["head"] in DECODING_HEADS and r["head"] != "offline"
                    and curve_name(r["head"], r["param"]) == r["head"]]  # fmt: skip
