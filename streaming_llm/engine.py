@@ -291,9 +291,8 @@ class StreamingSession:
         self._unfed = []
         with torch.inference_mode():
             if self.reencode == "read" or (self.reencode == "end" and self.source_finished):
-                self._reencode_target(embeds, units)
-            else:
-                self._feed_source_and_pending(embeds, units)
+                self._pend_every_target_row()
+            self._feed_source_and_pending(embeds, units)
 
     # ---- target ------------------------------------------------------------------------------------
 
@@ -401,21 +400,20 @@ class StreamingSession:
         self.target_group += ids
         self._n_pending = len(ids)
 
-    def _reencode_target(self, embeds: torch.Tensor, units: list[int]) -> None:
-        """The last source (``embeds``), then every target row again, in one forward: the target rows are first
-        taken out of the cache (its prompt and source entries stay, in order). Target positions are a fixed
-        group, so the rows come back at the same positions; only what they see changes."""
-        keep = [i for i, kind in enumerate(self.kinds) if kind != TARGET]
-        index = torch.tensor(keep, device=self.model.device)
+    def _pend_every_target_row(self) -> None:
+        """Make every target row pending, to be fed again after the new source: the target entries move to the
+        cache's end (each group keeps its order; which entry attends to which is set by the mask, not the order).
+        Target positions are a fixed group, so the rows come back at the same positions; only what they see
+        changes."""
+        order = [i for i, kind in enumerate(self.kinds) if kind != TARGET]
+        order += [i for i, kind in enumerate(self.kinds) if kind == TARGET]
+        index = torch.tensor(order, device=self.model.device)
         cache, self.cache = self.cache, DynamicCache()
         for i, layer in enumerate(cache.layers):
             self.cache.update(layer.keys.index_select(2, index), layer.values.index_select(2, index), i)
-        self.kinds = [self.kinds[i] for i in keep]
-        self.entry_units = [self.entry_units[i] for i in keep]
-        target, self.target_group = self.target_group, []
-        self._feed([(embeds, SOURCE, units), (self.model.embed_ids(target), TARGET, 0)])
-        self.target_group = target
-        self._n_pending = len(target)
+        self.kinds = [self.kinds[i] for i in order]
+        self.entry_units = [self.entry_units[i] for i in order]
+        self._n_pending = len(self.target_group)
 
     def _feed_source_and_pending(self, embeds: torch.Tensor, units: int | list[int]) -> None:
         """New source entries, then the pending rows again (taken out of the cache first), in one forward."""
