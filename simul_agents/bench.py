@@ -1023,7 +1023,7 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
                        if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
-    for variant in (v for v in DECODINGS if any(r["variant"] == v for r in rows)):  # main's model decoded two ways
+    for variant in decodings_swept(rows):  # main's model decoded two ways
         decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows  # main's offline: the line
                    if r["variant"] in ("main", variant) and r["head"] in DECODING_HEADS and r["head"] != "offline"
                    and curve_name(r["head"], r["param"]) == r["head"]]  # fmt: skip
@@ -1050,6 +1050,11 @@ def _seed(variant: str) -> int:
 def other_budgets(rows: list[dict]) -> list[int]:
     """The training lengths of the swept variants trained longer than the task's plan."""
     return sorted({steps for r in rows if (steps := _steps(r["variant"]))})
+
+
+def decodings_swept(rows: list[dict]) -> list[str]:
+    """The ``DECODINGS`` of main's model that have runs among ``rows``."""
+    return [v for v in DECODINGS if any(r["variant"] == v for r in rows)]
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:
@@ -1092,7 +1097,7 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         for steps in other_budgets(rows):
             lines += [f"The models trained {steps:,} steps, on their own axes:", "",
                       f"![quality-latency, {steps:,} steps]({task}/curve-{steps}-steps.png)", ""]  # fmt: skip
-        for variant in (v for v in DECODINGS if any(r["variant"] == v for r in rows)):
+        for variant in decodings_swept(rows):
             lines += [f"main's model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside its own decode:", "",
                       f"![quality-latency, {variant}]({task}/curve-{variant}.png)", ""]  # fmt: skip
         lines += [
