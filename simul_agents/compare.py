@@ -152,6 +152,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
     offline = offline_of["main"]
     for v in decodings:
         offline_of[v] = offline_of[v] or offline
+    trained = {v: run for v, run in offline_of.items() if v not in decodings}  # models, not decodes of main's
     mean_source = main_runs[0]["mean_source_length"]
     result["mean_source_length"] = mean_source
     result["latency_unit"] = main_runs[0]["latency_unit"]
@@ -163,8 +164,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
         result["keep_offline"] = keep_offline(main_runs, offline, mean_source)
         # main as the system, each ablation of main's budget as the baseline (a seed replica is not an ablation:
         # ``seeds`` compares it with its recipe's other seeds)
-        firsts = {v: run for v, run in offline_of.items()
-                  if run is not None and not split_seed(v)[1] and v not in decodings}  # fmt: skip
+        firsts = {v: run for v, run in trained.items() if run is not None and not split_seed(v)[1]}
         result["offline"] = {v: paired_bootstrap(other["output"], offline["output"])
                              for v, other in firsts.items() if v != "main" and plain_of(v) == PLAIN}  # fmt: skip
         # #7's offline target: each other streaming-trained variant against the plain full-sentence fine-tune
@@ -176,7 +176,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
             if variant not in ("main", base) and plain is not None:
                 result["offline_vs_plain"][variant] = {**paired_bootstrap(plain["output"], other["output"]),
                                                        "plain": base}  # fmt: skip
-        study = seed_study({v: run for v, run in offline_of.items() if v not in decodings})
+        study = seed_study(trained)
         if study:
             result["seeds"] = study
     # the other variants' entropy heads against their own wait-k (the ablations sweep a sparser grid), their
@@ -439,13 +439,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("task_dir", help="a folder holding eval-<variant>/<head>/<param>/instances.log")
     parser.add_argument("--variants", nargs="+", default=["main"])
+    parser.add_argument("--decodings", nargs="+", default=[], metavar="VARIANT",
+                        help="variants of --variants that are main's model decoded another way (main-reencode)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     found = sorted(p.name.removeprefix("eval-") for p in Path(args.task_dir).glob("eval-*") if p.is_dir())
     if "main" not in found:
         parser.error(f"{args.task_dir}: no eval-main/ folder of runs (found: {', '.join(found) or 'none'}); give "
                      "a task folder of the bench, e.g. runs/bench/text")  # fmt: skip
-    result = compare_task(args.task_dir, args.variants)
+    unknown = sorted(set(args.decodings) - set(args.variants))
+    if unknown:
+        parser.error(f"--decodings {' '.join(unknown)}: not among --variants; name each in both")
+    result = compare_task(args.task_dir, args.variants, decodings=args.decodings)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n".join(format_comparison(result)))

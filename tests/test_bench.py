@@ -231,6 +231,19 @@ def test_compare_cli_names_a_folder_without_the_main_runs(tmp_path, capsys):
     assert "no eval-main/ folder of runs (found: none)" in capsys.readouterr().err
 
 
+def test_compare_cli_takes_a_decoding_of_main_and_refuses_one_not_among_the_variants(task_dir, capsys):
+    from simul_agents.compare import main
+
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    _write_run(task_dir / "eval-main-reencode" / "wait-k" / "k=2", _corrupt(refs, 0.1, 2), refs, delays_per_word=2.0)
+    assert main([str(task_dir), "--variants", "main", "main-reencode", "--decodings", "main-reencode"]) == 0
+    out = capsys.readouterr().out
+    assert "**main-reencode vs main**, run by run" in out and "Offline decode, main vs main-reencode" not in out
+    with pytest.raises(SystemExit):
+        main([str(task_dir), "--variants", "main", "--decodings", "main-reencode"])
+    assert "--decodings main-reencode: not among --variants" in capsys.readouterr().err
+
+
 def test_a_longer_variant_is_compared_with_the_plain_fine_tune_of_the_same_budget():
     from simul_agents.compare import plain_of
 
