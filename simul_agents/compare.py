@@ -17,7 +17,7 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
-  the seeds against each other and main's seed-mean against the plain fine-tune's (``seed_study``);
+  the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's (``seed_study``);
 - ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
   each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL;
   ``variant_oracle``: the same on another variant's runs, where it has an oracle run;
@@ -236,7 +236,8 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
 
     Per recipe: each seed's chrF and BLEU, their means, and each later seed against seed 0 (paired bootstrap): how
     far two trainings of one recipe lie apart, which the bootstrap over test sentences of one model cannot see.
-    Then ``main_vs_plain``: main's seed-mean chrF and BLEU minus the plain fine-tune's.
+    Then ``vs_plain``: per streaming recipe with seeds, its seed-mean chrF and BLEU minus its plain fine-tune's
+    (``plain_of``), and the chrF difference of every pairing of one of its seeds with one of the plain's.
     """
     recipes: dict[str, dict[int, dict]] = {}
     for variant, run in offline_of.items():
@@ -253,9 +254,18 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
             **{f"mean_{m}": round(sum(by_seed[s][m] for s in seeds) / len(seeds), 2) for m in ("chrF", "BLEU")},
             "vs_seed0": {str(s): paired_bootstrap(by_seed[0]["output"], by_seed[s]["output"]) for s in seeds[1:]},
         }
-    if "main" in out and PLAIN in out:
-        out["main_vs_plain"] = {m: round(out["main"][f"mean_{m}"] - out[PLAIN][f"mean_{m}"], 2)
-                                for m in ("chrF", "BLEU")}  # fmt: skip
+    vs_plain = {}
+    for recipe, r in out.items():
+        plain = out.get(plain_of(recipe))
+        if plain is None or recipe == plain_of(recipe):
+            continue
+        vs_plain[recipe] = {
+            **{m: round(r[f"mean_{m}"] - plain[f"mean_{m}"], 2) for m in ("chrF", "BLEU")},
+            "pairings_chrF": {f"{s}-{t}": round(r["chrF"][s] - plain["chrF"][t], 2)
+                              for s in r["chrF"] for t in plain["chrF"]},
+        }  # fmt: skip
+    if vs_plain:
+        out["vs_plain"] = vs_plain
     return out
 
 
@@ -263,7 +273,7 @@ def _seed_lines(study: dict) -> list[str]:
     """'Training seeds, offline decode: main chrF 21.73 (seed 0), 21.90 (seed 1), mean 21.82; ...'."""
     lines = []
     for recipe, r in study.items():
-        if recipe == "main_vs_plain":
+        if recipe == "vs_plain":
             continue
         chrf = ", ".join(f"{v:.2f} (seed {s})" for s, v in r["chrF"].items())
         later = "; ".join(f"seed {s} vs seed 0: chrF {t['chrF']['delta']:+.2f} (p {t['chrF']['p']:.3f}), "
@@ -271,9 +281,10 @@ def _seed_lines(study: dict) -> list[str]:
                           for s, t in r["vs_seed0"].items())  # fmt: skip
         lines.append(f"Training seeds, offline decode, {recipe}: chrF {chrf}, mean {r['mean_chrF']:.2f} "
                      f"(BLEU mean {r['mean_BLEU']:.2f}); {later}.")  # fmt: skip
-    if "main_vs_plain" in study:
-        d = study["main_vs_plain"]
-        lines.append(f"main minus {PLAIN}, over the seed means: chrF {d['chrF']:+.2f}, BLEU {d['BLEU']:+.2f}.")
+    for recipe, d in study.get("vs_plain", {}).items():
+        pairs = d["pairings_chrF"].values()
+        lines.append(f"{recipe} minus {plain_of(recipe)}, over the seed means: chrF {d['chrF']:+.2f}, BLEU "
+                     f"{d['BLEU']:+.2f} (each seed against each seed, chrF {min(pairs):+.2f} to {max(pairs):+.2f}).")
     return lines
 
 

@@ -343,11 +343,17 @@ def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_
     from simul_agents import proactive_agent
     from streaming_llm.lean import is_compiled
 
-    eager = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", name="eager")
+    head = ["--head", "entropy", "--threshold", "6"]
+    # words written before the source ends, re-read at every read: forwards of the source and every written row
+    reread = ["--head", "wait-k", "--k", "1", "--reencode", "read"]
+    eager = speech_run(data, tmp_path, *head, name="eager")
+    eager_reread = speech_run(data, tmp_path, *reread, name="eager-reread")
     model = proactive_agent.load_model(str(data / "speech-ckpt"), "fp32", compiled=True)  # what --compile loads
     assert is_compiled(model.llm)
     with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up met every shape already
-        compiled = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "6", "--compile", name="compiled")
+        compiled = speech_run(data, tmp_path, *head, "--compile", name="compiled")
+        compiled_reread = speech_run(data, tmp_path, *reread, "--compile", name="compiled-reread")
     assert proactive_agent._MODELS and next(iter(proactive_agent._MODELS.values())) is model
-    for a, b in zip(eager, compiled, strict=True):
+    for a, b in [*zip(eager, compiled, strict=True), *zip(eager_reread, compiled_reread, strict=True)]:
         assert a["prediction"] == b["prediction"] and a["delays"] == b["delays"]
+    assert any(len(a["delays"]) > 1 and a["delays"][0] < a["source_length"] for a in eager_reread)  # words to re-read

@@ -128,14 +128,17 @@ def test_a_second_training_seed_is_set_beside_its_recipe_not_compared_as_an_abla
     result = compare_task(task_dir, ["main", "no-mslm", "no-mslm-seed1", "main-seed1"], "text")
     assert set(result["offline"]) == {"no-mslm"} and not result["offline_vs_plain"]
     seeds = result["seeds"]
-    assert set(seeds) == {"main", "no-mslm", "main_vs_plain"}
+    assert set(seeds) == {"main", "no-mslm", "vs_plain"} and set(seeds["vs_plain"]) == {"main"}
     main, plain = seeds["main"], seeds["no-mslm"]
     assert main["chrF"]["0"] == 100.0 and main["vs_seed0"]["1"]["chrF"]["delta"] < 0  # seed 1 is the noisy one
     assert main["mean_chrF"] == round((main["chrF"]["0"] + main["chrF"]["1"]) / 2, 2)
-    assert seeds["main_vs_plain"]["chrF"] == round(main["mean_chrF"] - plain["mean_chrF"], 2) > 0
+    versus = seeds["vs_plain"]["main"]
+    assert versus["chrF"] == round(main["mean_chrF"] - plain["mean_chrF"], 2) > 0
+    assert versus["pairings_chrF"]["1-0"] == round(main["chrF"]["1"] - plain["chrF"]["0"], 2)
+    assert len(versus["pairings_chrF"]) == 4
     text = "\n".join(format_comparison(result))
     assert "Training seeds, offline decode, no-mslm: chrF" in text and "seed 1 vs seed 0: chrF" in text
-    assert "main minus no-mslm, over the seed means: chrF +" in text
+    assert "main minus no-mslm, over the seed means: chrF +" in text and "each seed against each seed, chrF" in text
 
 
 def test_a_seed_replica_is_swept_as_the_ablations_are():
