@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +108,43 @@ def paired_bootstrap(baseline: str | Path, system: str | Path, samples: int = BO
             "p": round(float(system_result.p_value), 4),
             "ci95": round(float(system_result.ci), 2),
         }
+    return out
+
+
+def seed_mean_bootstrap(baselines: Sequence[str | Path], systems: Sequence[str | Path],
+                        samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """sacrebleu's paired bootstrap of a recipe's seed mean against another's: every run of ``systems`` (one per
+    training seed) and of ``baselines`` scored on the same resamples of the test sentences, each side's scores
+    averaged over its runs; its resamples and its p, as ``paired_bootstrap`` (which it equals with one run a side).
+    It speaks for the test set only: two seeds a side cannot say where a third training would land."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import estimate_ci
+
+    runs = [[hypotheses(o) for o in side] for side in (baselines, systems)]
+    refs = runs[0][0][1]
+    for side, outputs in zip(runs, (baselines, systems), strict=True):
+        for (_, other), output in zip(side, outputs, strict=True):
+            if other != refs:
+                raise ValueError(f"{output} was scored on other references than {baselines[0]}; compare runs of "
+                                 "one test set")  # fmt: skip
+    seed = os.environ.get("SACREBLEU_SEED", "12345")  # sacrebleu's own resamples
+    rng = np.random.default_rng(None if seed.lower() == "none" else int(seed))
+    idxs = rng.choice(len(refs), size=(samples, len(refs)), replace=True)
+    out = {}
+    for name, metric in (("BLEU", BLEU()), ("chrF", CHRF())):
+        real, resampled = [], []  # per side: the mean score, the mean score of each resample
+        for side in runs:
+            stats = [np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32") for hyps, _ in side]
+            real.append(np.mean([metric._aggregate_and_compute(list(s)).score for s in stats]))
+            resampled.append(np.mean([[metric._compute_score_from_stats(s[i].sum(0)).score for i in idxs]
+                                      for s in stats], axis=0))  # fmt: skip
+        diffs = np.abs(resampled[1] - resampled[0])
+        centred = diffs - diffs.mean()
+        p = (int(np.sum(centred > abs(real[1] - real[0]))) + 1) / (samples + 1)
+        out[name] = {"baseline": round(float(real[0]), 2), "system": round(float(real[1]), 2),
+                     "delta": round(float(real[1] - real[0]), 2), "p": round(p, 4),
+                     "ci95": round(float(estimate_ci(resampled[1])[1]), 2)}  # fmt: skip
     return out
 
 
@@ -237,7 +275,8 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
     Per recipe: each seed's chrF and BLEU, their means, and each later seed against seed 0 (paired bootstrap): how
     far two trainings of one recipe lie apart, which the bootstrap over test sentences of one model cannot see.
     Then ``vs_plain``: per streaming recipe with seeds, its seed-mean chrF and BLEU minus its plain fine-tune's
-    (``plain_of``), and the chrF difference of every pairing of one of its seeds with one of the plain's.
+    (``plain_of``), a paired bootstrap of the two means (``seed_mean_bootstrap``), and the chrF difference of every
+    pairing of one of its seeds with one of the plain's.
     """
     recipes: dict[str, dict[int, dict]] = {}
     for variant, run in offline_of.items():
@@ -263,6 +302,8 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
             **{m: round(r[f"mean_{m}"] - plain[f"mean_{m}"], 2) for m in ("chrF", "BLEU")},
             "pairings_chrF": {f"{s}-{t}": round(r["chrF"][s] - plain["chrF"][t], 2)
                               for s in r["chrF"] for t in plain["chrF"]},
+            "test": seed_mean_bootstrap([run["output"] for run in recipes[plain_of(recipe)].values()],
+                                        [run["output"] for run in recipes[recipe].values()]),
         }  # fmt: skip
     if vs_plain:
         out["vs_plain"] = vs_plain
@@ -283,8 +324,11 @@ def _seed_lines(study: dict) -> list[str]:
                      f"(BLEU mean {r['mean_BLEU']:.2f}); {later}.")  # fmt: skip
     for recipe, d in study.get("vs_plain", {}).items():
         pairs = d["pairings_chrF"].values()
-        lines.append(f"{recipe} minus {plain_of(recipe)}, over the seed means: chrF {d['chrF']:+.2f}, BLEU "
-                     f"{d['BLEU']:+.2f} (each seed against each seed, chrF {min(pairs):+.2f} to {max(pairs):+.2f}).")
+        test = d["test"]
+        lines.append(f"{recipe} minus {plain_of(recipe)}, over the seed means: chrF {d['chrF']:+.2f} (p "
+                     f"{test['chrF']['p']:.3f}), BLEU {d['BLEU']:+.2f} (p {test['BLEU']['p']:.3f}) (paired bootstrap "
+                     f"of the means, test sentences resampled; each seed against each seed, chrF {min(pairs):+.2f} "
+                     f"to {max(pairs):+.2f}).")  # fmt: skip
     return lines
 
 

@@ -13,7 +13,14 @@ from types import SimpleNamespace
 import pytest
 
 from simul_agents import bench as B
-from simul_agents.compare import compare_task, format_comparison, matched, nearest, paired_bootstrap
+from simul_agents.compare import (
+    compare_task,
+    format_comparison,
+    matched,
+    nearest,
+    paired_bootstrap,
+    seed_mean_bootstrap,
+)
 
 WORDS = "der die das ein eine ist war hat Haus Hund Katze Stadt heute morgen gut schnell".split()
 
@@ -64,6 +71,23 @@ def test_paired_bootstrap_finds_a_clearly_better_system(task_dir):
     assert clear["chrF"]["delta"] > 10 and clear["chrF"]["p"] < 0.05
     worse = paired_bootstrap(main / "entropy" / "threshold=0.5", main / "wait-k" / "k=1")
     assert worse["chrF"]["delta"] == -clear["chrF"]["delta"]
+
+
+def test_the_seed_mean_bootstrap_is_sacrebleu_s_with_one_run_a_side_and_averages_several(task_dir):
+    main = task_dir / "eval-main"
+    k1, k2, e05 = main / "wait-k" / "k=1", main / "wait-k" / "k=2", main / "entropy" / "threshold=0.5"
+    assert seed_mean_bootstrap([k1], [e05]) == paired_bootstrap(k1, e05)  # the same resamples, the same p
+    two = seed_mean_bootstrap([k1, k2], [e05, main / "offline" / "-"])
+    for metric in ("BLEU", "chrF"):
+        side = [[paired_bootstrap(k1, run)[metric]["system"] for run in pair]
+                for pair in ((k1, k2), (e05, main / "offline" / "-"))]
+        assert two[metric]["baseline"] == pytest.approx(sum(side[0]) / 2, abs=0.011)
+        assert two[metric]["system"] == pytest.approx(sum(side[1]) / 2, abs=0.011)
+    assert two["chrF"]["delta"] > 10 and two["chrF"]["p"] < 0.05
+    elsewhere = task_dir / "eval-elsewhere"
+    _write_run(elsewhere, _sentences(120, 7), _sentences(120, 8), delays_per_word=1.0)
+    with pytest.raises(ValueError, match="other references"):
+        seed_mean_bootstrap([k1], [elsewhere])
 
 
 def test_points_are_matched_only_within_ten_percent_of_laal():
@@ -136,6 +160,7 @@ def test_a_second_training_seed_is_set_beside_its_recipe_not_compared_as_an_abla
     assert versus["chrF"] == round(main["mean_chrF"] - plain["mean_chrF"], 2) > 0
     assert versus["pairings_chrF"]["1-0"] == round(main["chrF"]["1"] - plain["chrF"]["0"], 2)
     assert len(versus["pairings_chrF"]) == 4
+    assert versus["test"]["chrF"]["delta"] == pytest.approx(versus["chrF"], abs=0.011)
     text = "\n".join(format_comparison(result))
     assert "Training seeds, offline decode, no-mslm: chrF" in text and "seed 1 vs seed 0: chrF" in text
     assert "main minus no-mslm, over the seed means: chrF +" in text and "each seed against each seed, chrF" in text
