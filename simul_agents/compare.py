@@ -314,7 +314,7 @@ def _seed_lines(study: dict) -> list[str]:
     """'Training seeds, offline decode: main chrF 21.73 (seed 0), 21.90 (seed 1), mean 21.82; ...'."""
     lines = []
     for recipe, r in study.items():
-        if recipe == "vs_plain":
+        if recipe == "vs_plain" or "vs_seed0" not in r:  # (a compare.json of before vs_plain: main_vs_plain)
             continue
         chrf = ", ".join(f"{v:.2f} (seed {s})" for s, v in r["chrF"].items())
         later = "; ".join(f"seed {s} vs seed 0: chrF {t['chrF']['delta']:+.2f} (p {t['chrF']['p']:.3f}), "
