@@ -197,9 +197,10 @@ TASKS = {
         lag_bounded=(("entropy", 2.0, 1, 3), ("entropy", 3.0, 1, 3), ("entropy", 3.0, 2, 4), ("entropy", 4.0, 2, 0)),
         # re-reading the written words (a 250-pair pilot: wait-k k=2 +0.88 chrF, entropy 4.0 +0.73, probe 0.8
         # +1.0): wait-k where main's loses to its offline decode (k <= 5), entropy at LAAL 1.7-4.7, the oracle; no
-        # offline run: with nothing written before the source ends, re-reading changes nothing (main's is used)
+        # offline run: with nothing written before the source ends, re-reading changes nothing (main's is used);
+        # the probe where #7's keep-95% limit (LAAL 2.77) falls: 0.7 (2.33), 0.75 (2.67), 0.8 (3.05)
         decodings={"main-reencode": {"wait-k": {"k": [1, 2, 3, 4, 5]}, "entropy": {"threshold": [3.0, 4.0, 5.0]},
-                                     "oracle": {}}},
+                                     "oracle": {}, "probe": {"threshold": [0.7, 0.75, 0.8]}}},
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,

@@ -90,6 +90,11 @@ def test_the_seed_mean_bootstrap_is_sacrebleu_s_with_one_run_a_side_and_averages
         seed_mean_bootstrap([k1], [elsewhere])
 
 
+def test_a_compare_json_written_before_the_recipe_against_plain_lines_still_formats():
+    earlier = {"seeds": {"main_vs_plain": {"chrF": -0.43, "BLEU": -0.32}}}  # what compare.json kept until 2026-12-01
+    assert not [line for line in format_comparison(earlier) if "seed" in line]
+
+
 def test_points_are_matched_only_within_ten_percent_of_laal():
     assert nearest({"LAAL": 2.0}, [{"LAAL": 2.15}, {"LAAL": 3.0}]) == {"LAAL": 2.15}
     assert nearest({"LAAL": 2.0}, [{"LAAL": 2.5}]) is None
