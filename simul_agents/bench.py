@@ -1029,9 +1029,10 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
                        if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
-    for variant in decodings_swept(rows):  # main's model decoded two ways
+    for variant in decodings_swept(rows):  # main's model decoded two ways, the heads the decoding ran
+        heads = {r["head"] for r in rows if r["variant"] == variant} & set(DECODING_HEADS)
         decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows  # main's offline: the line
-                   if r["variant"] in ("main", variant) and r["head"] in DECODING_HEADS and r["head"] != "offline"
+                   if r["variant"] in ("main", variant) and r["head"] in heads and r["head"] != "offline"
                    and curve_name(r["head"], r["param"]) == r["head"]]  # fmt: skip
         decoded += [r for r in rows if r["variant"] == "main" and r["head"] == "offline"]
         plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, main's model decoded two ways "
@@ -1040,7 +1041,7 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
 
 
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
-DECODING_HEADS = ("offline", "entropy", "wait-k", "oracle")  # a decoding's plot, beside main's (no lag bounds)
+DECODING_HEADS = ("offline", "entropy", "wait-k", "probe", "oracle")  # a decoding's plot, beside main's (no lag bounds)
 
 
 def _steps(variant: str) -> int | None:

@@ -184,7 +184,7 @@ def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_com
     text = B.TASKS["text"]
     assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
     assert text.compared()[-1] == "main-reencode"
-    assert B.planned_runs("text", "main-reencode") == 9  # wait-k 1-5, entropy 3-5, the oracle
+    assert B.planned_runs("text", "main-reencode") == 12  # wait-k 1-5, entropy 3-5, the oracle, probe 0.7-0.8
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
     assert names.index("text-compare-main") < names.index("text-sweep-main-reencode") < names.index("text-compare")
     assert "text-train-main-reencode" not in names  # nothing to train
