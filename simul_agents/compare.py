@@ -82,41 +82,17 @@ def hypotheses(output: str | Path) -> tuple[list[str], list[str]]:
 
 
 def paired_bootstrap(baseline: str | Path, system: str | Path, samples: int = BOOTSTRAP_SAMPLES) -> dict:
-    """sacrebleu's paired bootstrap of ``system`` against ``baseline`` (same references, same order)."""
-    from sacrebleu.metrics import BLEU, CHRF
-    from sacrebleu.significance import PairedTest
-
-    base_hyps, refs = hypotheses(baseline)
-    sys_hyps, sys_refs = hypotheses(system)
-    if refs != sys_refs:
-        raise ValueError(f"{baseline} and {system} were scored on different references; compare runs of one test set")
-    test = PairedTest(
-        [("baseline", base_hyps), ("system", sys_hyps)],
-        {"BLEU": BLEU(), "chrF": CHRF()},
-        references=[refs],
-        test_type="bs",
-        n_samples=samples,
-    )
-    _, scores = test()
-    out = {}
-    for metric, key in zip(("BLEU", "chrF"), [k for k in scores if k != "System"], strict=True):  # chrF -> "chrF2"
-        base, system_result = scores[key][0], scores[key][1]
-        out[metric] = {
-            "baseline": round(base.score, 2),
-            "system": round(system_result.score, 2),
-            "delta": round(system_result.score - base.score, 2),
-            "p": round(float(system_result.p_value), 4),
-            "ci95": round(float(system_result.ci), 2),
-        }
-    return out
+    """sacrebleu's paired bootstrap of ``system`` against ``baseline`` (same references, same order): its
+    resamples, its p and its 95% interval (``seed_mean_bootstrap`` with one run a side)."""
+    return seed_mean_bootstrap([baseline], [system], samples)
 
 
 def seed_mean_bootstrap(baselines: Sequence[str | Path], systems: Sequence[str | Path],
                         samples: int = BOOTSTRAP_SAMPLES) -> dict:
     """sacrebleu's paired bootstrap of a recipe's seed mean against another's: every run of ``systems`` (one per
     training seed) and of ``baselines`` scored on the same resamples of the test sentences, each side's scores
-    averaged over its runs; its resamples and its p, as ``paired_bootstrap`` (which it equals with one run a side).
-    It speaks for the test set only: two seeds a side cannot say where a third training would land."""
+    averaged over its runs; sacrebleu's resamples, p and 95% interval (with one run a side, its ``PairedTest``'s
+    numbers). It speaks for the test set only: two seeds a side cannot say where a third training would land."""
     import numpy as np
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import estimate_ci
