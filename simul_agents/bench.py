@@ -11,8 +11,9 @@ the main models):
 - ``<task>-train-<variant>``: MSLM + SPSD (``main``), without SPSD (``no-spsd``), without MSLM (``no-mslm``: a
   plain full-sentence fine-tune, the streaming-quality baseline), for text the streaming terms at 0.3 of the full
   view's weight (``stream-0.3``: whether a lighter streaming loss keeps offline quality; ``-x4``: it and the
-  plain fine-tune for 4x the steps; ``main-seed1``, ``no-mslm-seed1``: both trained again with another seed, whose
-  sweeps show how far two trainings of one recipe differ) and, for speech, ``main``
+  plain fine-tune for 4x the steps; ``main-seed1``, ``no-mslm-seed1``, ``stream-0.3-seed1``: trained again with
+  another seed, whose sweeps show how far two trainings of one recipe differ; ``no-mslm-seed2``,
+  ``stream-0.3-seed2``: a third seed, decoded offline only) and, for speech, ``main``
   with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays) and ``main`` again
   with another seed (``main-seed1``, from the text ``main-seed1``). A speech
   model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to
@@ -20,8 +21,8 @@ the main models):
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
   inside a stage from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
-  entropy and wait-k on the ablations and the seed replicas, and the probe on those in
-  ``probe_variants`` (``simul_agents.sweep``;
+  entropy and wait-k on the ablations and the seed replicas (the offline decode alone on those in
+  ``offline_only``), and the probe on those in ``probe_variants`` (``simul_agents.sweep``;
   finished runs, shards of 250 instances and a killed shard's finished instances are kept). ``--jobs``
   processes, each evaluating ``--batch`` instances at a time (``simul_agents.batch_eval``: SimulEval's loop with
   batched LM forwards; same predictions and delays, 4x (text) and 2.8x (speech) faster here, no ``elapsed``);
@@ -91,6 +92,10 @@ VARIANTS = {  # name -> training overrides
     # the lighter recipe again with seed 1: is stream-0.3's offline gap to the plain fine-tune (-0.37 chrF, one
     # seed each) still there over two seeds of both, when two seeds of the plain recipe differ by 0.59?
     "stream-0.3-seed1": {"w_mslm": 0.3, "spsd_lambda": 0.3, "seed": 1},
+    # a third seed of the lighter recipe and of its plain baseline: with three trainings a side, the seeds' own
+    # spread can be measured (two seeds a side left stream-0.3's -0.19 chrF with pairings from -0.60 to +0.23)
+    "no-mslm-seed2": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "seed": 2},
+    "stream-0.3-seed2": {"w_mslm": 0.3, "spsd_lambda": 0.3, "seed": 2},
 }
 # main's trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
 # written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
@@ -107,6 +112,8 @@ VARIANT_LABELS = {
     "main-seed1": "main, training seed 1",
     "no-mslm-seed1": "no-mslm, training seed 1",
     "stream-0.3-seed1": "stream-0.3, training seed 1",
+    "no-mslm-seed2": "no-mslm, training seed 2",
+    "stream-0.3-seed2": "stream-0.3, training seed 2",
     "main-reencode": "main's model, the words written re-read under the new source at every read (`--reencode read`)",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
@@ -150,6 +157,7 @@ class TaskPlan:
     entropy: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)  # the entropy head's thresholds on the main model
     probe: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the probe head's (on the main model)
     probe_variants: tuple[str, ...] = ()  # ablations whose jointly trained probe is swept too (probe's thresholds)
+    offline_only: tuple[str, ...] = ()  # variants swept on the offline decode alone (a seed replica's offline quality)
     # entropy or probe between lag bounds on the main model, (head, threshold, min_lag, max_lag; 0: no bound):
     # Zheng et al. 2020's adaptive policy between two wait-k schedules, its own curve ("entropy, lag-bounded")
     lag_bounded: tuple[tuple[str, float, int, int], ...] = ()
@@ -166,6 +174,8 @@ class TaskPlan:
         if variant in self.decodings:
             return dict(self.decodings[variant])
 
+        if variant in self.offline_only:
+            return {"offline": {}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
@@ -188,10 +198,12 @@ TASKS = {
         agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
         variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4", "no-mslm-seed1", "main-seed1",
-                  "stream-0.3-seed1"),
+                  "stream-0.3-seed1", "no-mslm-seed2", "stream-0.3-seed2"),
         # LAAL 0.9 to 5.3 words; 0.75 lies between 0.7 (2.33) and 0.8 (3.05), where #7's 35% limit (2.77) falls
         probe=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95),
         probe_variants=("stream-0.3-x4",),  # the longest-trained streaming model: does its probe keep 95%?
+        # the third seeds answer the offline question (streaming training's cost, seed spread included) alone
+        offline_only=("no-mslm-seed2", "stream-0.3-seed2"),
         # lags 1-3 straddle wait-k k=2, where the schedule starts to lose (k=1: 93.8% of offline, k=3: 99.0%);
         # 2-4 and 2-none: the 250-pair pilot's two settings, on the whole test set
         lag_bounded=(("entropy", 2.0, 1, 3), ("entropy", 3.0, 1, 3), ("entropy", 3.0, 2, 4), ("entropy", 4.0, 2, 0)),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -122,6 +123,39 @@ def seed_mean_bootstrap(baselines: Sequence[str | Path], systems: Sequence[str |
                      "delta": round(float(real[1] - real[0]), 2), "p": round(p, 4),
                      "ci95": round(float(estimate_ci(resampled[1])[1]), 2)}  # fmt: skip
     return out
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom (``df`` need not be whole: Welch's): one minus
+    twice the density's integral from 0 to |t| (Simpson's rule; the density is smooth, 1e-6 is ample here)."""
+    import numpy as np
+
+    if df <= 0:
+        raise ValueError(f"Student's t needs df > 0, not {df}")
+    x = np.linspace(0.0, abs(t), 20001)  # an odd number of points: Simpson's rule on 20,000 intervals
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x**2 / df))
+    weights = np.ones_like(x)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    area = float((weights * density).sum() * (x[1] - x[0]) / 3)
+    return min(1.0, max(0.0, 1 - 2 * area))
+
+
+def welch_test(baseline: Sequence[float], system: Sequence[float]) -> dict:
+    """Welch's t-test of two recipes' per-seed scores (one score a training seed, at least two a side): the
+    difference of the means, t, Welch-Satterthwaite df and the two-sided p. Unlike the bootstrap over test
+    sentences, it sees how far trainings of one recipe differ; with three seeds a side it has little power."""
+    if len(baseline) < 2 or len(system) < 2:
+        raise ValueError(f"Welch's test needs two seeds a side or more, not {len(baseline)} and {len(system)}")
+    sides = (baseline, system)
+    means = [sum(v) / len(v) for v in sides]
+    var_of_mean = [_sd(v) ** 2 / len(v) for v in sides]
+    delta, se2 = means[1] - means[0], sum(var_of_mean)
+    if se2 == 0:  # identical seeds on both sides: no spread to test against
+        return {"delta": round(delta, 2), "t": None, "df": None, "p": 1.0 if delta == 0 else 0.0}
+    df = se2**2 / sum(w**2 / (len(v) - 1) for w, v in zip(var_of_mean, sides, strict=True) if w > 0)
+    t = delta / math.sqrt(se2)
+    return {"delta": round(delta, 2), "t": round(t, 2), "df": round(df, 1), "p": round(t_two_sided_p(t, df), 4)}
 
 
 def nearest(point: dict, others: Sequence[dict]) -> dict | None:
@@ -248,11 +282,12 @@ def same_runs(baseline: Sequence[dict], runs: Sequence[dict]) -> list[dict]:
 def seed_study(offline_of: dict[str, dict | None]) -> dict:
     """The offline decodes of recipes trained with more than one seed (``main-seed1``: main, seed 1).
 
-    Per recipe: each seed's chrF and BLEU, their means, and each later seed against seed 0 (paired bootstrap): how
-    far two trainings of one recipe lie apart, which the bootstrap over test sentences of one model cannot see.
-    Then ``vs_plain``: per streaming recipe with seeds, its seed-mean chrF and BLEU minus its plain fine-tune's
-    (``plain_of``), a paired bootstrap of the two means (``seed_mean_bootstrap``), and the chrF difference of every
-    pairing of one of its seeds with one of the plain's.
+    Per recipe: each seed's chrF and BLEU, their means and standard deviations, and each later seed against seed 0
+    (paired bootstrap): how far trainings of one recipe lie apart, which the bootstrap over test sentences of one
+    model cannot see. Then ``vs_plain``: per streaming recipe with seeds, its seed-mean chrF and BLEU minus its
+    plain fine-tune's (``plain_of``), a paired bootstrap of the two means (``seed_mean_bootstrap``: test sentences
+    resampled), Welch's t-test over the seeds' scores (``seeds_test``: the seeds' spread as the noise), and the
+    chrF difference of every pairing of one of its seeds with one of the plain's.
     """
     recipes: dict[str, dict[int, dict]] = {}
     for variant, run in offline_of.items():
@@ -267,6 +302,7 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
         out[recipe] = {
             **{m: {str(s): round(by_seed[s][m], 2) for s in seeds} for m in ("chrF", "BLEU")},
             **{f"mean_{m}": round(sum(by_seed[s][m] for s in seeds) / len(seeds), 2) for m in ("chrF", "BLEU")},
+            **{f"sd_{m}": round(_sd([by_seed[s][m] for s in seeds]), 2) for m in ("chrF", "BLEU")},
             "vs_seed0": {str(s): paired_bootstrap(by_seed[0]["output"], by_seed[s]["output"]) for s in seeds[1:]},
         }
     vs_plain = {}
@@ -280,10 +316,17 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
                               for s in r["chrF"] for t in plain["chrF"]},
             "test": seed_mean_bootstrap([run["output"] for run in recipes[plain_of(recipe)].values()],
                                         [run["output"] for run in recipes[recipe].values()]),
+            "seeds_test": {m: welch_test(list(plain[m].values()), list(r[m].values())) for m in ("chrF", "BLEU")},
         }  # fmt: skip
     if vs_plain:
         out["vs_plain"] = vs_plain
     return out
+
+
+def _sd(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _seed_lines(study: dict) -> list[str]:
@@ -296,7 +339,8 @@ def _seed_lines(study: dict) -> list[str]:
         later = "; ".join(f"seed {s} vs seed 0: chrF {t['chrF']['delta']:+.2f} (p {t['chrF']['p']:.3f}), "
                           f"BLEU {t['BLEU']['delta']:+.2f} (p {t['BLEU']['p']:.3f})"
                           for s, t in r["vs_seed0"].items())  # fmt: skip
-        lines.append(f"Training seeds, offline decode, {recipe}: chrF {chrf}, mean {r['mean_chrF']:.2f} "
+        spread = f", sd {r['sd_chrF']:.2f}" if "sd_chrF" in r else ""  # (a compare.json of before the sd)
+        lines.append(f"Training seeds, offline decode, {recipe}: chrF {chrf}, mean {r['mean_chrF']:.2f}{spread} "
                      f"(BLEU mean {r['mean_BLEU']:.2f}); {later}.")  # fmt: skip
     for recipe, d in study.get("vs_plain", {}).items():
         pairs = d["pairings_chrF"].values()
@@ -305,6 +349,12 @@ def _seed_lines(study: dict) -> list[str]:
                      f"{test['chrF']['p']:.3f}), BLEU {d['BLEU']:+.2f} (p {test['BLEU']['p']:.3f}) (paired bootstrap "
                      f"of the means, test sentences resampled; each seed against each seed, chrF {min(pairs):+.2f} "
                      f"to {max(pairs):+.2f}).")  # fmt: skip
+        if "seeds_test" in d:
+            welch = d["seeds_test"]
+            lines.append(f"{recipe} minus {plain_of(recipe)}, the seeds as the samples (Welch's t-test of "
+                         f"{len(study[recipe]['chrF'])} against "
+                         f"{len(study[plain_of(recipe)]['chrF'])} seeds): chrF p {welch['chrF']['p']:.3f} (df "
+                         f"{welch['chrF']['df']}), BLEU p {welch['BLEU']['p']:.3f}.")  # fmt: skip
     return lines
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import random
 import shutil
 import threading
@@ -21,6 +22,8 @@ from simul_agents.compare import (
     nearest,
     paired_bootstrap,
     seed_mean_bootstrap,
+    t_two_sided_p,
+    welch_test,
 )
 
 WORDS = "der die das ein eine ist war hat Haus Hund Katze Stadt heute morgen gut schnell".split()
@@ -184,9 +187,34 @@ def test_a_second_training_seed_is_set_beside_its_recipe_not_compared_as_an_abla
     assert versus["pairings_chrF"]["1-0"] == round(main["chrF"]["1"] - plain["chrF"]["0"], 2)
     assert len(versus["pairings_chrF"]) == 4
     assert versus["test"]["chrF"]["delta"] == pytest.approx(versus["chrF"], abs=0.011)
+    assert versus["seeds_test"]["chrF"] == welch_test(list(plain["chrF"].values()), list(main["chrF"].values()))
+    assert main["sd_chrF"] == round(abs(main["chrF"]["0"] - main["chrF"]["1"]) / math.sqrt(2), 2)
     text = "\n".join(format_comparison(result))
+    assert "main minus no-mslm, the seeds as the samples (Welch's t-test of 2 against 2 seeds): chrF p" in text
     assert "Training seeds, offline decode, no-mslm: chrF" in text and "seed 1 vs seed 0: chrF" in text
     assert "main minus no-mslm, over the seed means: chrF +" in text and "each seed against each seed, chrF" in text
+
+
+def test_student_t_p_values_equal_the_closed_forms_and_welch_s_test_a_hand_computed_case():
+    for t in (0.3, 1.0, 3.674, 12.0):
+        assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-9)  # Cauchy
+        assert t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+        assert t_two_sided_p(t, 1e5) == pytest.approx(math.erfc(t / math.sqrt(2)), abs=1e-5)  # the normal's
+    # means 2 and 5, variances 1: the mean's variance 1/3 a side, t = 3 / sqrt(2/3), df = (2/3)^2 / (2 (1/3)^2 / 2) = 4
+    test = welch_test([1, 2, 3], [4, 5, 6])
+    assert (test["delta"], test["t"], test["df"]) == (3.0, 3.67, 4.0)
+    x = 3 / math.sqrt(2 / 3)  # Student's t with 4 df in closed form
+    cdf = 0.5 + 3 / 8 * x / math.sqrt(1 + x * x / 4) * (1 - x * x / (12 * (1 + x * x / 4)))
+    assert test["p"] == round(2 * (1 - cdf), 4)
+    with pytest.raises(ValueError, match="two seeds a side"):
+        welch_test([21.0], [22.0, 23.0])
+
+
+def test_a_third_seed_is_swept_on_the_offline_decode_alone():
+    text = B.TASKS["text"]
+    assert text.heads("stream-0.3-seed2") == text.heads("no-mslm-seed2") == {"offline": {}}
+    assert B.planned_runs("text", "stream-0.3-seed2") == 1
+    assert B.VARIANTS["stream-0.3-seed2"] == {**B.VARIANTS["stream-0.3"], "seed": 2}
 
 
 def test_a_seed_replica_is_swept_as_the_ablations_are():
