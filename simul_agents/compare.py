@@ -17,7 +17,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
-  the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's (``seed_study``);
+  the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's, over test
+  sentences (bootstrap) and over seeds (Welch's t-test) (``seed_study``);
 - ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
   each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL;
   ``variant_oracle``: the same on another variant's runs, where it has an oracle run;
