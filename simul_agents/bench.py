@@ -961,9 +961,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_stage(bench, name, fn)
         except StageFailed as e:
             print(f"error: {e}", file=sys.stderr)
-            write_summary(bench, args.tasks)
+            write_summary(bench, summary_tasks(bench, args.tasks))
             return 1
-    path = write_summary(bench, args.tasks)
+    path = write_summary(bench, summary_tasks(bench, args.tasks))
     print(f"\nwrote {path}")
     return 0
 
@@ -1074,6 +1074,11 @@ def other_budgets(rows: list[dict]) -> list[int]:
 def decodings_swept(rows: list[dict]) -> list[str]:
     """The ``DECODINGS`` of main's model that have runs among ``rows``."""
     return [v for v in DECODINGS if any(r["variant"] == v for r in rows)]
+
+
+def summary_tasks(bench: Bench, tasks: list[str]) -> list[str]:
+    """The tasks the summary shows: those run now and every other with results (``--tasks text`` keeps speech's)."""
+    return [t for t in TASKS if t in tasks or (bench.results / t / "runs.csv").is_file()]
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:

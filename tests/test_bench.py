@@ -456,6 +456,15 @@ def test_summary_gives_each_computation_aware_run_its_ratio_to_plain_laal(tmp_pa
     assert "| main | offline | - |" in summary and "| main | offline | - | 2300 | 2300 |" not in summary
 
 
+def test_a_bench_run_of_one_task_keeps_the_other_task_s_results_in_the_summary(tmp_path):
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)
+    assert B.summary_tasks(bench, ["text"]) == ["text"]
+    (tmp_path / "results" / "speech").mkdir(parents=True)
+    (tmp_path / "results" / "speech" / "runs.csv").write_text("task,variant\n")
+    assert B.summary_tasks(bench, ["text"]) == ["text", "speech"]  # written before: shown, not dropped
+    assert B.summary_tasks(bench, ["speech"]) == ["speech"]  # no text results here
+
+
 def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_every_other_k():
     text, speech = B.TASKS["text"], B.TASKS["speech"]
     assert text.heads("main")["wait-k"] == {"k": list(range(1, 10))}
