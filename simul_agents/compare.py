@@ -36,6 +36,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean, stdev
 
 from .score import ScoreError, read_instances, score_output
 from .sweep import bounded_curve, curve_name
@@ -149,12 +150,12 @@ def welch_test(baseline: Sequence[float], system: Sequence[float]) -> dict:
     if len(baseline) < 2 or len(system) < 2:
         raise ValueError(f"Welch's test needs two seeds a side or more, not {len(baseline)} and {len(system)}")
     sides = (baseline, system)
-    means = [sum(v) / len(v) for v in sides]
-    var_of_mean = [_sd(v) ** 2 / len(v) for v in sides]
+    means = [fmean(v) for v in sides]
+    var_of_mean = [stdev(v) ** 2 / len(v) for v in sides]
     delta, se2 = means[1] - means[0], sum(var_of_mean)
     if se2 == 0:  # identical seeds on both sides: no spread to test against
         return {"delta": round(delta, 2), "t": None, "df": None, "p": 1.0 if delta == 0 else 0.0}
-    df = se2**2 / sum(w**2 / (len(v) - 1) for w, v in zip(var_of_mean, sides, strict=True) if w > 0)
+    df = se2**2 / sum(w**2 / (len(v) - 1) for w, v in zip(var_of_mean, sides, strict=True))
     t = delta / math.sqrt(se2)
     return {"delta": round(delta, 2), "t": round(t, 2), "df": round(df, 1), "p": round(t_two_sided_p(t, df), 4)}
 
@@ -303,7 +304,7 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
         out[recipe] = {
             **{m: {str(s): round(by_seed[s][m], 2) for s in seeds} for m in ("chrF", "BLEU")},
             **{f"mean_{m}": round(sum(by_seed[s][m] for s in seeds) / len(seeds), 2) for m in ("chrF", "BLEU")},
-            **{f"sd_{m}": round(_sd([by_seed[s][m] for s in seeds]), 2) for m in ("chrF", "BLEU")},
+            **{f"sd_{m}": round(stdev(by_seed[s][m] for s in seeds), 2) for m in ("chrF", "BLEU")},
             "vs_seed0": {str(s): paired_bootstrap(by_seed[0]["output"], by_seed[s]["output"]) for s in seeds[1:]},
         }
     vs_plain = {}
@@ -322,12 +323,6 @@ def seed_study(offline_of: dict[str, dict | None]) -> dict:
     if vs_plain:
         out["vs_plain"] = vs_plain
     return out
-
-
-def _sd(values: Sequence[float]) -> float:
-    """The sample standard deviation (n - 1)."""
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _seed_lines(study: dict) -> list[str]:
