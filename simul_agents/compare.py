@@ -14,6 +14,7 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``offline``: the main model's full-source decode against each ablation's of the same training length
   (streaming training must not cost offline quality);
 - ``variant_entropy_vs_waitk``: the same matching on each other variant's own entropy and wait-k points;
+  ``variant_bounded_vs_waitk`` on its entropy points between lag bounds, where it has any;
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
@@ -234,6 +235,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
     others = [v for v in variants if v != "main"]
     result["variant_entropy_vs_waitk"] = {v: matched(runs[v], "entropy", "wait-k") for v in others
                                           if any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
+    result["variant_bounded_vs_waitk"] = {v: matched(runs[v], BOUNDED, "wait-k") for v in others
+                                          if any(r["head"] == BOUNDED for r in runs[v])}  # fmt: skip
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
@@ -492,6 +495,8 @@ def format_comparison(result: dict) -> list[str]:
         lines += [_keep_line(keep, unit), ""]
     variant_lines = [_variant_line(v, "entropy vs its own wait-k", points)
                      for v, points in (result.get("variant_entropy_vs_waitk") or {}).items()]  # fmt: skip
+    variant_lines += [_variant_line(v, "entropy between lag bounds vs its own wait-k", points)
+                      for v, points in (result.get("variant_bounded_vs_waitk") or {}).items()]  # fmt: skip
     variant_lines += [_variant_line(v, "probe vs its own entropy", points)
                       for v, points in (result.get("variant_probe_vs_entropy") or {}).items()]  # fmt: skip
     variant_lines += [_keep_line(keep, unit, v) for v, keep in (result.get("variant_keep_offline") or {}).items()]

@@ -230,7 +230,8 @@ def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_com
     text = B.TASKS["text"]
     assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
     assert text.compared()[-1] == "main-reencode"
-    assert B.planned_runs("text", "main-reencode") == 12  # wait-k 1-5, entropy 3-5, the oracle, probe 0.7-0.8
+    # wait-k 1-5, entropy 3-5 (alone, between lags 1 and 2, between 1 and 3), the oracle, probe 0.7-0.8
+    assert B.planned_runs("text", "main-reencode") == 18
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
     assert names.index("text-compare-main") < names.index("text-sweep-main-reencode") < names.index("text-compare")
     assert "text-train-main-reencode" not in names  # nothing to train
@@ -281,6 +282,25 @@ def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
     assert point["matched"] == "wait-k k=2" and point["worse"]
     text = "\n".join(format_comparison(result))
     assert "stream-0.3, entropy vs its own wait-k: 1 matched of 1 points, significantly better on 0, worse on 1" in text
+
+
+def test_a_decoding_s_entropy_between_lag_bounds_is_matched_with_its_own_wait_k(task_dir):
+    """main-reencode's bounded entropy runs are their own curve against main-reencode's wait-k, not main's."""
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    other = task_dir / "eval-main-reencode"
+    _write_run(other / "wait-k" / "k=2", _corrupt(refs, 0.5, 12), refs, delays_per_word=2.0)
+    _write_run(other / "entropy" / "threshold=4.0,min_lag=1,max_lag=3", _corrupt(refs, 0.1, 13), refs,
+               delays_per_word=2.1)
+    _write_run(other / "entropy" / "threshold=5.0,min_lag=1,max_lag=2", refs, refs, delays_per_word=1.5)
+    result = compare_task(task_dir, ["main", "main-reencode"], "text", decodings=["main-reencode"])
+    assert "main-reencode" not in result["variant_entropy_vs_waitk"]  # no plain entropy run of its own
+    points = {p["param"]: p for p in result["variant_bounded_vs_waitk"]["main-reencode"]}
+    assert points["threshold=4.0,min_lag=1,max_lag=3"]["matched"] == "wait-k k=2"
+    assert points["threshold=4.0,min_lag=1,max_lag=3"]["better"]
+    assert points["threshold=5.0,min_lag=1,max_lag=2"]["matched"] is None  # LAAL 1.5 against 2: not within 10%
+    text = "\n".join(format_comparison(result))
+    assert ("main-reencode, entropy between lag bounds vs its own wait-k: 1 matched of 2 points, significantly "
+            "better on 1, worse on 0") in text
 
 
 def test_a_variant_s_probe_is_matched_with_its_own_entropy_and_its_low_latency_share_is_its_own(task_dir):
