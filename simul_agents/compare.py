@@ -17,6 +17,9 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_bounded_vs_waitk`` on its entropy points between lag bounds, where it has any;
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
+- ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point within
+  10% of its LAAL but between two of them, against wait-k time-shared to its LAAL (each sentence decoded by one
+  of the two k, drawn at random: ``waitk_mixture``), the baseline that matching leaves out;
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
   the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's, over test
   sentences (bootstrap) and over seeds (Welch's t-test) (``seed_study``);
@@ -39,7 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean, stdev
 
-from .score import ScoreError, read_instances, score_output
+from . import latency as L
+from .score import ScoreError, read_instances, reference_length, score_output
 from .sweep import bounded_curve, curve_name
 
 PROACTIVE = ("entropy", "attention", "probe")
@@ -97,10 +101,6 @@ def seed_mean_bootstrap(baselines: Sequence[str | Path], systems: Sequence[str |
     training seed) and of ``baselines`` scored on the same resamples of the test sentences, each side's scores
     averaged over its runs; sacrebleu's resamples, p and 95% interval (with one run a side, its ``PairedTest``'s
     numbers). It speaks for the test set only: two seeds a side cannot say where a third training would land."""
-    import numpy as np
-    from sacrebleu.metrics import BLEU, CHRF
-    from sacrebleu.significance import estimate_ci
-
     runs = [[hypotheses(o) for o in side] for side in (baselines, systems)]
     refs = runs[0][0][1]
     for side, outputs in zip(runs, (baselines, systems), strict=True):
@@ -108,14 +108,25 @@ def seed_mean_bootstrap(baselines: Sequence[str | Path], systems: Sequence[str |
             if other != refs:
                 raise ValueError(f"{output} was scored on other references than {baselines[0]}; compare runs of "
                                  "one test set")  # fmt: skip
+    return bootstrap_hypotheses([[hyps for hyps, _ in side] for side in runs], refs, samples)
+
+
+def bootstrap_hypotheses(sides: Sequence[Sequence[list[str]]], refs: list[str],
+                         samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """``seed_mean_bootstrap`` on hypotheses in memory: ``sides`` = (baseline runs, system runs), each run one
+    hypothesis per reference, in order."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import estimate_ci
+
     seed = os.environ.get("SACREBLEU_SEED", "12345")  # sacrebleu's own resamples
     rng = np.random.default_rng(None if seed.lower() == "none" else int(seed))
     idxs = rng.choice(len(refs), size=(samples, len(refs)), replace=True)
     out = {}
     for name, metric in (("BLEU", BLEU()), ("chrF", CHRF())):
         real, resampled = [], []  # per side: the mean score, the mean score of each resample
-        for side in runs:
-            stats = [np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32") for hyps, _ in side]
+        for side in sides:
+            stats = [np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32") for hyps in side]
             real.append(np.mean([metric._aggregate_and_compute(list(s)).score for s in stats]))
             resampled.append(np.mean([[metric._compute_score_from_stats(s[i].sum(0)).score for i in idxs]
                                       for s in stats], axis=0))  # fmt: skip
@@ -189,6 +200,76 @@ def matched(runs: Sequence[dict], head: str, baseline_head: str) -> list[dict]:
     return out
 
 
+def waitk_mixture(target_laal: float, lower: dict, upper: dict, seed: int = 0) -> dict:
+    """wait-k time-shared to ``target_laal``: each test sentence decoded by the ``lower`` run (the smaller k) or
+    the ``upper`` one, the upper's sentences drawn in a seeded random order until the mean LAAL reaches the
+    target. A schedule that picks k per sentence at random is itself a fixed schedule, so every LAAL between two
+    wait-k points is wait-k's to reach: the fair baseline for an adaptive point with no wait-k point near it
+    (the convex hull of wait-k's curve, not its points). Returns the mixture's instances, its LAAL and the share
+    of sentences decoded by ``upper``."""
+    import random
+
+    runs = [read_instances(lower["output"]), read_instances(upper["output"])]
+    if [ins["index"] for ins in runs[0]] != [ins["index"] for ins in runs[1]]:
+        raise ValueError(f"{lower['output']} and {upper['output']} hold other test instances; mix runs of one test "
+                         "set")  # fmt: skip
+
+    def laal(ins: dict) -> float | None:  # None: wrote nothing (SimulEval leaves it out of the mean)
+        d = ins.get("delays")
+        return L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)) if d else None
+
+    values = [[laal(ins) for ins in run] for run in runs]
+    chosen = [0] * len(runs[0])  # which run decodes each sentence
+
+    def mean_laal() -> float:
+        got = [values[c][i] for i, c in enumerate(chosen) if values[c][i] is not None]
+        return sum(got) / len(got)
+
+    order = list(range(len(chosen)))
+    random.Random(seed).shuffle(order)
+    best = (abs(mean_laal() - target_laal), 0)
+    for n, i in enumerate(order, 1):  # switch sentences to the upper run until the mean passes the target
+        chosen[i] = 1
+        gap = abs(mean_laal() - target_laal)
+        best = min(best, (gap, n))
+        if mean_laal() >= target_laal:
+            break
+    chosen = [0] * len(chosen)
+    for i in order[: best[1]]:
+        chosen[i] = 1
+    instances = [runs[c][i] for i, c in enumerate(chosen)]
+    return {"instances": instances, "LAAL": mean_laal(), "share_upper": round(sum(chosen) / len(chosen), 3)}
+
+
+def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
+    """Each ``head`` point with no wait-k point within 10% of its LAAL but between two of them, against wait-k
+    time-shared to its LAAL (``waitk_mixture``; the two nearest k around it), with a paired bootstrap."""
+    waitk = sorted((r for r in runs if r["head"] == "wait-k" and r["LAAL"] is not None), key=lambda r: r["LAAL"])
+    out = []
+    for point in sorted((r for r in runs if r["head"] == head and r["LAAL"] is not None), key=lambda r: r["LAAL"]):
+        if nearest(point, waitk) is not None:
+            continue  # ``matched`` compares it with that point
+        around = [(a, b) for a, b in zip(waitk, waitk[1:], strict=False) if a["LAAL"] < point["LAAL"] < b["LAAL"]]
+        if not around:
+            continue  # outside wait-k's range: nothing to mix
+        lower, upper = around[0]
+        mix = waitk_mixture(point["LAAL"], lower, upper)
+        point_hyps, refs = hypotheses(point["output"])
+        mix_refs = [ins.get("reference", "") or "" for ins in mix["instances"]]
+        if mix_refs != refs:
+            raise ValueError(f"{point['output']} was scored on other references than {lower['output']}; compare "
+                             "runs of one test set")  # fmt: skip
+        mix_hyps = [ins.get("prediction", "") or "" for ins in mix["instances"]]
+        test = bootstrap_hypotheses([[mix_hyps], [point_hyps]], refs)
+        out.append({"head": head, "param": point["param"], "LAAL": point["LAAL"],
+                    "matched": f"wait-k {lower['param']}+{upper['param']} ({100 * mix['share_upper']:.0f}% "
+                               f"{upper['param']})",
+                    "matched_LAAL": round(mix["LAAL"], 2), **test,
+                    "better": test["chrF"]["delta"] > 0 and test["chrF"]["p"] < 0.05,
+                    "worse": test["chrF"]["delta"] < 0 and test["chrF"]["p"] < 0.05})  # fmt: skip
+    return out
+
+
 def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", decodings: Sequence[str] = ()) -> dict:
     """``decodings``: the variants of ``variants`` that are main's model decoded another way (agent flags, e.g.
     ``--reencode read``), not trained models: no offline or seed comparison, but their own oracle study and
@@ -237,6 +318,10 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
                                           if any(r["head"] == "entropy" for r in runs[v])}  # fmt: skip
     result["variant_bounded_vs_waitk"] = {v: matched(runs[v], BOUNDED, "wait-k") for v in others
                                           if any(r["head"] == BOUNDED for r in runs[v])}  # fmt: skip
+    # the entropy points (alone or between lag bounds) that no wait-k point lies near, against wait-k time-shared
+    # to their LAAL, on every variant with entropy runs
+    result["vs_waitk_mixed"] = {v: points for v in variants
+                                if (points := [p for h in ("entropy", BOUNDED) for p in mixed_vs_waitk(runs[v], h)])}
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
@@ -497,6 +582,8 @@ def format_comparison(result: dict) -> list[str]:
                      for v, points in (result.get("variant_entropy_vs_waitk") or {}).items()]  # fmt: skip
     variant_lines += [_variant_line(v, "entropy between lag bounds vs its own wait-k", points)
                       for v, points in (result.get("variant_bounded_vs_waitk") or {}).items()]  # fmt: skip
+    variant_lines += [_variant_line(v, "entropy points between wait-k points vs wait-k time-shared to their LAAL",
+                                    points) for v, points in (result.get("vs_waitk_mixed") or {}).items()]
     variant_lines += [_variant_line(v, "probe vs its own entropy", points)
                       for v, points in (result.get("variant_probe_vs_entropy") or {}).items()]  # fmt: skip
     variant_lines += [_keep_line(keep, unit, v) for v, keep in (result.get("variant_keep_offline") or {}).items()]

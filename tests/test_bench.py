@@ -19,10 +19,12 @@ from simul_agents.compare import (
     format_comparison,
     hypotheses,
     matched,
+    mixed_vs_waitk,
     nearest,
     paired_bootstrap,
     seed_mean_bootstrap,
     t_two_sided_p,
+    waitk_mixture,
     welch_test,
 )
 
@@ -145,6 +147,42 @@ def test_the_entropy_head_between_lag_bounds_is_its_own_curve_against_wait_k(tas
     assert point["head"] == "entropy, lag-bounded" and point["matched"] == "wait-k k=2" and point["better"]
     assert "**entropy between lag bounds vs wait-k** at equal LAAL (within 10%): 1 matched of 1 points" in "\n".join(
         format_comparison(result))
+
+
+def test_wait_k_time_shared_reaches_an_laal_between_two_of_its_points_with_whole_sentences(tmp_path):
+    from simul_agents.score import score_output
+
+    refs = _sentences(120, 0)
+    k1, k4 = tmp_path / "wait-k" / "k=1", tmp_path / "wait-k" / "k=4"
+    _write_run(k1, _corrupt(refs, 0.6, 1), refs, delays_per_word=1.0)
+    _write_run(k4, _corrupt(refs, 0.2, 2), refs, delays_per_word=4.0)
+    low, high = (score_output(run, write=False)["LAAL"] for run in (k1, k4))
+    target = low + 0.4 * (high - low)
+    mix = waitk_mixture(target, {"output": str(k1)}, {"output": str(k4)})
+    assert mix["LAAL"] == pytest.approx(target, abs=(high - low) / 100)  # one sentence moves the mean ~1/120
+    assert 0.3 < mix["share_upper"] < 0.5
+    lines = {run: (run / "instances.log").read_text(encoding="utf-8").splitlines() for run in (k1, k4)}
+    for i, ins in enumerate(mix["instances"]):  # each sentence one run's, untouched
+        assert ins in (json.loads(lines[k1][i]), json.loads(lines[k4][i]))
+    assert waitk_mixture(target, {"output": str(k1)}, {"output": str(k4)}) == mix  # seeded: the same draw
+
+
+def test_an_entropy_point_far_from_every_wait_k_point_is_tested_against_wait_k_time_shared_to_its_laal(tmp_path):
+    from simul_agents.compare import load_runs
+
+    refs = _sentences(120, 0)
+    main = tmp_path / "eval-main"
+    _write_run(main / "wait-k" / "k=1", _corrupt(refs, 0.6, 1), refs, delays_per_word=1.0)
+    _write_run(main / "wait-k" / "k=4", _corrupt(refs, 0.5, 2), refs, delays_per_word=4.0)
+    _write_run(main / "entropy" / "threshold=2.0", _corrupt(refs, 0.1, 3), refs, delays_per_word=2.5)
+    _write_run(main / "entropy" / "threshold=0.5", refs, refs, delays_per_word=4.1)  # matched with k=4 instead
+    (point,) = mixed_vs_waitk(load_runs(tmp_path, "main"), "entropy")
+    assert point["param"] == "threshold=2.0" and point["matched"].startswith("wait-k k=1+k=4 (")
+    assert point["matched_LAAL"] == pytest.approx(point["LAAL"], rel=0.02) and point["better"]
+    result = compare_task(tmp_path, ["main"], "text")
+    assert result["vs_waitk_mixed"]["main"] == [point]
+    assert ("main, entropy points between wait-k points vs wait-k time-shared to their LAAL: 1 matched of 1 points, "
+            "significantly better on 1") in "\n".join(format_comparison(result))
 
 
 def test_the_oracle_is_placed_against_each_head_s_latency_for_its_quality(task_dir):
