@@ -1018,7 +1018,7 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
-    from simul_agents.sweep import COLUMNS, curve_name, plot
+    from simul_agents.sweep import COLUMNS, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
         pack(eval_dir, bench.archive_dir(task, eval_dir.name.removeprefix("eval-")))
@@ -1048,9 +1048,9 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
     for variant in decodings_swept(rows):  # main's model decoded two ways, the heads the decoding ran
         heads = {r["head"] for r in rows if r["variant"] == variant} & set(DECODING_HEADS)
-        decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows  # main's offline: the line
-                   if r["variant"] in ("main", variant) and r["head"] in heads and r["head"] != "offline"
-                   and curve_name(r["head"], r["param"]) == r["head"]]  # fmt: skip
+        # main's offline: the line; a head's runs between lag bounds: their own curve ("entropy, lag-bounded")
+        decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
+                   if r["variant"] in ("main", variant) and r["head"] in heads and r["head"] != "offline"]
         decoded += [r for r in rows if r["variant"] == "main" and r["head"] == "offline"]
         plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, main's model decoded two ways "
              f"(LAAL in {unit})")  # fmt: skip
