@@ -450,10 +450,13 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> None:
     for axes, metric in zip(panels, ("BLEU", "chrF"), strict=True):
         _plot_metric(axes, rows, metric)
     handles, labels = panels[0].get_legend_handles_labels()
+    right = 1.0  # the panels' share of the figure's width: what the legend beside them leaves
     if handles:  # one legend for both panels, beside them: inside, it hides the points
-        figure.legend(handles, labels, loc="center right", fontsize=8)
+        legend = figure.legend(handles, labels, loc="center right", fontsize=8)
+        width = legend.get_window_extent(figure.canvas.get_renderer()).width  # pixels: long labels, wide legend
+        right = 1.0 - width / (figure.get_figwidth() * figure.dpi) - 0.01
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0, 0.83 if handles else 1, 1))
+    figure.tight_layout(rect=(0, 0, right, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
