@@ -226,26 +226,24 @@ def waitk_mixture(target_laal: float, lower: dict, upper: dict, seed: int = 0) -
         return L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)) if d else None
 
     values = [[laal(ins) for ins in run] for run in runs]
-    chosen = [0] * len(runs[0])  # which run decodes each sentence
-
-    def mean_laal() -> float:
-        got = [values[c][i] for i, c in enumerate(chosen) if values[c][i] is not None]
-        return sum(got) / len(got)
-
-    order = list(range(len(chosen)))
+    total = sum(v for v in values[0] if v is not None)  # the mixture's LAAL sum and count, all lower to begin with
+    count = sum(v is not None for v in values[0])
+    order = list(range(len(values[0])))
     random.Random(seed).shuffle(order)
-    best = (abs(mean_laal() - target_laal), 0)
+    best = (abs(total / max(count, 1) - target_laal), 0)  # (gap to the target, sentences switched to upper)
     for n, i in enumerate(order, 1):  # switch sentences to the upper run until the mean passes the target
-        chosen[i] = 1
-        gap = abs(mean_laal() - target_laal)
-        best = min(best, (gap, n))
-        if mean_laal() >= target_laal:
+        low, high = values[0][i], values[1][i]
+        total += (high or 0.0) - (low or 0.0)
+        count += (high is not None) - (low is not None)
+        best = min(best, (abs(total / max(count, 1) - target_laal), n))
+        if total / max(count, 1) >= target_laal:
             break
-    chosen = [0] * len(chosen)
-    for i in order[: best[1]]:
-        chosen[i] = 1
+    upper_ones = set(order[: best[1]])
+    chosen = [1 if i in upper_ones else 0 for i in range(len(order))]  # which run decodes each sentence
     instances = [runs[c][i] for i, c in enumerate(chosen)]
-    return {"instances": instances, "LAAL": mean_laal(), "share_upper": round(sum(chosen) / len(chosen), 3)}
+    got = [values[c][i] for i, c in enumerate(chosen) if values[c][i] is not None]
+    mean_laal = sum(got) / max(len(got), 1)
+    return {"instances": instances, "LAAL": mean_laal, "share_upper": round(sum(chosen) / len(chosen), 3)}
 
 
 def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
