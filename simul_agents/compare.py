@@ -19,7 +19,7 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point within
   10% of its LAAL but between two of them (k and k+1), against wait-k time-shared to its LAAL (each sentence
-  decoded by one of the two k, drawn at random: ``waitk_mixture``), the baseline that matching leaves out;
+  decoded by one of the two k, drawn at random: ``waitk_mixtures``), the baseline that matching leaves out;
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
   the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's, over test
   sentences (bootstrap) and over seeds (Welch's t-test) (``seed_study``);
@@ -42,8 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean, stdev
 
-from . import latency as L
-from .score import ScoreError, read_instances, reference_length, score_output
+from .score import LATENCY_OF, ScoreError, read_instances, score_output
 from .sweep import bounded_curve, curve_name
 
 PROACTIVE = ("entropy", "attention", "probe")
@@ -86,8 +85,18 @@ def load_runs(task_dir: Path, variant: str) -> list[dict]:
 
 def hypotheses(output: str | Path) -> tuple[list[str], list[str]]:
     """(predictions, references) of one run, in index order."""
-    instances = read_instances(output)
+    return texts(read_instances(output))
+
+
+def texts(instances: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """(predictions, references) of SimulEval instances, in their order."""
     return [ins.get("prediction", "") or "" for ins in instances], [ins.get("reference", "") or "" for ins in instances]
+
+
+def verdict(test: dict) -> dict:
+    """A paired test's chrF verdict: significantly better or worse (p < 0.05), or neither."""
+    chrf = test["chrF"]
+    return {"better": chrf["delta"] > 0 and chrf["p"] < 0.05, "worse": chrf["delta"] < 0 and chrf["p"] < 0.05}
 
 
 def paired_bootstrap(baseline: str | Path, system: str | Path, samples: int = BOOTSTRAP_SAMPLES) -> dict:
@@ -195,8 +204,7 @@ def matched(runs: Sequence[dict], head: str, baseline_head: str) -> list[dict]:
             continue
         test = paired_bootstrap(other["output"], point["output"])
         record.update(matched=f"{baseline_head} {other['param']}", matched_LAAL=other["LAAL"], **test)
-        record["better"] = test["chrF"]["delta"] > 0 and test["chrF"]["p"] < 0.05
-        record["worse"] = test["chrF"]["delta"] < 0 and test["chrF"]["p"] < 0.05
+        record.update(verdict(test))
         out.append(record)
     return out
 
@@ -207,48 +215,46 @@ def _k(run: dict) -> int | None:
     return int(value) if name == "k" and value.isdigit() else None
 
 
-def waitk_mixture(target_laal: float, lower: dict, upper: dict, seed: int = 0) -> dict:
+def waitk_mixtures(target_laal: float, lower: dict, upper: dict, draws: int = MIX_DRAWS) -> list[dict]:
     """wait-k time-shared to ``target_laal``: each test sentence decoded by the ``lower`` run (the smaller k) or
-    the ``upper`` one, the upper's sentences drawn in a seeded random order until the mean LAAL reaches the
-    target. A schedule that picks k per sentence at random is itself a fixed schedule, so every LAAL between two
-    wait-k points is wait-k's to reach: the fair baseline for an adaptive point with no wait-k point near it
-    (the convex hull of wait-k's curve, not its points). Returns the mixture's instances, its LAAL and the share
-    of sentences decoded by ``upper``."""
+    the ``upper`` one, the upper's sentences drawn in a seeded random order (draw ``d``: seed ``d``) until the
+    mean LAAL reaches the target. A schedule that picks k per sentence at random is itself a fixed schedule, so
+    every LAAL between two wait-k points is wait-k's to reach: the fair baseline for an adaptive point with no
+    wait-k point near it (the convex hull of wait-k's curve, not its points). Per draw: the mixture's instances,
+    its LAAL and the share of sentences decoded by ``upper``."""
     import random
 
     runs = [read_instances(lower["output"]), read_instances(upper["output"])]
     if [ins["index"] for ins in runs[0]] != [ins["index"] for ins in runs[1]]:
         raise ValueError(f"{lower['output']} and {upper['output']} hold other test instances; mix runs of one test "
                          "set")  # fmt: skip
-
-    def laal(ins: dict) -> float | None:  # None: wrote nothing (SimulEval leaves it out of the mean)
-        d = ins.get("delays")
-        return L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)) if d else None
-
-    values = [[laal(ins) for ins in run] for run in runs]
-    total = sum(v for v in values[0] if v is not None)  # the mixture's LAAL sum and count, all lower to begin with
-    count = sum(v is not None for v in values[0])
-    order = list(range(len(values[0])))
-    random.Random(seed).shuffle(order)
-    best = (abs(total / max(count, 1) - target_laal), 0)  # (gap to the target, sentences switched to upper)
-    for n, i in enumerate(order, 1):  # switch sentences to the upper run until the mean passes the target
-        low, high = values[0][i], values[1][i]
-        total += (high or 0.0) - (low or 0.0)
-        count += (high is not None) - (low is not None)
-        best = min(best, (abs(total / max(count, 1) - target_laal), n))
-        if total / max(count, 1) >= target_laal:
-            break
-    upper_ones = set(order[: best[1]])
-    chosen = [1 if i in upper_ones else 0 for i in range(len(order))]  # which run decodes each sentence
-    instances = [runs[c][i] for i, c in enumerate(chosen)]
-    got = [values[c][i] for i, c in enumerate(chosen) if values[c][i] is not None]
-    mean_laal = sum(got) / max(len(got), 1)
-    return {"instances": instances, "LAAL": mean_laal, "share_upper": round(sum(chosen) / len(chosen), 3)}
+    laal = LATENCY_OF["LAAL"]  # None: wrote nothing (SimulEval leaves it out of the mean)
+    values = [[laal(ins, ins["delays"]) if ins.get("delays") else None for ins in run] for run in runs]
+    mixes = []
+    for seed in range(draws):
+        total = sum(v for v in values[0] if v is not None)  # the mixture's LAAL sum and count, all lower at first
+        count = sum(v is not None for v in values[0])
+        order = list(range(len(values[0])))
+        random.Random(seed).shuffle(order)
+        best = (abs(total / max(count, 1) - target_laal), 0)  # (gap to the target, sentences switched to upper)
+        for n, i in enumerate(order, 1):  # switch sentences to the upper run until the mean passes the target
+            low, high = values[0][i], values[1][i]
+            total += (high or 0.0) - (low or 0.0)
+            count += (high is not None) - (low is not None)
+            best = min(best, (abs(total / max(count, 1) - target_laal), n))
+            if total / max(count, 1) >= target_laal:
+                break
+        upper_ones = set(order[: best[1]])
+        chosen = [1 if i in upper_ones else 0 for i in range(len(order))]  # which run decodes each sentence
+        got = [values[c][i] for i, c in enumerate(chosen) if values[c][i] is not None]
+        mixes.append({"instances": [runs[c][i] for i, c in enumerate(chosen)], "LAAL": sum(got) / max(len(got), 1),
+                      "share_upper": round(sum(chosen) / len(chosen), 3)})  # fmt: skip
+    return mixes
 
 
 def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
     """Each ``head`` point with no wait-k point within 10% of its LAAL but between two of them, k and k+1, against
-    wait-k time-shared to its LAAL (``waitk_mixture``), with a paired bootstrap. Which sentences a draw gives to
+    wait-k time-shared to its LAAL (``waitk_mixtures``), with a paired bootstrap. Which sentences a draw gives to
     which k moves its chrF by up to 0.2 here (text, 1,000 pairs), so the baseline is the mean of ``MIX_DRAWS``
     draws (``seed_mean_bootstrap``'s mean over runs): the time-shared schedule's expected score."""
     waitk = sorted((r for r in runs if r["head"] == "wait-k" and r["LAAL"] is not None), key=lambda r: r["LAAL"])
@@ -262,19 +268,18 @@ def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
             # the curve bends, mixing k=1 and k=3 scores below k=2, a weaker baseline than wait-k itself
             continue
         lower, upper = around[0]
-        mixes = [waitk_mixture(point["LAAL"], lower, upper, seed) for seed in range(MIX_DRAWS)]
+        mixes = waitk_mixtures(point["LAAL"], lower, upper)
         point_hyps, refs = hypotheses(point["output"])
-        if [ins.get("reference", "") or "" for ins in mixes[0]["instances"]] != refs:
+        if texts(mixes[0]["instances"])[1] != refs:
             raise ValueError(f"{point['output']} was scored on other references than {lower['output']}; compare "
                              "runs of one test set")  # fmt: skip
-        mix_hyps = [[ins.get("prediction", "") or "" for ins in mix["instances"]] for mix in mixes]
+        mix_hyps = [texts(mix["instances"])[0] for mix in mixes]
         test = bootstrap_hypotheses([mix_hyps, [point_hyps]], refs)  # the draws' mean: the schedule's expectation
         share = sum(mix["share_upper"] for mix in mixes) / MIX_DRAWS
         out.append({"head": head, "param": point["param"], "LAAL": point["LAAL"],
                     "matched": f"wait-k {lower['param']}+{upper['param']} ({100 * share:.0f}% {upper['param']})",
                     "matched_LAAL": round(sum(mix["LAAL"] for mix in mixes) / MIX_DRAWS, 2), **test,
-                    "better": test["chrF"]["delta"] > 0 and test["chrF"]["p"] < 0.05,
-                    "worse": test["chrF"]["delta"] < 0 and test["chrF"]["p"] < 0.05})  # fmt: skip
+                    **verdict(test)})  # fmt: skip
     return out
 
 
@@ -542,8 +547,8 @@ def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
 
 def _decoding_table(variant: str, points: list[dict], unit: str) -> list[str]:
     """Each run of a decoding of main's model against main's run of the same head and parameters."""
-    better = sum(p["chrF"]["delta"] > 0 and p["chrF"]["p"] < 0.05 for p in points)
-    worse = sum(p["chrF"]["delta"] < 0 and p["chrF"]["p"] < 0.05 for p in points)
+    better = sum(verdict(p)["better"] for p in points)
+    worse = sum(verdict(p)["worse"] for p in points)
     lines = [f"**{variant} vs main**, run by run (the same model, head and parameters): chrF significantly higher "
              f"on {better} of {len(points)} runs, lower on {worse}.", "",
              f"| head | param | LAAL ({unit}) | main's LAAL | chrF | Δ chrF | p | BLEU Δ | p |",

@@ -145,17 +145,19 @@ def _mean_over(instances: Sequence[dict], key: str, metric: Callable[[dict, list
     return mean(values) if values else None
 
 
+LATENCY_OF: dict[str, Callable[[dict, list], float]] = {  # one instance's latency from its delays (or elapsed)
+    "AL": lambda ins, d: L.average_lagging(d, ins["source_length"], reference_length(ins)),
+    "LAAL": lambda ins, d: L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)),
+    "DAL": lambda ins, d: L.differentiable_average_lagging(d, ins["source_length"]),
+    "AP": lambda ins, d: L.average_proportion(d, ins["source_length"], reference_length(ins)),
+    "StartOffset": lambda ins, d: L.start_offset(d),
+    "EndOffset": lambda ins, d: L.end_offset(d, ins["source_length"]),
+}
+
+
 def latency_scores(instances: Sequence[dict], speech: bool, key: str = "delays") -> dict[str, float | None]:
     """AL, LAAL, DAL, AP, ATD, StartOffset, EndOffset over ``key`` ('delays' or 'elapsed')."""
-    metrics: dict[str, Callable[[dict, list], float]] = {
-        "AL": lambda ins, d: L.average_lagging(d, ins["source_length"], reference_length(ins)),
-        "LAAL": lambda ins, d: L.length_adaptive_average_lagging(d, ins["source_length"], reference_length(ins)),
-        "DAL": lambda ins, d: L.differentiable_average_lagging(d, ins["source_length"]),
-        "AP": lambda ins, d: L.average_proportion(d, ins["source_length"], reference_length(ins)),
-        "StartOffset": lambda ins, d: L.start_offset(d),
-        "EndOffset": lambda ins, d: L.end_offset(d, ins["source_length"]),
-    }
-    scores = {name: _mean_over(instances, key, fn) for name, fn in metrics.items()}
+    scores = {name: _mean_over(instances, key, fn) for name, fn in LATENCY_OF.items()}
     if key == "delays":
         scores["ATD"] = _mean_over(instances, "delays", lambda ins, d: L.average_token_delay(d, speech))
     else:

@@ -24,7 +24,7 @@ from simul_agents.compare import (
     paired_bootstrap,
     seed_mean_bootstrap,
     t_two_sided_p,
-    waitk_mixture,
+    waitk_mixtures,
     welch_test,
 )
 
@@ -158,13 +158,13 @@ def test_wait_k_time_shared_reaches_an_laal_between_two_of_its_points_with_whole
     _write_run(k4, _corrupt(refs, 0.2, 2), refs, delays_per_word=4.0)
     low, high = (score_output(run, write=False)["LAAL"] for run in (k1, k4))
     target = low + 0.4 * (high - low)
-    mix = waitk_mixture(target, {"output": str(k1)}, {"output": str(k4)})
+    (mix,) = waitk_mixtures(target, {"output": str(k1)}, {"output": str(k4)}, draws=1)
     assert mix["LAAL"] == pytest.approx(target, abs=(high - low) / 100)  # one sentence moves the mean ~1/120
     assert 0.3 < mix["share_upper"] < 0.5
     lines = {run: (run / "instances.log").read_text(encoding="utf-8").splitlines() for run in (k1, k4)}
     for i, ins in enumerate(mix["instances"]):  # each sentence one run's, untouched
         assert ins in (json.loads(lines[k1][i]), json.loads(lines[k4][i]))
-    assert waitk_mixture(target, {"output": str(k1)}, {"output": str(k4)}) == mix  # seeded: the same draw
+    assert waitk_mixtures(target, {"output": str(k1)}, {"output": str(k4)}, draws=1) == [mix]  # seeded: the same
 
 
 def test_an_entropy_point_far_from_every_wait_k_point_is_tested_against_wait_k_time_shared_to_its_laal(tmp_path):
