@@ -96,11 +96,18 @@ VARIANTS = {  # name -> training overrides
     # spread can be measured (two seeds a side left stream-0.3's -0.19 chrF with pairings from -0.60 to +0.23)
     "no-mslm-seed2": {"w_mslm": 0.0, "spsd_lambda": 0.0, "probe": False, "seed": 2},
     "stream-0.3-seed2": {"w_mslm": 0.3, "spsd_lambda": 0.3, "seed": 2},
+    # speech: the lighter recipe for the speech plan's steps, its LLM from the text stream-0.3-x4 model (chrF 28.3
+    # against main's 21.7): a speech model whose wait-k k=1 has room below its offline decode (main's: 98.8%)
+    "from-x4": {"w_mslm": 0.3, "spsd_lambda": 0.3},
 }
-# main's trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
+# a trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
 # written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
-DECODINGS = {"main-reencode": {"reencode": "read"}}
-INIT_VARIANT = {"encoder-lora": "main"}  # which text variant starts a speech variant (default: the same name)
+DECODINGS = {"main-reencode": {"reencode": "read"}, "stream-0.3-x4-reencode": {"reencode": "read"},
+             "from-x4-reencode": {"reencode": "read"}}
+# which variant's model a decoding runs (default: main)
+DECODED_MODEL = {"stream-0.3-x4-reencode": "stream-0.3-x4", "from-x4-reencode": "from-x4"}
+# which text variant starts a speech variant (default: the same name)
+INIT_VARIANT = {"encoder-lora": "main", "from-x4": "stream-0.3-x4"}
 VARIANT_LABELS = {
     "main": "MSLM + SPSD",
     "no-spsd": "MSLM only (no SPSD)",
@@ -115,6 +122,9 @@ VARIANT_LABELS = {
     "no-mslm-seed2": "no-mslm, training seed 2",
     "stream-0.3-seed2": "stream-0.3, training seed 2",
     "main-reencode": "main's model, the words written re-read under the new source at every read (`--reencode read`)",
+    "stream-0.3-x4-reencode": "stream-0.3-x4's model, the words written re-read (`--reencode read`)",
+    "from-x4": "MSLM + SPSD at 0.3, the LLM from the text stream-0.3-x4 model",
+    "from-x4-reencode": "from-x4's model, the words written re-read (`--reencode read`)",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
@@ -161,10 +171,10 @@ class TaskPlan:
     # entropy or probe between lag bounds on the main model, (head, threshold, min_lag, max_lag; 0: no bound):
     # Zheng et al. 2020's adaptive policy between two wait-k schedules, its own curve ("entropy, lag-bounded")
     lag_bounded: tuple[tuple[str, float, int, int], ...] = ()
-    decodings: dict = field(default_factory=dict)  # DECODINGS swept on the main model: name -> its heads
+    decodings: dict = field(default_factory=dict)  # DECODINGS swept (on DECODED_MODEL's model): name -> its heads
 
     def compared(self) -> list[str]:
-        """What the task's final comparison reads: main, its ablations and replicas, main's other decodings."""
+        """What the task's final comparison reads: main, its ablations and replicas, their other decodings."""
         return ["main", *self.variants, *self.decodings]
 
     def heads(self, variant: str) -> dict:
@@ -219,13 +229,19 @@ TASKS = {
                                      "entropy": [{"threshold": [3.0, 4.0, 5.0]},
                                                  {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [2]},
                                                  {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [3]}],
-                                     "oracle": {}, "probe": {"threshold": [0.7, 0.75, 0.8]}}},
+                                     "oracle": {}, "probe": {"threshold": [0.7, 0.75, 0.8]}},
+                   # the same bounded settings, chosen on main's pilot, unchanged on the longest-trained streaming
+                   # model (chrF 28.3, where wait-k k=1 loses 2 points): a test on a model the choice never saw
+                   "stream-0.3-x4-reencode": {
+                       "wait-k": {"k": [1, 2, 3]},
+                       "entropy": [{"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [2]},
+                                   {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [3]}]}},
     ),
     "speech": TaskPlan(
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
         # main-seed1 starts from the text main-seed1 model: the whole recipe trained again with another seed
-        variants=("encoder-lora", "no-mslm", "no-spsd", "main-seed1"), init_from="text",
+        variants=("encoder-lora", "no-mslm", "no-spsd", "main-seed1", "from-x4"), init_from="text",
         wait_k=tuple(range(1, 7)),  # 640 ms blocks: k=6 waits 3.84 s; 90% of test utterances are under 3.65 s
         attention=(0.04, 0.08, 0.13),  # the share's quartiles on speech dev: 0.036, 0.076, 0.126 (text: 0.03-0.08)
         # 5.0 writes at LAAL 37% of the mean source (868 ms); 6.0 reaches below the 35% #7's keep-95% target reads
@@ -235,7 +251,15 @@ TASKS = {
         lag_bounded=(("probe", 0.8, 0, 1), ("entropy", 4.0, 0, 1), ("entropy", 5.0, 0, 1)),
         # its own offline run: main's was decoded on the audio of an earlier corpus build (Interruptions, README)
         decodings={"main-reencode": {"wait-k": {"k": [1, 2, 3]}, "entropy": {"threshold": [3.0, 4.0, 5.0]},
-                                     "oracle": {}, "offline": {}}},
+                                     "oracle": {}, "offline": {}},
+                   # the stronger speech model re-read: wait-k's first three k, the entropy head alone and
+                   # between lags 1-2 and 1-3 (text's settings, unchanged), the oracle
+                   "from-x4-reencode": {
+                       "wait-k": {"k": [1, 2, 3]},
+                       "entropy": [{"threshold": [3.0, 4.0, 5.0]},
+                                   {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [2]},
+                                   {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [3]}],
+                       "oracle": {}}},
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -539,6 +563,11 @@ def dev_curve_table(bench: Bench, task: str) -> list[str]:
     return lines + [""]
 
 
+def decoded_model(variant: str) -> str:
+    """The trained variant whose model ``variant`` evaluates (itself, or for a decoding its ``DECODED_MODEL``)."""
+    return DECODED_MODEL.get(variant, "main") if variant in DECODINGS else variant
+
+
 def test_files(task: TaskPlan, bench: Bench):
     from training.corpus import write_simuleval_files
 
@@ -552,7 +581,7 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
     from simul_agents.sweep import SweepConfig, sweep
 
     files = test_files(task, bench)
-    model = "main" if variant in DECODINGS else variant
+    model = decoded_model(variant)
     config = SweepConfig(
         task=f"offline-{task.name}-en-de/{variant}",
         checkpoint=str(bench.runs / task.name / model / "final"),
@@ -617,7 +646,7 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
             raise RuntimeError(f"{len(missing)} run(s) of {task.name}-sweep-{variant} have no instances.log here "
                                f"(e.g. {missing[0]}); rerun that sweep: python -m simul_agents.bench --only "
                                f"{task.name}-sweep-{variant}")  # fmt: skip
-    decodings = [v for v in variants if v in DECODINGS]
+    decodings = {v: decoded_model(v) for v in variants if v in DECODINGS}
     result = compare_task(bench.runs / task.name, variants, task.name, decodings=decodings)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -708,8 +737,9 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         plan.append((f"{name}-compare-main", lambda t=task: stage_compare(bench, t, ["main", *swept(bench, t)])))
         if task.segment:  # speech: computation-aware latency needs SimulEval's own timing
             plan.append((f"{name}-computation-aware", lambda t=task: stage_computation_aware(bench, t)))
-        for variant in task.decodings:  # the main model decoded another way
-            plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
+        for variant in task.decodings:  # the main model decoded another way (another's: after its sweep)
+            if decoded_model(variant) == "main":
+                plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
     ablations = [(name, variant) for name in tasks for variant in TASKS[name].variants]
     # first those that start from a main model (speech encoder-lora: does fine-tuning the encoder pay?), then
     # the recipe ablations, which a speech model takes from the text model of the same recipe
@@ -720,6 +750,9 @@ def stages(bench: Bench, tasks: list[str]) -> list[tuple[str, Callable[[], dict 
         task = TASKS[name]
         plan.append((f"{name}-train-{variant}", lambda t=task, v=variant: stage_train(bench, t, v)))
         plan.append((f"{name}-sweep-{variant}", lambda t=task, v=variant: stage_sweep(bench, t, v)))
+        for decoding in task.decodings:  # this variant's model decoded another way
+            if decoded_model(decoding) == variant:
+                plan.append((f"{name}-sweep-{decoding}", lambda t=task, v=decoding: stage_sweep(bench, t, v)))
         if variant == last[name]:
             plan.append((f"{name}-compare", lambda t=task: stage_compare(bench, t, t.compared())))
     plan.append(("streaming-cost", lambda: stage_benchmark(bench, "benchmarks/streaming_cost.py", ["--real"])))
@@ -1048,19 +1081,20 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
                        if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
-    for variant in decodings_swept(rows):  # main's model decoded two ways, the heads the decoding ran
+    for variant in decodings_swept(rows):  # a model decoded two ways, the heads the decoding ran
+        model = decoded_model(variant)
         heads = {r["head"] for r in rows if r["variant"] == variant} & set(DECODING_HEADS)
-        # main's offline: the line; a head's runs between lag bounds: their own curve ("entropy, lag-bounded")
+        # the model's offline: the line; a head's runs between lag bounds: their own curve ("entropy, lag-bounded")
         decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
-                   if r["variant"] in ("main", variant) and r["head"] in heads and r["head"] != "offline"]
-        decoded += [r for r in rows if r["variant"] == "main" and r["head"] == "offline"]
-        plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, main's model decoded two ways "
-             f"(LAAL in {unit})")  # fmt: skip
+                   if r["variant"] in (model, variant) and r["head"] in heads and r["head"] != "offline"]
+        decoded += [r for r in rows if r["variant"] == model and r["head"] == "offline"]
+        plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, {model}'s model decoded two "
+             f"ways (LAAL in {unit})")  # fmt: skip
     return rows
 
 
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
-DECODING_HEADS = ("offline", "entropy", "wait-k", "probe", "oracle")  # a decoding's plot, beside main's (no lag bounds)
+DECODING_HEADS = ("offline", "entropy", "wait-k", "probe", "oracle")  # a decoding's plot, beside its model's
 
 
 def _steps(variant: str) -> int | None:
@@ -1079,7 +1113,7 @@ def other_budgets(rows: list[dict]) -> list[int]:
 
 
 def decodings_swept(rows: list[dict]) -> list[str]:
-    """The ``DECODINGS`` of main's model that have runs among ``rows``."""
+    """The ``DECODINGS`` that have runs among ``rows``."""
     return [v for v in DECODINGS if any(r["variant"] == v for r in rows)]
 
 
@@ -1129,7 +1163,8 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             lines += [f"The models trained {steps:,} steps, on their own axes:", "",
                       f"![quality-latency, {steps:,} steps]({task}/curve-{steps}-steps.png)", ""]  # fmt: skip
         for variant in decodings_swept(rows):
-            lines += [f"main's model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside its own decode:", "",
+            lines += [f"{decoded_model(variant)}'s model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside its "
+                      "own decode:", "",
                       f"![quality-latency, {variant}]({task}/curve-{variant}.png)", ""]  # fmt: skip
         lines += [
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "

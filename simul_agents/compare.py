@@ -26,9 +26,9 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``oracle``: the oracle head's point, the floor of this model's latency; ``reach``: the lowest LAAL at which
   each head scores the oracle's chrF; ``vs_waitk``: the oracle against the wait-k point of equal LAAL;
   ``variant_oracle``: the same on another variant's runs, where it has an oracle run;
-- ``decoding_vs_main``: for a variant that is main's model decoded another way (``decodings``: e.g. the written
-  words re-read at every read, ``--reencode read``), each of its runs against main's run of the same head and
-  parameters.
+- ``decoding_vs_model``: for a variant that is a trained model decoded another way (``decodings``: e.g. main's
+  with the written words re-read at every read, ``--reencode read``), each of its runs against that model's run of
+  the same head and parameters.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import fmean, stdev
 
@@ -283,21 +283,24 @@ def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
     return out
 
 
-def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", decodings: Sequence[str] = ()) -> dict:
-    """``decodings``: the variants of ``variants`` that are main's model decoded another way (agent flags, e.g.
-    ``--reencode read``), not trained models: no offline or seed comparison, but their own oracle study and
-    ``decoding_vs_main``; one without an offline run of its own uses main's."""
+def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
+                 decodings: Mapping[str, str] | None = None) -> dict:
+    """``decodings``: the variants of ``variants`` that are a trained model decoded another way (agent flags, e.g.
+    ``--reencode read``), each with the variant whose model it decodes (``{"main-reencode": "main"}``), not
+    trained models: no offline or seed comparison, but their own oracle study and ``decoding_vs_model``; one
+    without an offline run of its own uses its model's."""
     task_dir = Path(task_dir)
-    runs = {v: load_runs(task_dir, v) for v in variants}
+    decodings = dict(decodings or {})
+    runs = {v: load_runs(task_dir, v) for v in (*variants, *(m for m in decodings.values() if m not in variants))}
     main_runs = runs.get("main") or []
     result: dict = {"task": task or task_dir.name}
     if not main_runs:
         return result
     offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
     offline = offline_of["main"]
-    for v in decodings:
-        offline_of[v] = offline_of[v] or offline
-    trained = {v: run for v, run in offline_of.items() if v not in decodings}  # models, not decodes of main's
+    for v, model in decodings.items():
+        offline_of[v] = offline_of[v] or next((r for r in runs[model] if r["head"] == "offline"), None)
+    trained = {v: run for v, run in offline_of.items() if v not in decodings}  # models, not decodes of them
     mean_source = main_runs[0]["mean_source_length"]
     result["mean_source_length"] = mean_source
     result["latency_unit"] = main_runs[0]["latency_unit"]
@@ -343,7 +346,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "", 
     if study:
         result["oracle"] = study
     result["variant_oracle"] = {v: s for v in others if (s := oracle_study(runs[v], offline_of[v]))}
-    result["decoding_vs_main"] = {v: same_runs(main_runs, runs[v]) for v in decodings}
+    result["decoding_vs_model"] = {v: {"model": model, "runs": same_runs(runs[model], runs[v])}
+                                   for v, model in decodings.items()}  # fmt: skip
     return result
 
 
@@ -545,13 +549,13 @@ def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
     return line
 
 
-def _decoding_table(variant: str, points: list[dict], unit: str) -> list[str]:
-    """Each run of a decoding of main's model against main's run of the same head and parameters."""
+def _decoding_table(variant: str, model: str, points: list[dict], unit: str) -> list[str]:
+    """Each run of a decoding of ``model``'s model against ``model``'s run of the same head and parameters."""
     better = sum(verdict(p)["better"] for p in points)
     worse = sum(verdict(p)["worse"] for p in points)
-    lines = [f"**{variant} vs main**, run by run (the same model, head and parameters): chrF significantly higher "
-             f"on {better} of {len(points)} runs, lower on {worse}.", "",
-             f"| head | param | LAAL ({unit}) | main's LAAL | chrF | Δ chrF | p | BLEU Δ | p |",
+    lines = [f"**{variant} vs {model}**, run by run (the same model, head and parameters): chrF significantly "
+             f"higher on {better} of {len(points)} runs, lower on {worse}.", "",
+             f"| head | param | LAAL ({unit}) | {model}'s LAAL | chrF | Δ chrF | p | BLEU Δ | p |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in points:
         c, b = p["chrF"], p["BLEU"]
@@ -611,9 +615,9 @@ def format_comparison(result: dict) -> list[str]:
         lines += ["", _oracle_line(result["oracle"], unit)]
     for variant, o in (result.get("variant_oracle") or {}).items():
         lines += ["", _oracle_line(o, unit, variant)]
-    for variant, points in (result.get("decoding_vs_main") or {}).items():
-        if points:
-            lines += ["", *_decoding_table(variant, points, unit)]
+    for variant, decoded in (result.get("decoding_vs_model") or {}).items():
+        if decoded["runs"]:
+            lines += ["", *_decoding_table(variant, decoded["model"], decoded["runs"], unit)]
     return lines
 
 
@@ -621,18 +625,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simul_agents.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("task_dir", help="a folder holding eval-<variant>/<head>/<param>/instances.log")
     parser.add_argument("--variants", nargs="+", default=["main"])
-    parser.add_argument("--decodings", nargs="+", default=[], metavar="VARIANT",
-                        help="variants of --variants that are main's model decoded another way (main-reencode)")
+    parser.add_argument("--decodings", nargs="+", default=[], metavar="VARIANT[=MODEL]",
+                        help="variants of --variants that are a trained model decoded another way, with that "
+                             "model's variant (default main): main-reencode stream-0.3-x4-reencode=stream-0.3-x4")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     found = sorted(p.name.removeprefix("eval-") for p in Path(args.task_dir).glob("eval-*") if p.is_dir())
     if "main" not in found:
         parser.error(f"{args.task_dir}: no eval-main/ folder of runs (found: {', '.join(found) or 'none'}); give "
                      "a task folder of the bench, e.g. runs/bench/text")  # fmt: skip
-    unknown = sorted(set(args.decodings) - set(args.variants))
+    decodings = {name: model or "main" for name, _, model in (d.partition("=") for d in args.decodings)}
+    unknown = sorted(set(decodings) - set(args.variants))
     if unknown:
         parser.error(f"--decodings {' '.join(unknown)}: not among --variants; name each in both")
-    result = compare_task(args.task_dir, args.variants, decodings=args.decodings)
+    missing = sorted(m for m in set(decodings.values()) if m not in found)
+    if missing:
+        parser.error(f"--decodings: no eval-{missing[0]}/ folder of runs in {args.task_dir} (the model decoded)")
+    result = compare_task(args.task_dir, args.variants, decodings=decodings)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n".join(format_comparison(result)))

@@ -265,17 +265,10 @@ def test_a_seed_replica_is_swept_as_the_ablations_are():
     assert B.VARIANTS["no-mslm-seed1"] == {**B.VARIANTS["no-mslm"], "seed": 1}
 
 
-def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_compared_last(tmp_path, monkeypatch):
+def _swept_config(tmp_path, monkeypatch, variant: str):
+    """The SweepConfig the bench's sweep stage builds for a text variant (the sweep itself not run)."""
     import simul_agents.sweep
 
-    text = B.TASKS["text"]
-    assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
-    assert text.compared()[-1] == "main-reencode"
-    # wait-k 1-5, entropy 3-5 (alone, between lags 1 and 2, between 1 and 3), the oracle, probe 0.7-0.8
-    assert B.planned_runs("text", "main-reencode") == 18
-    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
-    assert names.index("text-compare-main") < names.index("text-sweep-main-reencode") < names.index("text-compare")
-    assert "text-train-main-reencode" not in names  # nothing to train
     seen = {}
 
     def fake_sweep(config, jobs):
@@ -284,11 +277,57 @@ def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_com
 
     monkeypatch.setattr(simul_agents.sweep, "sweep", fake_sweep)
     monkeypatch.setattr(B, "test_files", lambda task, bench: SimpleNamespace(source="s.txt", target="t.txt"))
-    B.stage_sweep(B.Bench(runs=tmp_path / "runs", results=tmp_path / "results"), text, "main-reencode")
-    config = seen["config"]
+    B.stage_sweep(B.Bench(runs=tmp_path / "runs", results=tmp_path / "results"), B.TASKS["text"], variant)
+    return seen["config"]
+
+
+def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_compared_last(tmp_path, monkeypatch):
+    text = B.TASKS["text"]
+    assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
+    assert text.compared()[-2:] == ["main-reencode", "stream-0.3-x4-reencode"]
+    # wait-k 1-5, entropy 3-5 (alone, between lags 1 and 2, between 1 and 3), the oracle, probe 0.7-0.8
+    assert B.planned_runs("text", "main-reencode") == 18
+    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
+    assert names.index("text-compare-main") < names.index("text-sweep-main-reencode") < names.index("text-compare")
+    assert "text-train-main-reencode" not in names  # nothing to train
+    config = _swept_config(tmp_path, monkeypatch, "main-reencode")
     assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
     assert config.output == tmp_path / "runs" / "text" / "eval-main-reencode"
     assert config.agent_args == {**text.agent_args, "reencode": "read"} and config.heads == text.heads("main-reencode")
+
+
+def test_a_decoding_of_another_model_is_swept_on_that_checkpoint_after_that_model_s_own_sweep(tmp_path, monkeypatch):
+    assert B.decoded_model("stream-0.3-x4-reencode") == "stream-0.3-x4" and B.decoded_model("main-reencode") == "main"
+    assert B.decoded_model("no-spsd") == "no-spsd"
+    # wait-k 1-3 and main's six bounded entropy settings, unchanged
+    assert B.planned_runs("text", "stream-0.3-x4-reencode") == 9
+    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
+    assert names.index("text-sweep-stream-0.3-x4") < names.index("text-sweep-stream-0.3-x4-reencode") \
+        < names.index("text-compare")  # fmt: skip
+    config = _swept_config(tmp_path, monkeypatch, "stream-0.3-x4-reencode")
+    assert config.checkpoint == str(tmp_path / "runs" / "text" / "stream-0.3-x4" / "final")
+    assert config.agent_args["reencode"] == "read"
+
+
+def test_a_decoding_of_another_model_is_compared_with_that_model_and_uses_its_offline_decode(task_dir):
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    model = task_dir / "eval-stream-0.3-x4"
+    _write_run(model / "offline" / "-", refs, refs, delays_per_word=10.0)
+    _write_run(model / "wait-k" / "k=1", _corrupt(refs, 0.5, 7), refs, delays_per_word=1.0)
+    decoded = task_dir / "eval-stream-0.3-x4-reencode"
+    _write_run(decoded / "wait-k" / "k=1", _corrupt(refs, 0.05, 8), refs, delays_per_word=1.0)
+    # the model decoded is not among the variants compared: its runs are read all the same
+    result = compare_task(task_dir, ["main", "stream-0.3-x4-reencode"], "text",
+                          decodings={"stream-0.3-x4-reencode": "stream-0.3-x4"})  # fmt: skip
+    versus = result["decoding_vs_model"]["stream-0.3-x4-reencode"]
+    assert versus["model"] == "stream-0.3-x4"
+    (point,) = versus["runs"]
+    assert point["param"] == "k=1" and point["chrF"]["delta"] > 0 and point["chrF"]["p"] < 0.05
+    keep = result["variant_keep_offline"]
+    assert "stream-0.3-x4-reencode" not in keep  # no adaptive head: nothing to keep
+    assert "stream-0.3-x4-reencode" not in result["offline"]  # not a trained model
+    text = "\n".join(format_comparison(result))
+    assert "**stream-0.3-x4-reencode vs stream-0.3-x4**, run by run" in text and "stream-0.3-x4's LAAL" in text
 
 
 def test_a_decoding_of_main_is_compared_run_by_run_with_main_and_has_its_own_oracle(task_dir):
@@ -298,8 +337,9 @@ def test_a_decoding_of_main_is_compared_run_by_run_with_main_and_has_its_own_ora
     other = task_dir / "eval-main-reencode"
     _write_run(other / "wait-k" / "k=2", _corrupt(refs, 0.1, 2), refs, delays_per_word=2.0)  # main's: 0.5 wrong
     _write_run(other / "oracle" / "-", refs, refs, delays_per_word=2.0)
-    result = compare_task(task_dir, ["main", "no-mslm", "main-reencode"], "text", decodings=["main-reencode"])
-    points = {(p["head"], p["param"]): p for p in result["decoding_vs_main"]["main-reencode"]}
+    result = compare_task(task_dir, ["main", "no-mslm", "main-reencode"], "text", decodings={"main-reencode": "main"})
+    assert result["decoding_vs_model"]["main-reencode"]["model"] == "main"
+    points = {(p["head"], p["param"]): p for p in result["decoding_vs_model"]["main-reencode"]["runs"]}
     assert set(points) == {("wait-k", "k=2"), ("oracle", "-")}  # its offline decode is main's: not compared
     assert all(p["chrF"]["delta"] > 0 and p["chrF"]["p"] < 0.05 for p in points.values())
     oracle = result["variant_oracle"]["main-reencode"]
@@ -333,7 +373,7 @@ def test_a_decoding_s_entropy_between_lag_bounds_is_matched_with_its_own_wait_k(
     _write_run(other / "entropy" / "threshold=4.0,min_lag=1,max_lag=3", _corrupt(refs, 0.1, 13), refs,
                delays_per_word=2.1)
     _write_run(other / "entropy" / "threshold=5.0,min_lag=1,max_lag=2", refs, refs, delays_per_word=1.5)
-    result = compare_task(task_dir, ["main", "main-reencode"], "text", decodings=["main-reencode"])
+    result = compare_task(task_dir, ["main", "main-reencode"], "text", decodings={"main-reencode": "main"})
     assert "main-reencode" not in result["variant_entropy_vs_waitk"]  # no plain entropy run of its own
     points = {p["param"]: p for p in result["variant_bounded_vs_waitk"]["main-reencode"]}
     assert points["threshold=4.0,min_lag=1,max_lag=3"]["matched"] == "wait-k k=2"
@@ -379,6 +419,13 @@ def test_compare_cli_takes_a_decoding_of_main_and_refuses_one_not_among_the_vari
     assert main([str(task_dir), "--variants", "main", "main-reencode", "--decodings", "main-reencode"]) == 0
     out = capsys.readouterr().out
     assert "**main-reencode vs main**, run by run" in out and "Offline decode, main vs main-reencode" not in out
+    _write_run(task_dir / "eval-no-spsd-reencode" / "offline" / "-", refs, refs, delays_per_word=10.0)
+    assert main([str(task_dir), "--variants", "main", "no-spsd-reencode", "--decodings",
+                 "no-spsd-reencode=no-spsd"]) == 0  # fmt: skip
+    assert "**no-spsd-reencode vs no-spsd**" not in capsys.readouterr().out  # offline runs are not compared
+    with pytest.raises(SystemExit):
+        main([str(task_dir), "--variants", "main", "main-reencode", "--decodings", "main-reencode=stream-9"])
+    assert "no eval-stream-9/ folder of runs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(task_dir), "--variants", "main", "--decodings", "main-reencode"])
     assert "--decodings main-reencode: not among --variants" in capsys.readouterr().err
@@ -609,16 +656,20 @@ def test_speech_variants_start_from_their_text_model_and_share_a_frozen_encoders
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
     with pytest.raises(RuntimeError, match="text-train-no-spsd"):  # a speech LLM starts from the text model
         B.stage_train(bench, B.TASKS["speech"], "no-spsd")
-    for variant in ("main", "no-spsd"):
+    for variant in ("main", "no-spsd", "stream-0.3-x4"):
         (tmp_path / "runs" / "text" / variant / "final").mkdir(parents=True)
         (tmp_path / "runs" / "text" / variant / "final" / "checkpoint.json").write_text("{}")
-    for variant in ("no-spsd", "encoder-lora"):
+    trained = ("no-spsd", "encoder-lora", "from-x4")
+    for variant in trained:
         B.stage_train(bench, B.TASKS["speech"], variant)
-    frozen, tuned = (seen[str(tmp_path / "runs" / "speech" / v)] for v in ("no-spsd", "encoder-lora"))
+    frozen, tuned, longer = (seen[str(tmp_path / "runs" / "speech" / v)] for v in trained)
     assert frozen.train_encoder == "frozen" and frozen.encoder_cache.endswith("speech/main/encoder_cache")
     assert tuned.train_encoder == "lora" and "main" not in tuned.encoder_cache
     assert frozen.init_llm.endswith("text/no-spsd/final") and tuned.init_llm.endswith("text/main/final")
-    for variant in ("no-spsd", "encoder-lora"):  # every variant's final model is kept with the results
+    # the stronger speech model: the longest-trained text model's LLM, the speech plan's steps, the lighter recipe
+    assert longer.init_llm.endswith("text/stream-0.3-x4/final") and longer.max_steps == B.TASKS["speech"].steps
+    assert longer.w_mslm == longer.spsd_lambda == 0.3
+    for variant in trained:  # every variant's final model is kept with the results
         assert (tmp_path / "results" / "speech" / "models" / variant / "checkpoint.json").is_file()
 
 
