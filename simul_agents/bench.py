@@ -1069,13 +1069,8 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
-    main_rows = [r for r in rows if r["variant"] == "main"]
-    for r in rows:  # the ablations of main's budget as their own curves: "entropy (no-spsd)"; not seed replicas
-        if r["variant"] in VARIANTS and r["variant"] != "main" and r["head"] in ("entropy", "offline") \
-                and not _steps(r["variant"]) and not _seed(r["variant"]):  # fmt: skip
-            main_rows.append({**r, "head": f"{r['head']} ({r['variant']})"})
     unit = "words" if task == "text" else "ms"
-    plot(main_rows, out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
+    plot(main_curves(rows), out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
     for steps in other_budgets(rows):  # longer-trained models on their own axes: they would squash main's curves
         budget_rows = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
                        if _steps(r["variant"]) == steps and r["head"] in BUDGET_HEADS]  # fmt: skip
@@ -1091,6 +1086,19 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, {model}'s model decoded two "
              f"ways (LAAL in {unit})")  # fmt: skip
     return rows
+
+
+def main_curves(rows: list[dict]) -> list[dict]:
+    """The rows ``curve.png`` draws: main's runs, and the ablations of main's budget as their own curves ("entropy
+    (no-spsd)"); not seed replicas, nor a model trained longer or whose LLM started from a longer-trained text
+    model (from-x4: its own plot, beside its re-read decode)."""
+    out = [r for r in rows if r["variant"] == "main"]
+    for r in rows:
+        variant = r["variant"]
+        if variant in VARIANTS and variant != "main" and r["head"] in ("entropy", "offline") \
+                and not _steps(INIT_VARIANT.get(variant, variant)) and not _seed(variant):  # fmt: skip
+            out.append({**r, "head": f"{r['head']} ({variant})"})
+    return out
 
 
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran

@@ -543,6 +543,29 @@ def test_summary_is_written_from_sweep_files_and_stage_records(tmp_path, task_di
     assert f"](results/text/curve-{steps}-steps.png)" in embedded
     assert (bench.results / "text" / "curve-main-reencode.png").is_file()
     assert "](results/text/curve-main-reencode.png)" in embedded and "| main-reencode | wait-k | k=1 |" in embedded
+    assert "main's model decoded as `main-reencode`" in embedded
+
+
+def test_the_main_plot_draws_main_and_same_budget_ablations_not_replicas_or_longer_started_models():
+    variants = ("main", "no-spsd", "main-seed1", "no-mslm-x4", "from-x4", "main-reencode")
+    rows = [{"variant": v, "head": h, "param": "-"} for v in variants for h in ("offline", "wait-k")]
+    curves = {(r["variant"], r["head"]) for r in B.main_curves(rows)}
+    assert curves == {("main", "offline"), ("main", "wait-k"), ("no-spsd", "offline (no-spsd)")}
+
+
+def test_a_decoding_of_another_model_gets_its_own_plot_beside_that_model(tmp_path, task_dir):
+    from simul_agents.score import score_output
+    from simul_agents.sweep import write_csv
+
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)
+    for variant, head in (("main", "offline"), ("stream-0.3-x4", "offline"), ("stream-0.3-x4-reencode", "wait-k")):
+        out = next((task_dir / "eval-main" / head).glob("*"))
+        (task_dir / f"eval-{variant}").mkdir(exist_ok=True)
+        write_csv([{"task": "t", "head": head, "param": out.name, **score_output(out), "output": str(out)}],
+                  task_dir / f"eval-{variant}" / "sweep.csv")  # fmt: skip
+    summary = B.write_summary(bench, ["text"]).read_text()
+    assert "stream-0.3-x4's model decoded as `stream-0.3-x4-reencode`" in summary
+    assert (bench.results / "text" / "curve-stream-0.3-x4-reencode.png").is_file()
 
 
 def test_summary_gives_each_computation_aware_run_its_ratio_to_plain_laal(tmp_path):
