@@ -296,10 +296,9 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
     result: dict = {"task": task or task_dir.name}
     if not main_runs:
         return result
-    offline_of = {v: next((r for r in runs[v] if r["head"] == "offline"), None) for v in variants}
+    own_offline = {v: next((r for r in vruns if r["head"] == "offline"), None) for v, vruns in runs.items()}
+    offline_of = {v: own_offline[v] or (own_offline[decodings[v]] if v in decodings else None) for v in variants}
     offline = offline_of["main"]
-    for v, model in decodings.items():
-        offline_of[v] = offline_of[v] or next((r for r in runs[model] if r["head"] == "offline"), None)
     trained = {v: run for v, run in offline_of.items() if v not in decodings}  # models, not decodes of them
     mean_source = main_runs[0]["mean_source_length"]
     result["mean_source_length"] = mean_source
