@@ -20,6 +20,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
 - ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point within
   10% of its LAAL but between two of them (k and k+1), against wait-k time-shared to its LAAL (each sentence
   decoded by one of the two k, drawn at random: ``waitk_mixtures``), the baseline that matching leaves out;
+- ``entropy_vs_fixed_chunk``: per variant with fixed-chunk runs, its entropy points against them (a schedule of
+  several words per source unit reaches below wait-k k=1's LAAL);
 - ``seeds``: where a recipe was trained again with another seed (``main-seed1``), each seed's offline decode,
   the seeds against each other and each streaming recipe's seed-mean against the plain fine-tune's, over test
   sentences (bootstrap) and over seeds (Welch's t-test) (``seed_study``);
@@ -52,6 +54,7 @@ MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
 LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
 BOOTSTRAP_SAMPLES = 1000
 MIX_DRAWS = 5  # random draws of wait-k time-shared to a point's LAAL (``mixed_vs_waitk``), averaged
+FIXED = "fixed-chunk"  # the other fixed schedule: words after each chunk of source units
 PLAIN = "no-mslm"  # the plain full-sentence fine-tune: the offline-quality baseline of a streaming recipe
 
 
@@ -337,6 +340,10 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
     # to their LAAL, on every variant with entropy runs
     result["vs_waitk_mixed"] = {v: points for v in variants
                                 if (points := [p for h in ("entropy", BOUNDED) for p in mixed_vs_waitk(runs[v], h)])}
+    # and against the faster fixed schedule where one was swept (fixed-chunk: words after each chunk of source
+    # units), the only schedule below wait-k k=1's LAAL
+    result["entropy_vs_fixed_chunk"] = {v: points for v in variants if any(r["head"] == FIXED for r in runs[v])
+                                        and (points := matched(runs[v], "entropy", FIXED))}  # fmt: skip
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
@@ -600,6 +607,8 @@ def format_comparison(result: dict) -> list[str]:
                       for v, points in (result.get("variant_bounded_vs_waitk") or {}).items()]  # fmt: skip
     variant_lines += [_variant_line(v, "entropy points between wait-k points vs wait-k time-shared to their LAAL",
                                     points) for v, points in (result.get("vs_waitk_mixed") or {}).items()]
+    variant_lines += [_variant_line(v, "entropy vs its own fixed-chunk schedule", points)
+                      for v, points in (result.get("entropy_vs_fixed_chunk") or {}).items()]  # fmt: skip
     variant_lines += [_variant_line(v, "probe vs its own entropy", points)
                       for v, points in (result.get("variant_probe_vs_entropy") or {}).items()]  # fmt: skip
     variant_lines += [_keep_line(keep, unit, v) for v, keep in (result.get("variant_keep_offline") or {}).items()]

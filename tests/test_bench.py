@@ -365,6 +365,22 @@ def test_each_variant_s_entropy_head_is_matched_with_its_own_wait_k(task_dir):
     assert "stream-0.3, entropy vs its own wait-k: 1 matched of 1 points, significantly better on 0, worse on 1" in text
 
 
+def test_an_entropy_point_below_wait_k_s_range_is_matched_with_a_faster_fixed_chunk_schedule(task_dir):
+    """Below wait-k k=1's LAAL only a schedule of several words per source unit reaches: fixed-chunk."""
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    other = task_dir / "eval-main-reencode"
+    _write_run(other / "wait-k" / "k=1", refs, refs, delays_per_word=2.0)
+    _write_run(other / "entropy" / "threshold=6.0", _corrupt(refs, 0.1, 14), refs, delays_per_word=1.0)
+    _write_run(other / "fixed-chunk" / "words=2", _corrupt(refs, 0.5, 15), refs, delays_per_word=1.05)
+    result = compare_task(task_dir, ["main", "main-reencode"], "text", decodings={"main-reencode": "main"})
+    assert "main" not in result["entropy_vs_fixed_chunk"]  # main swept no fixed-chunk schedule
+    (point,) = result["entropy_vs_fixed_chunk"]["main-reencode"]
+    assert point["matched"] == "fixed-chunk words=2" and point["better"]
+    text = "\n".join(format_comparison(result))
+    assert ("main-reencode, entropy vs its own fixed-chunk schedule: 1 matched of 1 points, significantly better "
+            "on 1, worse on 0") in text
+
+
 def test_a_decoding_s_entropy_between_lag_bounds_is_matched_with_its_own_wait_k(task_dir):
     """main-reencode's bounded entropy runs are their own curve against main-reencode's wait-k, not main's."""
     refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
