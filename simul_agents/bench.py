@@ -1105,7 +1105,7 @@ def main_curves(rows: list[dict]) -> list[dict]:
 
 
 BUDGET_HEADS = ("offline", "entropy", "wait-k", "probe")  # a longer-trained pair's plot: what its sweep ran
-DECODING_HEADS = ("offline", "entropy", "wait-k", "probe", "oracle")  # a decoding's plot, beside its model's
+DECODING_HEADS = ("offline", "entropy", "wait-k", "fixed-chunk", "probe", "oracle")  # a decoding's plot
 
 
 def _steps(variant: str) -> int | None:
