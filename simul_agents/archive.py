@@ -31,13 +31,18 @@ def finished_runs(eval_dir: Path) -> list[Path]:
                 outputs += [Path(row["output"]) for row in csv.DictReader(f) if row.get("output")]
     runs = []
     for output in outputs:
-        try:
-            run = output.relative_to(eval_dir)
-        except ValueError:  # an absolute path, or a table moved here: the last two parts are <head>/<param>
-            run = Path(*output.parts[-2:])
+        run = run_folder(eval_dir, output)
         if run not in runs:
             runs.append(run)
     return runs
+
+
+def run_folder(eval_dir: Path, output: Path) -> Path:
+    """A sweep row's ``output`` relative to its evaluation folder: ``<head>/<param>``."""
+    try:
+        return output.relative_to(eval_dir)
+    except ValueError:  # an absolute path, or a table moved here: the last two parts are <head>/<param>
+        return Path(*output.parts[-2:])
 
 
 def pack(eval_dir: Path, archive: Path) -> int:

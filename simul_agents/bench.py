@@ -1056,9 +1056,10 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
-    from simul_agents.sweep import COLUMNS, plot
+    from simul_agents.sweep import COLUMNS, fill_len_ratio, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
+        fill_len_ratio(eval_dir)  # runs scored before the column existed
         pack(eval_dir, bench.archive_dir(task, eval_dir.name.removeprefix("eval-")))
     rows = collect_rows(bench, task)
     if not rows:
@@ -1179,7 +1180,8 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
                       f"![quality-latency, {variant}]({task}/curve-{variant}.png)", ""]  # fmt: skip
         lines += [
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "
-            f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`.",
+            f"{rows[0]['mean_source_length']:.1f} {unit}. Every run: `{task}/runs.csv`. length: the output's length "
+            "over the references' (BLEU's tokens); above 1 it runs long, which chrF hardly punishes.",
             "",
         ]
         for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -1197,13 +1199,13 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
                   + ".", ""]  # fmt: skip
         lines += dev_curve_table(bench, task)
         lines += [
-            "| variant | head | param | BLEU | chrF | AL | LAAL | LAAL_CA | RCO |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| variant | head | param | BLEU | chrF | length | AL | LAAL | LAAL_CA | RCO |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             param = r["param"] + (" †" if r.get("earlier") else "")
-            cells = [r["variant"], r["head"], param] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "AL", "LAAL",
-                                                                                 "LAAL_CA", "RCO")]  # fmt: skip
+            cells = [r["variant"], r["head"], param] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "len_ratio", "AL",
+                                                                                 "LAAL", "LAAL_CA", "RCO")]  # fmt: skip
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ca_table(rows)
         compare = bench.results / task / "compare.json"

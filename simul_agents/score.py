@@ -5,6 +5,8 @@
 Writes ``OUTPUT_DIR/scores.json`` and prints a one-line table. Metrics:
 
 - BLEU and chrF (sacrebleu, corpus level, over every instance; an empty prediction counts as empty);
+- len_ratio: the predictions' length over the references' (BLEU's tokens, corpus level): above 1, the output runs
+  long, which chrF (recall weighted twice) does not punish and BLEU's precision does;
 - AL, LAAL, DAL, AP, ATD, StartOffset, EndOffset from ``delays``, equal to SimulEval 1.1.4's own numbers
   (mean over the instances that wrote something), except ATD for text input, which SimulEval computes with its
   speech constants when it rescores from ``--output``; here it is the text ATD;
@@ -31,7 +33,7 @@ from . import latency as L
 
 LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
 TOKENIZERS = tuple(BLEU.TOKENIZERS)  # what --tokenize takes (sacrebleu's names)
-TABLE = ("BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
+TABLE = ("BLEU", "chrF", "len_ratio", "AL", "LAAL", "DAL", "AP", "ATD", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
 
 
 class ScoreError(ValueError):
@@ -180,13 +182,26 @@ def _bleu(tokenize: str) -> BLEU:
         raise ScoreError(f"tokenizer {tokenize!r}: sacrebleu cannot set it up: {' '.join(str(e).split())}") from None
 
 
+def _len_ratio(bleu) -> float | None:
+    """The predictions' length over the references' in BLEU's tokens (None for empty references)."""
+    return bleu.sys_len / bleu.ref_len if bleu.ref_len else None
+
+
+def length_ratio(instances: Sequence[dict], tokenize: str = "13a") -> float | None:
+    """``len_ratio`` alone, for a run scored before it was a column."""
+    predictions, references = [ins["prediction"] for ins in instances], [ins["reference"] for ins in instances]
+    return _len_ratio(_bleu(tokenize).corpus_score(predictions, [references]))
+
+
 def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13a") -> dict:
     """Every metric of the module docstring, as a flat dict."""
     predictions = [ins["prediction"] for ins in instances]
     references = [ins["reference"] for ins in instances]
+    bleu = _bleu(tokenize).corpus_score(predictions, [references])
     scores: dict = {
-        "BLEU": _bleu(tokenize).corpus_score(predictions, [references]).score,
+        "BLEU": bleu.score,
         "chrF": CHRF().corpus_score(predictions, [references]).score,
+        "len_ratio": _len_ratio(bleu),
     }
     scores.update(latency_scores(instances, speech))
     computation_aware = speech and any(ins.get("elapsed") for ins in instances)

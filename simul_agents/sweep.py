@@ -65,7 +65,7 @@ CHRF_MODULE = Path(__file__).with_name("chrf_scorer")  # --user-dir takes the mo
 MIN_SPAN = {"BLEU": 2.0, "chrF": 4.0}  # the plot's y axes cover at least this many points
 LATENCY_METRICS = ("AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset")
 COLUMNS = (
-    "task", "head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset",
+    "task", "head", "param", "BLEU", "chrF", "len_ratio", "AL", "LAAL", "DAL", "AP", "ATD", "StartOffset", "EndOffset",
     "AL_CA", "LAAL_CA", "DAL_CA", "AP_CA", "ATD_CA", "RCO", "AIL", "n_instances", "n_failed", "n_empty",
     "mean_source_length", "latency_unit", "output",
 )  # fmt: skip
@@ -422,8 +422,31 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
 
 
+def fill_len_ratio(eval_dir: Path) -> int:
+    """Give the rows of ``eval_dir/sweep.csv`` scored before ``len_ratio`` was a column their value, from their
+    ``instances.log`` where it is here (the other columns are left as they were scored); returns the rows filled."""
+    from .archive import run_folder
+    from .score import length_ratio, read_instances
+
+    table = eval_dir / "sweep.csv"
+    if not table.is_file():
+        return 0
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    filled = 0
+    for row in rows:
+        folder = eval_dir / run_folder(eval_dir, Path(row.get("output") or "."))
+        if row.get("len_ratio") in (None, "") and (folder / "instances.log").is_file():
+            row["len_ratio"] = length_ratio(read_instances(folder))
+            filled += 1
+    if filled:
+        write_csv(rows, table)
+    return filled
+
+
 def write_markdown(rows: Sequence[dict], path: Path) -> None:
-    columns = ("head", "param", "BLEU", "chrF", "AL", "LAAL", "DAL", "AL_CA", "LAAL_CA", "RCO", "AIL", "n_instances")
+    columns = ("head", "param", "BLEU", "chrF", "len_ratio", "AL", "LAAL", "DAL", "AL_CA", "LAAL_CA", "RCO", "AIL",
+               "n_instances")  # fmt: skip
     unit = rows[0]["latency_unit"] if rows else ""
     lines = [f"Latency in {unit}; CA = computation-aware (speech only).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]  # fmt: skip

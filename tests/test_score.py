@@ -193,3 +193,14 @@ def test_scorer_names_a_failed_jsonl_that_is_not_utf8(tmp_path, capsys):
     with pytest.raises(ScoreError, match=r"failed.jsonl: not UTF-8 .*--skip-failed"):
         score_output(out)
     assert main([str(out)]) == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_len_ratio_is_the_outputs_length_over_the_references_and_shows_what_chrf_forgives(tmp_path):
+    reference = "das ist ein kleines haus am see"
+    exact = score_output(_output(tmp_path / "exact", {**GOOD_ROW, "prediction": reference, "reference": reference,
+                                                      "delays": [1] * 7}), write=False)  # fmt: skip
+    padded = reference + " und dann und dann und dann und"  # 7 extra words: twice the reference's length
+    long = score_output(_output(tmp_path / "long", {**GOOD_ROW, "prediction": padded, "reference": reference,
+                                                    "delays": [1] * 14}), write=False)  # fmt: skip
+    assert exact["len_ratio"] == 1.0 and long["len_ratio"] == 2.0
+    assert long["BLEU"] < 0.5 * exact["BLEU"] and long["chrF"] > 0.8 * exact["chrF"]  # BLEU halves, chrF keeps 82%

@@ -252,3 +252,22 @@ def test_a_head_swept_in_blocks_gives_its_lag_bounded_runs_their_own_names_and_c
     assert {line.get_label() for line in axes.get_lines()} == {"entropy", "entropy, lag-bounded"}
     assert "3.0 [2,4]" in {text.get_text() for text in axes.texts}
     plt.close(figure)
+
+
+def test_rows_scored_before_len_ratio_existed_get_it_from_their_logs_and_keep_the_rest(tmp_path):
+    from simul_agents.sweep import fill_len_ratio
+
+    eval_dir = tmp_path / "eval-main"
+    run = eval_dir / "wait-k" / "k=1"
+    run.mkdir(parents=True)
+    row = {"index": 0, "prediction": "a b c d", "reference": "a b", "source_length": 3, "delays": [1, 2, 3, 3]}
+    (run / "instances.log").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    old = ["task,head,param,BLEU,chrF,LAAL,output", f"t,wait-k,k=1,12.5,40.0,1.5,{run}",
+           f"t,wait-k,k=2,13.0,41.0,2.5,{eval_dir / 'wait-k' / 'k=2'}"]  # k=2: no log here, left as it is
+    (eval_dir / "sweep.csv").write_text("\n".join(old) + "\n", encoding="utf-8")
+    assert fill_len_ratio(eval_dir) == 1
+    with open(eval_dir / "sweep.csv", newline="", encoding="utf-8") as f:
+        first, second = csv.DictReader(f)
+    assert float(first["len_ratio"]) == 2.0 and first["BLEU"] == "12.5" and first["LAAL"] == "1.5"
+    assert second["len_ratio"] == "" and second["chrF"] == "41.0"
+    assert fill_len_ratio(eval_dir) == 0  # filled once
