@@ -10,7 +10,7 @@
    checkpoint (``results/speech/model`` from ``make bench``, or this demo's own from an earlier run);
 4. evaluates it with SimulEval on held-out test utterances: the entropy head at three thresholds, wait-k at
    three k, and the offline (full-source) decode;
-5. prints the table (BLEU, chrF, LAAL, AL, LAAL_CA, RCO) and writes the quality-latency plot.
+5. prints the table (BLEU, chrF, len_ratio, LAAL, AL, LAAL_CA, RCO) and writes the quality-latency plot.
 
 Every stage is resumable: a second run reuses assets, corpus, checkpoint and finished SimulEval runs.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simul_agents/bench.py)
 ALIGN_STEPS = 400  # CTC steps aligning the adapter first (training/align.py): ~0.4 s each here
 TEXT_CHECKPOINT = Path("results/text/model")  # the bench's text model (in git): the demo's LLM starts from it
-TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "LAAL", "AL", "LAAL_CA", "RCO")
+TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "len_ratio", "LAAL", "AL", "LAAL_CA", "RCO")
 # spread over the bench speech model's curve (its 500 test utterances): entropy LAAL 1848 / 1390 / 882 ms, wait-k
 # (640 ms blocks) 1074 / 1510 / 2096 ms; entropy under ~1.0 waits for the whole source (LAAL 2142 at 1.0)
 ENTROPY = (2.0, 4.0, 5.0)
