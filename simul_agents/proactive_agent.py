@@ -309,7 +309,8 @@ class ProactiveBase(GenericAgent):
         self.model = model
         self.head = head if head is not None else build_head(args)
         self.session_options = {**self.head.session_options(self.model),
-                                 "reencode": getattr(args, "reencode", "never")}  # fmt: skip
+                                 "reencode": getattr(args, "reencode", "never"),
+                                 "hold_end": getattr(args, "hold_sentence_end", False)}  # fmt: skip
         self.sources = sources
         self.max_len_a = args.max_len_a
         self.max_len_b = args.max_len_b
@@ -350,6 +351,11 @@ class ProactiveBase(GenericAgent):
             "--reencode", choices=REENCODE, default="never",
             help="re-read the words written so far under more source: never (each keeps the source it was written "
             "under), end (under the whole source, once it ends), read (after every read); StreamingSession.flush",
+        )  # fmt: skip
+        parser.add_argument(
+            "--hold-sentence-end", action="store_true",
+            help="a word that closes the sentence (ends in . ! ?) waits for the source's end, under any head, so "
+            "that a one-sentence source is not followed by a second, invented sentence (StreamingSession.write_word)",
         )  # fmt: skip
         add_precision_args(parser, fp16=False)  # --int8, --int4, --compile (SimulEval has its own --fp16)
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -49,6 +50,12 @@ PROMPT, SOURCE, TARGET = 0, 1, 2  # kinds of cache entries
 LMCall = Callable[..., Any]  # (llm, x, positions, mask, cache, attentions) -> LM output; see batching.py
 REENCODE = ("never", "end", "read")  # when written target rows are fed again under more source (``flush``)
 MAX_WORD_TOKENS = 24  # a "word" longer than this is cut: a degenerate model cannot loop inside one word
+SENTENCE_END = re.compile(r"[.!?…][\"'»«“”„)\]]*$")  # "gefällig." "kommt?“" close a sentence
+
+
+def ends_sentence(word: str) -> bool:
+    """Whether a written word closes a sentence (it ends in . ! ? or an ellipsis, quotes and brackets after)."""
+    return bool(SENTENCE_END.search(word))
 
 
 @dataclass
@@ -103,11 +110,13 @@ class StreamingSession:
         max_target_tokens: int = 256,
         lm_call: LMCall = forward_one,
         reencode: str = "never",
+        hold_end: bool = False,
     ):
         if reencode not in REENCODE:
             raise ValueError(f"reencode={reencode!r}; one of {', '.join(REENCODE)} (see StreamingSession.flush)")
         self.model = model
         self.reencode = reencode  # when the written target is re-read under the source read so far (``flush``)
+        self.hold_end = hold_end  # a word closing the sentence waits for the source's end (``write_word``)
         self.lm_call = lm_call  # runs the LM: alone (forward_one) or batched with other sessions (LMBatcher)
         self.config = model.config
         self.attention_layers = None if attention_layers is None else list(attention_layers)
@@ -325,11 +334,26 @@ class StreamingSession:
 
         Before the source is finished the sentence cannot end: if the end-of-sentence token is the greedy
         choice, the best other token is written (a policy that wants to wait on it reads
-        ``signals().ends_sentence`` first). Returns None only when the source is finished and the model ends
-        the sentence (the session is then finished) or the token cap is reached.
+        ``signals().ends_sentence`` first). With ``hold_end`` a word that closes the sentence (``ends_sentence``:
+        "gefällig.") waits too: it is decoded on a ``fork``, and if it closes the sentence before the source
+        has ended, nothing is written and None is returned (read more source, then try again); a source of one
+        sentence then cannot be followed by a second, invented one. Otherwise returns None only when the source
+        is finished and the model ends the sentence (the session is then finished) or the token cap is reached.
         """
         if self.finished:
             return None
+        if not self.hold_end or self.source_finished:
+            return self._write_word()
+        self.flush()
+        ahead = self.fork()
+        word = ahead._write_word()
+        if word is not None and ends_sentence(word):
+            return None
+        vars(self).update(vars(ahead))  # the word stands: take the fork's state (its cache, words, target)
+        self._forked = False
+        return word
+
+    def _write_word(self) -> str | None:
         self.flush()
         tokens: list[int] = []
         with torch.inference_mode():

@@ -155,6 +155,15 @@ def test_reencoding_changes_what_wait_k_writes_not_when(data, tmp_path, mode):
         text_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--reencode", "always", name="bad")
 
 
+def test_holding_the_sentence_end_reaches_every_instance(data, tmp_path, monkeypatch):
+    """``--hold-sentence-end``: a word closing the sentence waits for the source's end (every word, here)."""
+    from streaming_llm import engine
+
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: True)
+    for ins in text_run(data, tmp_path, "--head", "wait-k", "--k", "1", "--hold-sentence-end"):
+        assert ins["delays"] and set(ins["delays"]) == {ins["source_length"]}
+
+
 # ---- state ----------------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from streaming_llm import engine
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from streaming_llm.engine import StreamingSession
+from streaming_llm.engine import StreamingSession, ends_sentence
 from streaming_llm.layout import Layout, attention_mask
 from streaming_llm.tiny import tiny_model
 
@@ -219,6 +220,55 @@ def test_the_sentence_cannot_end_before_the_source_does():
         assert word and not session.finished and model.eos_id not in session.written
     finally:
         model.llm.lm_head.weight.data[model.eos_id] -= 100.0 * session.signals().hidden
+
+
+@pytest.mark.parametrize(
+    ("word", "closes"),
+    [("gefällig.", True), ("kommt?\u201c", True), ("Hilfe!", True), ("so...", True), ("(Ende.)", True),
+     ("Haus,", False), ("z.B", False), ("3.5", False), (".:", False)],
+)
+def test_a_word_closes_a_sentence_when_it_ends_in_a_full_stop_question_or_exclamation(word, closes):
+    assert ends_sentence(word) is closes
+
+
+def wait_1(model, hold_end: bool) -> tuple[list[tuple[str, int]], StreamingSession]:
+    """Wait-k k=1 over SOURCE_WORDS: (word, units read when it was written) for every word, and the session."""
+    session = StreamingSession(model, max_target_tokens=40, hold_end=hold_end)
+    written = []
+    for i, word in enumerate(SOURCE_WORDS):
+        session.push_words([word])
+        if i == len(SOURCE_WORDS) - 1:
+            session.finish_source()
+        while (word := session.write_word()) is not None:
+            written.append((word, session.units_read))
+            if not session.source_finished:
+                break
+    return written, session
+
+
+def test_holding_the_sentence_end_waits_for_the_source_and_otherwise_changes_nothing(monkeypatch):
+    model = tiny_model("text", seed=1)
+    free, free_session = wait_1(model, hold_end=False)
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: False)  # a word that stands is the fork's, taken over
+    kept, kept_session = wait_1(model, hold_end=True)
+    assert kept == free
+    torch.testing.assert_close(kept_session.next_logits(), free_session.next_logits(), rtol=0, atol=0)
+
+    first = free[0][0]  # let the first word close the sentence: it waits until the source has ended
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: word == first)
+    held, _ = wait_1(model, hold_end=True)
+    assert held[0][1] > 1 and all(units == len(SOURCE_WORDS) for word, units in held if word == first)
+
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: True)
+    waiting = StreamingSession(model, max_target_tokens=40, hold_end=True)
+    waiting.push_words(SOURCE_WORDS[:3])
+    before = waiting.next_logits().clone()
+    assert waiting.write_word() is None  # held: nothing written, the session exactly as it was
+    assert waiting.words == [] and waiting.written == [] and not waiting.finished
+    torch.testing.assert_close(waiting.next_logits(), before, rtol=0, atol=0)
+    waiting.push_words(SOURCE_WORDS[3:])  # it reads on, and once the source has ended it writes
+    waiting.finish_source()
+    assert waiting.write_word() is not None
 
 
 def test_signals_report_entropy_attention_and_units():
