@@ -284,7 +284,7 @@ def _swept_config(tmp_path, monkeypatch, variant: str):
 def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_compared_last(tmp_path, monkeypatch):
     text = B.TASKS["text"]
     assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
-    assert text.compared()[-2:] == ["main-reencode", "stream-0.3-x4-reencode"]
+    assert text.compared()[-3:] == ["main-reencode", "stream-0.3-x4-reencode", "main-hold"]
     # wait-k 1-5, entropy 3-5 (alone, between lags 1 and 2, between 1 and 3), the oracle, probe 0.7-0.8
     assert B.planned_runs("text", "main-reencode") == 18
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
@@ -294,6 +294,11 @@ def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_com
     assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
     assert config.output == tmp_path / "runs" / "text" / "eval-main-reencode"
     assert config.agent_args == {**text.agent_args, "reencode": "read"} and config.heads == text.heads("main-reencode")
+    # the sentence end held: wait-k k=1-3 and entropy 3.0-5.0, a flag the sweep hands SimulEval as --hold-sentence-end
+    assert B.planned_runs("text", "main-hold") == 6
+    config = _swept_config(tmp_path, monkeypatch, "main-hold")
+    assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
+    assert config.agent_args == {**text.agent_args, "hold_sentence_end": True}
 
 
 def test_a_decoding_of_another_model_is_swept_on_that_checkpoint_after_that_model_s_own_sweep(tmp_path, monkeypatch):
