@@ -14,6 +14,8 @@ Shared rules, in order:
 - lag bounds (entropy and probe; the lag is units read - words written; 0 turns a bound off), checked before
   the LM runs, as in Zheng et al. 2020's adaptive policy between wait-k schedules: a lag under ``min_lag``:
   READ; a lag of ``max_lag`` or more: WRITE (the best token other than the sentence end, as wait-k does).
+Under every head, a session made with ``hold_end`` (``--hold-sentence-end``) also keeps a word that would close
+the sentence ("gefällig.") until the source has ended: its ``write_word`` returns None, and the caller reads.
 
 Heads (``make_head(name, **params)``; parameters from the command line or a checkpoint's
 ``checkpoint.json`` ``extra.heads.<name>``):
