@@ -103,9 +103,13 @@ VARIANTS = {  # name -> training overrides
 # a trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
 # written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
 DECODINGS = {"main-reencode": {"reencode": "read"}, "stream-0.3-x4-reencode": {"reencode": "read"},
-             "from-x4-reencode": {"reencode": "read"}, "main-hold": {"hold_sentence_end": True}}
+             "from-x4-reencode": {"reencode": "read"}, "main-hold": {"hold_sentence_end": True},
+             "from-x4-reencode-hold": {"reencode": "read", "hold_sentence_end": True}}
 # which variant's model a decoding runs (default: main)
-DECODED_MODEL = {"stream-0.3-x4-reencode": "stream-0.3-x4", "from-x4-reencode": "from-x4"}
+DECODED_MODEL = {"stream-0.3-x4-reencode": "stream-0.3-x4", "from-x4-reencode": "from-x4",
+                 "from-x4-reencode-hold": "from-x4"}
+# a decoding set run by run against another decoding of its model (default: the model's own decode)
+COMPARED_WITH = {"from-x4-reencode-hold": "from-x4-reencode"}
 # which text variant starts a speech variant (default: the same name)
 INIT_VARIANT = {"encoder-lora": "main", "from-x4": "stream-0.3-x4"}
 VARIANT_LABELS = {
@@ -126,6 +130,7 @@ VARIANT_LABELS = {
     "from-x4": "MSLM + SPSD at 0.3, the LLM from the text stream-0.3-x4 model",
     "from-x4-reencode": "from-x4's model, the words written re-read (`--reencode read`)",
     "main-hold": "main's model, a word closing the sentence held until the source ends (`--hold-sentence-end`)",
+    "from-x4-reencode-hold": "from-x4-reencode with a word closing the sentence held until the source ends",
 }
 ALL_HEADS = {  # in the order they run: the numbers the targets need first
     "offline": {},
@@ -268,7 +273,13 @@ TASKS = {
                                    {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [2]},
                                    {"threshold": [3.0, 4.0, 5.0], "min_lag": [1], "max_lag": [3]}],
                        "fixed-chunk": {"chunk": 1, "words": [2, 3]},
-                       "oracle": {}}},
+                       "oracle": {}},
+                   # the runs below k=1 write a word closing the sentence before the audio has ended, then more
+                   # (fixed-chunk 3 words: 346 of 500, length 1.50; entropy 6.0: 337, 1.15): the same re-read decode
+                   # with such a word held until the source ends, every head alike, against from-x4-reencode
+                   "from-x4-reencode-hold": {
+                       "wait-k": {"k": [1]}, "entropy": {"threshold": [4.0, 5.0, 6.0]},
+                       "fixed-chunk": {"chunk": 1, "words": [2, 3]}}},
         agent_args={"max_len_a": 1, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 48, "dev_bleu_subset": 32, "save_every": 25},
     ),
@@ -572,6 +583,11 @@ def dev_curve_table(bench: Bench, task: str) -> list[str]:
     return lines + [""]
 
 
+def compared_with(variant: str) -> str:
+    """The variant whose runs a decoding is set against, setting by setting (``COMPARED_WITH``, or its model)."""
+    return COMPARED_WITH.get(variant, decoded_model(variant))
+
+
 def decoded_model(variant: str) -> str:
     """The trained variant whose model ``variant`` evaluates (itself, or for a decoding its ``DECODED_MODEL``)."""
     return DECODED_MODEL.get(variant, "main") if variant in DECODINGS else variant
@@ -655,7 +671,7 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
             raise RuntimeError(f"{len(missing)} run(s) of {task.name}-sweep-{variant} have no instances.log here "
                                f"(e.g. {missing[0]}); rerun that sweep: python -m simul_agents.bench --only "
                                f"{task.name}-sweep-{variant}")  # fmt: skip
-    decodings = {v: decoded_model(v) for v in variants if v in DECODINGS}
+    decodings = {v: compared_with(v) for v in variants if v in DECODINGS}
     result = compare_task(bench.runs / task.name, variants, task.name, decodings=decodings)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1087,11 +1103,11 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         plot(budget_rows, out / f"curve-{steps}-steps.png",
              f"offline {task}-to-text En-De, models trained {steps:,} steps (LAAL in {unit})")
     for variant in decodings_swept(rows):  # a model decoded two ways, the heads the decoding ran
-        model = decoded_model(variant)
+        model, base = decoded_model(variant), compared_with(variant)
         heads = {r["head"] for r in rows if r["variant"] == variant} & set(DECODING_HEADS)
         # the model's offline: the line; a head's runs between lag bounds: their own curve ("entropy, lag-bounded")
         decoded = [{**r, "head": f"{r['variant']}: {r['head']}"} for r in rows
-                   if r["variant"] in (model, variant) and r["head"] in heads and r["head"] != "offline"]
+                   if r["variant"] in (base, variant) and r["head"] in heads and r["head"] != "offline"]
         decoded += [r for r in rows if r["variant"] == model and r["head"] == "offline"]
         plot(decoded, out / f"curve-{variant}.png", f"offline {task}-to-text En-De, {model}'s model decoded two "
              f"ways (LAAL in {unit})")  # fmt: skip
@@ -1181,8 +1197,10 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
             lines += [f"The models trained {steps:,} steps, on their own axes:", "",
                       f"![quality-latency, {steps:,} steps]({task}/curve-{steps}-steps.png)", ""]  # fmt: skip
         for variant in decodings_swept(rows):
-            lines += [f"{decoded_model(variant)}'s model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside its "
-                      "own decode:", "",
+            base = compared_with(variant)
+            beside = "its own decode" if base == decoded_model(variant) else f"`{base}`"
+            lines += [f"{decoded_model(variant)}'s model decoded as `{variant}` ({VARIANT_LABELS[variant]}) beside "
+                      f"{beside}:", "",
                       f"![quality-latency, {variant}]({task}/curve-{variant}.png)", ""]  # fmt: skip
         lines += [
             f"Latency in {unit}. n = {int(rows[0]['n_instances'] or 0)} test instances, mean source length "

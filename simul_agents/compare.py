@@ -286,12 +286,26 @@ def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
     return out
 
 
+def _offline_of(variant: str, own_offline: Mapping[str, dict | None], decodings: Mapping[str, str]) -> dict | None:
+    """A variant's offline run: its own, or else that of the variant it is a decoding of, and so on."""
+    seen = set()
+    while variant not in seen:
+        seen.add(variant)
+        if own_offline.get(variant):
+            return own_offline[variant]
+        if variant not in decodings:
+            return None
+        variant = decodings[variant]
+    return None
+
+
 def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
                  decodings: Mapping[str, str] | None = None) -> dict:
     """``decodings``: the variants of ``variants`` that are a trained model decoded another way (agent flags, e.g.
     ``--reencode read``), each with the variant whose model it decodes (``{"main-reencode": "main"}``), not
     trained models: no offline or seed comparison, but their own oracle study and ``decoding_vs_model``; one
-    without an offline run of its own uses its model's."""
+    without an offline run of its own uses the one it is compared with (``from-x4-reencode-hold``:
+    ``from-x4-reencode``, whose own is from-x4's)."""
     task_dir = Path(task_dir)
     decodings = dict(decodings or {})
     runs = {v: load_runs(task_dir, v) for v in (*variants, *(m for m in decodings.values() if m not in variants))}
@@ -300,7 +314,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
     if not main_runs:
         return result
     own_offline = {v: next((r for r in vruns if r["head"] == "offline"), None) for v, vruns in runs.items()}
-    offline_of = {v: own_offline[v] or (own_offline[decodings[v]] if v in decodings else None) for v in variants}
+    offline_of = {v: _offline_of(v, own_offline, decodings) for v in variants}
     offline = offline_of["main"]
     trained = {v: run for v, run in offline_of.items() if v not in decodings}  # models, not decodes of them
     mean_source = main_runs[0]["mean_source_length"]

@@ -335,6 +335,26 @@ def test_a_decoding_of_another_model_is_compared_with_that_model_and_uses_its_of
     assert "**stream-0.3-x4-reencode vs stream-0.3-x4**, run by run" in text and "stream-0.3-x4's LAAL" in text
 
 
+def test_a_decoding_on_top_of_another_is_compared_with_it_and_finds_the_model_s_offline_decode(task_dir):
+    """from-x4-reencode-hold against from-x4-reencode, setting by setting; its oracle study reads from-x4's
+    offline decode, two steps away."""
+    assert B.compared_with("from-x4-reencode-hold") == "from-x4-reencode"
+    assert B.compared_with("from-x4-reencode") == B.decoded_model("from-x4-reencode-hold") == "from-x4"
+    assert B.DECODINGS["from-x4-reencode-hold"] == {"reencode": "read", "hold_sentence_end": True}
+    refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main/offline/-/instances.log").open()]
+    _write_run(task_dir / "eval-m" / "offline" / "-", refs, refs, delays_per_word=10.0)
+    _write_run(task_dir / "eval-m-re" / "wait-k" / "k=2", _corrupt(refs, 0.5, 3), refs, delays_per_word=2.0)
+    held = task_dir / "eval-m-re-hold"
+    _write_run(held / "wait-k" / "k=2", _corrupt(refs, 0.1, 4), refs, delays_per_word=2.0)
+    _write_run(held / "oracle" / "-", refs, refs, delays_per_word=2.0)
+    result = compare_task(task_dir, ["main", "m-re", "m-re-hold"], "text",
+                          decodings={"m-re": "m", "m-re-hold": "m-re"})  # fmt: skip
+    versus = result["decoding_vs_model"]["m-re-hold"]
+    assert versus["model"] == "m-re" and [p["param"] for p in versus["runs"]] == ["k=2"]
+    assert versus["runs"][0]["chrF"]["delta"] > 0 and versus["runs"][0]["chrF"]["p"] < 0.05
+    assert result["variant_oracle"]["m-re-hold"]["same_as_offline"] == 120  # m's offline decode stands in
+
+
 def test_a_decoding_of_main_is_compared_run_by_run_with_main_and_has_its_own_oracle(task_dir):
     """main's model decoded another way: its runs against main's of the same setting, its oracle against its own
     wait-k, main's offline decode as its own; no offline or seed comparison of a model with itself."""
