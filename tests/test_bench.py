@@ -294,8 +294,8 @@ def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_com
     assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
     assert config.output == tmp_path / "runs" / "text" / "eval-main-reencode"
     assert config.agent_args == {**text.agent_args, "reencode": "read"} and config.heads == text.heads("main-reencode")
-    # the sentence end held: wait-k k=1-3 and entropy 3.0-5.0, a flag the sweep hands SimulEval as --hold-sentence-end
-    assert B.planned_runs("text", "main-hold") == 6
+    # the sentence end held: wait-k k=1-5 and entropy 3.0-5.0, a flag the sweep hands SimulEval as --hold-sentence-end
+    assert B.planned_runs("text", "main-hold") == 8
     config = _swept_config(tmp_path, monkeypatch, "main-hold")
     assert config.checkpoint == str(tmp_path / "runs" / "text" / "main" / "final")
     assert config.agent_args == {**text.agent_args, "hold_sentence_end": True}
