@@ -146,6 +146,8 @@ def bootstrap_hypotheses(sides: Sequence[Sequence[list[str]]], refs: list[str],
         diffs = np.abs(resampled[1] - resampled[0])
         centred = diffs - diffs.mean()
         p = (int(np.sum(centred > abs(real[1] - real[0]))) + 1) / (samples + 1)
+        if not diffs.any():  # the same score on every resample (the same outputs): no difference to test, where
+            p = 1.0  # sacrebleu's formula would give its smallest p, 1 / (samples + 1)
         out[name] = {"baseline": round(float(real[0]), 2), "system": round(float(real[1]), 2),
                      "delta": round(float(real[1] - real[0]), 2), "p": round(p, 4),
                      "ci95": round(float(estimate_ci(resampled[1])[1]), 2)}  # fmt: skip

@@ -79,6 +79,13 @@ def test_paired_bootstrap_finds_a_clearly_better_system(task_dir):
     assert worse["chrF"]["delta"] == -clear["chrF"]["delta"]
 
 
+def test_the_same_outputs_a_side_are_not_significantly_different(task_dir):
+    """sacrebleu's formula gives its smallest p, 1 / (samples + 1), when no resample differs: reported as 1."""
+    run = task_dir / "eval-main" / "wait-k" / "k=1"
+    same = paired_bootstrap(run, run)
+    assert all(same[m]["delta"] == 0 and same[m]["p"] == 1.0 for m in ("BLEU", "chrF"))
+
+
 def _sacrebleu_paired_test(baseline, system) -> dict:
     """sacrebleu's own ``PairedTest`` (paired bootstrap, 1,000 resamples), in ``paired_bootstrap``'s form."""
     from sacrebleu.metrics import BLEU, CHRF
