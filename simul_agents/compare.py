@@ -306,8 +306,8 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
     """``decodings``: the variants of ``variants`` that are a trained model decoded another way (agent flags, e.g.
     ``--reencode read``), each with the variant whose model it decodes (``{"main-reencode": "main"}``), not
     trained models: no offline or seed comparison, but their own oracle study and ``decoding_vs_model``; one
-    without an offline run of its own uses the one it is compared with (``from-x4-reencode-hold``:
-    ``from-x4-reencode``, whose own is from-x4's)."""
+    without an offline run of its own uses the one it is compared with, and so on back to its model's
+    (``from-x4-reencode-hold`` -> ``from-x4-reencode-rebuilt`` -> ``from-x4``)."""
     task_dir = Path(task_dir)
     decodings = dict(decodings or {})
     runs = {v: load_runs(task_dir, v) for v in (*variants, *(m for m in decodings.values() if m not in variants))}
