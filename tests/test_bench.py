@@ -291,7 +291,8 @@ def _swept_config(tmp_path, monkeypatch, variant: str):
 def test_a_decoding_of_main_is_swept_on_main_s_checkpoint_with_its_flags_and_compared_last(tmp_path, monkeypatch):
     text = B.TASKS["text"]
     assert "main-reencode" in text.decodings and B.DECODINGS["main-reencode"] == {"reencode": "read"}
-    assert text.compared()[-3:] == ["main-reencode", "stream-0.3-x4-reencode", "main-hold"]
+    assert text.compared()[-4:] == ["main-reencode", "stream-0.3-x4-reencode", "main-hold", "main-reencode-hold"]
+    assert B.compared_with("main-reencode-hold") == "main-reencode" and B.compared_with("main-hold") == "main"
     # wait-k 1-5, entropy 3-5 (alone, between lags 1 and 2, between 1 and 3), the oracle, probe 0.7-0.8
     assert B.planned_runs("text", "main-reencode") == 18
     names = [name for name, _ in B.stages(B.Bench(), ["text"])]
