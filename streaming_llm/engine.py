@@ -344,8 +344,7 @@ class StreamingSession:
             return None
         if not self.hold_end or self.source_finished:
             return self._write_word()
-        self.flush()
-        ahead = self.fork()
+        ahead = self.fork()  # (a fork flushes its parent first)
         word = ahead._write_word()
         if word is not None and ends_sentence(word):
             return None
