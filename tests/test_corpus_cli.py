@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import soundfile as sf
 from fixtures_corpus import DING_LINES, tone, write_ding, write_mustc
@@ -49,7 +51,7 @@ def test_check_fails_on_bad_manifests(tmp_path, capsys):
     report = check_manifest(bad, progress=False)
     assert not report.ok
     text = "\n".join(report.problems)
-    for expected in ("bad.tsv:7: not UTF-8", "bad.tsv:8: empty tgt_text", "id ted_1_0 appears 2 times",
+    for expected in ("bad.tsv:7: not UTF-8", "bad.tsv:8: empty tgt_text", "bad.tsv:3: id ted_1_0 is also on line 2",
                      "gone.wav: no such file", "runs past the end", "n_frames 123, but the audio has 8000"):
         assert expected in text
     assert main(["check", str(bad)]) == 1
@@ -153,3 +155,63 @@ def test_choose_rows_refuses_fewer_than_one_utterance():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="at least 1"):
             choose_rows(rows, bad, seed=1)
+
+
+def test_check_fails_on_a_manifest_with_only_its_header(tmp_path, capsys):
+    manifest = tmp_path / "empty.tsv"
+    write_manifest(manifest, [])
+    assert main(["check", str(manifest)]) == 1
+    out = capsys.readouterr().out
+    assert "no rows, only the header" in out and "no problems found" not in out
+
+
+def test_build_warns_when_a_split_comes_out_empty_and_names_the_options_that_fill_it(tmp_path, capsys, caplog):
+    ding = write_ding(tmp_path / "de-en", [f"Satz Nummer {i}. :: This is sentence number {i}." for i in range(60)])
+    argv = ["build", "--out", str(tmp_path / "t"), "--ding", str(ding), "--text-only", "--max-utterances", "20"]
+    assert main(argv) == 0
+    assert "dev 0" in capsys.readouterr().out
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{tmp_path / 't' / 'dev.tsv'} has no rows: dev takes about 3% of the sentences")
+    assert "pass e.g. --max-utterances 334 --max-train 19" in warning
+    caplog.clear()
+    assert main([*argv, "--max-dev", "0"]) == 0  # asked for no dev: nothing to warn about
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_text_only_build_into_a_speech_corpus_is_refused_in_one_line(tmp_path, caplog):
+    from fixtures_corpus import fake_synthesizer
+
+    from training.corpus.offline import build_offline_corpus
+
+    ding = write_ding(tmp_path / "de-en", DING_LINES)
+    build_offline_corpus(tmp_path / "s", ding=ding, voice="espeak", synthesize=fake_synthesizer(), progress=False)
+    before = (tmp_path / "s" / "train.tsv").read_bytes()
+    assert main(["build", "--out", str(tmp_path / "s"), "--ding", str(ding), "--text-only"]) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "this folder holds a speech corpus (voice espeak, format flac), not a text-only corpus" in message
+    assert "drop --text-only or pass a new --out" in message and "\n" not in message
+    assert (tmp_path / "s" / "train.tsv").read_bytes() == before
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("build", ["(default: piper)", "(default: flac)", "(default: 0.03)", "(default: 0.07)", "(default: 3)",
+               "(default: 30)"]),
+    ("mustc", ["(default: train dev tst-COMMON)", "en-de or en_de (default: en-de)"]),
+    ("covost", ["(default: train dev test)", "en-de or en_de (default: en_de)"]),
+    ("tsv", ["audio<TAB>src_text<TAB>tgt_text", "(default: audio)", "(default: src_text)", "(default: tgt_text)"]),
+])  # fmt: skip
+def test_help_shows_the_defaults_and_the_tsv_columns(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for text in shown:
+        assert "".join(text.split()) in out, text
+
+
+def test_corpus_readme_documents_covost_tsv_and_the_text_only_build():
+    readme = (Path(__file__).resolve().parents[1] / "training" / "corpus" / "README.md").read_text(encoding="utf-8")
+    commands = ("build --out data/offline_text --text-only", "covost --tsv-dir", "tsv mine.tsv --out")
+    for command in commands:
+        assert f"python -m training.corpus {command}" in readme
+    for section in ("**`build --text-only`**", "**`covost`**", "**`tsv`**"):
+        assert section in readme

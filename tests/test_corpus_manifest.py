@@ -9,7 +9,7 @@ from fixtures_corpus import tone
 from speech_frontend.audio import load_audio_spec
 from training.corpus.audio_files import frames_at_16k, probe_spec, write_audio
 from training.corpus.errors import BadInput, CorpusError
-from training.corpus.manifest import MANIFEST_COLUMNS, Row, read_manifest, write_manifest
+from training.corpus.manifest import MANIFEST_COLUMNS, Row, read_manifest, read_numbered_manifest, write_manifest
 
 HEADER = "\t".join(MANIFEST_COLUMNS)
 
@@ -92,3 +92,27 @@ def test_relative_row_audio_is_relative_to_the_working_directory(tmp_path, monke
     write_manifest("out/m.tsv", [Row("a", "out/audio/a.wav", 8000, "Hi.", "Hallo.")])
     assert (tmp_path / "out" / "m.tsv").read_text().splitlines()[1].split("\t")[1] == "audio/a.wav"
     assert read_manifest("out/m.tsv")[0].audio == str(tmp_path / "out" / "audio" / "a.wav")
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_the_files(tmp_path):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"{HEADER}\nu1\t\t0\tA.\tA.\t\n\nu2\t\t0\t\tB.\t\nu3\t\t0\tC.\tC.\t\n\n", encoding="utf-8")
+    errors: list[CorpusError] = []
+    assert [(n, r.id) for n, r in read_numbered_manifest(manifest, on_error=errors.append)] == [(2, "u1"), (5, "u3")]
+    assert [(e.line, e.message) for e in errors] == [(4, "empty src_text")]  # header = line 1, blank line 3
+
+
+def test_a_repeated_id_is_refused_naming_both_lines(tmp_path):
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text(f"{HEADER}\na\t\t0\tA.\tA.\t\nb\t\t0\tB.\tB.\t\na\t\t0\tC.\tC.\t\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"m\.tsv:4: id a is also on line 2; ids must be unique"):
+        read_manifest(manifest)
+    bad = BadInput(skip_bad=True)
+    assert [r.src_text for r in read_manifest(manifest, on_error=bad)] == ["A.", "B."] and len(bad.skipped) == 1
+
+
+def test_a_missing_manifest_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CorpusError) as caught:
+        read_manifest("data/offline_text/train.tsv")
+    assert "`python -m training.corpus build --out data/offline_text --text-only`" in str(caught.value)

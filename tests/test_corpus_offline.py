@@ -87,6 +87,25 @@ def test_resuming_with_another_voice_is_refused(tmp_path):
         build_offline_corpus(out, ding=ding, voice="piper", synthesize=fake_synthesizer(), progress=False)
 
 
+def test_a_speech_build_and_a_text_only_build_never_replace_each_other(tmp_path):
+    ding = _ding(tmp_path, 5)
+    speech, text = tmp_path / "speech", tmp_path / "text"
+    build_offline_corpus(speech, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    before = {s: (speech / f"{s}.tsv").read_bytes() for s in SPLITS}
+    with pytest.raises(CorpusError, match="holds a speech corpus .*, not a text-only corpus; drop --text-only"):
+        build_offline_corpus(speech, ding=ding, max_utterances=2, text_only=True, progress=False)
+    assert {s: (speech / f"{s}.tsv").read_bytes() for s in SPLITS} == before
+
+    build_offline_corpus(text, ding=ding, text_only=True, progress=False)
+    build_offline_corpus(text, ding=ding, text_only=True, progress=False)  # a rerun of the same kind is fine
+    with pytest.raises(CorpusError, match="holds a text-only corpus, not a speech corpus .*; pass --text-only"):
+        build_offline_corpus(text, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    (text / "corpus.json").unlink()  # a text-only corpus built before corpus.json was written for one
+    with pytest.raises(CorpusError, match="holds manifests but no corpus.json"):
+        build_offline_corpus(text, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    assert not (text / AUDIO_DIR).exists() and all(r.is_text for r in _all_rows(text).values())
+
+
 def test_text_only_build(tmp_path):
     out = tmp_path / "text"
     report = build_offline_corpus(out, ding=_ding(tmp_path), shares=SHARES, text_only=True, progress=False)

@@ -56,8 +56,43 @@ def test_mustc_yaml_with_fewer_segments_than_text_lines(tmp_path):
     txt = _mustc_txt(tmp_path)
     yaml = txt / "dev.yaml"
     yaml.write_text("".join(yaml.read_text().splitlines(keepends=True)[:3]))
-    with pytest.raises(CorpusError, match=r"dev\.en:4: no match for this line: dev\.yaml has 3 segments"):
+    with pytest.raises(CorpusError, match=r"dev\.yaml: dev\.yaml has 3 segments but dev\.en has 4 lines and dev\.de"):
         read_mustc(tmp_path, "dev", bad=BadInput(skip_bad=True))  # misaligned files are never skipped
+
+
+def test_mustc_a_short_text_file_is_named_with_both_line_counts(tmp_path):
+    txt = _mustc_txt(tmp_path)
+    (txt / "dev.de").write_text("Vielen Dank.\nEs ist mir eine große Ehre.\nHallo.\n", encoding="utf-8")
+    with pytest.raises(CorpusError) as caught:
+        read_mustc(tmp_path, "dev")
+    assert caught.value.path.endswith("dev.de") and caught.value.line is None
+    assert caught.value.message.startswith("dev.de has 3 lines but dev.yaml has 4 segments and dev.en has 4 lines;")
+
+
+def test_mustc_unknown_split_lists_the_splits_of_the_release(tmp_path):
+    for split in ("train", "dev", "tst-COMMON", "tst-HE"):
+        (tmp_path / "en-de" / "data" / split).mkdir(parents=True)
+    with pytest.raises(CorpusError, match=r"no split 'test' here; it has train, dev, tst-COMMON, tst-HE"):
+        read_mustc(tmp_path, "test")
+
+
+@pytest.mark.parametrize("lang_pair", ["en-de", "en_de"])
+def test_mustc_cli_takes_the_lang_pair_in_either_spelling(tmp_path, lang_pair):
+    write_mustc(tmp_path / "m")
+    argv = ["mustc", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--splits", "dev", "--lang-pair", lang_pair]
+    assert main(argv) == 0
+    assert len(read_manifest(tmp_path / "o" / "dev.tsv")) == 4
+
+
+@pytest.mark.parametrize("command", ["mustc", "covost"])
+def test_a_lang_pair_without_two_languages_is_refused_in_one_line(tmp_path, capsys, command):
+    argv = ["mustc", str(tmp_path)] if command == "mustc" else ["covost", "--tsv-dir", ".", "--clips", "."]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--out", str(tmp_path / "o"), "--lang-pair", "ende"])
+    assert caught.value.code == 2
+    assert "argument --lang-pair: 'ende': expected a source and a target language, e.g. en-de or en_de" in (
+        capsys.readouterr().err.splitlines()[-1]
+    )
 
 
 def test_mustc_offset_beyond_the_end_of_the_wav(tmp_path):
@@ -132,6 +167,27 @@ def test_covost_cli(tmp_path, capsys):
     assert main(["covost", "--tsv-dir", str(tmp_path), "--clips", str(tmp_path / "cv" / "clips"),
                  "--out", str(tmp_path / "out"), "--splits", "dev", "test"]) == 0
     assert len(read_manifest(tmp_path / "out" / "test.tsv")) == 3
+    assert main(["covost", "--tsv-dir", str(tmp_path), "--clips", str(tmp_path / "cv" / "clips"),
+                 "--out", str(tmp_path / "dashed"), "--splits", "dev", "--lang-pair", "en-de"]) == 0  # as MuST-C
+    assert len(read_manifest(tmp_path / "dashed" / "dev.tsv")) == 3
+
+
+def test_covost_undoes_the_escapes_get_covost_splits_writes(tmp_path):
+    # get_covost_splits.py: pandas to_csv(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+    tsv, clips = write_covost(tmp_path)
+    tsv.write_bytes(
+        b"path\tsentence\ttranslation\tclient_id\n"
+        b'common_voice_en_1.mp3\tHe said \\"hi\\".\tEr sagte \\"hallo\\".\tclient-a\n'
+        b"common_voice_en_2.mp3\tA back\\\\slash and a\\\ttab.\tEin Rueck\\\\strich.\tclient-b\n"
+        b"common_voice_en_3.mp3\tTwo\\\nlines.\tZwei Zeilen.\tclient-a\n"
+    )
+    rows = read_covost(tsv, clips, decode=False, progress=False)
+    assert [(r.src_text, r.tgt_text) for r in rows] == [
+        ('He said "hi".', 'Er sagte "hallo".'),
+        ("A back\\slash and a tab.", "Ein Rueck\\strich."),  # the escaped tab is text (cleaned to a space)
+        ("Two lines.", "Zwei Zeilen."),  # an escaped newline continues the record
+    ]
+    assert rows[2].id == "common_voice_en_3" and rows[2].speaker == "client-a"
 
 
 @pytest.mark.parametrize(

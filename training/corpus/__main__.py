@@ -15,7 +15,7 @@ from .covost import covost_tsv_name, read_covost
 from .ding import DingFilter
 from .errors import BadInput, CorpusError
 from .manifest import SPLITS, write_manifest
-from .mustc import read_mustc
+from .mustc import parse_lang_pair, read_mustc
 from .offline import DEFAULT_WORKERS, build_offline_corpus
 from .simuleval_files import write_simuleval_files
 from .sources import AssetMissing
@@ -24,6 +24,14 @@ from .synth import VOICES, SynthesisError
 from .user_tsv import read_user_tsv
 
 log = logging.getLogger("training.corpus")
+
+TSV_HELP = (
+    "A headed, tab-separated UTF-8 file, one utterance per line, e.g. `audio<TAB>src_text<TAB>tgt_text`: "
+    "an audio column (a file or path:offset:frames, relative to --audio-root), a source and a target text "
+    "column, and optionally id and speaker columns; other columns are ignored. With --audio-column '' the rows "
+    "are text-to-text."
+)
+LANG_PAIR_HELP = "source and target language, en-de or en_de (default: %(default)s)"
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -49,10 +57,28 @@ def _build(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    for split, n in report.counts.items():
+        if n == 0 and getattr(args, f"max_{split}") != 0:
+            log.warning("%s", _empty_split(args, split, report.counts))
     if report.failed:
         print(f"{len(report.failed)} sentence(s) could not be synthesised (see warnings); rerun to retry them")
         return 1
     return 0
+
+
+def _empty_split(args: argparse.Namespace, split: str, counts: dict[str, int]) -> str:
+    """Why ``split`` came out empty and which options give it rows (training needs train and dev)."""
+    share = {"dev": args.dev_share, "test": args.test_share}.get(split, 1 - args.dev_share - args.test_share)
+    empty = f"{Path(args.out) / f'{split}.tsv'} has no rows"
+    if share == 0:
+        return f"{empty}: --{split}-share is 0; pass e.g. --{split}-share 0.05"
+    if args.max_utterances is None:
+        return f"{empty}: the Ding file gives {split} none of its sentences; pass a larger --{split}-share"
+    keep_train = f" --max-train {counts['train']}" if split != "train" and counts["train"] else ""
+    return (
+        f"{empty}: {split} takes about {share:.0%} of the sentences and --max-utterances {args.max_utterances} "
+        f"gave it none; pass e.g. --max-utterances {math.ceil(10 / share)}{keep_train}"
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -82,7 +108,8 @@ def _write_splits(out: Path, rows_by_split: dict, bad: BadInput) -> int:
 
 def _mustc(args: argparse.Namespace) -> int:
     bad = BadInput(args.skip_bad)
-    rows = {split: read_mustc(args.root, split, args.lang_pair, bad) for split in args.splits}
+    lang_pair = "-".join(args.lang_pair)  # MuST-C's folder: en-de
+    rows = {split: read_mustc(args.root, split, lang_pair, bad) for split in args.splits}
     return _write_splits(Path(args.out), rows, bad)
 
 
@@ -91,7 +118,7 @@ def _covost(args: argparse.Namespace) -> int:
     tsv_dir = Path(args.tsv_dir)
     rows = {
         split: read_covost(
-            tsv_dir / covost_tsv_name(split, args.lang_pair),
+            tsv_dir / covost_tsv_name(split, "_".join(args.lang_pair)),  # CoVoST's file names: en_de
             args.clips,
             to_flac=Path(args.to_flac) / split if args.to_flac else None,
             decode=not args.header_only,
@@ -145,6 +172,14 @@ def _share(text: str) -> float:
     return value
 
 
+def _lang_pair(text: str) -> tuple[str, str]:
+    """An argparse type: ``en-de`` or ``en_de`` -> ("en", "de")."""
+    try:
+        return parse_lang_pair(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _file_in_the_way(path: Path) -> Path | None:
     """The nearest existing ancestor of ``path`` when it is a file (so no folder can be made under it)."""
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -183,16 +218,21 @@ def parser() -> argparse.ArgumentParser:
     for split in ("train", "dev", "test"):
         b.add_argument(f"--max-{split}", type=_at_least(0),
                        help=f"at most N {split} utterances (first N of the same order; 0: none)")  # fmt: skip
-    b.add_argument("--voice", choices=VOICES, default="piper")
-    b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac")
+    b.add_argument("--voice", choices=VOICES, default="piper", help="English voice (default: %(default)s)")
+    b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac", help="audio files (default: %(default)s)")
     b.add_argument("--workers", type=_at_least(1), default=DEFAULT_WORKERS,
                    help="synthesis processes, one ONNX thread each (default: %(default)s)")
-    b.add_argument("--dev-share", type=_share, default=SplitShares.dev, help="dev + test must stay below 1")
-    b.add_argument("--test-share", type=_share, default=SplitShares.test)
-    b.add_argument("--min-words", type=int, default=DingFilter.min_words, help="English words")
-    b.add_argument("--max-words", type=int, default=DingFilter.max_words, help="English words")
+    b.add_argument("--dev-share", type=_share, default=SplitShares.dev,
+                   help="share of the sentences in dev; dev + test must stay below 1 (default: %(default)s)")
+    b.add_argument("--test-share", type=_share, default=SplitShares.test,
+                   help="share of the sentences in test (default: %(default)s)")
+    b.add_argument("--min-words", type=int, default=DingFilter.min_words,
+                   help="shortest English sentence kept, in words (default: %(default)s)")
+    b.add_argument("--max-words", type=int, default=DingFilter.max_words,
+                   help="longest English sentence kept, in words (default: %(default)s)")
     b.add_argument("--ding", help="the Ding file (default: the ding asset or /usr/share/trans/de-en)")
-    b.add_argument("--text-only", action="store_true", help="text-to-text manifests, no audio")
+    b.add_argument("--text-only", action="store_true",
+                   help="text-to-text manifests (empty audio), no synthesis: e.g. --out data/offline_text")
     b.set_defaults(run=_build)
 
     c = sub.add_parser("check", help="validate manifests; exit 1 when anything is wrong")
@@ -211,30 +251,34 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mustc", help="MuST-C release -> OUT/{split}.tsv (path:offset:frames slices)")
     m.add_argument("root", help="the release folder holding en-de/ (or the en-de folder itself)")
     m.add_argument("--out", required=True, type=_out_folder)
-    m.add_argument("--splits", nargs="+", default=["train", "dev", "tst-COMMON"])
-    m.add_argument("--lang-pair", default="en-de")
+    m.add_argument("--splits", nargs="+", default=["train", "dev", "tst-COMMON"],
+                   help="folders under en-de/data/ (default: train dev tst-COMMON)")
+    m.add_argument("--lang-pair", type=_lang_pair, default="en-de", help=LANG_PAIR_HELP)
     m.add_argument("--skip-bad", action="store_true", help="log and count bad segments instead of stopping")
     m.set_defaults(run=_mustc)
 
     v = sub.add_parser("covost", help="CoVoST 2 TSVs + Common Voice clips -> OUT/{split}.tsv")
-    v.add_argument("--tsv-dir", required=True, help="folder with covost_v2.en_de.{split}.tsv")
+    v.add_argument("--tsv-dir", required=True,
+                   help="folder with covost_v2.en_de.{split}.tsv (from CoVoST's get_covost_splits.py)")
     v.add_argument("--clips", required=True, help="Common Voice clips/ folder")
     v.add_argument("--out", required=True, type=_out_folder)
-    v.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
-    v.add_argument("--lang-pair", default="en_de")
+    v.add_argument("--splits", nargs="+", default=["train", "dev", "test"],
+                   help="the {split} of covost_v2.en_de.{split}.tsv (default: train dev test)")
+    v.add_argument("--lang-pair", type=_lang_pair, default="en_de", help=LANG_PAIR_HELP)
     v.add_argument("--to-flac", type=_out_folder, help="convert clips once to 16 kHz FLAC under TO_FLAC/{split}/")
     v.add_argument("--header-only", action="store_true", help="do not decode clips (fast; unchecked)")
     v.add_argument("--skip-bad", action="store_true", help="log and count bad lines instead of stopping")
     v.set_defaults(run=_covost)
 
-    t = sub.add_parser("tsv", help="your own TSV (columns named by options) -> a manifest")
-    t.add_argument("tsv")
+    t = sub.add_parser("tsv", help="your own TSV (columns named by options) -> a manifest", description=TSV_HELP)
+    t.add_argument("tsv", help="a UTF-8 TSV whose first line names the columns; no quoting")
     t.add_argument("--out", required=True, type=_out_file, help="the manifest to write")
-    t.add_argument("--audio-column", default="audio", help="'' for text-to-text")
-    t.add_argument("--src-column", default="src_text")
-    t.add_argument("--tgt-column", default="tgt_text")
-    t.add_argument("--id-column")
-    t.add_argument("--speaker-column")
+    t.add_argument("--audio-column", default="audio",
+                   help="audio file or path:offset:frames; '' for text-to-text (default: %(default)s)")
+    t.add_argument("--src-column", default="src_text", help="source transcript or sentence (default: %(default)s)")
+    t.add_argument("--tgt-column", default="tgt_text", help="translation (default: %(default)s)")
+    t.add_argument("--id-column", help="unique ids without spaces (default: <tsv name>-<line>)")
+    t.add_argument("--speaker-column", help="speaker (default: none)")
     t.add_argument("--audio-root", help="relative audio paths are under this (default: the TSV's folder)")
     t.add_argument("--skip-bad", action="store_true", help="log and count bad lines instead of stopping")
     t.set_defaults(run=_tsv)

@@ -1,9 +1,9 @@
 """Validation of a manifest: counts, hours, length histogram, sample rates, and every problem found.
 
-Problems: lines that do not parse (field count, non-UTF-8, empty text, bad n_frames), duplicate ids, audio
-that is missing or unreadable, slices past the end of their file, and ``n_frames`` that disagrees with the
-file. With ``decode`` every utterance is also decoded (slow, but finds a compressed file that does not
-decode past its header).
+Problems: a manifest without rows, lines that do not parse (field count, non-UTF-8, empty text, bad
+n_frames), duplicate ids (both lines named), audio that is missing or unreadable, slices past the end of their
+file, and ``n_frames`` that disagrees with the file. With ``decode`` every utterance is also decoded (slow,
+but finds a compressed file that does not decode past its header).
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ def check_manifest(path: str | os.PathLike, decode: bool = False, progress: bool
     except CorpusError as e:
         errors.append(e)
     problems = [str(e) for e in errors]
-    for utt_id, n in Counter(r.id for r in rows).items():
-        if n > 1:
-            problems.append(f"{path}: id {utt_id} appears {n} times")
+    if not rows and not problems:
+        problems.append(f"{path}: no rows, only the header; training needs at least one (rebuild the manifest)")
     rates: Counter[int] = Counter()
     seen_files: set[str] = set()
     speech = [r for r in rows if not r.is_text]

@@ -1,10 +1,12 @@
-"""CoVoST 2 (its TSVs plus the Common Voice clips on the user's disk) to manifests.
+r"""CoVoST 2 (its TSVs plus the Common Voice clips on the user's disk) to manifests.
 
 Read: ``covost_v2.en_de.<split>.tsv`` with columns ``path, sentence, translation, client_id`` (any others are
-ignored) and ``CV_ROOT/clips/<path>`` (MP3, decoded by soundfile/libsndfile). Every clip is decoded once, so a
-clip that does not decode is reported here rather than in the middle of training; ``n_frames`` is then the
-exact decoded length at 16 kHz. With ``to_flac`` each clip is also written there as 16 kHz mono FLAC, once
-(an existing FLAC is reused), and the manifest points at the FLAC files.
+ignored) and ``CV_ROOT/clips/<path>`` (MP3, decoded by soundfile/libsndfile). The TSVs are read the way
+CoVoST's get_covost_splits.py writes them and fairseq reads them: no quoting, ``escapechar="\\"`` (``\"`` in
+the file is ``"``, ``\\`` is ``\``). Every clip is decoded once, so a clip that does not decode is reported
+here rather than in the middle of training; ``n_frames`` is then the exact decoded length at 16 kHz. With
+``to_flac`` each clip is also written there as 16 kHz mono FLAC, once (an existing FLAC is reused), and the
+manifest points at the FLAC files.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def read_covost(
         flac_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for number, fields in tqdm(
-        list(iter_tsv(tsv, COVOST_COLUMNS, bad)), unit="clip", desc=tsv.name, disable=not progress
+        list(iter_tsv(tsv, COVOST_COLUMNS, bad, escaped=True)), unit="clip", desc=tsv.name, disable=not progress
     ):
         src, tgt = clean_text(fields["sentence"]), clean_text(fields["translation"])
         if not src or not tgt:

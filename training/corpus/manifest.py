@@ -96,12 +96,20 @@ def _relativise(audio: str, folder: Path) -> str:
     return f"{path}:{offset}:{frames}" if frames >= 0 else path
 
 
+def _no_manifest(path: Path) -> str:
+    """What to do about a manifest that is not there: the commands that make one in its folder."""
+    return (
+        f"no such manifest; make one with `python -m training.corpus build --out {path.parent} --text-only` "
+        "(text-to-text; without --text-only: speech), or convert a corpus (`python -m training.corpus --help`)"
+    )
+
+
 def read_manifest(path: str | os.PathLike, on_error: Callable[[CorpusError], None] | None = None) -> list[Row]:
     """Read a manifest; audio paths come back absolute.
 
-    Each bad line raises ``CorpusError`` naming the file and line, unless ``on_error`` is given: it then
-    receives the error (``BadInput(skip_bad=True)`` logs and counts it; ``list.append`` collects it) and the
-    line is left out.
+    Blank lines are skipped. Each bad line (a repeated id included) raises ``CorpusError`` naming the file and
+    the line (1-based, the header is line 1), unless ``on_error`` is given: it then receives the error
+    (``BadInput(skip_bad=True)`` logs and counts it; ``list.append`` collects it) and the line is left out.
     """
     return [row for _, row in read_numbered_manifest(path, on_error)]
 
@@ -118,18 +126,19 @@ def read_numbered_manifest(
             raise error
         on_error(error)
 
-    header, lines = read_table(
-        path, MANIFEST_COLUMNS, no_file="no such manifest; build one with `python -m training.corpus ...`"
-    )
+    header, lines = read_table(path, MANIFEST_COLUMNS, no_file=_no_manifest(path))
     index = {c: header.index(c) for c in MANIFEST_COLUMNS}
     folder = path.parent
     rows = []
+    first_line: dict[str, int] = {}  # id -> the line it first appears on
     for number, raw in lines:
         try:
             text = decode_line(path, number, raw)
         except CorpusError as e:
             bad(number, e.message)
             continue
+        if not text:
+            continue  # a blank line holds no row (as in every TSV reader here)
         fields = text.split("\t")
         if len(fields) != len(header):
             bad(number, f"{len(fields)} tab-separated fields, the header has {len(header)}")
@@ -151,6 +160,10 @@ def read_numbered_manifest(
         if problem:
             bad(number, problem)
             continue
+        if row.id in first_line:
+            bad(number, f"id {row.id} is also on line {first_line[row.id]}; ids must be unique")
+            continue
+        first_line[row.id] = number
         rows.append((number, row))
     return rows
 

@@ -80,14 +80,51 @@ def read_segments(path: Path) -> list[tuple[int, dict[str, str]]]:
     return segments
 
 
+def parse_lang_pair(text: str) -> tuple[str, str]:
+    """``en-de`` (MuST-C's spelling) or ``en_de`` (CoVoST 2's; ``en_zh-CN``) -> ("en", "de"); ``ValueError``
+    naming the expected form otherwise."""
+    parts = text.split("_") if "_" in text else text.split("-")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{text!r}: expected a source and a target language, e.g. en-de or en_de")
+    return parts[0], parts[1]
+
+
+def _split_order(name: str) -> tuple[int, str]:
+    return ({"train": 0, "dev": 1}.get(name, 2), name)
+
+
 def mustc_split_dir(root: str | os.PathLike, split: str, lang_pair: str = "en-de") -> Path:
     """``ROOT/<lang_pair>/data/<split>``; ROOT may also be the ``<lang_pair>`` folder itself."""
     root = Path(root)
-    for base in (root / lang_pair / "data", root / "data"):
+    bases = [base for base in (root / lang_pair / "data", root / "data") if base.is_dir()]
+    for base in bases:
         if (base / split).is_dir():
             return base / split
+    if bases:
+        splits = ", ".join(sorted((d.name for d in bases[0].iterdir() if d.is_dir()), key=_split_order))
+        raise CorpusError(bases[0], None, f"no split {split!r} here; it has {splits or 'none'}: pass those to --splits")
+    pairs = sorted(d.name for d in root.glob("*-*") if (d / "data").is_dir())
     raise CorpusError(
-        root, None, f"no {lang_pair}/data/{split} folder here; pass the MuST-C release folder (the one holding en-de/)"
+        root,
+        None,
+        f"no {lang_pair}/data/{split} folder here; pass the MuST-C release folder (the one holding {lang_pair}/)"
+        + (f" or --lang-pair {' / '.join(pairs)}" if pairs else ""),
+    )
+
+
+def _check_aligned(counts: dict[Path, tuple[int, str]]) -> None:
+    """One line per segment in each text file: else ``CorpusError`` at the shortest file, with every count."""
+    if len({n for n, _ in counts.values()}) == 1:
+        return
+    short = min(counts, key=lambda p: counts[p][0])
+    others = " and ".join(f"{p.name} has {n} {unit}" for p, (n, unit) in counts.items() if p != short)
+    n, unit = counts[short]
+    yaml_name, *texts = [p.name for p in counts]
+    raise CorpusError(
+        short,
+        None,
+        f"{short.name} has {n} {unit} but {others}; MuST-C's {' and '.join(texts)} have one line per segment of "
+        f"{yaml_name}: re-extract the release",
     )
 
 
@@ -95,26 +132,18 @@ def read_mustc(root: str | os.PathLike, split: str, lang_pair: str = "en-de", ba
     """Rows of one MuST-C split. Bad segments raise ``CorpusError`` (or are skipped and counted by ``bad``).
 
     A yaml whose segment count differs from the text files' line count always raises: with a segment missing
-    somewhere, no line can be trusted to belong to its segment.
+    somewhere, no line can be trusted to belong to its segment. ``lang_pair``: ``en-de`` or ``en_de``.
     """
     bad = bad or BadInput()
-    src_lang, tgt_lang = lang_pair.split("-")
-    split_dir = mustc_split_dir(root, split, lang_pair)
+    src_lang, tgt_lang = parse_lang_pair(lang_pair)
+    split_dir = mustc_split_dir(root, split, f"{src_lang}-{tgt_lang}")
     txt, wav_dir = split_dir / "txt", split_dir / "wav"
     yaml_path, src_path, tgt_path = txt / f"{split}.yaml", txt / f"{split}.{src_lang}", txt / f"{split}.{tgt_lang}"
     segments = read_segments(yaml_path)
     sources, targets = read_text_lines(src_path), read_text_lines(tgt_path)
-    if not len(segments) == len(sources) == len(targets):
-        n = min(len(segments), len(sources), len(targets))
-        longer = src_path if len(sources) > n else tgt_path if len(targets) > n else yaml_path
-        line = n + 1 if longer != yaml_path else segments[n][0]
-        raise CorpusError(
-            longer,
-            line,
-            f"no match for this line: {yaml_path.name} has {len(segments)} segments, {src_path.name} "
-            f"{len(sources)} lines, {tgt_path.name} {len(targets)} lines; they must align line by line. "
-            "Re-extract the release",
-        )
+    _check_aligned(
+        {yaml_path: (len(segments), "segments"), src_path: (len(sources), "lines"), tgt_path: (len(targets), "lines")}
+    )
     headers: dict[str, AudioHeader | AudioError] = {}
     per_talk: dict[str, int] = {}
     rows = []

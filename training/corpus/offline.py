@@ -37,7 +37,7 @@ from .synth import SPEAKERS, VOICES, Synthesizer, check_voice, make_synthesizer
 log = logging.getLogger("training.corpus")
 
 AUDIO_DIR = "audio"
-META_FILE = "corpus.json"  # how the folder was built; a resumed run must use the same voice and format
+META_FILE = "corpus.json"  # how the folder was built; a rerun must be of the same kind, voice and format
 ID_PREFIX = "ding"
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)  # Piper is ~0.3 CPU-s per sentence with one thread
 
@@ -129,11 +129,24 @@ def _make_in_worker(job: tuple[str, str, str, str]) -> tuple[str, str | None]:
     return _make_one(job, _worker_synthesize)
 
 
+def _kind(meta: dict) -> str:
+    if meta.get("text_only"):
+        return "a text-only corpus"
+    return f"a speech corpus (voice {meta.get('voice')}, format {meta.get('format')})"
+
+
 def _check_meta(out_dir: Path, meta: dict) -> None:
+    """Refuse to rebuild a folder with another voice, format or kind (speech / text-only), which would replace
+    its manifests; then record ``meta`` there."""
     path = out_dir / META_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("voice", "format"):
+        if bool(old.get("text_only")) != meta["text_only"]:
+            flag = "pass --text-only" if old.get("text_only") else "drop --text-only"
+            raise CorpusError(
+                path, None, f"this folder holds {_kind(old)}, not {_kind(meta)}; {flag} or pass a new --out"
+            )
+        for key in () if meta["text_only"] else ("voice", "format"):
             if old.get(key) != meta[key]:
                 raise CorpusError(
                     path,
@@ -141,6 +154,13 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
                     f"this folder was built with {key} {old.get(key)!r}, not "
                     f"{meta[key]!r}; pass --{key} {old.get(key)} or a new --out",
                 )
+    elif not meta["text_only"] and any((out_dir / f"{s}.tsv").is_file() for s in SPLITS):
+        raise CorpusError(
+            out_dir,
+            None,
+            f"holds manifests but no {META_FILE} (a text-only corpus, or another command's output); building "
+            "speech here would replace them: pass a new --out",
+        )
     path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -177,8 +197,10 @@ def build_offline_corpus(
     planned = plan_corpus(pairs, max_utterances, shares, split_caps)
     log.info("%s: %d sentence pairs; building %d", ding_path, len(pairs), len(planned))
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"text_only": text_only, "shares": asdict(shares), "filter": asdict(filt), "ding": str(ding_path)}
 
     if text_only:
+        _check_meta(out_dir, meta)
         counts = {
             s: write_manifest(
                 out_dir / f"{s}.tsv", [Row(u.id, "", 0, u.pair.en, u.pair.de) for u in planned if u.split == s]
@@ -187,20 +209,10 @@ def build_offline_corpus(
         }
         return BuildReport(counts, made=0, reused=0, seconds=time.perf_counter() - start)
 
+    meta.update(voice=voice, speaker=SPEAKERS[voice], format=audio_format, sample_rate=SAMPLE_RATE)
+    _check_meta(out_dir, meta)
     audio_dir = out_dir / AUDIO_DIR
     audio_dir.mkdir(exist_ok=True)
-    _check_meta(
-        out_dir,
-        {
-            "voice": voice,
-            "speaker": SPEAKERS[voice],
-            "format": audio_format,
-            "sample_rate": SAMPLE_RATE,
-            "shares": asdict(shares),
-            "filter": asdict(filt),
-            "ding": str(ding_path),
-        },
-    )
     for stale in audio_dir.glob(f"*{PART_SUFFIX}"):  # left by an interrupted run
         stale.unlink()
 

@@ -41,22 +41,64 @@ def decode_line(path: str | os.PathLike, number: int, raw: bytes) -> str:
         raise CorpusError(Path(path), number, message) from None
 
 
-def iter_tsv(path: str | os.PathLike, required: tuple[str, ...], bad: BadInput) -> Iterator[tuple[int, dict]]:
-    """(line number, {column: field}) for each well-formed line; missing columns raise, bad lines go to ``bad``.
-
-    Like fairseq's readers, no quoting: a ``"`` is an ordinary character (CoVoST sentences contain them).
+def split_escaped(text: str, escape: str = "\\") -> list[str]:
+    r"""Tab-separated fields of a record written with an escape character and no quoting, as CoVoST 2's
+    get_covost_splits.py writes them (pandas ``to_csv(sep="\t", quoting=csv.QUOTE_NONE, escapechar="\\")``):
+    ``\x`` is a literal ``x``, so ``\"`` is ``"``, ``\\`` is ``\``, and an escaped tab or newline belongs to the field.
     """
-    path = Path(path)
-    header, lines = read_table(path, required)
+    if escape not in text:
+        return text.split("\t")
+    fields, field, chars = [], [], iter(text)
+    for c in chars:
+        if c == escape:
+            field.append(next(chars, escape))  # a lone escape at the very end is kept as it is
+        elif c == "\t":
+            fields.append("".join(field))
+            field = []
+        else:
+            field.append(c)
+    fields.append("".join(field))
+    return fields
+
+
+def _ends_in_escape(text: str, escape: str = "\\") -> bool:
+    """True when the line's last character is an escape that is not itself escaped (an escaped newline)."""
+    return (len(text) - len(text.rstrip(escape))) % 2 == 1
+
+
+def _records(path: Path, lines: list[tuple[int, bytes]], bad: BadInput, escaped: bool) -> Iterator[tuple[int, str]]:
+    """(number of its first line, text) of each record; with ``escaped`` an escaped newline joins two lines."""
+    start, parts = 0, []
     for number, raw in lines:
         try:
             text = decode_line(path, number, raw)
         except CorpusError as e:
             bad(e)
+            parts = []
             continue
+        start = start if parts else number
+        parts.append(text)
+        if not (escaped and _ends_in_escape(text)):
+            yield start, "\n".join(parts)
+            parts = []
+    if parts:
+        yield start, "\n".join(parts)
+
+
+def iter_tsv(
+    path: str | os.PathLike, required: tuple[str, ...], bad: BadInput, *, escaped: bool = False
+) -> Iterator[tuple[int, dict]]:
+    r"""(line number, {column: field}) for each well-formed line; missing columns raise, bad lines go to ``bad``.
+
+    Like fairseq's readers, no quoting: a ``"`` is an ordinary character. With ``escaped`` the file is read the
+    way CoVoST 2's TSVs are written and fairseq reads them (``escapechar="\\"``): see ``split_escaped``.
+    """
+    path = Path(path)
+    header, lines = read_table(path, required)
+    for number, text in _records(path, lines, bad, escaped):
         if not text:
             continue  # an empty line holds no record (a line of tabs does, and is checked)
-        fields = text.split("\t")
+        fields = split_escaped(text) if escaped else text.split("\t")
         if len(fields) != len(header):
             bad(CorpusError(path, number, f"{len(fields)} tab-separated fields, the header has {len(header)}"))
             continue
