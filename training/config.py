@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,14 @@ TASKS = ("translate", "transcribe")  # transcribe: the source transcript is the 
 ENCODER_MODES = ("frozen", "lora", "full")
 
 
-AT_LEAST_ONE = ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "log_every")
+AT_LEAST_ONE = ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "log_every", "max_target_tokens")
 NOT_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "w_full", "w_mslm", "spsd_lambda", "align_steps",
                 "keep_last", "clip_norm", "dev_subset", "dev_bleu_subset")  # fmt: skip
+# what --resume may change: when and what the run saves, logs and evaluates, its length, and settings that act only
+# at step 0 (init_*, align_steps); any other change would make the resumed run another run than the one saved
+RESUME_MAY_CHANGE = ("max_steps", "save_every", "eval_every", "log_every", "keep_last", "dev_manifest", "dev_subset",
+                     "dev_bleu_subset", "max_target_tokens", "out_dir", "encoder_cache", "skip_bad", "init_llm",
+                     "init_adapter", "align_steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,6 @@ class TrainConfig:
     dev_manifest: str = ""
     max_source_seconds: float = 30.0
     max_source_words: int = 200
-    max_target_tokens: int = 200
     skip_bad: bool = False
     encoder_cache: str = ""  # "" = <out_dir>/encoder_cache; "none" disables it
     # objective (see training/losses.py)
@@ -80,6 +85,9 @@ class TrainConfig:
     eval_every: int = 200
     dev_subset: int = 64
     dev_bleu_subset: int = 32
+    # dev decoding only: a dev hypothesis stops after this many tokens (as the agent's --max-target-tokens);
+    # training targets are never cut
+    max_target_tokens: int = 200
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -91,13 +99,28 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
         if self.task == "transcribe" and self.modality != "speech":
             raise ValueError("task=transcribe needs modality=speech (a text source is its own transcript)")
+        infinite = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                    if f.type == "float" and not math.isfinite(getattr(self, f.name))]  # fmt: skip
+        if infinite:
+            raise ValueError(f"{', '.join(infinite)}: must be a finite number")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir is empty: give out_dir=PATH, the folder for the run's checkpoints and logs")
         small = [f"{k}={getattr(self, k)}" for k in AT_LEAST_ONE if getattr(self, k) < 1]
         if small:
             raise ValueError(f"{', '.join(small)}: each of {', '.join(AT_LEAST_ONE)} must be at least 1")
+        lora = [f"{k}=lora" for k in ("train_llm", "train_encoder") if getattr(self, k) == "lora"]
+        if lora and self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r} with {' and '.join(lora)}: a LoRA of rank {self.lora_r} trains "
+                             "nothing; give lora_r >= 1 (16 is the default)")  # fmt: skip
         negative = [f"{k}={getattr(self, k)}" for k in NOT_NEGATIVE if getattr(self, k) < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)}: must not be negative")
-        _ = self.loss  # validates the objective's fields
+        loss = self.loss  # validates the objective's fields
+        if not (loss.needs_full or loss.needs_stream):
+            raise ValueError(
+                f"w_full={self.w_full}, w_mslm={self.w_mslm}, spsd_lambda={self.spsd_lambda} and probe=false: nothing "
+                "to train; give one of the loss weights a value above 0, or probe=true"
+            )
 
     @property
     def loss(self) -> LossConfig:
@@ -106,6 +129,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from ``saved`` (the config a checkpoint was written under) and that
+    --resume may not change -> ["batch_size 4 -> 2", ...]. Settings the saved config lacks (older runs) are not
+    compared."""
+    changes = []
+    for key, new in cfg.to_dict().items():
+        if key in RESUME_MAY_CHANGE or key not in saved:
+            continue
+        old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        if old != new:
+            changes.append(f"{key} {old!r} -> {new!r}" if isinstance(new, (str, tuple)) else f"{key} {old} -> {new}")
+    return changes
 
 
 def parse_overrides(pairs: list[str]) -> dict:

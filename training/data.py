@@ -9,13 +9,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import soundfile as sf
 import torch
 
 from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio_spec, parse_audio_spec
 from streaming_llm.config import SPEECH
 from streaming_llm.model import SpeechLLM
 
-from .corpus.manifest import read_manifest
+from .corpus.manifest import read_numbered_manifest
 
 log = logging.getLogger("training")
 
@@ -27,6 +28,7 @@ class Example:
     target: str
     length: int  # for bucketing: samples (speech) or words (text)
     transcript: str = ""  # speech: the English transcript (src_text), for the adapter's CTC alignment
+    line: str = ""  # "manifest:line", for errors found later
 
 
 def load_examples(
@@ -39,6 +41,8 @@ def load_examples(
 ) -> list[Example]:
     """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip.
 
+    Speech: every audio file is opened here (its header; float files, which can hold NaN, are read whole), so a
+    file that cannot be decoded stops the run, or is skipped, before any work.
     ``transcribe``: the target is the row's source transcript instead of its translation (speech)."""
     skipped: list[str] = []
 
@@ -51,9 +55,11 @@ def load_examples(
     def on_error(error: Exception) -> None:
         bad(str(error))
 
-    rows = read_manifest(manifest, on_error=on_error if skip_bad else None)
+    rows = read_numbered_manifest(manifest, on_error=on_error if skip_bad else None)
+    unread = len(skipped)  # rows the manifest reader left out (their lines did not parse)
     examples = []
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
+    headers: dict[str, object] = {}  # path -> its header, or why it has none (one open per file)
+    for i, row in rows:
         where = f"{manifest}:{i} (id {row.id})"
         target = row.src_text if transcribe else row.tgt_text
         if not target.strip():
@@ -68,7 +74,13 @@ def load_examples(
                 seconds = row.n_frames / SAMPLE_RATE
                 bad(f"{where}: {seconds:.1f} s of audio, more than max_source_seconds={max_source_seconds}")
                 continue
-            examples.append(Example(row.id, row.audio, target, max(row.n_frames, 1), row.src_text.strip()))
+            problem = audio_problem(row.audio, headers)
+            if problem:
+                bad(f"{manifest}:{i}: example {row.id}: {problem}")
+                continue
+            examples.append(
+                Example(row.id, row.audio, target, max(row.n_frames, 1), row.src_text.strip(), f"{manifest}:{i}")
+            )
         else:
             words = row.src_text.split()
             if not words:
@@ -77,12 +89,34 @@ def load_examples(
             if len(words) > max_source_words:
                 bad(f"{where}: {len(words)} source words, more than max_source_words={max_source_words}")
                 continue
-            examples.append(Example(row.id, row.src_text, target, len(words)))
+            examples.append(Example(row.id, row.src_text, target, len(words), line=f"{manifest}:{i}"))
     if skipped:
-        log.warning("%s: skipped %d bad rows of %d", manifest, len(skipped), len(rows))
+        log.warning("%s: skipped %d bad rows of %d", manifest, len(skipped), len(rows) + unread)
     if not examples:
         raise ValueError(f"{manifest}: no usable examples")
     return examples
+
+
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the encodings that can hold NaN or Inf
+
+
+def audio_problem(spec: str, headers: dict) -> str:
+    """Why a manifest's audio field cannot be trained on ("" if it can), from the file's header: a file that will
+    not open, holds no samples or is shorter than the slice's offset, or a float file with NaN or Inf samples.
+    The reason is the one ``load_audio`` gives; ``headers`` caches each file's header (a talk has many slices)."""
+    path, offset, _ = parse_audio_spec(spec)
+    if path not in headers:
+        try:
+            headers[path] = sf.info(path)
+        except Exception as e:  # noqa: BLE001 - whatever libsndfile says, load_audio below says it in its words
+            headers[path] = str(e) or type(e).__name__
+    info = headers[path]
+    if isinstance(info, str) or info.frames == 0 or offset >= info.frames or info.subtype in FLOAT_SUBTYPES:
+        try:
+            load_audio_spec(spec)
+        except AudioError as e:
+            return str(e)
+    return ""
 
 
 def bucket_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -136,8 +170,9 @@ class SourceUnits:
     def _audio(self, example: Example):
         try:
             return load_audio_spec(example.source)
-        except AudioError as e:
-            raise ValueError(f"example {example.id}: {e}") from None
+        except AudioError as e:  # found only now: corrupt past its header, or changed since load_examples
+            where = f"{example.line}: " if example.line else ""
+            raise ValueError(f"{where}example {example.id}: {e} (fix or remove that row)") from None
 
     def _encoder_tag(self) -> str:
         """Identifies the encoder weights and block size, so a changed encoder never reads stale outputs."""

@@ -5,7 +5,9 @@
 
 Everything a run needs to continue exactly is in its checkpoints (``<out_dir>/checkpoints/step-N/``): the
 trained weights, AdamW and scheduler state, the RNG states and the step. The data order and every phi are
-functions of (seed, step, example), so ``--resume`` reproduces the uninterrupted run, on any world size.
+functions of (seed, step, example), so ``--resume`` reproduces the uninterrupted run, on any world size. So
+``--resume`` refuses settings that would change the run (each named, old and new value; those that may change:
+``config.RESUME_MAY_CHANGE``), and a run without ``--resume`` refuses an out_dir that holds another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.checkpoint import WEIGHTS, build_model, check_state, read_meta, save_checkpoint
 from streaming_llm.config import SPEECH, SpeechLLMConfig
 from streaming_llm.engine import max_source_samples, translate_offline
-from streaming_llm.model import SpeechLLM
+from streaming_llm.model import SpeechLLM, build_llm
 
 from .align import align_adapter
-from .config import TrainConfig, load_config, parse_overrides
+from .config import TrainConfig, load_config, parse_overrides, resume_changes
 from .data import Example, SourceUnits, bucket_batches, load_examples
 from .losses import LossConfig, streaming_losses
 from .phi import sample_token_phi
@@ -95,11 +97,7 @@ def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
             raise ValueError("llm=tiny goes with whisper=tiny")
         modality = shared.pop("modality")
         return tiny_config(modality, **{**shared, "adapter_hidden": cfg.adapter_hidden}), tiny_tokenizer()
-    from transformers import AutoConfig, AutoTokenizer
-
-    llm_path = resolve_path(cfg.llm)
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
-    llm_config = AutoConfig.from_pretrained(llm_path).to_dict()
+    llm_path, llm_config, tokenizer = load_llm_files(cfg.llm)
     whisper_path, dims = "", None
     if cfg.modality == SPEECH:
         whisper_path = resolve_path(cfg.whisper)
@@ -112,9 +110,60 @@ def model_config(cfg: TrainConfig) -> tuple[SpeechLLMConfig, object]:
     return config, tokenizer
 
 
+def load_llm_files(spec: str) -> tuple[str, dict, object]:
+    """llm=PATH or asset:NAME -> (its path, its config as a dict, its tokenizer), or an error that says what the
+    folder lacks and what to pass."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = resolve_path(spec)
+    what = (
+        f"llm={spec}: {path} is not a causal LM checkpoint (a Hugging Face folder with config.json, the weights and "
+        "a tokenizer); pass llm=tiny, llm=asset:smollm2-135m-instruct or such a folder"
+    )
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{what} (it is a file, not a folder)")
+    if not (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))):
+        raise ValueError(f"{what} (no weights in it)")
+    try:
+        llm_config = AutoConfig.from_pretrained(path).to_dict()
+        if llm_config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"its model_type {llm_config.get('model_type')!r} is not a causal LM")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - whatever transformers finds wrong, the user needs the same advice
+        raise ValueError(f"{what} ({_first_line(e)})") from None
+    return path, llm_config, tokenizer
+
+
+def check_lora_targets(config: SpeechLLMConfig) -> None:
+    """lora_targets must name layers of the LLM that LoRA can adapt (peft matches a module name's last parts);
+    checked on an empty (meta) copy of the LLM, so a misspelt name is refused by name before any weights load."""
+    with torch.device("meta"):
+        llm = build_llm(replace(config, llm_lora_r=0), from_path=False)
+    names = [name for name, m in llm.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    missing = [t for t in config.llm_lora_targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not among this LLM's layers; "
+            f"its layers are {','.join(known)} (give lora_targets=q_proj,v_proj, say)"
+        )
+
+
 def build_training_model(cfg: TrainConfig) -> SpeechLLM:
     config, tokenizer = model_config(cfg)
-    model = build_model(config, tokenizer, from_paths=cfg.llm != "tiny")
+    if config.llm_lora_r:
+        check_lora_targets(config)
+    try:
+        model = build_model(config, tokenizer, from_paths=cfg.llm != "tiny")
+    except Exception as e:  # noqa: BLE001 - weights that do not load (cut off, another model's): what and why
+        if cfg.llm == "tiny":
+            raise
+        raise ValueError(
+            f"llm={cfg.llm}" + (f", whisper={cfg.whisper}" if cfg.modality == SPEECH else "") + ": the weights do not "
+            f"load ({type(e).__name__}: {_first_line(e)}); pass the folder of a complete checkpoint"
+        ) from None
     set_trainable(model, cfg)
     if cfg.init_llm:
         init_llm_from(model, cfg.init_llm)
@@ -264,14 +313,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     ``stop_after``: leave after that step of the schedule with a checkpoint (to fit a time slot; ``--resume``
     then goes on exactly, in any world size) -> that step checkpoint's folder."""
     rank, world = init_distributed()
+    if not cfg.train_manifest:
+        raise ValueError("train_manifest is not set: give train_manifest=PATH (a TSV from python -m training.corpus)")
+    if cfg.batch_size < world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is under the {world} processes of torchrun; each process needs at least one "
+            f"example per step: give batch_size >= {world}"
+        )
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    found = latest_checkpoint(ckpt_root) if resume else None
+    saved = resumable_state(found, cfg) if found else None  # refused here if it cannot continue exactly
+    if not resume:
+        refuse_another_run(out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
     model = build_training_model(cfg).to(training_device())
     if cfg.bf16 and model.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
@@ -292,6 +349,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if cfg.dev_manifest
         else []
     )
+    if len(train_ex) < world:
+        raise ValueError(
+            f"{cfg.train_manifest}: {len(train_ex)} usable examples, under the {world} processes of torchrun; each "
+            f"process needs at least one example per step: give more rows, or --nproc_per_node {len(train_ex)}"
+        )
+    if rank == 0:  # every check has passed: the run's folder is made now, not for a run refused at start-up
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
     cache = None if cfg.encoder_cache == "none" else (cfg.encoder_cache or out / "encoder_cache")
     units = SourceUnits(model, cache, encoder_trained=cfg.train_encoder != "frozen")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -303,12 +368,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
     step = 0
     if resume:
-        found = latest_checkpoint(ckpt_root)
         if found is None:
             log.info("no checkpoint in %s: starting from step 0", ckpt_root)
         else:
-            step = restore(found, model, optimizer, scheduler)
+            step = restore(found, model, optimizer, scheduler, saved)
             log.info("resumed from %s (step %d)", found, step)
+            if step == cfg.max_steps:
+                log.info("step %d is max_steps: nothing to train; the final model is written again", step)
     logged = _truncate_log(out / "log.jsonl", step) if rank == 0 else []
     if step and dev_ex and _dev_due(cfg, step):  # every rank meets the barrier; rank 0 alone reads the log
         if rank == 0 and not any(r.get("step") == step and "dev_full" in r for r in logged):  # killed before it ran
@@ -525,17 +591,56 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def restore(path: Path, model: SpeechLLM, optimizer, scheduler) -> int:
-    """Load a training checkpoint into the freshly built model, optimizer and scheduler -> its step."""
+def refuse_another_run(out: Path) -> None:
+    """A new run (no --resume) may not start in a folder that holds another run's checkpoints: they would stay
+    next to its own, keep_last would delete its own first, and a later --resume would continue the other run."""
+    steps = [int(p.name[5:]) for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    if steps:
+        raise ValueError(
+            f"{out} already holds checkpoints up to step {max(steps)} (another run); pass --resume to continue it, "
+            "or another out_dir"
+        )
+    if (out / "final" / "checkpoint.json").exists():
+        raise ValueError(f"{out} already holds a final model (another run); pass another out_dir")
+
+
+def resumable_state(path: Path, cfg: TrainConfig) -> dict:
+    """The trainer state of the checkpoint --resume continues from, or an error that says why this run's settings
+    would not continue it exactly (the settings that change its maths, named with their old and new values)."""
+    try:
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        step, saved = int(trainer["step"]), dict(trainer.get("config") or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+    changes = resume_changes(saved, cfg)
+    if changes:
+        raise ValueError(
+            f"--resume: {path} was trained with other settings: {', '.join(changes)}; a resumed run continues "
+            f"exactly, so give the old values (or drop those settings), or another out_dir for a new run"
+        )
+    if cfg.max_steps < step:
+        raise ValueError(
+            f"--resume: max_steps={cfg.max_steps} is under step {step}, where {path} stands; give max_steps >= "
+            f"{step} (a run does not go back), or another out_dir for a new run"
+        )
+    return trainer
+
+
+def restore(path: Path, model: SpeechLLM, optimizer, scheduler, trainer: dict | None = None) -> int:
+    """Load a training checkpoint into the freshly built model, optimizer and scheduler -> its step.
+    ``trainer``: its trainer.pt, if already read (``resumable_state``)."""
     meta = read_meta(path / "model")
     try:
         state = load_file(str(path / "model" / WEIGHTS))
-        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        trainer = trainer or torch.load(path / "trainer.pt", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
     check_state(model, state, meta, str(path / "model"))
     model.load_state_dict(state, strict=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    try:
+        optimizer.load_state_dict(trainer["optimizer"])
+    except ValueError as e:  # another set of trained parameters (resume_changes names the setting when it can)
+        raise TrainingError(f"{path}: its optimizer state does not fit this run's trained parameters ({e})") from None
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"]["torch"])
     np.random.set_state(trainer["rng"]["numpy"])
@@ -616,18 +721,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"--stop-after {args.stop_after}: give the step to stop after (1 or more)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    cfg = None
     try:
         cfg = load_config(args.config, parse_overrides(args.overrides))
         final = train(cfg, resume=args.resume, stop_after=args.stop_after)
     except (ValueError, TrainingError, OSError) as e:  # OSError: a log or output folder that cannot be written
         tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, not after the progress bar
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C: where the run stands, not a traceback
+        tqdm.write(f"interrupted: {_where_it_stands(cfg)}", file=sys.stderr)
+        code = 130
     else:
         print(f"done: {final}")
         code = 0
     if dist.is_initialized():
         _end_worker(code)
     return code
+
+
+def _where_it_stands(cfg: TrainConfig | None) -> str:
+    """What an interrupted run left: its last checkpoint and how to go on."""
+    if cfg is None:
+        return "before training started"
+    last = latest_checkpoint(Path(cfg.out_dir) / "checkpoints")
+    if last is None:
+        return f"no checkpoint was written in {cfg.out_dir}; the same command starts the run again"
+    return f"the last checkpoint is {last} (step {int(last.name[5:])}); the same command with --resume continues it"
 
 
 def _end_worker(code: int) -> None:
