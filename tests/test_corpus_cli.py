@@ -39,13 +39,14 @@ def test_check_fails_on_bad_manifests(tmp_path, capsys):
     sf.write(tmp_path / "short.wav", tone(0.5), 16000)
     broken = [
         rows[0],
-        rows[0],  # duplicate id
         Row("gone", str(tmp_path / "gone.wav"), 100, "Missing.", "Fehlt."),
         Row("past", f"{tmp_path / 'short.wav'}:7000:5000", 5000, "Too long.", "Zu lang."),
         Row("wrong", str(tmp_path / "short.wav"), 123, "Wrong length.", "Falsche Länge."),
     ]
     bad = tmp_path / "bad.tsv"
     write_manifest(bad, broken)
+    lines = bad.read_bytes().splitlines(keepends=True)
+    bad.write_bytes(b"".join([*lines[:2], lines[1], *lines[2:]]))  # line 3 repeats line 2's id (the writer would not)
     with bad.open("ab") as f:
         f.write(b"latin\t\t0\tGr\xfc\xdfe.\tHallo.\t\n" + b"empty\t\t0\tHi.\t\t\n")
     report = check_manifest(bad, progress=False)

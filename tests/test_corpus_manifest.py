@@ -116,3 +116,10 @@ def test_a_missing_manifest_names_the_command_that_builds_it(tmp_path, monkeypat
     with pytest.raises(CorpusError) as caught:
         read_manifest("data/offline_text/train.tsv")
     assert "`python -m training.corpus build --out data/offline_text --text-only`" in str(caught.value)
+
+
+def test_the_writer_refuses_a_repeated_id_that_the_reader_would_refuse(tmp_path):
+    rows = [Row("a", "", 0, "Hello.", "Hallo."), Row("a", "", 0, "Bye.", "Tschüss.")]
+    with pytest.raises(ValueError, match="row 'a': that id is already used by another row"):
+        write_manifest(tmp_path / "m.tsv", rows)
+    assert not (tmp_path / "m.tsv").exists()

@@ -253,7 +253,7 @@ def test_rows_the_writer_accepts_come_back_unchanged(scratch, rows):
     try:
         write_manifest(path, [Row(i, "", 0, s, t) for i, s, t in rows])
     except ValueError:
-        return  # a row the writer refuses (text that is only whitespace): never written
+        return  # a row the writer refuses (text that is only whitespace, a repeated id): never written
     back = read_manifest(path)
     assert [(r.id, r.src_text, r.tgt_text) for r in back] == [(i, " ".join(s.split()), " ".join(t.split()))
                                                              for i, s, t in rows]  # fmt: skip

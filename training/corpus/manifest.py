@@ -173,13 +173,18 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Row]) -> int:
 
     A relative ``Row.audio`` is taken as relative to the current working directory (``read_manifest``
     returns absolute paths, so rows read from one manifest can be written to another anywhere).
-    Returns the number of rows. Text is whitespace-cleaned; a row that is still invalid raises ``ValueError``.
+    Returns the number of rows. Text is whitespace-cleaned; a row that is still invalid, or whose id another row
+    has, raises ``ValueError``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent
     lines = ["\t".join(MANIFEST_COLUMNS)]
+    seen: set[str] = set()
     for row in rows:
+        if row.id in seen:  # read_manifest refuses a repeated id: never write one
+            raise ValueError(f"{path}: row {row.id!r}: that id is already used by another row; ids must be unique")
+        seen.add(row.id)
         row = Row(
             row.id, row.audio, row.n_frames, clean_text(row.src_text), clean_text(row.tgt_text), clean_text(row.speaker)
         )
