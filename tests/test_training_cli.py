@@ -262,3 +262,12 @@ def test_skip_bad_counts_the_lines_the_manifest_reader_left_out_in_the_total(tmp
         examples = load_examples(manifest, "text", 30.0, 200, skip_bad=True)
     assert [e.id for e in examples] == ["a", "c"]
     assert f"{manifest}: skipped 2 bad rows of 4" in [r.getMessage() for r in caplog.records]
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "training/config.py" in out
+    for setting in ("max_steps=1000", "spsd_topk=100", "probe=true", "lora_targets=q_proj,k_proj", "train_manifest="):
+        assert setting in out

@@ -711,7 +711,12 @@ def _truncate_log(path: Path, step: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.split("\n\n")[0],
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="a YAML file from training/configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     parser.add_argument("--stop-after", type=int, metavar="STEP",
@@ -737,6 +742,23 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         _end_worker(code)
     return code
+
+
+def settings_help() -> str:
+    """Every key=value setting with its default (what each means: ``TrainConfig`` in training/config.py)."""
+    import textwrap
+    from dataclasses import fields
+
+    def shown(value) -> str:  # as it is written on the command line: true, q_proj,v_proj
+        if isinstance(value, bool):
+            return str(value).lower()
+        return ",".join(value) if isinstance(value, tuple) else str(value)
+
+    pairs = [f"{f.name}={shown(getattr(TrainConfig, f.name, ''))}" for f in fields(TrainConfig)]
+    return (
+        "settings (key=value, after the YAML; defaults shown; each is described in training/config.py):\n"
+        + textwrap.fill("  ".join(pairs), 100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    )
 
 
 def _where_it_stands(cfg: TrainConfig | None) -> str:
