@@ -471,8 +471,13 @@ def head_from_args(args: argparse.Namespace) -> Head:
     params = parse_head_params(args.head_param)
     if args.threshold is not None:
         name = head_name(args.head)
-        if "threshold" not in {f.name for f in dataclasses.fields(HEADS[name])}:
-            raise LiveError(f"--threshold does not apply to the {name!r} head; use --head-param")
+        fields = {f.name for f in dataclasses.fields(HEADS[name])}
+        if "threshold" not in fields:
+            what = "use --head-param" if fields else "it takes no parameters"
+            raise LiveError(f"--threshold does not apply to the {name!r} head; {what}")
+        if "threshold" in params:
+            raise LiveError(f"--threshold {args.threshold} and --head-param threshold={params['threshold']} both set "
+                            "threshold; give one of them")  # fmt: skip
         params["threshold"] = args.threshold
     return build_head(args.checkpoint, args.head, params)
 

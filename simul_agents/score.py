@@ -277,8 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --json {json_path}: cannot write it ({e.strerror or e}); give another path", file=sys.stderr)
             return 2
     print(format_table([scores]))
+    problems = problem_counts(scores)
+    if problems:
+        print(problems)
     print(f"(latency in {scores['latency_unit']}; {Path(args.output) / 'scores.json'})")
     return 0
+
+
+def problem_counts(scores: dict) -> str:
+    """'n_failed 1 (failed.jsonl: logged by --skip-failed), n_empty 2 (wrote nothing)', or '' when both are 0."""
+    notes = {"n_failed": "failed.jsonl: logged by --skip-failed", "n_empty": "wrote nothing"}
+    return ", ".join(f"{key} {scores[key]} ({note})" for key, note in notes.items() if scores.get(key))
 
 
 if __name__ == "__main__":

@@ -662,27 +662,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = ServeConfig()
     p = argparse.ArgumentParser(prog="python -m simul_agents.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (streaming_llm.checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=_port, default=8765, help="port (0: any free port; the log line names it)")
-    p.add_argument("--head", default=defaults.head, help="the head when a client's start names none")
-    p.add_argument("--max-clients", type=int, default=defaults.max_clients)
-    p.add_argument("--queue-frames", type=int, default=defaults.queue_frames, help="frames queued per client")
-    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="seconds")
-    p.add_argument("--max-stream", type=float, default=defaults.max_stream_s, help="seconds (0: the model's context)")
-    p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
-    p.add_argument("--threads", type=_threads, default=0, help="torch CPU threads for the model (0: torch's default)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, loopback; 0.0.0.0 exposes it)")  # fmt: skip
+    p.add_argument("--port", type=_port, default=8765,
+                   help="port (0: any free port; the log line names it; default: %(default)s)")  # fmt: skip
+    p.add_argument("--head", default=defaults.head,
+                   help="the head when a client's start names none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-clients", type=int, default=defaults.max_clients,
+                   help="connections at once; more are refused with 'busy' (default: %(default)s)")  # fmt: skip
+    p.add_argument("--queue-frames", type=int, default=defaults.queue_frames,
+                   help="frames queued per client before the server stops reading (default: %(default)s)")  # fmt: skip
+    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                   help="seconds without a message before a connection is closed (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-stream", type=float, default=defaults.max_stream_s,
+                   help="longest speech stream in seconds (0: the model's context; default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes,
+                   help="a larger message gets 'too_large' and is dropped; one over max(8 MiB, 4 times this) "
+                   "closes the connection (code 1009) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=_threads, default=0,
+                   help="torch CPU threads for the model (0: torch's default; default: %(default)s)")  # fmt: skip
     add_precision_args(p)
     p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=ServeConfig.batch,
                    help="batch the LM forwards of concurrent streams into one (each stream's other work on a "
-                   "thread of its own): 12-29%% less time per client with eager steps, not with --compile")  # fmt: skip
+                   "thread of its own): 12-29%% less time per client with eager steps, not with --compile "
+                   "(default: %(default)s)")  # fmt: skip
     p.add_argument("--reencode", choices=REENCODE, default=defaults.reencode,
-                   help="re-read the words written under more source: never, end (once it ends), read (every read)")
+                   help="re-read the words written under more source: never, end (once it ends), read (every read) "
+                   "(default: %(default)s)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.max_clients < 1 or args.queue_frames < 1 or args.idle_timeout <= 0 or args.max_frame_bytes < 1024:
         raise ValueError("--max-clients, --queue-frames must be >= 1, --idle-timeout > 0, --max-frame-bytes >= 1024")
+    if not math.isfinite(args.idle_timeout):
+        raise ValueError(f"--idle-timeout {args.idle_timeout}: give a number of seconds")
+    if not (math.isfinite(args.max_stream) and args.max_stream >= 0):
+        raise ValueError(f"--max-stream {args.max_stream}: give seconds >= 0 (0: the model's context)")
     return dataclasses.replace(
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,
         max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head, batch=args.batch,

@@ -34,6 +34,7 @@ from .model import SpeechLLM, build_llm
 FORMAT = "proactive-simulst"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
 
 
 class CheckpointError(ValueError):
@@ -153,7 +154,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", m
         state = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = load_tokenizer(directory)
     model = build_model(config, tokenizer, from_paths=bool(meta.get("delta")))
     check_state(model, state, meta, str(directory))
     model.load_state_dict(state, strict=False)
@@ -162,6 +163,17 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", m
 
         merge(model)
     return model.to(device).eval()
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer; a missing or broken one is a ``CheckpointError`` naming the folder and file."""
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if not (directory / TOKENIZER).is_file():
+            raise CheckpointError(f"{directory}: no {TOKENIZER} (the tokenizer); copy it from the checkpoint's "
+                                  "training run, or pass a folder written by training.train") from None  # fmt: skip
+        raise CheckpointError(f"{directory / TOKENIZER}: unreadable tokenizer ({' '.join(str(e).split())})") from None
 
 
 def check_state(model: SpeechLLM, state: dict[str, torch.Tensor], meta: dict, source: str) -> None:

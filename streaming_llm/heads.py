@@ -426,10 +426,15 @@ def make_head(name: str, **params) -> Head:
             values[key] = _convert(value, kind)
         except (ValueError, TypeError):  # TypeError: None (an empty YAML value), a list where a number goes
             raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a valid {kind.__name__}") from None
+        if kind in (int, float) and not math.isfinite(values[key]):
+            raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a finite number; give a number")
     return cls(**values)
 
 
 def _convert(value, kind: type):
+    """``value`` as a ``kind``; a bool is not a number here (``true`` would silently be 1)."""
+    if kind in (int, float) and isinstance(value, bool):
+        raise TypeError(value)
     if isinstance(value, kind) and not isinstance(value, bool):
         return value
     if kind is int:
@@ -437,11 +442,6 @@ def _convert(value, kind: type):
         if not number.is_integer():
             raise ValueError(value)
         return int(number)
-    if kind is float:
-        number = float(value)
-        if math.isnan(number):
-            raise ValueError(value)
-        return number
     return kind(value)
 
 

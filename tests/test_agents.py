@@ -237,6 +237,20 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error_before_the_first_instanc
     assert not (tmp_path / "out" / "instances.log").exists()
 
 
+def test_a_checkpoint_without_its_tokenizer_is_named_with_the_missing_file(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data / "text-ckpt", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit, match=rf"error: {tmp_path / 'ckpt'}: no tokenizer.json \(the tokenizer\)") as caught:
+        simuleval(ProactiveAgent, tmp_path / "ckpt", data / "source.txt", data / "target.txt", tmp_path / "out")
+    assert "\n" not in str(caught.value) and "sentencepiece" not in str(caught.value)
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"ckpt/tokenizer.json: unreadable tokenizer"):
+        simuleval(ProactiveAgent, tmp_path / "ckpt", data / "source.txt", data / "target.txt", tmp_path / "out")
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
 def test_bad_sources_are_clear_errors_before_the_first_instance(data, tmp_path):
     (tmp_path / "gap.txt").write_text("One two .\n\nThree .\n", encoding="utf-8")
     (tmp_path / "three.txt").write_text("a\nb\nc\n", encoding="utf-8")
@@ -258,6 +272,66 @@ def test_bad_sources_are_clear_errors_before_the_first_instance(data, tmp_path):
     with pytest.raises(SystemExit, match="--threshold does not apply to the 'wait-k' head"):
         text_run(data, tmp_path, "--head", "wait-k", "--threshold", "0.5")
     assert not (tmp_path / "o" / "instances.log").exists()
+
+
+def test_a_text_checkpoint_refuses_a_source_of_audio_files_before_the_first_instance(data, tmp_path):
+    (tmp_path / "paths.txt").write_text("clips/a.flac\nclips/b.FLAC\nclips/c.wav\n", encoding="utf-8")  # not there
+    for source in (data / "speech.txt", tmp_path / "paths.txt"):  # existing files; audio names
+        problem = r"its lines are audio files .*is a text model: give a text source \(one sentence per line\) or a"
+        with pytest.raises(SystemExit, match=problem + " speech checkpoint") as caught:
+            simuleval(ProactiveAgent, data / "text-ckpt", source, data / "target.txt", tmp_path / "o",
+                      "--head", "wait-k", "--k", "2")  # fmt: skip
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "o" / "instances.log").exists()
+    long = " ".join(["word"] * 80) + "."  # longer than a file name may be: still a sentence, and no OSError
+    (tmp_path / "mixed.txt").write_text(f"{long}\nclips/a.wav\nI am done .\n", encoding="utf-8")
+    instances = simuleval(ProactiveAgent, data / "text-ckpt", tmp_path / "mixed.txt", data / "target.txt",
+                          tmp_path / "mixed", "--head", "wait-k", "--k", "2")  # fmt: skip
+    assert len(instances) == 3  # a sentence that mentions a file is still a sentence
+
+
+NON_FINITE = [["--head", "entropy", "--threshold", "nan"], ["--head", "probe", "--threshold", "inf"],
+              ["--head", "entropy", "--head-param", "threshold=nan"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("head", NON_FINITE, ids=lambda h: h[-1])
+def test_a_non_finite_threshold_is_refused_before_the_first_instance(data, tmp_path, head):
+    with pytest.raises(SystemExit, match=r"proactive_agent: error: head '\w+': threshold=.* is not a finite number"):
+        text_run(data, tmp_path, *head)
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
+@pytest.mark.parametrize("options", [["--threshold", "1", "--head-param", "threshold=3"],
+                                     ["--head-param", "threshold=3", "--threshold", "1"]],
+                         ids=["flag-first", "param-first"])  # fmt: skip
+def test_a_threshold_given_twice_is_refused_whatever_the_order(data, tmp_path, options):
+    with pytest.raises(SystemExit, match=r"--threshold 1.0 and --head-param threshold=3 both set threshold; give one"):
+        text_run(data, tmp_path, "--head", "entropy", *options)
+    with pytest.raises(SystemExit, match=r"--k 2 and --head-param k=4 both set k"):
+        text_run(data, tmp_path, "--head", "wait-k", "--k", "2", "--head-param", "k=4")
+
+
+@pytest.mark.parametrize("flag", [["--k", "3"], ["--threshold", "0.5"]], ids=lambda f: f[0])
+def test_the_offline_head_says_it_takes_no_parameters(data, tmp_path, flag):
+    with pytest.raises(SystemExit, match=rf"{flag[0]} does not apply to the 'offline' head: it takes no parameters"):
+        text_run(data, tmp_path, "--head", "offline", *flag)
+
+
+def test_help_shows_the_defaults_of_the_agents_options():
+    from argparse import ArgumentParser
+
+    parser = ArgumentParser()
+    ProactiveAgent.add_args(parser)
+    options = {}  # option -> its help, from the help text (each option's entry starts a line with "  --")
+    for entry in parser.format_help().split("\n  --")[1:]:
+        name, _, rest = entry.partition(" ")
+        options[f"--{name}"] = " ".join(rest.split())
+    for option, default in [("--head", "entropy"), ("--max-len-a", "2.0"), ("--max-len-b", "10.0"),
+                            ("--max-target-tokens", "256"), ("--reencode", "never"), ("--long-audio", "auto"),
+                            ("--segment-min-seconds", "10.0"), ("--segment-max-seconds", "0.0"),
+                            ("--pause-seconds", "0.5"), ("--silence-db", "-40.0")]:  # fmt: skip
+        assert f"default: {default})" in options[option], (option, options[option])
+    assert "default: the checkpoint's, else the head's own: entropy 1.0" in options["--threshold"]
 
 
 def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tmp_path):

@@ -474,16 +474,50 @@ def test_speech_agent_names_an_unreadable_file_before_the_first_instance(files, 
 
 
 @pytest.mark.parametrize("name", ["nan-samples", "inf-samples"])
-def test_speech_agent_names_the_file_of_a_failing_instance_and_can_skip_it(files, checkpoints, tmp_path, name):
+@pytest.mark.parametrize("skip", [[], ["--skip-failed"]], ids=["strict", "skip-failed"])
+def test_speech_agent_names_a_float_file_holding_nan_or_inf_before_the_first_instance(files, checkpoints, tmp_path,
+                                                                                       name, skip):  # fmt: skip
     source, target = _lists(tmp_path, [files["all-silence"], files[name], files["one-sample"]])
+    with pytest.raises(SystemExit) as caught:
+        simuleval(checkpoints / "speech", source, target, tmp_path / "out", "--source-segment-size", "320", *skip)
+    message = one_line(str(caught.value))
+    assert f"line 2 (instance 1): {files[name]} holds 1 NaN or Inf samples" in message, message
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
+def test_batch_eval_shares_the_agents_check_of_nan_audio(files, checkpoints, tmp_path):
+    from simul_agents.batch_eval import run as batch_eval
+
+    source, target = _lists(tmp_path, [files["all-silence"], files["nan-samples"]])
+    with pytest.raises(SystemExit, match=rf"line 2 \(instance 1\): {files['nan-samples']} holds 1 NaN"):
+        batch_eval(["--batch", "2", "--checkpoint", checkpoints / "speech", "--source", source, "--target", target,
+                    "--output", tmp_path / "out", "--source-segment-size", "320", "--no-progress-bar"])  # fmt: skip
+    assert not (tmp_path / "out" / "instances.log").exists()
+
+
+def test_speech_agent_stops_on_a_failing_instance_in_one_line_or_skips_it(checkpoints, tmp_path, capsys):
+    """A source past the model's context with --long-audio off fails inside the model: without --skip-failed the
+    run stops on an error naming the instance and its file; with it the instance is logged, the run goes on, and
+    the scorer prints the count."""
+    too_long = tmp_path / "too-long.wav"
+    sf.write(too_long, tone(31.0), RATE, subtype="PCM_16")
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(RATE, np.float32), RATE)
+    source, target = _lists(tmp_path, [silence, too_long, silence])
     args = (checkpoints / "speech", source, target)
-    with pytest.raises(InstanceError, match=rf"instance 1 \({files[name]}\): AudioError: .*NaN or Inf samples"):
-        simuleval(*args, tmp_path / "strict", "--source-segment-size", "320")
-    instances = simuleval(*args, tmp_path / "lenient", "--source-segment-size", "320", "--skip-failed")
+    run = ("--source-segment-size", "320", "--long-audio", "off", "--head", "wait-k", "--k", "1")
+    with pytest.raises(InstanceError) as caught:
+        simuleval(*args, tmp_path / "strict", *run)
+    message = one_line(str(caught.value))
+    assert re.match(rf"instance 1 \({too_long}\): ValueError: the source is longer than the model", message), message
+    instances = simuleval(*args, tmp_path / "lenient", *run, "--skip-failed")
     assert [ins["index"] for ins in instances] == [0, 1, 2]
     failed = [json.loads(line) for line in (tmp_path / "lenient" / "failed.jsonl").read_text().splitlines()]
     assert [f["index"] for f in failed] == [1]
     assert score_output(tmp_path / "lenient")["n_failed"] == 1
+    capsys.readouterr()
+    assert score_main([str(tmp_path / "lenient")]) == 0
+    assert "n_failed 1 (failed.jsonl" in capsys.readouterr().out
 
 
 def test_speech_agent_gives_an_empty_prediction_for_a_file_with_nothing_at_16k(files, checkpoints, tmp_path, caplog):

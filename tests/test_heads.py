@@ -158,6 +158,21 @@ def test_a_threshold_the_head_could_never_cross_is_refused(name, threshold, prob
         make_head(name, threshold=threshold)
 
 
+@pytest.mark.parametrize("name", ["entropy", "attention", "probe"])
+@pytest.mark.parametrize("value", [float("nan"), "nan", float("inf"), "-inf"], ids=str)
+def test_a_non_finite_threshold_is_refused_by_every_head_that_has_one(name, value):
+    with pytest.raises(ValueError, match=f"head '{name}': threshold=.* is not a finite number"):
+        make_head(name, threshold=value)
+
+
+@pytest.mark.parametrize(("name", "params"), [("wait-k", {"k": True}), ("entropy", {"threshold": False}),
+                                              ("entropy", {"max_lag": float("inf")}), ("wait-k", {"k": "nan"})])
+def test_a_boolean_or_non_finite_number_is_not_taken_as_a_head_parameter(name, params):
+    (key,) = params
+    with pytest.raises(ValueError, match=f"head '{name}': {key}=.* is not a (valid|finite)"):
+        make_head(name, **params)
+
+
 def test_describe_lists_the_lag_bounds_only_when_they_are_set():
     assert EntropyHead(threshold=0.6).describe() == "entropy(threshold=0.6)"
     assert EntropyHead(threshold=0.6, max_lag=4).describe() == "entropy(threshold=0.6, max_lag=4)"

@@ -228,6 +228,22 @@ def test_command_refuses_negative_threads_and_no_target_tokens(data, capsys):
     assert "--max-target-tokens 0: at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options,problem", [
+    (["--head", "entropy", "--threshold", "nan"], "head 'entropy': threshold=nan is not a finite number"),
+    (["--head", "attention", "--head-param", "threshold=inf"], "head 'attention': threshold='inf' is not a finite"),
+    (["--threshold", "1", "--head-param", "threshold=3"], "--threshold 1.0 and --head-param threshold=3 both set"),
+    (["--head-param", "threshold=3", "--threshold", "1"], "--threshold 1.0 and --head-param threshold=3 both set"),
+    (["--head", "offline", "--threshold", "1"], "does not apply to the 'offline' head; it takes no parameters"),
+], ids=["nan", "inf-param", "flag-first", "param-first", "offline"])  # fmt: skip
+def test_command_refuses_a_non_finite_or_doubly_given_threshold_in_one_line(data, capsys, options, problem):
+    argv = [str(data["root"] / "tone.wav"), "--checkpoint", str(data["root"] / "speech-ckpt"), "--fast"]
+    assert live.main([*argv, *options]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("live: error: ") and problem in line, line
+    assert not captured.out  # refused before the model is loaded
+
+
 def test_mic_without_sounddevice_or_portaudio_says_what_to_install(data, capsys, monkeypatch):
     real_import = builtins.__import__
 

@@ -204,3 +204,14 @@ def test_len_ratio_is_the_outputs_length_over_the_references_and_shows_what_chrf
                                                     "delays": [1] * 14}), write=False)  # fmt: skip
     assert exact["len_ratio"] == 1.0 and long["len_ratio"] == 2.0
     assert long["BLEU"] < 0.5 * exact["BLEU"] and long["chrF"] > 0.8 * exact["chrF"]  # BLEU halves, chrF keeps 82%
+
+
+def test_score_cli_prints_failed_and_empty_counts_only_when_there_are_some(tmp_path, capsys):
+    failed_row = {**GOOD_ROW, "index": 1, "prediction": "", "delays": []}  # what --skip-failed logs for it
+    out = _output(tmp_path / "skipped", GOOD_ROW, failed_row, failed=b'{"index": 1, "error": "ValueError: x"}\n')
+    assert main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "n_failed 1 (failed.jsonl: logged by --skip-failed), n_empty 1 (wrote nothing)" in printed, printed
+    assert main([str(_output(tmp_path / "clean", GOOD_ROW))]) == 0
+    printed = capsys.readouterr().out
+    assert "n_failed" not in printed and "n_empty" not in printed, printed

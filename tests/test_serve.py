@@ -216,6 +216,9 @@ def test_bad_json_and_bad_messages_get_errors_and_the_connection_stays_usable(sp
         ({"head": "wait-k", "params": {"k": 0}}, "k=0"),
         ({"threshold": "high"}, "threshold 'high'"),
         ({"treshold": 1.0}, "unknown field treshold"),
+        ({"params": {"threshold": float("nan")}}, "threshold=nan is not a finite number"),  # JSON NaN
+        ({"head": "entropy", "params": {"threshold": float("inf")}}, "threshold=inf is not a finite number"),
+        ({"head": "wait-k", "params": {"k": True}}, "k=True is not a valid int"),
     ],
     ids=lambda v: str(v)[:30],
 )
@@ -465,3 +468,28 @@ def test_serve_passes_its_reencode_option_to_every_stream():
     args = serve_module.parse_args(["--checkpoint", "c", "--reencode", "read"])
     assert serve_module.config_from_args(args).reencode == "read"
     assert serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c"])).reencode == "never"
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["--max-stream", "-5"], "--max-stream -5.0: give seconds >= 0"),
+    (["--max-stream", "nan"], "--max-stream nan: give seconds >= 0"),
+    (["--idle-timeout", "inf"], "--idle-timeout inf: give a number of seconds"),
+], ids=["max-stream-negative", "max-stream-nan", "idle-timeout-inf"])  # fmt: skip
+def test_serve_refuses_a_negative_or_non_finite_time_limit_before_loading(capsys, argv, problem):
+    assert serve_module.main(["--checkpoint", "no-such-checkpoint", *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("serve: error: ") and problem in line, line
+
+
+def test_serve_help_describes_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        serve_module.parse_args(["--help"])
+    options = {}  # option -> its help (each option's entry starts a line with "  --")
+    for entry in capsys.readouterr().out.split("\n  --")[1:]:
+        name, _, rest = entry.partition(" ")
+        options[f"--{name}"] = " ".join(rest.split())
+    for option, default in [("--max-clients", "16"), ("--max-frame-bytes", "1048576"), ("--queue-frames", "32"),
+                            ("--idle-timeout", "30.0"), ("--max-stream", "0.0"), ("--head", "entropy"),
+                            ("--port", "8765"), ("--reencode", "never")]:  # fmt: skip
+        help_text = options[option].split(" ", 1)[1]  # after the metavar
+        assert f"default: {default}" in help_text and len(help_text) > len(f"(default: {default})") + 10, help_text
