@@ -85,6 +85,39 @@ def to_mono_16k(
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+def extrapolate(audio: np.ndarray, n: int, order: int = 32, context: int = 1024) -> np.ndarray:
+    """audio: (m,) -> (n,) samples that continue it, by linear prediction: a Hann-windowed autocorrelation over
+    its last ``context`` samples, Levinson-Durbin for ``order`` coefficients (the windowed autocorrelation makes
+    the predictor stable, so the continuation decays rather than grows), run on past its end.
+
+    Resampling the prefix of a stream needs input beyond its end (the filter's other half): a continuation that
+    follows the signal keeps the last resampled samples near those of the whole file, at any rate. Too short a
+    prefix for ``order`` falls back to an odd reflection."""
+    x = np.asarray(audio, dtype=np.float64)[-context:]
+    if x.shape[0] <= 2 * order:
+        pad = min(n, x.shape[0] - 1)
+        if pad < 1:
+            return np.full(n, x[-1] if x.size else 0.0, dtype=np.float32)
+        out = np.pad(x, (0, pad), mode="reflect", reflect_type="odd")[x.shape[0] :]
+        return np.clip(np.pad(out, (0, n - pad), mode="edge"), -1.0, 1.0).astype(np.float32)
+    w = x * np.hanning(x.shape[0])
+    r = np.correlate(w, w, "full")[w.shape[0] - 1 : w.shape[0] + order]
+    r[0] = r[0] * (1 + 1e-6) + 1e-12  # a little white noise: silence gives zeros, not a division by zero
+    a, err = np.zeros(order + 1), r[0]
+    a[0] = 1.0
+    for i in range(1, order + 1):  # Levinson-Durbin: a[1:] predicts x[t] from x[t-1], ..., x[t-order]
+        k = -(r[i] + a[1:i] @ r[i - 1 : 0 : -1]) / err
+        a[1 : i + 1] += k * a[i - 1 :: -1][:i]
+        err *= 1 - k * k
+    a *= 0.999 ** np.arange(order + 1)  # a touch of bandwidth expansion: a margin of stability
+    history = list(x[-order:])
+    out = np.empty(n)
+    for t in range(n):
+        out[t] = -np.dot(a[1:], history[: -order - 1 : -1])
+        history = history[1:] + [out[t]]
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
 class StreamTo16k:
     """Chunks of one stream (any rate, channels, dtype) -> 16 kHz mono float32, in bounded memory.
 
