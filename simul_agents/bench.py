@@ -620,7 +620,7 @@ def test_files(task: TaskPlan, bench: Bench):
 
 
 def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
-    from simul_agents.sweep import SweepConfig, sweep
+    from simul_agents.sweep import SweepConfig, SweepError, sweep
 
     files = test_files(task, bench)
     model = decoded_model(variant)
@@ -636,7 +636,11 @@ def stage_sweep(bench: Bench, task: TaskPlan, variant: str) -> dict:
         batch=bench.batch,
         agent_args={**task.agent_args, **DECODINGS.get(variant, {})},
     )
-    rows, errors = sweep(config, jobs=bench.jobs)  # writes config.output/sweep.csv as runs finish
+    try:
+        rows, errors = sweep(config, jobs=bench.jobs)  # writes config.output/sweep.csv as runs finish
+    except SweepError as e:  # e.g. runs made under other settings (another checkpoint, other agent arguments)
+        stage = f"{task.name}-sweep-{variant}"
+        raise SweepError(f"{e} (in the bench: python -m simul_agents.bench --redo {stage})") from None
     pack(config.output, bench.archive_dir(task.name, variant))
     if errors:
         raise RuntimeError("failed runs: " + "; ".join(errors))

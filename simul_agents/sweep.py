@@ -36,6 +36,11 @@ horizontal line. Paths are relative to the current directory (run from the repos
 - Resumable: a run (or shard) whose ``instances.log`` holds every index of its range is not run again; an
   incomplete batched one (``--batch`` > 1) continues with the instances it has not finished
   (``batch_eval --continue-unfinished``), an incomplete SimulEval one is run again from its start.
+- A run keeps what made it in ``<run>/settings.json`` (the checkpoint's and the source and target files' SHA-256,
+  ``source_segment_size``, the head's parameters, ``agent_args``; not ``--batch``, ``--shards`` or ``threads``,
+  which give the same predictions and delays). A run with results made under other settings stops the sweep
+  before any run, naming what changed; ``--redo`` deletes such runs and runs them again. A run from before
+  these records (none in its folder) counts as made under the current settings, which are recorded then.
 - Scores come from ``simul_agents.score`` (recomputed from ``instances.log``), written to ``sweep.csv`` as
   each run finishes, and to ``sweep.md`` and ``sweep.png`` (BLEU and chrF against LAAL) in ``output`` at the end.
 """
@@ -44,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import hashlib
 import itertools
 import json
 import os
@@ -69,6 +76,10 @@ COLUMNS = (
     "AL_CA", "LAAL_CA", "DAL_CA", "AP_CA", "ATD_CA", "RCO", "AIL", "n_instances", "n_failed", "n_empty",
     "mean_source_length", "latency_unit", "output",
 )  # fmt: skip
+SETTINGS = "settings.json"  # in each run's folder: what made it (``run_settings``)
+CHECKPOINT_FILES = ("checkpoint.json", "config.json", "model.safetensors")  # what a checkpoint's identity hashes
+NOT_DEFINING = {"threads"}  # agent_args that change the speed, not the outputs
+LOG_NOISE = ("Couldn't find ffmpeg",)  # lines of a subprocess's log left out of a failure's tail (pydub's warning)
 KNOWN_KEYS = {"task", "checkpoint", "source", "target", "output", "source_segment_size", "shards", "batch",
               "agent_args", "heads"}  # fmt: skip
 
@@ -178,6 +189,9 @@ def expand_runs(config: SweepConfig) -> list[Run]:
             raise SweepError(str(e)) from None
         for block in setting_blocks(params):
             swept = {k: v for k, v in block.items() if isinstance(v, list)}
+            for key, values in swept.items():
+                if not values:
+                    raise SweepError(f"heads.{name}.{key}: an empty list; give at least one value, or leave {key} out")
             fixed = {k: v for k, v in block.items() if not isinstance(v, list)}
             for values in itertools.product(*swept.values()):
                 chosen = dict(zip(swept, values, strict=True))
@@ -234,17 +248,194 @@ def run_output(output: Path, head: str, label: str) -> Path:
 
 
 def count_instances(source: str) -> int:
-    path = Path(source)
+    n = count_lines("source", source)
+    if n == 0:
+        raise SweepError(f"source {source}: empty; a sweep needs at least one instance (one line per source)")
+    return n
+
+
+def count_lines(kind: str, name: str) -> int:
+    """The lines of the ``kind`` ("source", "target") file ``name``, read as SimulEval reads them."""
+    path = Path(name)
     if not path.is_file():
-        raise SweepError(f"source {path}: no such file (paths are relative to the current directory)")
+        raise SweepError(f"{kind} {path}: no such file (paths are relative to the current directory)")
     try:
         with open(path, encoding="utf-8") as f:
-            n = len(f.readlines())
+            return len(f.readlines())
     except UnicodeDecodeError as e:
-        raise SweepError(f"source {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if n == 0:
-        raise SweepError(f"source {path}: empty; a sweep needs at least one instance (one line per source)")
-    return n
+        raise SweepError(f"{kind} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def check_target(target: str, n: int) -> None:
+    """One reference per source line, or SimulEval stops each run on an assertion."""
+    lines = count_lines("target", target)
+    if lines != n:
+        raise SweepError(f"target {target}: {lines} lines, the source has {n}; give one reference per source line")
+
+
+def checkpoint_identity(checkpoint: str) -> str:
+    """SHA-256 of the checkpoint's metadata, config and weights; refuses a folder that is not a checkpoint."""
+    from streaming_llm.checkpoint import CheckpointError, read_meta
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise SweepError(f"checkpoint {path}: no such folder (paths are relative to the current directory); "
+                         "give a folder written by training.train")  # fmt: skip
+    try:
+        read_meta(path)
+    except CheckpointError as e:
+        raise SweepError(f"checkpoint {e}") from None
+    if not (path / CHECKPOINT_FILES[-1]).is_file():
+        raise SweepError(f"checkpoint {path}: no {CHECKPOINT_FILES[-1]}; give a folder written by training.train")
+    digest = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        if (path / name).is_file():
+            digest.update(f"{name}:{file_sha256(path / name)};".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """SimulEval's and the agent's options, whose errors are raised (not printed with the usage, then exit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SweepError(f"agent_args: {message}")
+
+
+def check_agent_args(config: SweepConfig, run: Run, n: int) -> None:
+    """Parse the command line ``run`` would get with SimulEval's and the agent's parser, running nothing: an
+    option neither knows, or a value it refuses, is named here, not in a usage dump per run."""
+    from simuleval import options
+
+    from simul_agents.proactive_agent import ProactiveAgent
+
+    argv = simuleval_args(config, Job(run, 0, n, run.output), n)
+    saved = sys.argv
+    sys.argv = ["simuleval", *argv]  # SimulEval's parsers read --user-dir from sys.argv
+    try:
+        parser = options.general_parser(None, _CheckingParser(add_help=False, conflict_handler="resolve"))
+        options.add_evaluator_args(parser)
+        options.add_scorer_args(parser, argv)
+        options.add_dataloader_args(parser, argv)
+        ProactiveAgent.add_args(parser)
+        _, unknown = parser.parse_known_args(argv)
+    finally:
+        sys.argv = saved
+    flags = [flag for flag in unknown if flag.startswith("--")]
+    if flags:
+        key = next((k for k in config.agent_args if "--" + str(k).replace("_", "-") == flags[0]), flags[0])
+        known = [f for f in parser._option_string_actions if f.startswith("--")]
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        hint = f"did you mean {close[0][2:].replace('-', '_')}?" if close else "remove it"
+        raise SweepError(f"agent_args.{key}: no such option of the agent or SimulEval; {hint} (the options: "
+                         "simuleval --agent simul_agents/proactive_agent.py --help)")  # fmt: skip
+
+
+def cli_values(values: dict) -> dict:
+    """Settings as a run's command line gets them: True stays a flag, False and None are left out, the rest text."""
+    return {str(k): v if v is True else str(v) for k, v in values.items() if v is not False and v is not None}
+
+
+def sweep_settings(config: SweepConfig) -> dict:
+    """What makes every run of ``config`` (its head's parameters are added per run: ``run_settings``)."""
+    return {
+        "checkpoint": config.checkpoint,
+        "checkpoint_sha256": checkpoint_identity(config.checkpoint),
+        "source": config.source,
+        "source_sha256": file_sha256(Path(config.source)),
+        "target": config.target,
+        "target_sha256": file_sha256(Path(config.target)),
+        "source_segment_size": config.source_segment_size,
+        "agent_args": {k: v for k, v in cli_values(config.agent_args).items() if k not in NOT_DEFINING},
+    }
+
+
+def run_settings(shared: dict, run: Run) -> dict:
+    return {**shared, "head": run.head, "head_params": cli_values(dict(run.params))}
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two runs' settings, as 'name old -> new' (paths alone do not count: a file is its
+    content)."""
+    changes = []
+    for name in ("checkpoint", "source", "target"):
+        if old.get(f"{name}_sha256") != new[f"{name}_sha256"]:
+            was = old.get(name)
+            changes.append(f"{name} {was} -> {new[name]}" if was != new[name] else f"{name} {was}: its content changed")
+    if old.get("source_segment_size") != new["source_segment_size"]:
+        changes.append(f"source_segment_size {old.get('source_segment_size')} -> {new['source_segment_size']}")
+    for group in ("agent_args", "head_params"):
+        before, after = old.get(group) or {}, new[group]
+        for key in dict.fromkeys([*before, *after]):
+            if before.get(key) != after.get(key):
+                changes.append(f"{group}.{key} {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}")
+    return changes
+
+
+def read_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def has_results(folder: Path) -> bool:
+    """Whether a run's folder holds an instance that a resumed run would keep (its own log or a shard's)."""
+    logs = [folder / "instances.log", *(folder / "shards").glob("*/instances.log")]
+    return any(log.is_file() and log.stat().st_size > 0 for log in logs)
+
+
+def changed_runs(settings: dict[Run, dict]) -> dict[Run, list[str]]:
+    """The runs with results made under other settings than theirs now, and what changed."""
+    changed = {}
+    for run, current in settings.items():
+        old = read_settings(run.output)
+        if old is not None and has_results(run.output):
+            changes = settings_changes(old, current)
+            if changes:
+                changed[run] = changes
+    return changed
+
+
+def refuse_changed(changed: dict[Run, list[str]]) -> None:
+    run, changes = next(iter(changed.items()))
+    others = f" and {len(changed) - 1} other run(s)" if len(changed) > 1 else ""
+    raise SweepError(f"{run.head} {run.label} ({run.output}){others} were made with other settings: "
+                     f"{'; '.join(changes)}; run them again with --redo (deletes their results), give another "
+                     "output folder, or restore the settings")  # fmt: skip
+
+
+def prepare(config: SweepConfig) -> tuple[list[Run], int, dict[Run, dict]]:
+    """Check everything a run needs before any runs -> (the runs, the instances, each run's settings)."""
+    runs = expand_runs(config)
+    if not runs:
+        raise SweepError("heads: every head is off (false); give at least one head to sweep")
+    n = count_instances(config.source)
+    check_target(config.target, n)
+    shared = sweep_settings(config)
+    check_agent_args(config, runs[0], n)
+    return runs, n, {run: run_settings(shared, run) for run in runs}
+
+
+def record_settings(settings: dict[Run, dict], redo: bool) -> None:
+    """Refuse runs made under other settings (``redo``: delete them), then write every run's settings where the
+    folder has none or no results; a run from before these records keeps its results and gets today's."""
+    changed = changed_runs(settings)
+    if changed and not redo:
+        refuse_changed(changed)
+    for run in changed:
+        shutil.rmtree(run.output)
+    for run, current in settings.items():
+        if run in changed or read_settings(run.output) is None or not has_results(run.output):
+            run.output.mkdir(parents=True, exist_ok=True)
+            (run.output / SETTINGS).write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -322,8 +513,9 @@ def run_job_subprocess(config: SweepConfig, job: Job, n_instances: int, threads:
     with open(log, "w", encoding="utf-8") as f:
         code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env)
     if code != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        return f"exit code {code}: " + " | ".join(tail)
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        tail = [line.strip() for line in lines if line.strip() and not any(noise in line for noise in LOG_NOISE)]
+        return f"exit code {code}: " + " | ".join(tail[-3:])
     return None
 
 
@@ -341,14 +533,18 @@ def merge_shards(run: Run, jobs: Sequence[Job]) -> None:
         (run.output / "failed.jsonl").write_text("".join(p.read_text(encoding="utf-8") for p in failed), "utf-8")
 
 
-def sweep(config: SweepConfig, jobs: int = 1, shards: int | None = None) -> tuple[list[dict], list[str]]:
+def sweep(
+    config: SweepConfig, jobs: int = 1, shards: int | None = None, redo: bool = False
+) -> tuple[list[dict], list[str]]:
     """Run (or resume) every run; -> (rows for the CSV, error messages of failed runs).
 
-    A run is scored as soon as its last job ends, and ``output/sweep.csv`` is rewritten then, so a long sweep
-    shows its finished runs while the others go on (and an interrupted one keeps them).
+    Everything is checked first (``prepare``), and a run made under other settings stops the sweep
+    (``redo``: it is deleted and run again). A run is scored as soon as its last job ends, and ``output/sweep.csv``
+    is rewritten then, so a long sweep shows its finished runs while the others go on (and an interrupted one
+    keeps them).
     """
-    runs = expand_runs(config)
-    n = count_instances(config.source)
+    runs, n, settings = prepare(config)
+    record_settings(settings, redo)
     ranges = shard_ranges(n, shards or config.shards)
     plan: dict[Run, list[Job]] = {}
     for run in runs:
@@ -447,8 +643,10 @@ def fill_len_ratio(eval_dir: Path) -> int:
 def write_markdown(rows: Sequence[dict], path: Path) -> None:
     columns = ("head", "param", "BLEU", "chrF", "len_ratio", "AL", "LAAL", "DAL", "AL_CA", "LAAL_CA", "RCO", "AIL",
                "n_instances")  # fmt: skip
-    unit = rows[0]["latency_unit"] if rows else ""
-    lines = [f"Latency in {unit}; CA = computation-aware (speech only).", "",
+    if not rows:
+        path.write_text("No run has finished.\n", encoding="utf-8")
+        return
+    lines = [f"Latency in {rows[0]['latency_unit']}; CA = computation-aware (speech only).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]  # fmt: skip
     for row in rows:
         cells = []
@@ -530,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="instances at a time per process, batched (simul_agents.batch_eval; overrides YAML)")
     parser.add_argument("--output", default=None, help="override the YAML's output directory")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="check the sweep, list its runs and their state")
+    parser.add_argument("--redo", action="store_true", help="delete and run again runs made under other settings")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -547,22 +746,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SweepError(f"--batch {args.batch}: at least 1 instance at a time")
             config = SweepConfig(**{**config.__dict__, "batch": args.batch})
         if args.dry_run:
-            n = count_instances(config.source)
-            for run in expand_runs(config):
-                state = "done" if is_complete(run.output, 0, n) else "to run"
-                print(f"{run.head:16s} {run.label:24s} {state:7s} {run.output}")
+            runs, n, settings = prepare(config)
+            changed = changed_runs(settings)
+            for run in runs:
+                state = "changed" if run in changed else "done" if is_complete(run.output, 0, n) else "to run"
+                note = f" ({'; '.join(changed[run])}; --redo runs it again)" if run in changed else ""
+                print(f"{run.head:16s} {run.label:24s} {state:7s} {run.output}{note}")
             return 0
-        rows, errors = sweep(config, jobs=args.jobs, shards=args.shards)
+        rows, errors = sweep(config, jobs=args.jobs, shards=args.shards, redo=args.redo)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config.output.mkdir(parents=True, exist_ok=True)
     write_csv(rows, config.output / "sweep.csv")
     write_markdown(rows, config.output / "sweep.md")
+    written = "sweep.md"
     if rows:
         plot(rows, config.output / "sweep.png", config.task)
+        written += ", sweep.png"
     print((config.output / "sweep.md").read_text(encoding="utf-8"))
-    print(f"wrote {config.output / 'sweep.csv'}, sweep.md, sweep.png")
+    print(f"wrote {config.output / 'sweep.csv'}, {written}")
     for error in errors:
         print(f"FAILED {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -33,6 +33,8 @@ def setup(tmp_path_factory):
     config = config.replace(llm_config={**config.llm_config, "tie_word_embeddings": False})
     torch.manual_seed(0)
     save_checkpoint(build_model(config, tiny_tokenizer()).eval(), root / "ckpt")
+    torch.manual_seed(1)
+    save_checkpoint(build_model(config, tiny_tokenizer()).eval(), root / "other-ckpt")  # another training
     (root / "source.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
     (root / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
     return root
@@ -271,3 +273,116 @@ def test_rows_scored_before_len_ratio_existed_get_it_from_their_logs_and_keep_th
     assert float(first["len_ratio"]) == 2.0 and first["BLEU"] == "12.5" and first["LAAL"] == "1.5"
     assert second["len_ratio"] == "" and second["chrF"] == "41.0"
     assert fill_len_ratio(eval_dir) == 0  # filled once
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_a_run_made_under_other_settings_stops_the_sweep_before_any_run_until_redo(setup, tmp_path, capsys):
+    heads = {"wait-k": {"k": [2]}, "attention": {"threshold": [0.5], "frontier": 1}, "offline": False}
+    base = {"heads": heads, "output": str(tmp_path / "runs")}
+    assert main([str(write_config(setup, tmp_path / "base.yaml", **base))]) == 0
+    log = tmp_path / "runs" / "wait-k" / "k=2" / "instances.log"
+    stamp = log.stat().st_mtime_ns
+    other_source = tmp_path / "other-source.txt"
+    other_source.write_text("\n".join(reversed(SENTENCES)) + "\n", encoding="utf-8")
+    args = {"max_len_a": 1, "max_len_b": 2, "max_target_tokens": 16, "threads": 1}
+    changes = {
+        "checkpoint": ({"checkpoint": str(setup / "other-ckpt")}, "checkpoint {ckpt} -> {other}"),
+        "agent flag": ({"agent_args": {**args, "hold_sentence_end": True}},
+                       "agent_args.hold_sentence_end (unset) -> True"),
+        "agent value": ({"agent_args": {**args, "max_target_tokens": 8}}, "agent_args.max_target_tokens 16 -> 8"),
+        "source": ({"source": str(other_source)}, f"source {setup / 'source.txt'} -> {other_source}"),
+        "fixed head parameter": ({"heads": {**heads, "attention": {"threshold": [0.5], "frontier": 2}}},
+                                 "head_params.frontier 1 -> 2"),
+    }  # fmt: skip
+    for name, (change, want) in changes.items():
+        config = str(write_config(setup, tmp_path / f"{name}.yaml", **{**base, **change}))
+        capsys.readouterr()
+        assert main([config]) == 2, name
+        err = capsys.readouterr().err
+        want = want.format(ckpt=setup / "ckpt", other=setup / "other-ckpt")
+        assert len(error_lines(err)) == 1 and want in err and "--redo" in err, (name, err)
+        assert main([config, "--dry-run"]) == 0
+        assert "changed" in capsys.readouterr().out and log.stat().st_mtime_ns == stamp  # nothing ran
+    threads = str(write_config(setup, tmp_path / "threads.yaml", **{**base, "agent_args": {**args, "threads": 2}}))
+    assert main([threads]) == 0 and log.stat().st_mtime_ns == stamp  # threads: the speed, not the outputs
+    other = str(write_config(setup, tmp_path / "checkpoint.yaml", **{**base, "checkpoint": str(setup / "other-ckpt")}))
+    assert main([other, "--redo"]) == 0 and log.stat().st_mtime_ns != stamp
+    stamp = log.stat().st_mtime_ns
+    assert main([other]) == 0 and log.stat().st_mtime_ns == stamp  # redone under the new settings: done now
+
+
+def test_a_run_from_before_the_records_counts_as_done_and_is_recorded_then(setup, tmp_path, capsys):
+    """The bench's runs (and those it restores from results/) have an instances.log and no settings.json."""
+    heads = {"wait-k": {"k": [2]}, "offline": False}
+    first = write_config(setup, tmp_path / "first.yaml", heads=heads)
+    assert main([str(first)]) == 0
+    run = tmp_path / "runs" / "wait-k" / "k=2"
+    (run / "settings.json").unlink()  # made before the records
+    stamp = (run / "instances.log").stat().st_mtime_ns
+    other = write_config(setup, tmp_path / "other.yaml", heads=heads, checkpoint=str(setup / "other-ckpt"))
+    capsys.readouterr()
+    assert main([str(other), "--dry-run"]) == 0 and " done " in capsys.readouterr().out
+    assert not (run / "settings.json").exists()  # a dry run writes nothing
+    assert main([str(other)]) == 0 and (run / "instances.log").stat().st_mtime_ns == stamp
+    assert json.loads((run / "settings.json").read_text())["checkpoint"] == str(setup / "other-ckpt")
+    assert main([str(first)]) == 2  # recorded now: a later change is caught
+    assert f"checkpoint {setup / 'other-ckpt'} -> {setup / 'ckpt'}" in capsys.readouterr().err
+
+
+def test_a_bad_checkpoint_target_or_agent_option_is_refused_in_one_line_before_any_run(setup, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(REFERENCES[:3]) + "\n", encoding="utf-8")
+    cases = {
+        "checkpoint": ({"checkpoint": str(tmp_path / "nowhere")}, "nowhere: no such folder"),
+        "not a checkpoint": ({"checkpoint": str(setup)}, "not a proactive-simulst checkpoint"),
+        "target": ({"target": str(tmp_path / "none.txt")}, "none.txt: no such file"),
+        "short target": ({"target": str(short)}, "3 lines, the source has 4; give one reference per source line"),
+        "misspelt option": ({"agent_args": {"hold_sentence_ends": True}},
+                            "agent_args.hold_sentence_ends: no such option of the agent or SimulEval; "
+                            "did you mean hold_sentence_end?"),
+        "bad value": ({"agent_args": {"max_len_a": "two"}}, "argument --max-len-a: invalid float value: 'two'"),
+    }  # fmt: skip
+    for name, (change, message) in cases.items():
+        output = tmp_path / name
+        config = write_config(setup, tmp_path / f"{name}.yaml", output=str(output), **change)
+        capsys.readouterr()
+        assert main([str(config)]) == 2, name
+        err = capsys.readouterr().err
+        assert len(error_lines(err)) == 1 and message in error_lines(err)[0] and "usage:" not in err, (name, err)
+        assert not output.exists(), name  # no run started
+        assert main([str(config), "--dry-run"]) == 2, name
+
+
+def test_a_sweep_whose_every_run_failed_writes_no_plot_and_says_so(setup, tmp_path, capsys):
+    args = {"max_target_tokens": 0, "threads": 1}  # parsed, then refused by the agent: each run fails
+    config = write_config(setup, tmp_path / "failing.yaml", agent_args=args, heads={"wait-k": {"k": [2]}})
+    assert main([str(config)]) == 1
+    captured = capsys.readouterr()
+    assert not (tmp_path / "runs" / "sweep.png").exists() and "sweep.png" not in captured.out
+    assert "No run has finished." in captured.out and "Latency in ;" not in captured.out
+    assert "FAILED wait-k k=2" in captured.err
+
+
+def test_a_failed_subprocess_reports_its_log_without_known_noise(setup, tmp_path, monkeypatch):
+    import simul_agents.sweep as sweep_module
+
+    def fake_call(command, stdout, stderr, env):
+        noise = "Couldn't find ffmpeg or avconv - defaulting to ffmpeg, but may not work"
+        stdout.write(f"loading\nproactive_agent: error: --max-target-tokens must be >= 1\n"
+                     f"/x/pydub/utils.py:170: RuntimeWarning: {noise}\n  warn(\"{noise}\", RuntimeWarning)\n\n")
+        return 2
+
+    monkeypatch.setattr(sweep_module.subprocess, "call", fake_call)
+    config = load_config(write_config(setup, tmp_path / "tiny.yaml"))
+    run = expand_runs(config)[0]
+    error = sweep_module.run_job_subprocess(config, sweep_module.Job(run, 0, 4, tmp_path / "job"), 4, 1)
+    assert error == "exit code 2: loading | proactive_agent: error: --max-target-tokens must be >= 1"
+
+
+def test_an_empty_list_of_values_is_refused(setup, tmp_path):
+    config = load_config(write_config(setup, tmp_path / "empty.yaml", heads={"entropy": {"threshold": []}}))
+    with pytest.raises(SweepError, match=r"heads.entropy.threshold: an empty list; give at least one value"):
+        expand_runs(config)
