@@ -446,14 +446,18 @@ def _convert(value, kind: type):
 
 
 def parse_head_params(items: Sequence[str]) -> dict[str, str]:
-    """['k=3', 'layers=4,5'] -> {'k': '3', 'layers': '4,5'} (also accepts one comma-free 'a=1 b=2' string)."""
+    """['k=3', 'layers=4,5'] -> {'k': '3', 'layers': '4,5'} (also accepts one comma-free 'a=1 b=2' string); a key
+    given twice with two values is refused."""
     params: dict[str, str] = {}
     for item in items:
         for part in str(item).split():
             key, sep, value = part.partition("=")
             if not sep or not key:
                 raise ValueError(f"head parameter {part!r}: expected KEY=VALUE, e.g. threshold=0.6")
-            params[key.strip().replace("-", "_")] = value.strip()
+            key = key.strip().replace("-", "_")
+            if key in params and params[key] != value.strip():
+                raise ValueError(f"head parameter {key} given twice ({params[key]} and {value.strip()}); give it once")
+            params[key] = value.strip()
     return params
 
 

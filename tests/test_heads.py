@@ -283,6 +283,9 @@ def test_make_head_converts_and_names_its_errors():
     assert parse_head_params(["k=3", "layers=4,5 frontier=2"]) == {"k": "3", "layers": "4,5", "frontier": "2"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_head_params(["threshold"])
+    with pytest.raises(ValueError, match="k given twice"):
+        parse_head_params(["k=1", "k=2"])
+    assert parse_head_params(["k=1", "k=1"]) == {"k": "1"}
 
 
 def common_prefix(sequences):
