@@ -6,7 +6,9 @@
     python -m simul_agents.live sentences.txt --checkpoint TEXT_CKPT      # one line per utterance, words at a pace
 
 ``LiveStream`` is one stream: a ``StreamingSession``, a decision head and its memory, run by the SimulEval agent's
-own rules (``heads.decide`` before every word, at most ``a * units + b`` words). The WebSocket server
+own rules (``heads.decide`` before every word, at most ``a * units + b`` words). A file longer than one utterance
+(the model's context, ~30 s) goes through ``SegmentedStream``: cut at pauses, a ``LiveStream`` per segment, as the
+agent's ``--long-audio`` does. The WebSocket server
 (``simul_agents.serve``) uses it too. The command shows, updating in place on a terminal (one line per event
 otherwise), the source time, each READ/WRITE decision and the translation with every word's delay, then AL and
 LAAL (``simul_agents.latency``) against the source duration, plain and computation-aware.
@@ -42,9 +44,10 @@ from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio
 from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
-from streaming_llm.engine import REENCODE, LMCall, StreamingSession
+from streaming_llm.engine import REENCODE, LMCall, StreamingSession, max_source_samples
 from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
 from streaming_llm.lean import compile_steps
+from streaming_llm.long_stream import EnergySegmenter, SegmentConfig
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
 from . import latency as L
@@ -194,6 +197,82 @@ class LiveStream:
         while (word := self.step()) is not None:
             words.append(word)
         return words
+
+
+class SegmentedStream:
+    """A speech stream longer than one utterance (a talk): cut at pauses by ``EnergySegmenter`` (as the agent's
+    ``--long-audio`` and ``LongStream`` do), each segment a ``LiveStream`` of its own over the shared model.
+
+    The same interface as ``LiveStream`` for ``run_stream`` and ``Display``; ``source``, ``words`` and ``delays``
+    are the whole stream's (a word's delay: the audio received when it was written, from the stream's start).
+    A segment never sees the text of the one before."""
+
+    def __init__(self, model, head: Head, limits: Limits = Limits(), reencode: str = "never",
+                 segments: SegmentConfig | None = None):  # fmt: skip
+        segments = segments or SegmentConfig()
+        self.make = lambda: LiveStream(model, head, limits, reencode=reencode)
+        self.current = self.make()
+        self.segmenter = EnergySegmenter(segments, segments.max_samples(max_source_samples(model)))
+        self.speech, self.unit = True, "ms"
+        self.received = 0
+        self.delays: list[float] = []
+        self.words: list[str] = []
+        self.n_segments = 0
+        self._ended: list[str] = []  # words of finished segments that step() has not returned yet
+
+    @property
+    def source(self) -> float:
+        return self.received * 1000 / SAMPLE_RATE
+
+    @property
+    def session(self) -> StreamingSession:
+        return self.current.session
+
+    @property
+    def decision(self) -> Decision | None:
+        return self.current.decision
+
+    @property
+    def entropy(self) -> float | None:
+        return self.current.entropy
+
+    @property
+    def n_reads(self) -> int:
+        return self.current.n_reads
+
+    @property
+    def done(self) -> bool:
+        return not self._ended and self.current.done
+
+    def push_audio(self, samples: np.ndarray) -> int:
+        """16 kHz mono samples -> new source units read (in the current segment)."""
+        units = 0
+        for piece, cut in self.segmenter.split(np.asarray(samples, dtype=np.float32)):
+            if piece.shape[0]:
+                units += self.current.push_audio(piece)
+                self.received += piece.shape[0]
+            if cut and self.current.received:
+                self.current.finish()
+                self._ended += self.current.drain()  # the segment's source is over: all its words are due now
+                self.current = self.make()
+                self.n_segments += 1
+        return units
+
+    def finish(self) -> None:
+        if self.current.received:
+            self.current.finish()
+            self.n_segments += 1
+        elif not self.received:
+            raise ValueError("the stream ended before any audio; send audio before 'end'")
+        else:
+            self.current.done = True  # the last cut ended the stream: nothing more to write
+
+    def step(self) -> str | None:
+        word = self._ended.pop(0) if self._ended else self.current.step()
+        if word is not None:
+            self.words.append(word)
+            self.delays.append(self.source)
+        return word
 
 
 def latency_summary(
@@ -593,14 +672,16 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
         except AudioError as e:
             raise LiveError(f"{e} (this checkpoint translates speech: give it an audio file)") from None
         seconds = audio.shape[0] / SAMPLE_RATE
-        if seconds > limit:
-            raise LiveError(
-                f"{args.file} is {seconds:.1f} s; this model hears at most {limit:.1f} s per utterance "
-                f"({model.config.source_capacity} source embeddings of {model.config.stack * ENCODER_FRAME_MS} ms): "
-                "cut it into utterances (e.g. at pauses)"
-            )
         display = Display(out, "ms", seconds * 1000, tty)
-        stream = LiveStream(model, head, limits, reencode=args.reencode)
+        if seconds > limit:  # one session hears one utterance: a talk is cut at pauses, a session per segment
+            out.write(
+                f"{args.file} is {seconds:.1f} s, longer than one utterance ({limit:.1f} s: "
+                f"{model.config.source_capacity} source embeddings of {model.config.stack * ENCODER_FRAME_MS} ms): "
+                "cut at pauses into segments, each translated on its own\n"
+            )
+            stream = SegmentedStream(model, head, limits, reencode=args.reencode)
+        else:
+            stream = LiveStream(model, head, limits, reencode=args.reencode)
         chunks = audio_chunks(audio, args.chunk_ms)
         result = run_stream(stream, chunks, pace=not args.fast, wall_clock=not args.fast, display=display)
     out.write(f"translation: {result.text}\n{summary_line(result, args.reference)}\n")

@@ -12,9 +12,10 @@ from fixtures_models import offline_words, tone, untied_tiny
 
 from simul_agents import live
 from simul_agents.live import Display, LiveStream, Result, build_head, latency_summary, run_stream
-from streaming_llm.checkpoint import save_checkpoint
+from streaming_llm.checkpoint import load_checkpoint, save_checkpoint
 from streaming_llm.heads import make_head
 from streaming_llm.lean import cxx_compiler
+from streaming_llm.long_stream import LongStream
 
 SENTENCE = "I would like a cup of coffee ."
 
@@ -213,11 +214,27 @@ def test_command_translates_a_text_file_line_by_line(data):
     assert sum("words | AL" in line for line in lines) == 2
 
 
-def test_command_refuses_a_file_longer_than_the_context_naming_both_lengths(data, capsys):
+def test_a_file_longer_than_the_context_is_cut_into_segments_as_the_agent_cuts_it(data):
+    """1.0 s of tone through a model that hears 0.64 s: two segments (a hard cut, no pause), each translated on its
+    own, the words LongStream (the agent's --long-audio) writes for the same audio, their delays the whole file's."""
     root = data["root"]
-    code = live.main([str(root / "tone.wav"), "--checkpoint", str(root / "short-ckpt"), "--fast"])
-    err = capsys.readouterr().err
-    assert code == 2 and "is 1.0 s; this model hears at most 0.6 s per utterance" in err
+    model = load_checkpoint(root / "short-ckpt")
+    audio = tone(1.0)
+    long, expected = LongStream(model, make_head("wait-k", k=1), max_target_tokens=24), []
+    for chunk, _ in live.audio_chunks(audio, 320):  # live's chunks, so that both decide at the same times
+        expected += long.push_audio(chunk)
+    expected += long.finish()
+    assert long.n_segments == 2 and expected
+    out = io.StringIO()
+    code = live.main([str(root / "tone.wav"), "--checkpoint", str(root / "short-ckpt"), "--fast", "--head", "wait-k",
+                      "--head-param", "k=1", "--max-target-tokens", "24"], out=out)  # fmt: skip
+    text = out.getvalue()
+    assert code == 0 and "is 1.0 s, longer than one utterance (0.6 s" in text
+    assert f"translation: {' '.join(expected)}" in text
+    stream = live.SegmentedStream(model, make_head("wait-k", k=1), LIMITS)
+    run_stream(stream, live.audio_chunks(audio, 320), pace=False, wall_clock=False)
+    assert stream.words == expected and stream.n_segments == 2
+    assert stream.delays == [320.0, 640.0, 960.0, 1000.0]  # a word after each 320 ms block; a cut at 640 ms
 
 
 def test_command_refuses_negative_threads_and_no_target_tokens(data, capsys):
