@@ -2,7 +2,7 @@
 
     python -m simul_agents.live talk.wav --checkpoint runs/demo/train/final --head entropy --threshold 1.5
     python -m simul_agents.live talk.wav --checkpoint CKPT --fast          # as fast as the model goes
-    python -m simul_agents.live --mic --checkpoint CKPT                    # until Ctrl-C or the model's context
+    python -m simul_agents.live --mic --checkpoint CKPT                    # until Ctrl-C (--seconds: a limit)
     python -m simul_agents.live sentences.txt --checkpoint TEXT_CKPT      # one line per utterance, words at a pace
 
 ``LiveStream`` is one stream: a ``StreamingSession``, a decision head and its memory, run by the SimulEval agent's
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import queue
 import shutil
 import sys
@@ -309,8 +310,8 @@ def word_chunks(words: Sequence[str], word_ms: int) -> Iterator[tuple[list[str],
         yield [word], (i + 1) * word_ms
 
 
-def microphone_chunks(chunk_ms: int, max_seconds: float, device=None) -> Iterator[tuple[np.ndarray, float]]:
-    """Record until Ctrl-C or ``max_seconds``; yields 16 kHz mono chunks as they arrive."""
+def microphone_chunks(chunk_ms: int, max_seconds: float | None, device=None) -> Iterator[tuple[np.ndarray, float]]:
+    """Record until Ctrl-C or ``max_seconds`` (None: no limit); yields 16 kHz mono chunks as they arrive."""
     sd = import_sounddevice()
     try:
         info = sd.query_devices(device, kind="input")
@@ -339,17 +340,18 @@ def microphone_chunks(chunk_ms: int, max_seconds: float, device=None) -> Iterato
         )
     except sd.PortAudioError as e:
         raise LiveError(f"--mic: the microphone cannot be opened ({e})") from None
-    received, limit = 0, int(max_seconds * SAMPLE_RATE)
+    received = 0
+    limit = int(max_seconds * SAMPLE_RATE) if max_seconds is not None else None
     with stream:
         try:
-            while received < limit:
+            while limit is None or received < limit:
                 try:
                     chunk = arrived.get(timeout=1.0)
                 except queue.Empty:
                     continue
                 if resampler is not None:
                     chunk = resampler.resample_chunk(chunk)
-                chunk = chunk[: limit - received]
+                chunk = chunk if limit is None else chunk[: limit - received]
                 if chunk.shape[0]:
                     received += chunk.shape[0]
                     yield chunk, received * 1000 / SAMPLE_RATE
@@ -536,7 +538,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="as fast as the model goes, not at real-time pace")
     p.add_argument("--chunk-ms", type=int, default=320, help="audio chunk (ms) pushed at a time (default 320)")
     p.add_argument("--word-ms", type=int, default=400, help="text: one source word every this many ms (default 400)")
-    p.add_argument("--seconds", type=float, default=None, help="--mic: stop after this long (default: the context)")
+    p.add_argument("--seconds", type=float, default=None, help="--mic: stop after this long (default: at Ctrl-C)")
     p.add_argument("--reference", default=None, help="a reference translation: its length is AL's |Y|")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_precision_args(p)
@@ -574,6 +576,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise LiveError(f"--threads {args.threads}: give a number of threads, or 0 for torch's default")
     if args.max_target_tokens < 1:
         raise LiveError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
+    if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
+        raise LiveError(f"--seconds {args.seconds}: give how long to record (more than 0), or leave it out for Ctrl-C")
 
 
 def load_text(path: str) -> list[list[str]]:
@@ -656,15 +660,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) -> None:
     limit = max_source(model)
     if args.mic:
-        seconds = min(args.seconds or limit, limit)
+        seconds = args.seconds  # None: until Ctrl-C; past the model's context, cut at pauses
         chunks = microphone_chunks(args.chunk_ms, seconds)
         first = next(chunks, None)  # opens the device (errors here), before the display starts
         if first is None:
             raise LiveError("--mic: the microphone gave no audio")
         started = time.perf_counter() - first[1] / 1000  # the first chunk has just arrived
-        out.write(f"recording up to {seconds:.1f} s (the model's context is {limit:.1f} s); Ctrl-C to stop\n")
+        until = f"up to {seconds:.1f} s" if seconds is not None else "until Ctrl-C"
+        out.write(f"recording {until} (one utterance: {limit:.1f} s; longer speech is cut at pauses)\n")
         display = Display(out, "ms", None, tty)
-        stream = LiveStream(model, head, limits, reencode=args.reencode)
+        if seconds is not None and seconds <= limit:
+            stream = LiveStream(model, head, limits, reencode=args.reencode)
+        else:
+            stream = SegmentedStream(model, head, limits, reencode=args.reencode)
         result = run_stream(stream, _chain(first, chunks), pace=False, wall_clock=True, display=display, t0=started)
     else:
         try:

@@ -326,3 +326,52 @@ def test_command_with_compiled_steps_writes_what_it_writes_eagerly_and_refuses_t
     capsys.readouterr()
     assert live.main([*argv, "--compile", "--fp16"], out=io.StringIO()) == 2
     assert "compiled steps need a float32" in capsys.readouterr().err
+
+
+class FakeMicrophone:
+    """sounddevice's surface that microphone_chunks uses: a device at 16 kHz whose stream, once opened, delivers
+    ``audio`` in blocks through the callback, as PortAudio's thread would."""
+
+    PortAudioError = RuntimeError
+
+    def __init__(self, audio: np.ndarray):
+        self.audio = audio
+
+    def query_devices(self, device=None, kind=None):
+        return {"default_samplerate": 16000}
+
+    def check_input_settings(self, **settings):
+        pass
+
+    def InputStream(self, samplerate, blocksize, callback, **settings):  # noqa: N802 - sounddevice's name
+        audio = self.audio
+
+        class Stream:
+            def __enter__(self):
+                for start in range(0, len(audio), blocksize):
+                    callback(audio[start : start + blocksize, None], blocksize, None, None)
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return Stream()
+
+
+def test_the_microphone_records_past_one_utterance_cutting_at_pauses(data, monkeypatch):
+    root = data["root"]
+    monkeypatch.setattr(live, "import_sounddevice", lambda: FakeMicrophone(tone(2.0)))
+    out = io.StringIO()
+    code = live.main(["--mic", "--seconds", "1.0", "--checkpoint", str(root / "short-ckpt"), "--head", "wait-k",
+                      "--head-param", "k=1", "--max-target-tokens", "24"], out=out)  # fmt: skip
+    text = out.getvalue()
+    assert code == 0 and "recording up to 1.0 s (one utterance: 0.6 s; longer speech is cut at pauses)" in text
+    model = load_checkpoint(root / "short-ckpt")
+    stream = live.SegmentedStream(model, make_head("wait-k", k=1), LIMITS)
+    run_stream(stream, live.audio_chunks(tone(1.0), 320), pace=False, wall_clock=False)
+    assert f"translation: {' '.join(stream.words)}" in text  # 1.0 s of the 2.0 s recorded, in two segments
+
+
+def test_mic_seconds_must_be_a_positive_length(data, capsys):
+    code = live.main(["--mic", "--seconds", "0", "--checkpoint", str(data["root"] / "speech-ckpt")])
+    assert code == 2 and "--seconds 0.0: give how long to record" in capsys.readouterr().err
