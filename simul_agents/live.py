@@ -209,9 +209,9 @@ class SegmentedStream:
     A segment never sees the text of the one before."""
 
     def __init__(self, model, head: Head, limits: Limits = Limits(), reencode: str = "never",
-                 segments: SegmentConfig | None = None):  # fmt: skip
+                 segments: SegmentConfig | None = None, lm_call: LMCall = forward_one):  # fmt: skip
         segments = segments or SegmentConfig()
-        self.make = lambda: LiveStream(model, head, limits, reencode=reencode)
+        self.make = lambda: LiveStream(model, head, limits, lm_call=lm_call, reencode=reencode)
         self.current = self.make()
         self.segmenter = EnergySegmenter(segments, segments.max_samples(max_source_samples(model)))
         self.speech, self.unit = True, "ms"
@@ -274,6 +274,12 @@ class SegmentedStream:
             self.words.append(word)
             self.delays.append(self.source)
         return word
+
+    def drain(self) -> list[str]:
+        words = []
+        while (word := self.step()) is not None:
+            words.append(word)
+        return words
 
 
 def latency_summary(

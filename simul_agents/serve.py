@@ -24,6 +24,8 @@ server -> client
   {"type": "started", "modality", "head", "format", "sample_rate", "max_source", "unit"}
   {"type": "write", "text", "index", "delay_ms", "elapsed_ms"}      text streams add "delay_words"
   {"type": "read", "source_ms", "units"}            after each source frame, when the head waits for more
+                                                    (units: of the current utterance, when --max-stream is
+                                                    longer than one and the stream is cut at pauses)
   {"type": "end", "text", "words", "unit", "source_length", "AL", "LAAL", "AL_CA", "LAAL_CA", "compute_ms",
    "busy_ms", "rtf"}
   {"type": "error", "code", "message"}
@@ -77,7 +79,7 @@ from streaming_llm.engine import REENCODE, StreamingSession
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
-from .live import Limits, LiveStream, build_head, latency_summary, max_source
+from .live import Limits, LiveStream, SegmentedStream, build_head, latency_summary, max_source
 
 logger = logging.getLogger("simul_agents.serve")
 
@@ -94,7 +96,7 @@ class ServeConfig:
     max_clients: int = 16  # connections at once; more are refused with 'busy'
     queue_frames: int = 32  # frames a connection may have waiting for the model before the server stops reading
     idle_timeout_s: float = 30.0  # no message (and no work pending) for this long closes the connection
-    max_stream_s: float = 0.0  # longest speech stream; 0: the model's context (also the upper bound)
+    max_stream_s: float = 0.0  # longest speech stream; 0: the model's context; more: cut at pauses into utterances
     max_frame_bytes: int = 1 << 20  # a larger message gets 'too_large' and is dropped
     hard_frame_bytes: int = 8 << 20  # a larger message closes the connection (1009), before it is buffered
     head: str = "entropy"  # the head when a start names none
@@ -153,10 +155,8 @@ class Translator:
         self.config = config
         self.speech = model.config.modality == SPEECH
         model_limit = max_source(model)
-        if self.speech and config.max_stream_s > 0:
-            self.max_source = min(config.max_stream_s, model_limit)
-        else:
-            self.max_source = model_limit
+        self.max_source = config.max_stream_s if self.speech and config.max_stream_s > 0 else model_limit
+        self.segmented = self.max_source > model_limit  # longer than one utterance: cut at pauses (SegmentedStream)
         self.executor = executor or model_thread()
         # batched: each stream's jobs run on a worker thread of their own, single-threaded, and their LM forwards
         # meet in one LMBatcher whose forwards run on the model thread; else every job runs on the model thread
@@ -194,9 +194,13 @@ class Translator:
                 timing[0] += done - started[0]
             timing[1] += done - submitted
 
-    def live_stream(self, head) -> LiveStream:
-        """A new stream's LiveStream (on a worker), its LM calls going through the batcher when batching."""
+    def live_stream(self, head) -> LiveStream | SegmentedStream:
+        """A new stream's LiveStream (on a worker), its LM calls going through the batcher when batching; a
+        SegmentedStream (a LiveStream per segment, cut at pauses) when streams may be longer than one utterance."""
         lm_call = forward_one if self.batcher is None else self.batcher
+        if self.segmented:
+            return SegmentedStream(self.model, head, self.config.limits, reencode=self.config.reencode,
+                                   lm_call=lm_call)  # fmt: skip
         return LiveStream(self.model, head, self.config.limits, lm_call=lm_call, reencode=self.config.reencode)
 
     def stats(self) -> dict:
@@ -675,7 +679,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
                    help="seconds without a message before a connection is closed (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-stream", type=float, default=defaults.max_stream_s,
-                   help="longest speech stream in seconds (0: the model's context; default: %(default)s)")  # fmt: skip
+                   help="longest speech stream in seconds (0: the model's context, one utterance; longer: cut at "
+                   "pauses into utterances, each translated on its own; default: %(default)s)")  # fmt: skip
     p.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes,
                    help="a larger message gets 'too_large' and is dropped; one over max(8 MiB, 4 times this) "
                    "closes the connection (code 1009) (default: %(default)s)")  # fmt: skip

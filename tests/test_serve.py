@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from simul_agents import serve as serve_module
-from simul_agents.live import Limits, LiveStream, audio_chunks
+from simul_agents.live import Limits, LiveStream, SegmentedStream, audio_chunks
 from simul_agents.serve import BackgroundServer, ServeConfig, Translator
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.heads import make_head
@@ -290,6 +290,27 @@ def test_a_stream_longer_than_the_maximum_is_cut_with_an_error(models):
         assert events[-1]["code"] == "too_long" and "over 0.60 s" in events[-1]["message"]
         ws.send(json.dumps({"type": "end"}))
         assert events_until_end(ws)[-1]["source_ms"] == 400.0
+
+
+
+def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_allows_it():
+    """A model that hears 0.64 s, a server that takes 2 s streams: 1.0 s of audio goes through SegmentedStream
+    (two utterances), and the client gets exactly its words and delays."""
+    model, audio, head = untied_tiny("speech", max_source_embeddings=8), tone(1.0), make_head("wait-k", k=1)
+    expected = SegmentedStream(model, head, LIMITS)
+    for piece, _ in audio_chunks(audio, CHUNK * 1000 // 16000):
+        expected.push_audio(piece)
+        expected.drain()
+    expected.finish()
+    expected.drain()
+    assert expected.n_segments == 2 and expected.words
+    translator = Translator(model, None, ServeConfig(limits=LIMITS, max_stream_s=2.0))
+    with BackgroundServer(translator) as s, connect(s.url) as ws:
+        events = stream_audio(ws, audio, {"head": "wait-k", "params": {"k": 1}})
+    assert translator.max_source == 2.0 and translator.segmented
+    writes = [e for e in events if e["type"] == "write"]
+    assert [e["text"] for e in writes] == expected.words
+    assert [e["delay_ms"] for e in writes] == expected.delays
 
 
 # ---- clients: several, vanishing, idle, too many ---------------------------------------------------------
