@@ -194,6 +194,18 @@ def test_text_only_build_into_a_speech_corpus_is_refused_in_one_line(tmp_path, c
     assert (tmp_path / "s" / "train.tsv").read_bytes() == before
 
 
+def test_text_only_build_into_another_commands_speech_manifests_is_refused(tmp_path, caplog):
+    sf.write(tmp_path / "a.wav", tone(0.5), 16000)
+    rows = [Row("ted_1_0", str(tmp_path / "a.wav"), 8000, "Hello.", "Hallo.")]
+    write_manifest(tmp_path / "mustc" / "train.tsv", rows)  # as `corpus mustc` leaves it: no corpus.json
+    before = (tmp_path / "mustc" / "train.tsv").read_bytes()
+    ding = write_ding(tmp_path / "de-en", DING_LINES)
+    assert main(["build", "--out", str(tmp_path / "mustc"), "--ding", str(ding), "--text-only"]) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "train.tsv: holds speech rows" in message and "pass a new --out" in message
+    assert (tmp_path / "mustc" / "train.tsv").read_bytes() == before
+
+
 @pytest.mark.parametrize("command, shown", [
     ("build", ["(default: piper)", "(default: flac)", "(default: 0.03)", "(default: 0.07)", "(default: 3)",
                "(default: 30)"]),

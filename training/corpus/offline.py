@@ -135,6 +135,19 @@ def _kind(meta: dict) -> str:
     return f"a speech corpus (voice {meta.get('voice')}, format {meta.get('format')})"
 
 
+def _speech_manifest(out_dir: Path) -> Path | None:
+    """A split manifest in ``out_dir`` whose first row has audio (text-only corpora made before ``META_FILE``
+    recorded the kind have none), or None."""
+    for split in SPLITS:
+        manifest = out_dir / f"{split}.tsv"
+        if manifest.is_file():
+            with open(manifest, encoding="utf-8", errors="replace") as f:
+                header, first = f.readline().rstrip("\n").split("\t"), f.readline().rstrip("\n").split("\t")
+            if "audio" in header and len(first) == len(header) and first[header.index("audio")].strip():
+                return manifest
+    return None
+
+
 def _check_meta(out_dir: Path, meta: dict) -> None:
     """Refuse to rebuild a folder with another voice, format or kind (speech / text-only), which would replace
     its manifests; then record ``meta`` there."""
@@ -161,6 +174,11 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
             f"holds manifests but no {META_FILE} (a text-only corpus, or another command's output); building "
             "speech here would replace them: pass a new --out",
         )
+    elif meta["text_only"] and (speech := _speech_manifest(out_dir)):
+        raise CorpusError(
+            speech, None, f"holds speech rows and the folder has no {META_FILE} (another command's output, e.g. "
+            "mustc or covost); a text-only build here would replace it: pass a new --out",
+        )  # fmt: skip
     path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
