@@ -177,6 +177,30 @@ def test_probe_features_in_training_match_the_engine():
     )
 
 
+def test_the_probe_can_learn_only_where_the_heads_ask_it_before_each_word():
+    from training.losses import probe_rows
+
+    model = tiny_model("text")
+    targets = [model.target_ids(TARGET), model.target_ids("Gute Nacht.")]
+    labels = torch.tensor([y for ys in targets for y in ys])
+    rows = probe_rows(model, targets, labels, "word_start")
+    n_first = len(targets[0])
+    assert rows[0] and rows[n_first]  # each sequence's first token starts its first word
+    assert not rows[n_first - 1] and not rows[-1]  # the end of the sentence is not a word the heads decide on
+    assert rows.tolist() == [(i in (0, n_first) or bool(model.word_start[y])) and y != model.eos_id
+                             for i, y in enumerate(labels.tolist())]  # fmt: skip
+    assert 0 < rows.sum() < len(labels) and probe_rows(model, targets, labels, "all").all()
+    units = [model.text_units(WORDS), model.text_units("Good night .".split())]
+    phis = [torch.full((len(ys),), 2).index_fill(0, torch.tensor([len(ys) - 1]), len(u))
+            for ys, u in zip(targets, units, strict=True)]  # fmt: skip
+    torch.manual_seed(0)
+    every = streaming_losses(model, units, targets, phis, LossConfig())
+    starts = streaming_losses(model, units, targets, phis, LossConfig(probe_rows="word_start"))
+    assert starts["probe"] < every["probe"] and torch.isclose(starts["mslm"], every["mslm"])
+    with pytest.raises(ValueError, match="probe_rows 'words'"):
+        LossConfig(probe_rows="words")
+
+
 # ---- the trainer -------------------------------------------------------------------------------------
 
 

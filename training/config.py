@@ -68,6 +68,7 @@ class TrainConfig:
     probe: bool = True
     probe_label: str = "top1"
     probe_kl_bound: float = 0.1
+    probe_rows: str = "all"  # "word_start": the probe learns only where the heads ask it (losses.LossConfig)
     # optimisation
     lr: float = 3e-4
     weight_decay: float = 0.01

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from streaming_llm.model import SpeechLLM
 
 PROBE_LABELS = ("top1", "kl")
+PROBE_ROWS = ("all", "word_start")
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,15 @@ class LossConfig:
     probe: bool = True  # train the probe jointly (on detached features)
     probe_label: str = "top1"  # "top1": argmax agreement; "kl": KL(full || stream) under probe_kl_bound
     probe_kl_bound: float = 0.1
+    # the rows the probe learns from: "all" target rows (what the bench's models used), or "word_start": only the
+    # rows that predict a word's first token, where the heads ask it (write_word decides once per word)
+    probe_rows: str = "all"
 
     def __post_init__(self) -> None:
         if self.probe_label not in PROBE_LABELS:
             raise ValueError(f"probe_label {self.probe_label!r}: expected one of {PROBE_LABELS}")
+        if self.probe_rows not in PROBE_ROWS:
+            raise ValueError(f"probe_rows {self.probe_rows!r}: expected one of {PROBE_ROWS}")
         if self.spsd_topk < 1 or self.spsd_temperature <= 0:
             raise ValueError("spsd_topk must be >= 1 and spsd_temperature > 0")
 
@@ -104,14 +110,25 @@ def streaming_losses(
 
     out["probe"], out["probe_acc"], out["agree"] = zero, zero, zero
     if config.probe and model.probe is not None and kl_tok is not None:
-        target = probe_targets(stream_logits.detach(), full_logits.detach(), kl_tok.detach(), config)
-        logit = model.probe_logit(stream_h.detach()).float()
+        rows = probe_rows(model, targets, labels, config.probe_rows)
+        target = probe_targets(stream_logits.detach(), full_logits.detach(), kl_tok.detach(), config)[rows]
+        logit = model.probe_logit(stream_h.detach()[rows]).float()
         out["probe"] = F.binary_cross_entropy_with_logits(logit, target, reduction="sum") / count
         out["probe_acc"] = ((logit > 0).float() == target).float().mean().detach()
         out["agree"] = target.mean()
         loss = loss + out["probe"]
     out["loss"] = loss
     return out
+
+
+def probe_rows(model: SpeechLLM, targets: list[list[int]], labels: torch.Tensor, which: str) -> torch.Tensor:
+    """(N,) bool over the target tokens: the rows the probe learns from. "word_start": the tokens that begin a
+    word (each sequence's first token does), not the end of the sentence: the rows the heads ask before a word."""
+    if which == "all":
+        return torch.ones_like(labels, dtype=torch.bool)
+    starts = model.word_start.to(labels.device)[labels]
+    firsts = torch.tensor([i == 0 for ys in targets for i in range(len(ys))], device=labels.device)
+    return (starts | firsts) & (labels != model.eos_id)
 
 
 def probe_targets(
