@@ -275,11 +275,7 @@ class SegmentedStream:
             self.delays.append(self.source)
         return word
 
-    def drain(self) -> list[str]:
-        words = []
-        while (word := self.step()) is not None:
-            words.append(word)
-        return words
+    drain = LiveStream.drain  # every word the current segment's head writes now
 
 
 def latency_summary(

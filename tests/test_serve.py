@@ -25,9 +25,10 @@ LIMITS = Limits(max_target_tokens=24)
 CHUNK = 3200  # 200 ms at 16 kHz
 
 
-def live_words(model, head, audio, chunk=CHUNK) -> tuple[list[str], list[float]]:
-    """What LiveStream writes for this audio pushed in these chunks: the server must send exactly this."""
-    stream = LiveStream(model, head, LIMITS)
+def live_words(model, head, audio, chunk=CHUNK, stream=None) -> tuple[list[str], list[float]]:
+    """What LiveStream (or ``stream``) writes for this audio pushed in these chunks: the server must send exactly
+    this."""
+    stream = stream or LiveStream(model, head, LIMITS)
     for piece, _ in audio_chunks(audio, chunk * 1000 // 16000):
         stream.push_audio(piece)
         stream.drain()
@@ -298,11 +299,7 @@ def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_all
     (two utterances), and the client gets exactly its words and delays."""
     model, audio, head = untied_tiny("speech", max_source_embeddings=8), tone(1.0), make_head("wait-k", k=1)
     expected = SegmentedStream(model, head, LIMITS)
-    for piece, _ in audio_chunks(audio, CHUNK * 1000 // 16000):
-        expected.push_audio(piece)
-        expected.drain()
-    expected.finish()
-    expected.drain()
+    live_words(model, head, audio, stream=expected)
     assert expected.n_segments == 2 and expected.words
     translator = Translator(model, None, ServeConfig(limits=LIMITS, max_stream_s=2.0))
     with BackgroundServer(translator) as s, connect(s.url) as ws:
