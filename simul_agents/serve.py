@@ -15,7 +15,8 @@ Protocol (JSON text messages, binary audio; one stream at a time per connection,
 client -> server
   {"type": "start", "format": "float32"|"pcm16"|"text", "sample_rate": 16000, "head": "entropy",
    "threshold": 1.5, "params": {"k": 3}}            every field optional (defaults: float32 or text by the model,
-                                                    16000, the server's --head, the head's own parameters)
+                                                    16000, the server's --head with its --threshold and
+                                                    --head-param, else the head's own parameters)
   binary frames                                     mono little-endian samples in the stated format and rate
   {"type": "words", "words": ["I", "would"]}        text streams ({"type": "words", "text": "I would"} too)
   {"type": "end"}                                   the source is complete
@@ -76,6 +77,7 @@ from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
 from streaming_llm.engine import REENCODE, StreamingSession
+from streaming_llm.heads import parse_head_params
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
@@ -100,6 +102,7 @@ class ServeConfig:
     max_frame_bytes: int = 1 << 20  # a larger message gets 'too_large' and is dropped
     hard_frame_bytes: int = 8 << 20  # a larger message closes the connection (1009), before it is buffered
     head: str = "entropy"  # the head when a start names none
+    head_params: tuple[tuple[str, str], ...] = ()  # its parameters (--threshold, --head-param); a start's override them
     limits: Limits = Limits()
     batch: bool = False  # streams' LM forwards batched on the model thread (``Translator``); else one job at a time
     reencode: str = "never"  # when a stream's written words are re-read under more source (StreamingSession.flush)
@@ -237,6 +240,8 @@ class Translator:
         name = message.get("head", self.config.head)
         if not isinstance(name, str):
             raise ProtocolError("bad_start", f"start: head {name!r} is not a name")
+        if name == self.config.head:  # the server's own head: its settings, then the client's
+            params = {**dict(self.config.head_params), **params}
         try:
             head = build_head(self.checkpoint, name, params)
             head.session_options(self.model)
@@ -672,6 +677,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="port (0: any free port; the log line names it; default: %(default)s)")  # fmt: skip
     p.add_argument("--head", default=defaults.head,
                    help="the head when a client's start names none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--threshold", type=float, default=None,
+                   help="--head's threshold (default: the checkpoint's, else the head's own); a start's overrides it")
+    p.add_argument("--head-param", action="append", default=None, metavar="KEY=VALUE",
+                   help="any parameter of --head, repeatable (e.g. k=3, min_lag=1); a start's params override them")
     p.add_argument("--max-clients", type=int, default=defaults.max_clients,
                    help="connections at once; more are refused with 'busy' (default: %(default)s)")  # fmt: skip
     p.add_argument("--queue-frames", type=int, default=defaults.queue_frames,
@@ -704,10 +713,16 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--idle-timeout {args.idle_timeout}: give a number of seconds")
     if not (math.isfinite(args.max_stream) and args.max_stream >= 0):
         raise ValueError(f"--max-stream {args.max_stream}: give seconds >= 0 (0: the model's context)")
+    params = parse_head_params(args.head_param or [])
+    if args.threshold is not None:
+        if "threshold" in params:
+            raise ValueError(f"--threshold {args.threshold} and --head-param threshold={params['threshold']} both set "
+                             "threshold; give one of them")  # fmt: skip
+        params["threshold"] = str(args.threshold)
     return dataclasses.replace(
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,
         max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head, batch=args.batch,
-        reencode=args.reencode,
+        reencode=args.reencode, head_params=tuple(params.items()),
         hard_frame_bytes=max(ServeConfig.hard_frame_bytes, 4 * args.max_frame_bytes),
     )  # fmt: skip
 
@@ -736,7 +751,7 @@ def main(argv=None) -> int:
         from streaming_llm.checkpoint import CheckpointError, load_checkpoint
 
         config = config_from_args(args)
-        build_head(args.checkpoint, args.head)  # a bad --head fails now, not at the first client
+        build_head(args.checkpoint, args.head, dict(config.head_params))  # a bad --head fails now, not at a client
         precision = precision_from_flags(args.int8, args.fp16, args.int4)
         executor = model_thread()
 

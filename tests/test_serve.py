@@ -488,11 +488,27 @@ def test_serve_passes_its_reencode_option_to_every_stream():
     assert serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c"])).reencode == "never"
 
 
+def test_the_servers_head_settings_apply_when_a_start_names_no_other_head(models):
+    args = serve_module.parse_args(["--checkpoint", "c", "--head", "wait-k", "--head-param", "k=3"])
+    config = serve_module.config_from_args(args)
+    assert (config.head, config.head_params) == ("wait-k", (("k", "3"),))
+    with pytest.raises(ValueError, match="--threshold 1.0 and --head-param threshold=2 both set threshold"):
+        serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c", "--threshold", "1",
+                                                               "--head-param", "threshold=2"]))  # fmt: skip
+    with server(models, head="wait-k", head_params=(("k", "3"),)) as s:
+        for start, described in [({}, "wait-k(k=3)"), ({"params": {"k": 2}}, "wait-k(k=2)"),
+                                 ({"head": "entropy"}, "entropy(threshold=")]:  # fmt: skip
+            with connect(s.url) as ws:
+                ws.send(json.dumps({"type": "start", **start}))
+                assert json.loads(ws.recv(timeout=10))["head"].startswith(described)
+
+
 @pytest.mark.parametrize("argv,problem", [
     (["--max-stream", "-5"], "--max-stream -5.0: give seconds >= 0"),
     (["--max-stream", "nan"], "--max-stream nan: give seconds >= 0"),
     (["--idle-timeout", "inf"], "--idle-timeout inf: give a number of seconds"),
-], ids=["max-stream-negative", "max-stream-nan", "idle-timeout-inf"])  # fmt: skip
+    (["--head", "wait-k", "--head-param", "k=0"], "k=0"),
+], ids=["max-stream-negative", "max-stream-nan", "idle-timeout-inf", "head-param"])  # fmt: skip
 def test_serve_refuses_a_negative_or_non_finite_time_limit_before_loading(capsys, argv, problem):
     assert serve_module.main(["--checkpoint", "no-such-checkpoint", *argv]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
