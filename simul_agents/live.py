@@ -544,7 +544,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="a reference translation: its length is AL's |Y|")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_precision_args(p)
-    p.add_argument("--max-target-tokens", type=int, default=256, help="at most this many target tokens")
+    p.add_argument("--max-target-tokens", type=int, default=Limits.max_target_tokens,
+                   help="at most this many target tokens (default: %(default)s)")  # fmt: skip
+    words = "at most a * source units + b target words, as the agent's"
+    p.add_argument("--max-len-a", type=float, default=Limits.max_len_a, help=f"{words} (default: %(default)s)")
+    p.add_argument("--max-len-b", type=float, default=Limits.max_len_b, help=f"{words} (default: %(default)s)")
     p.add_argument("--reencode", choices=REENCODE, default="never",
                    help="re-read the words written under more source: never, end (once it ends), read (every read)")
     return p.parse_args(argv)
@@ -578,6 +582,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise LiveError(f"--threads {args.threads}: give a number of threads, or 0 for torch's default")
     if args.max_target_tokens < 1:
         raise LiveError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
+    if not (args.max_len_a >= 0 and args.max_len_b >= 0 and math.isfinite(args.max_len_a + args.max_len_b)):
+        raise LiveError(f"--max-len-a {args.max_len_a} --max-len-b {args.max_len_b}: give finite numbers >= 0 (the cap "
+                        "is a * source units + b words)")  # fmt: skip
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise LiveError(f"--seconds {args.seconds}: give how long to record (more than 0), or leave it out for Ctrl-C")
 
@@ -639,7 +646,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             out.flush()
             out.write(f"compiled in {compile_steps(model.llm):.0f} s\n")
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
-        limits = Limits(max_target_tokens=args.max_target_tokens)
+        limits = Limits(args.max_len_a, args.max_len_b, args.max_target_tokens)
         tty = out.isatty()
         speech = model.config.modality == SPEECH
         if args.mic and not speech:

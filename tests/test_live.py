@@ -243,6 +243,17 @@ def test_command_refuses_negative_threads_and_no_target_tokens(data, capsys):
     assert "--threads -1: give a number of threads" in capsys.readouterr().err
     assert live.main([*argv, "--max-target-tokens", "0"]) == 2
     assert "--max-target-tokens 0: at least 1" in capsys.readouterr().err
+    assert live.main([*argv, "--max-len-a", "-1"]) == 2
+    assert "--max-len-a -1.0 --max-len-b 10.0: give finite numbers >= 0" in capsys.readouterr().err
+
+
+def test_the_word_cap_options_reach_the_stream(data):
+    out = io.StringIO()
+    root = data["root"]
+    assert live.main([str(root / "tone.wav"), "--checkpoint", str(root / "speech-ckpt"), "--fast", "--head", "offline",
+                      "--max-len-a", "0", "--max-len-b", "2"], out=out) == 0  # fmt: skip
+    (line,) = [line for line in out.getvalue().splitlines() if line.startswith("translation: ")]
+    assert 1 <= len(line.removeprefix("translation: ").split()) <= 2
 
 
 @pytest.mark.parametrize("options,problem", [

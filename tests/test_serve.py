@@ -488,6 +488,12 @@ def test_serve_passes_its_reencode_option_to_every_stream():
     assert serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c"])).reencode == "never"
 
 
+def test_serve_passes_its_word_caps_to_every_stream():
+    args = serve_module.parse_args(["--checkpoint", "c", "--max-len-a", "0", "--max-len-b", "3",
+                                    "--max-target-tokens", "40"])  # fmt: skip
+    assert serve_module.config_from_args(args).limits == Limits(0.0, 3.0, 40)
+
+
 def test_the_servers_head_settings_apply_when_a_start_names_no_other_head(models):
     args = serve_module.parse_args(["--checkpoint", "c", "--head", "wait-k", "--head-param", "k=3"])
     config = serve_module.config_from_args(args)
@@ -508,8 +514,11 @@ def test_the_servers_head_settings_apply_when_a_start_names_no_other_head(models
     (["--max-stream", "nan"], "--max-stream nan: give seconds >= 0"),
     (["--idle-timeout", "inf"], "--idle-timeout inf: give a number of seconds"),
     (["--head", "wait-k", "--head-param", "k=0"], "k=0"),
-], ids=["max-stream-negative", "max-stream-nan", "idle-timeout-inf", "head-param"])  # fmt: skip
-def test_serve_refuses_a_negative_or_non_finite_time_limit_before_loading(capsys, argv, problem):
+    (["--max-len-b", "-1"], "--max-len-a 2.0 --max-len-b -1.0: give finite numbers >= 0"),
+    (["--max-target-tokens", "0"], "--max-target-tokens 0: at least 1"),
+], ids=["max-stream-negative", "max-stream-nan", "idle-timeout-inf", "head-param", "max-len",
+        "max-tokens"])  # fmt: skip
+def test_serve_refuses_a_bad_limit_or_head_setting_before_loading(capsys, argv, problem):
     assert serve_module.main(["--checkpoint", "no-such-checkpoint", *argv]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("serve: error: ") and problem in line, line
