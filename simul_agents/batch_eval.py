@@ -104,8 +104,11 @@ def run(argv: Sequence[str]) -> dict:
     resume, rest = _pop_flag(rest, "--continue-unfinished")
     output = _option(rest, "--output")
     finished_before = _finished_lines(Path(output) / "instances.log") if resume and output else {}
+    quiet, rest = _pop_flag(rest, "--no-progress-bar")
     saved_argv, saved_systems = sys.argv, list(EVALUATION_SYSTEM_LIST)
-    sys.argv = ["simuleval", *rest]  # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess)
+    # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess); its own progress bar would
+    # stand at 0% (this loop is not its iterator): it is off, and ours counts the instances
+    sys.argv = ["simuleval", *rest, "--no-progress-bar"]
     EVALUATION_SYSTEM_LIST[:] = [ProactiveAgent]
     try:
         system, args = build_system_args({}, None)
@@ -134,7 +137,7 @@ def run(argv: Sequence[str]) -> dict:
     pending = iter(todo)
     lock = threading.Lock()
     errors: list[BaseException] = []
-    progress = tqdm(total=len(evaluator.instances), initial=len(kept), disable=args.no_progress_bar,
+    progress = tqdm(total=len(evaluator.instances), initial=len(kept), disable=quiet,
                     desc="instances", unit="inst")  # fmt: skip
 
     def next_instance():
