@@ -25,6 +25,7 @@ from pathlib import Path
 
 BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simul_agents/bench.py)
 ALIGN_STEPS = 400  # CTC steps aligning the adapter first (training/align.py): ~0.4 s each here
+WARMUP_STEPS = 20  # the learning rate's warmup (the same whatever --steps, so that a resumed demo continues)
 TEXT_CHECKPOINT = Path("results/text/model")  # the bench's text model (in git): the demo's LLM starts from it
 TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "len_ratio", "LAAL", "AL", "LAAL_CA", "RCO")
 # spread over the bench speech model's curve (its 500 test utterances): entropy LAAL 1848 / 1390 / 882 ms, wait-k
@@ -155,7 +156,7 @@ def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> 
             "out_dir": str(out / "train"),
             "max_steps": steps,
             "align_steps": ALIGN_STEPS,
-            "warmup_steps": min(20, steps // 5),
+            "warmup_steps": WARMUP_STEPS,  # not from --steps: a resumed demo with other --steps keeps its schedule
             "save_every": 25,
             "eval_every": steps,
             "dev_subset": 16,
