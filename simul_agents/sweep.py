@@ -258,7 +258,9 @@ def count_lines(kind: str, name: str) -> int:
     """The lines of the ``kind`` ("source", "target") file ``name``, read as SimulEval reads them."""
     path = Path(name)
     if not path.is_file():
-        raise SweepError(f"{kind} {path}: no such file (paths are relative to the current directory)")
+        raise SweepError(f"{kind} {path}: no such file (paths are relative to the current directory; "
+                         "`python -m training.corpus simuleval MANIFEST --out DIR [--text]` writes DIR/source.txt "
+                         "and DIR/target.txt)")  # fmt: skip
     try:
         with open(path, encoding="utf-8") as f:
             return len(f.readlines())
