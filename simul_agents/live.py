@@ -46,7 +46,17 @@ from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import ENCODER_FRAME_MS, SPEECH
 from streaming_llm.engine import REENCODE, LMCall, StreamingSession, max_source_samples
-from streaming_llm.heads import HEADS, READ, Decision, Head, decide, head_name, make_head, parse_head_params
+from streaming_llm.heads import (
+    HEADS,
+    READ,
+    Decision,
+    Head,
+    check_given_once,
+    decide,
+    head_name,
+    make_head,
+    parse_head_params,
+)
 from streaming_llm.lean import compile_steps
 from streaming_llm.long_stream import EnergySegmenter, SegmentConfig
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
@@ -562,9 +572,7 @@ def head_from_args(args: argparse.Namespace) -> Head:
         if "threshold" not in fields:
             what = "use --head-param" if fields else "it takes no parameters"
             raise LiveError(f"--threshold does not apply to the {name!r} head; {what}")
-        if "threshold" in params:
-            raise LiveError(f"--threshold {args.threshold} and --head-param threshold={params['threshold']} both set "
-                            "threshold; give one of them")  # fmt: skip
+        check_given_once("--threshold", args.threshold, "threshold", params)
         params["threshold"] = args.threshold
     return build_head(args.checkpoint, args.head, params)
 

@@ -55,7 +55,7 @@ from streaming_llm.batching import forward_one
 from streaming_llm.checkpoint import CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import SPEECH, TEXT
 from streaming_llm.engine import REENCODE, StreamingSession, max_source_samples
-from streaming_llm.heads import HEADS, READ, Head, decide, head_name, make_head, parse_head_params
+from streaming_llm.heads import HEADS, READ, Head, check_given_once, decide, head_name, make_head, parse_head_params
 from streaming_llm.long_stream import LongStream, SegmentConfig
 from streaming_llm.quantize import add_precision_args
 
@@ -139,12 +139,6 @@ def build_head(args: Namespace) -> Head:
         check_given_once("--k", args.k, key, given)
         params[key] = args.k
     return make_head(name, **params)
-
-
-def check_given_once(flag: str, value, key: str, head_params: dict) -> None:
-    """``--threshold`` / ``--k`` and ``--head-param`` naming the same parameter: refused, whatever the order."""
-    if key in head_params:
-        raise SetupError(f"{flag} {value} and --head-param {key}={head_params[key]} both set {key}; give one of them")
 
 
 def read_sources(args: Namespace, modality: str) -> list[str]:

@@ -77,7 +77,7 @@ from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
 from streaming_llm.engine import REENCODE, StreamingSession
-from streaming_llm.heads import parse_head_params
+from streaming_llm.heads import check_given_once, parse_head_params
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
@@ -724,9 +724,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
     params = parse_head_params(args.head_param or [])
     if args.threshold is not None:
-        if "threshold" in params:
-            raise ValueError(f"--threshold {args.threshold} and --head-param threshold={params['threshold']} both set "
-                             "threshold; give one of them")  # fmt: skip
+        check_given_once("--threshold", args.threshold, "threshold", params)
         params["threshold"] = str(args.threshold)
     return dataclasses.replace(
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,

@@ -445,6 +445,13 @@ def _convert(value, kind: type):
     return kind(value)
 
 
+def check_given_once(flag: str, value, key: str, head_params: dict) -> None:
+    """A flag (``--threshold``, ``--k``) and ``--head-param`` setting the same parameter: refused, whatever the
+    order (the agent, live and serve all take both)."""
+    if key in head_params:
+        raise ValueError(f"{flag} {value} and --head-param {key}={head_params[key]} both set {key}; give one of them")
+
+
 def parse_head_params(items: Sequence[str]) -> dict[str, str]:
     """['k=3', 'layers=4,5'] -> {'k': '3', 'layers': '4,5'} (also accepts one comma-free 'a=1 b=2' string); a key
     given twice with two values is refused."""
