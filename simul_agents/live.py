@@ -76,6 +76,14 @@ class Limits:
     max_len_b: float = 10.0
     max_target_tokens: int = 256
 
+    def __post_init__(self) -> None:  # the flags of live and serve that set them are named in the errors
+        if self.max_target_tokens < 1:
+            raise ValueError(f"--max-target-tokens {self.max_target_tokens}: at least 1")
+        a, b = self.max_len_a, self.max_len_b
+        if not (a >= 0 and b >= 0 and math.isfinite(a + b)):
+            raise ValueError(f"--max-len-a {a} --max-len-b {b}: give finite numbers >= 0 (the cap is a * source "
+                             "units + b words)")  # fmt: skip
+
 
 # ---- one stream ------------------------------------------------------------------------------------------
 
@@ -588,11 +596,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise LiveError(f"--chunk-ms {args.chunk_ms} / --word-ms {args.word_ms}: use at least 10 ms chunks, 1 ms/word")
     if args.threads < 0:
         raise LiveError(f"--threads {args.threads}: give a number of threads, or 0 for torch's default")
-    if args.max_target_tokens < 1:
-        raise LiveError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
-    if not (args.max_len_a >= 0 and args.max_len_b >= 0 and math.isfinite(args.max_len_a + args.max_len_b)):
-        raise LiveError(f"--max-len-a {args.max_len_a} --max-len-b {args.max_len_b}: give finite numbers >= 0 (the cap "
-                        "is a * source units + b words)")  # fmt: skip
     if args.seconds is not None and not (args.seconds > 0 and math.isfinite(args.seconds)):
         raise LiveError(f"--seconds {args.seconds}: give how long to record (more than 0), or leave it out for Ctrl-C")
 
@@ -643,6 +646,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         check_args(args)
+        limits = Limits(args.max_len_a, args.max_len_b, args.max_target_tokens)  # checks them, before any loading
         head = head_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -654,7 +658,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             out.flush()
             out.write(f"compiled in {compile_steps(model.llm):.0f} s\n")
         head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
-        limits = Limits(args.max_len_a, args.max_len_b, args.max_target_tokens)
         tty = out.isatty()
         speech = model.config.modality == SPEECH
         if args.mic and not speech:

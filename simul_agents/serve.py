@@ -718,10 +718,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--idle-timeout {args.idle_timeout}: give a number of seconds")
     if not (math.isfinite(args.max_stream) and args.max_stream >= 0):
         raise ValueError(f"--max-stream {args.max_stream}: give seconds >= 0 (0: the model's context)")
-    if not (args.max_len_a >= 0 and args.max_len_b >= 0 and math.isfinite(args.max_len_a + args.max_len_b)):
-        raise ValueError(f"--max-len-a {args.max_len_a} --max-len-b {args.max_len_b}: give finite numbers >= 0")
-    if args.max_target_tokens < 1:
-        raise ValueError(f"--max-target-tokens {args.max_target_tokens}: at least 1")
     params = parse_head_params(args.head_param or [])
     if args.threshold is not None:
         check_given_once("--threshold", args.threshold, "threshold", params)
@@ -730,7 +726,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         ServeConfig(), max_clients=args.max_clients, queue_frames=args.queue_frames, idle_timeout_s=args.idle_timeout,
         max_stream_s=args.max_stream, max_frame_bytes=args.max_frame_bytes, head=args.head, batch=args.batch,
         reencode=args.reencode, head_params=tuple(params.items()),
-        limits=Limits(args.max_len_a, args.max_len_b, args.max_target_tokens),
+        limits=Limits(args.max_len_a, args.max_len_b, args.max_target_tokens),  # checks them
         hard_frame_bytes=max(ServeConfig.hard_frame_bytes, 4 * args.max_frame_bytes),
     )  # fmt: skip
 
