@@ -158,11 +158,22 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", m
     model = build_model(config, tokenizer, from_paths=bool(meta.get("delta")))
     check_state(model, state, meta, str(directory))
     model.load_state_dict(state, strict=False)
+    if model.probe is not None and not probe_trained(state, meta):
+        model.probe = None  # its probe would be random weights: a run with probe=false has no probe to ask
     if merge_lora and (config.llm_lora_r or config.encoder_lora_r):
         from .quantize import merge_lora as merge
 
         merge(model)
     return model.to(device).eval()
+
+
+def probe_trained(state: dict[str, torch.Tensor], meta: dict) -> bool:
+    """Whether the checkpoint holds a trained probe: its weights are in the file (a delta stores only what was
+    trained) and the run that wrote it trained one (``probe`` in its training config, true by default), or
+    ``training.probe`` trained it since."""
+    extra = meta.get("extra") or {}
+    trained = (extra.get("train_config") or {}).get("probe", True) or "probe_retrained" in extra
+    return bool(trained) and any(k.startswith("probe.") for k in state)
 
 
 def load_tokenizer(directory: Path):

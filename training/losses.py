@@ -80,22 +80,11 @@ def streaming_losses(
     passes the global count across gradient-accumulation steps and ranks, so the gradient is exact).
     """
     views = [name for name, needed in (("stream", config.needs_stream), ("full", config.needs_full)) if needed]
-    embeds, positions, layouts = model.assemble(units, targets, views=len(views))
-    view_phis = [
-        torch.stack([phi if name == "stream" else layout.full_phi() for name in views])
-        for phi, layout in zip(phis, layouts, strict=True)
-    ]
-    hidden = model.hidden(embeds, positions, layouts, view_phis)
-    b_idx = torch.cat([torch.full((layout.n_target,), b) for b, layout in enumerate(layouts)]).to(hidden.device)
-    labels = torch.tensor([y for ys in targets for y in ys], device=hidden.device)
+    per_view = view_outputs(model, units, targets, phis, views)
+    labels = torch.tensor([y for ys in targets for y in ys], device=model.device)
     count = float(n_tokens if n_tokens is not None else labels.numel())
-    zero = hidden.new_zeros(())
+    zero = next(iter(per_view.values()))[0].new_zeros(())
     out = {"tokens": torch.tensor(float(labels.numel()))}
-    per_view = {}
-    for v, name in enumerate(views):
-        r_idx = torch.cat([layout.predictor_rows(v) for layout in layouts]).to(hidden.device)
-        h = hidden[b_idx, r_idx]  # (N, d) the rows that predict y_t in this view
-        per_view[name] = (h, model.lm_logits(h).float())
     stream_h, stream_logits = per_view.get("stream", (None, None))
     full_h, full_logits = per_view.get("full", (None, None))
 
@@ -119,6 +108,31 @@ def streaming_losses(
         loss = loss + out["probe"]
     out["loss"] = loss
     return out
+
+
+def view_outputs(
+    model: SpeechLLM,
+    units: list[list[torch.Tensor]],
+    targets: list[list[int]],
+    phis: list[torch.Tensor],
+    views: list[str],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass over a batch in the named views ("stream": under each phi; "full": the whole source)
+    -> {view: (hidden (N, d), logits (N, V) float32)} at the rows that predict each target token, N = all
+    targets' tokens in order."""
+    embeds, positions, layouts = model.assemble(units, targets, views=len(views))
+    view_phis = [
+        torch.stack([phi if name == "stream" else layout.full_phi() for name in views])
+        for phi, layout in zip(phis, layouts, strict=True)
+    ]
+    hidden = model.hidden(embeds, positions, layouts, view_phis)
+    b_idx = torch.cat([torch.full((layout.n_target,), b) for b, layout in enumerate(layouts)]).to(hidden.device)
+    per_view = {}
+    for v, name in enumerate(views):
+        r_idx = torch.cat([layout.predictor_rows(v) for layout in layouts]).to(hidden.device)
+        h = hidden[b_idx, r_idx]  # (N, d) the rows that predict y_t in this view
+        per_view[name] = (h, model.lm_logits(h).float())
+    return per_view
 
 
 def probe_rows(model: SpeechLLM, targets: list[list[int]], labels: torch.Tensor, which: str) -> torch.Tensor:

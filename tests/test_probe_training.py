@@ -1,0 +1,124 @@
+"""training.probe: a finished model's probe trained again on its own states, where the heads ask it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.probe as P
+from streaming_llm.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
+from streaming_llm.tiny import tiny_model
+from training.data import SourceUnits, load_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests/data/tiny_text.tsv")
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    return save_checkpoint(tiny_model("text"), tmp_path / "model")
+
+
+def _states(model, store: Path, seed: int = 0):
+    examples = load_examples(TINY, "text", 30.0, 200, skip_bad=False)
+    return P.collect(model, examples, SourceUnits(model, None, False), seed, 3, store, "test")
+
+
+def test_a_retrained_probe_fits_the_word_start_rows_and_leaves_every_other_weight_alone(checkpoint, tmp_path):
+    # a random model's stream and full views agree on every argmax: the KL label, cut at its median, has both
+    median = float(_states(load_checkpoint(checkpoint), tmp_path / "pilot.pt").kl.median())
+    config = P.ProbeConfig(label="kl", kl_bound=median, examples=8, dev_examples=8, batch_size=4, epochs=300,
+                           rows_per_step=64)  # fmt: skip
+    report = P.run(checkpoint, tmp_path / "out", config, manifest=TINY, dev_manifest=TINY)
+    old, new = load_file(str(checkpoint / WEIGHTS)), load_file(str(tmp_path / "out" / "final" / WEIGHTS))
+    assert set(old) == set(new)
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("probe."))
+    assert not torch.equal(old["probe.0.weight"], new["probe.0.weight"])
+    meta = json.loads((tmp_path / "out" / "final" / "checkpoint.json").read_text())
+    assert meta["extra"]["probe_retrained"]["config"]["rows"] == "word_start"
+    model = load_checkpoint(tmp_path / "out" / "final")  # loads as any checkpoint does, the new probe in it
+    states = P.States.cat([P.States(**p) for p in torch.load(tmp_path / "out" / "states-train.pt")["parts"]])
+    starts = states.rows("word_start")
+    assert 0 < starts.sum() < len(starts) and report["train_rows"] == int(starts.sum())
+    fit = P.measure(model.probe, states, config)["word_start"]
+    y = states.labels(config)[starts]
+    assert 0 < y.mean() < 1
+    base_rate = float(torch.nn.functional.binary_cross_entropy(y.mean().expand_as(y), y))
+    assert fit["bce"] < 0.5 * base_rate, (fit, base_rate)  # it learned its rows, beyond their base rate
+    assert set(report["dev"]) == {"old", "new"} and report["dev"]["new"]["all"]["rows"] > fit["rows"]
+
+
+def test_a_killed_collection_goes_on_where_it_stopped_with_the_states_of_an_unbroken_one(tmp_path, monkeypatch):
+    model = tiny_model("text")
+    whole = _states(model, tmp_path / "whole.pt")
+    monkeypatch.setattr(P, "SAVE_EVERY", 1)
+    calls = {"n": 0}
+    real = P.view_outputs
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "view_outputs", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _states(model, tmp_path / "killed.pt")
+    assert len(torch.load(tmp_path / "killed.pt")["parts"]) == 1
+    resumed = _states(model, tmp_path / "killed.pt")
+    assert calls["n"] == 2 + 2  # the two batches left, not the first again (8 examples, 3 a batch)
+    for field in ("hidden", "agree", "kl", "word_start"):
+        torch.testing.assert_close(getattr(resumed, field), getattr(whole, field))
+
+
+def test_states_kept_for_another_model_or_seed_are_refused(tmp_path):
+    _states(tiny_model("text"), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="states of another model"):
+        _states(tiny_model("text", seed=1), tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="states of another model"):
+        _states(tiny_model("text"), tmp_path / "s.pt", seed=1)
+
+
+def test_auc_is_the_share_of_positive_negative_pairs_ordered_right_ties_half():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (60,), generator=g).float()  # many ties
+    labels = (torch.rand(60, generator=g) < 0.4).float()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert P.auc(scores, labels) == pytest.approx(float(pairs.mean()), abs=1e-12)
+
+
+def test_the_probe_command_names_a_missing_checkpoint_and_refuses_unknown_rows(tmp_path, capsys):
+    assert P.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        P.main([str(tmp_path), "--out", str(tmp_path / "o"), "--rows", "words"])
+    assert "invalid choice: 'words'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="examples=0"):
+        P.ProbeConfig(examples=0)
+
+
+def test_a_checkpoint_without_its_training_manifest_asks_for_one(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="give --manifest"):
+        P.run(checkpoint, tmp_path / "out", P.ProbeConfig())
+
+
+def test_a_model_trained_without_its_probe_has_none_to_ask_until_one_is_trained_for_it(tmp_path):
+    from streaming_llm.heads import make_head
+
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "plain", extra={"train_config": {"probe": False}})
+    model = load_checkpoint(folder)  # its probe weights are the random ones it was built with
+    assert model.probe is None
+    with pytest.raises(ValueError, match="has no probe"):
+        make_head("probe").session_options(model)
+    config = P.ProbeConfig(examples=8, dev_examples=8, batch_size=4, epochs=2)
+    report = P.run(folder, tmp_path / "out", config, manifest=TINY, dev_manifest=TINY)
+    assert set(report["dev"]) == {"new"}  # no old probe to measure
+    given = load_checkpoint(tmp_path / "out" / "final")
+    assert given.probe is not None
+    saved = load_file(str(tmp_path / "out" / "final" / WEIGHTS))
+    torch.testing.assert_close(given.probe[0].weight, saved["probe.0.weight"])
