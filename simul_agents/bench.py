@@ -100,6 +100,10 @@ VARIANTS = {  # name -> training overrides
     # against main's 21.7): a speech model whose wait-k k=1 has room below its offline decode (main's: 98.8%)
     "from-x4": {"w_mslm": 0.3, "spsd_lambda": 0.3},
 }
+# main's model with its probe trained again on main's final states (``training.probe``): only where the heads
+# ask it, a word's first token (``word-start``), and on every target token as main's joint probe learned
+# (``all-rows``: the control that tells the rows from the retraining); swept at the probe's thresholds
+PROBES = {"probe-word-start": {"rows": "word_start"}, "probe-all-rows": {"rows": "all"}}
 # a trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
 # written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
 DECODINGS = {"main-reencode": {"reencode": "read"}, "stream-0.3-x4-reencode": {"reencode": "read"},
@@ -137,6 +141,10 @@ VARIANT_LABELS = {
     "from-x4-reencode-rebuilt": "from-x4-reencode's settings of from-x4-reencode-hold, on the same corpus build's "
     "audio as it",
     "main-reencode-hold": "main-reencode with a word closing the sentence held until the source ends",
+    "probe-word-start": "main's model, its probe trained again on main's states where the heads ask it (a word's "
+    "first token; `training.probe --rows word_start`)",
+    "probe-all-rows": "main's model, its probe trained again on main's states on every target token (`training.probe "
+    "--rows all`)",
 }
 # the settings from-x4's re-read decode runs with the sentence end held and, as its baseline, without
 FROM_X4_HELD = {"wait-k": {"k": [1]}, "entropy": {"threshold": [4.0, 5.0, 6.0]},
@@ -201,6 +209,8 @@ class TaskPlan:
 
         if variant in self.offline_only:
             return {"offline": {}}
+        if variant in PROBES:
+            return {"probe": {"threshold": list(self.probe)}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
@@ -223,7 +233,7 @@ TASKS = {
         agent_args={"max_len_a": 2, "max_len_b": 10, "max_target_tokens": 96, "skip_failed": True},
         train_overrides={"eval_every": 200, "dev_subset": 64, "dev_bleu_subset": 48, "save_every": 25},
         variants=("no-mslm", "no-spsd", "stream-0.3", "stream-0.3-x4", "no-mslm-x4", "no-mslm-seed1", "main-seed1",
-                  "stream-0.3-seed1", "no-mslm-seed2", "stream-0.3-seed2"),
+                  "stream-0.3-seed1", "no-mslm-seed2", "stream-0.3-seed2", "probe-word-start", "probe-all-rows"),
         # LAAL 0.9 to 5.3 words; 0.75 lies between 0.7 (2.33) and 0.8 (3.05), where #7's 35% limit (2.77) falls
         probe=(0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95),
         probe_variants=("stream-0.3-x4",),  # the longest-trained streaming model: does its probe keep 95%?
@@ -506,6 +516,8 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
     from training.config import load_config
     from training.train import train
 
+    if variant in PROBES:
+        return stage_probe(bench, task, variant)
     out = bench.runs / task.name / variant
     overrides = {
         "train_manifest": f"{task.corpus}/train.tsv",
@@ -533,6 +545,30 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(final, target)
+    info["results_model"] = str(target)
+    return info
+
+
+def stage_probe(bench: Bench, task: TaskPlan, variant: str) -> dict:
+    """Main's model with its probe trained again (``PROBES``; ``training/probe.py``: its states are kept in the
+    variant's folder, so a stopped stage goes on where it stopped)."""
+    from training.probe import ProbeConfig, run
+
+    source = bench.runs / task.name / "main" / "final"
+    if not (source / "checkpoint.json").is_file():
+        stage = f"{task.name}-train-main"
+        raise RuntimeError(f"{task.name}-train-{variant} retrains the probe of {source}, which is missing: run "
+                           f"`{stage}` first (python -m simul_agents.bench --only {stage})")  # fmt: skip
+    states = bench.runs / task.name / "probe-states"  # main's states, the same for every variant of PROBES
+    report = run(source, bench.runs / task.name / variant, ProbeConfig(**PROBES[variant]), states=states)
+    info = {"checkpoint": report["final"], "probe_rows": PROBES[variant]["rows"], "train_rows": report["train_rows"]}
+    for probe, measured in report.get("dev", {}).items():  # where the heads ask it: a word's first token
+        info[f"dev_auc_{probe}"] = measured["word_start"]["auc"]
+        info[f"dev_accuracy_{probe}"] = measured["word_start"]["accuracy"]
+    target = bench.model_dir(task.name, variant)  # kept with the results: a fresh machine restores it
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(report["final"], target)
     info["results_model"] = str(target)
     return info
 
@@ -693,6 +729,7 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
                                f"(e.g. {missing[0]}); rerun that sweep: python -m simul_agents.bench --only "
                                f"{task.name}-sweep-{variant}")  # fmt: skip
     decodings = {v: compared_with(v) for v in variants if v in DECODINGS}
+    decodings.update({v: "main" for v in variants if v in PROBES})  # main's model with another probe
     result = compare_task(bench.runs / task.name, variants, task.name, decodings=decodings)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -961,7 +998,7 @@ def planned_runs(task: str, variant: str) -> int:
     """How many runs the bench sweeps on ``variant`` (a computation-aware variant: ``CA_HEADS``)."""
     if variant in CA_VARIANTS:
         heads = CA_HEADS
-    elif task in TASKS and (variant in VARIANTS or variant in TASKS[task].decodings):
+    elif task in TASKS and (variant in VARIANTS or variant in PROBES or variant in TASKS[task].decodings):
         heads = TASKS[task].heads(variant)
     else:
         return 0

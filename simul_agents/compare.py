@@ -17,6 +17,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_bounded_vs_waitk`` on its entropy points between lag bounds, where it has any;
   ``variant_probe_vs_entropy`` on its probe and entropy points, where its probe was swept;
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
+- ``probe_vs_main``: a variant swept on the probe alone (main's model with its probe trained again:
+  ``training.probe``), each of its points against main's probe, entropy and wait-k point of nearest LAAL;
 - ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point within
   10% of its LAAL but between two of them (k and k+1), against wait-k time-shared to its LAAL (each sentence
   decoded by one of the two k, drawn at random: ``waitk_mixtures``), the baseline that matching leaves out;
@@ -197,9 +199,11 @@ def nearest(point: dict, others: Sequence[dict]) -> dict | None:
     return best if abs(best["LAAL"] - point["LAAL"]) <= MATCH_TOLERANCE * scale else None
 
 
-def matched(runs: Sequence[dict], head: str, baseline_head: str) -> list[dict]:
-    """Each ``head`` point against the nearest-LAAL ``baseline_head`` point, with a paired bootstrap."""
-    base = [r for r in runs if r["head"] == baseline_head]
+def matched(runs: Sequence[dict], head: str, baseline_head: str, baseline_runs: Sequence[dict] | None = None
+            ) -> list[dict]:  # fmt: skip
+    """Each ``head`` point against the nearest-LAAL ``baseline_head`` point (of ``baseline_runs``, by default
+    ``runs`` themselves), with a paired bootstrap."""
+    base = [r for r in (runs if baseline_runs is None else baseline_runs) if r["head"] == baseline_head]
     out = []
     for point in sorted((r for r in runs if r["head"] == head), key=lambda r: r["LAAL"] or 0):
         other = nearest(point, base)
@@ -362,6 +366,12 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
                                         and (points := matched(runs[v], "entropy", FIXED))}  # fmt: skip
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
                                           if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
+    # a variant swept on the probe alone (main's model with its probe trained again: the bench's PROBES) against
+    # main's own probe, entropy and wait-k at equal LAAL (the same model and test set: paired)
+    result["probe_vs_main"] = {
+        v: {b: matched(runs[v], "probe", b, main_runs) for b in ("probe", "entropy", "wait-k")}
+        for v in others if runs[v] and all(r["head"] == "probe" for r in runs[v])
+    }  # fmt: skip
     result["variant_keep_offline"] = {v: keep_offline(runs[v], offline_of[v], mean_source) for v in others
                                       if offline_of[v] and any(r["head"] in ADAPTIVE for r in runs[v])}  # fmt: skip
     study = oracle_study(main_runs, offline)
@@ -627,6 +637,9 @@ def format_comparison(result: dict) -> list[str]:
                       for v, points in (result.get("entropy_vs_fixed_chunk") or {}).items()]  # fmt: skip
     variant_lines += [_variant_line(v, "probe vs its own entropy", points)
                       for v, points in (result.get("variant_probe_vs_entropy") or {}).items()]  # fmt: skip
+    variant_lines += [_variant_line(v, f"probe vs main's {b}", points)
+                      for v, by_head in (result.get("probe_vs_main") or {}).items()
+                      for b, points in by_head.items()]  # fmt: skip
     variant_lines += [_keep_line(keep, unit, v) for v, keep in (result.get("variant_keep_offline") or {}).items()]
     if variant_lines:
         lines += variant_lines + [""]

@@ -998,3 +998,51 @@ def test_two_bench_processes_started_together_tidy_the_done_markers_one_at_a_tim
     assert result == {"code": 0}
     out = capsys.readouterr().out
     assert "startup: running in another bench process (pid 4242)" in out and "text-train-main" in out
+
+
+def test_main_s_probe_trained_again_is_a_variant_swept_on_the_probe_alone_after_its_own_stage(tmp_path, monkeypatch):
+    text = B.TASKS["text"]
+    assert text.heads("probe-word-start") == {"probe": {"threshold": list(text.probe)}}
+    assert B.planned_runs("text", "probe-all-rows") == len(text.probe)
+    names = [name for name, _ in B.stages(B.Bench(), ["text"])]
+    for variant in B.PROBES:
+        assert names.index(f"text-train-{variant}") < names.index(f"text-sweep-{variant}") < names.index("text-compare")
+    config = _swept_config(tmp_path, monkeypatch, "probe-word-start")
+    assert config.checkpoint == str(tmp_path / "runs" / "text" / "probe-word-start" / "final")
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    with pytest.raises(RuntimeError, match="run `text-train-main` first"):
+        B.stage_probe(bench, text, "probe-word-start")
+    import training.probe
+
+    main = tmp_path / "runs" / "text" / "main" / "final"
+    main.mkdir(parents=True)
+    (main / "checkpoint.json").write_text("{}")
+    seen = {}
+
+    def fake_run(checkpoint, out, config, states):
+        seen.update(checkpoint=checkpoint, out=out, rows=config.rows, states=states)
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "checkpoint.json").write_text("{}")
+        dev = {p: {"word_start": {"auc": auc, "accuracy": 0.7}} for p, auc in (("old", 0.6), ("new", 0.65))}
+        return {"final": str(out / "final"), "train_rows": 123, "dev": dev}
+
+    monkeypatch.setattr(training.probe, "run", fake_run)
+    info = B.stage_train(bench, text, "probe-word-start")
+    text_runs = tmp_path / "runs" / "text"
+    assert seen == {"checkpoint": main, "out": text_runs / "probe-word-start", "rows": "word_start",
+                    "states": text_runs / "probe-states"}  # fmt: skip
+    assert info["dev_auc_old"] == 0.6 and info["dev_auc_new"] == 0.65 and info["train_rows"] == 123
+    assert (tmp_path / "results" / "text" / "models" / "probe-word-start" / "checkpoint.json").is_file()
+
+
+def test_a_probe_trained_again_is_matched_with_main_s_heads_and_keeps_main_s_offline_decode(task_dir):
+    refs = _sentences(120, 0)
+    _write_run(task_dir / "eval-probe-word-start" / "probe" / "threshold=0.8", _corrupt(refs, 0.05, 12), refs,
+               delays_per_word=2.0)  # fmt: skip
+    result = compare_task(task_dir, ["main", "probe-word-start"], "text", decodings={"probe-word-start": "main"})
+    by_head = result["probe_vs_main"]["probe-word-start"]
+    assert by_head["entropy"][0]["matched"] == "entropy threshold=2.0" and by_head["entropy"][0]["better"]
+    assert by_head["wait-k"][0]["matched"] == "wait-k k=2" and by_head["probe"][0]["matched"] is None
+    assert result["variant_keep_offline"]["probe-word-start"]["offline_chrF"] == result["keep_offline"]["offline_chrF"]
+    text = "\n".join(format_comparison(result))
+    assert "probe-word-start, probe vs main's entropy: 1 matched of 1 points, significantly better on 1" in text
