@@ -299,22 +299,34 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+HELP = {
+    "rows": "the rows it learns from: a word's first token (where the heads ask it) or every target token",
+    "label": "top1: the stream view's argmax equals the full view's; kl: KL(full || stream) under --kl-bound",
+    "kl_bound": "the KL under which a row counts as agreeing (--label kl)",
+    "examples": "training examples whose states it learns from, one random prefix each",
+    "dev_examples": "dev examples that measure the old and the new probe (0: none)",
+    "batch_size": "examples per forward pass while collecting the states",
+    "epochs": "passes of the MLP over the states",
+    "lr": "AdamW's peak learning rate (cosine decay to a tenth)",
+    "weight_decay": "AdamW's weight decay",
+    "rows_per_step": "rows per MLP step",
+    "seed": "the examples drawn, their prefixes and the MLP's initialisation",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = ProbeConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m training.probe",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog="python -m training.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a trained checkpoint folder (runs/.../final)")
-    parser.add_argument("--out", type=Path, required=True, help="the work folder; DIR/final gets the new checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="the work folder; OUT/final gets the new checkpoint")
     parser.add_argument("--manifest", default="", help="training TSV (default: the one the checkpoint trained on)")
     parser.add_argument("--dev-manifest", default="", help="dev TSV (default: the checkpoint's dev manifest)")
-    parser.add_argument("--states", type=Path, help="where the states are kept (default: --out); probes of one "
+    parser.add_argument("--states", type=Path, help="where the states are kept (default: OUT); probes of one "
                         "model trained from other rows can share them")  # fmt: skip
     for name, value in asdict(defaults).items():
         choices = {"rows": PROBE_ROWS, "label": PROBE_LABELS}.get(name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices,
+                            help=f"{HELP[name]} (default: {value})")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
