@@ -104,6 +104,9 @@ VARIANTS = {  # name -> training overrides
 # ask it, a word's first token (``word-start``), and on every target token as main's joint probe learned
 # (``all-rows``: the control that tells the rows from the retraining); swept at the probe's thresholds
 PROBES = {"probe-word-start": {"rows": "word_start"}, "probe-all-rows": {"rows": "all"}}
+# the control is swept where #7's keep-95% limit falls (LAAL 2.77 words: main's probe at 0.7-0.8), the rest at all
+# of the task's probe thresholds
+PROBE_THRESHOLDS = {"probe-all-rows": (0.7, 0.75, 0.8)}
 # a trained model decoded another way (agent flags), swept on the whole test set like a variant: the words
 # written so far re-read under the source read after every read (``StreamingSession.flush``), not kept as written
 DECODINGS = {"main-reencode": {"reencode": "read"}, "stream-0.3-x4-reencode": {"reencode": "read"},
@@ -210,7 +213,7 @@ class TaskPlan:
         if variant in self.offline_only:
             return {"offline": {}}
         if variant in PROBES:
-            return {"probe": {"threshold": list(self.probe)}}
+            return {"probe": {"threshold": list(PROBE_THRESHOLDS.get(variant, self.probe))}}
         heads = ALL_HEADS if variant == "main" else ABLATION_HEADS
         ks = list(self.wait_k) if variant == "main" else list(self.wait_k[::2])
         out = {**heads, "wait-k": {"k": ks}}
