@@ -23,9 +23,9 @@ def checkpoint(tmp_path) -> Path:
     return save_checkpoint(tiny_model("text"), tmp_path / "model")
 
 
-def _states(model, store: Path, seed: int = 0):
+def _states(model, store: Path, seed: int = 0, **drawn):
     examples = load_examples(TINY, "text", 30.0, 200, skip_bad=False)
-    return P.collect(model, examples, SourceUnits(model, None, False), seed, 3, store, "test")
+    return P.collect(model, examples, SourceUnits(model, None, False), seed, 3, store, "test", **drawn)
 
 
 def test_a_retrained_probe_fits_the_word_start_rows_and_leaves_every_other_weight_alone(checkpoint, tmp_path):
@@ -81,6 +81,26 @@ def test_states_kept_for_another_model_or_seed_are_refused(tmp_path):
         _states(tiny_model("text", seed=1), tmp_path / "s.pt")
     with pytest.raises(ValueError, match="states of another model"):
         _states(tiny_model("text"), tmp_path / "s.pt", seed=1)
+    with pytest.raises(ValueError, match="states of another model"):  # prefixes drawn with another skew
+        _states(tiny_model("text"), tmp_path / "s.pt", skew=1.0)
+
+
+def test_the_prefixes_and_the_kl_label_are_drawn_as_the_model_trained(tmp_path, monkeypatch):
+    trained = {"phi_skew": 0.5, "spsd_topk": 20, "spsd_temperature": 2.0}
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "m", extra={"train_config": trained})
+    seen = []
+    real = P.collect
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("skew", "kl")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "collect", spy)
+    P.run(folder, tmp_path / "out", P.ProbeConfig(examples=4, dev_examples=4, epochs=1), TINY, TINY)
+    assert seen == [{"skew": 0.5, "kl": (20, 2.0)}] * 2  # the training states, then the dev states
+    monkeypatch.undo()
+    skewed = _states(tiny_model("text"), tmp_path / "a.pt", skew=4.0)
+    assert not torch.equal(skewed.hidden, _states(tiny_model("text"), tmp_path / "b.pt").hidden)
 
 
 def test_auc_is_the_share_of_positive_negative_pairs_ordered_right_ties_half():

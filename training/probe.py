@@ -38,7 +38,7 @@ from streaming_llm.config import SpeechLLMConfig
 from streaming_llm.model import SpeechLLM
 
 from .data import Example, SourceUnits, load_examples
-from .losses import PROBE_LABELS, PROBE_ROWS, LossConfig, probe_rows, spsd_kl, view_outputs
+from .losses import PROBE_LABELS, PROBE_ROWS, probe_rows, spsd_kl, view_outputs
 from .phi import sample_token_phi
 
 log = logging.getLogger("training")
@@ -99,12 +99,14 @@ class States:
 
 
 def collect(
-    model: SpeechLLM, examples: list[Example], units: SourceUnits, seed: int, batch_size: int, store: Path, what: str
-) -> States:
-    """The states of ``examples`` (each under one random prefix from ``seed``), in batches of similar length,
-    kept in ``store`` every ``SAVE_EVERY`` batches: a store left by a killed run of the same model, examples and
-    seed is continued, one of anything else is refused."""
-    key = _key(model, examples, seed, batch_size)
+    model: SpeechLLM, examples: list[Example], units: SourceUnits, seed: int, batch_size: int, store: Path, what: str,
+    skew: float = 0.0, kl: tuple[int, float] = (100, 1.0),
+) -> States:  # fmt: skip
+    """The states of ``examples`` (each under one random prefix from ``seed``, drawn with the phi ``skew`` the model
+    trained with; ``kl``: SPSD's top-k and temperature, for the KL label), in batches of similar length, kept in
+    ``store`` every ``SAVE_EVERY`` batches: a store left by a killed run of the same model, examples and settings is
+    continued, one of anything else is refused."""
+    key = _key(model, examples, f"{seed}|{batch_size}|{skew}|{kl}")
     order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     parts: list[States] = []
@@ -115,7 +117,6 @@ def collect(
         parts = [States(**p) for p in saved["parts"]]
         if parts:
             log.info("%s: %d of %d batches already collected in %s", what, len(parts), len(batches), store)
-    loss = LossConfig()
     with torch.inference_mode():
         done = len(parts)
         for n, batch in enumerate(tqdm(batches[done:], desc=f"{what} states", initial=done, total=len(batches),
@@ -124,7 +125,7 @@ def collect(
             source = [units(ex) for ex in chosen]
             targets = [model.target_ids(ex.target) for ex in chosen]
             phis = [
-                sample_token_phi(len(u), t, model.word_start, torch.Generator().manual_seed(_seed(seed, i)))
+                sample_token_phi(len(u), t, model.word_start, torch.Generator().manual_seed(_seed(seed, i)), skew)
                 for u, t, i in zip(source, targets, batch, strict=True)
             ]
             views = view_outputs(model, source, targets, phis, ["stream", "full"])
@@ -133,7 +134,7 @@ def collect(
             parts.append(States(
                 hidden=h.float().cpu(),
                 agree=(stream.argmax(-1) == full.argmax(-1)).cpu(),
-                kl=spsd_kl(full, stream, loss.spsd_topk, loss.spsd_temperature).cpu(),
+                kl=spsd_kl(full, stream, *kl).cpu(),
                 word_start=probe_rows(model, targets, labels, "word_start").cpu(),
             ))  # fmt: skip
             if (n + 1) % SAVE_EVERY == 0 or n + 1 == len(batches):
@@ -145,8 +146,8 @@ def _seed(seed: int, index: int) -> int:
     return int(hashlib.sha1(f"probe:{seed}:{index}".encode()).hexdigest()[:15], 16)
 
 
-def _key(model: SpeechLLM, examples: list[Example], seed: int, batch_size: int) -> str:
-    h = hashlib.sha1(f"{FEATURES_VERSION}|{seed}|{batch_size}|{model.config.to_json()}".encode())
+def _key(model: SpeechLLM, examples: list[Example], settings: str) -> str:
+    h = hashlib.sha1(f"{FEATURES_VERSION}|{settings}|{model.config.to_json()}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if not name.startswith("probe."):
             h.update(name.encode())
@@ -266,11 +267,14 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
         rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False)
         return random.Random(config.seed).sample(rows, min(n, len(rows)))
 
+    # the prefixes and the KL label as the model's training drew them (training/config.py's defaults otherwise)
+    drawn = {"skew": float(trained.get("phi_skew", 0.0)),
+             "kl": (int(trained.get("spsd_topk", 100)), float(trained.get("spsd_temperature", 1.0)))}  # fmt: skip
     train_states = collect(model, examples(manifest, config.examples), units, config.seed, config.batch_size,
-                           states / "states-train.pt", "train")  # fmt: skip
+                           states / "states-train.pt", "train", **drawn)  # fmt: skip
     dev_states = (
         collect(model, examples(dev_manifest, config.dev_examples), units, config.seed + 1, config.batch_size,
-                states / "states-dev.pt", "dev")  # fmt: skip
+                states / "states-dev.pt", "dev", **drawn)  # fmt: skip
         if dev_manifest
         else None
     )
