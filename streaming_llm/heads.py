@@ -333,8 +333,8 @@ class ProbeHead(Head):
     def session_options(self, model):
         if getattr(model, "probe", None) is None:
             raise ValueError(
-                "probe head: this checkpoint has no probe (probe_hidden=0 or untrained); "
-                "train one with the probe trainer or pick another head"
+                "probe head: this checkpoint has no probe (probe_hidden=0, or trained with probe=false); "
+                "give it one with python -m training.probe CHECKPOINT --out DIR, or pick another head"
             )
         return {}
 
