@@ -365,7 +365,7 @@ def compare_task(task_dir: str | Path, variants: Sequence[str], task: str = "",
     result["entropy_vs_fixed_chunk"] = {v: points for v in variants if any(r["head"] == FIXED for r in runs[v])
                                         and (points := matched(runs[v], "entropy", FIXED))}  # fmt: skip
     result["variant_probe_vs_entropy"] = {v: matched(runs[v], "probe", "entropy") for v in others
-                                          if any(r["head"] == "probe" for r in runs[v])}  # fmt: skip
+                                          if {"probe", "entropy"} <= {r["head"] for r in runs[v]}}  # fmt: skip
     # a variant swept on the probe alone (main's model with its probe trained again: the bench's PROBES) against
     # main's own probe, entropy and wait-k at equal LAAL (the same model and test set: paired)
     result["probe_vs_main"] = {

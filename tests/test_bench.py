@@ -1043,6 +1043,7 @@ def test_a_probe_trained_again_is_matched_with_main_s_heads_and_keeps_main_s_off
     by_head = result["probe_vs_main"]["probe-word-start"]
     assert by_head["entropy"][0]["matched"] == "entropy threshold=2.0" and by_head["entropy"][0]["better"]
     assert by_head["wait-k"][0]["matched"] == "wait-k k=2" and by_head["probe"][0]["matched"] is None
+    assert "probe-word-start" not in result["variant_probe_vs_entropy"]  # it has no entropy runs of its own
     assert result["variant_keep_offline"]["probe-word-start"]["offline_chrF"] == result["keep_offline"]["offline_chrF"]
     text = "\n".join(format_comparison(result))
     assert "probe-word-start, probe vs main's entropy: 1 matched of 1 points, significantly better on 1" in text
