@@ -15,9 +15,10 @@ the main models):
   another seed, whose sweeps show how far two trainings of one recipe differ; ``no-mslm-seed2``,
   ``stream-0.3-seed2``: a third seed, decoded offline only) and, for speech, ``main``
   with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays) and ``main`` again
-  with another seed (``main-seed1``, from the text ``main-seed1``). A speech
-  model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go to
-  the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
+  with another seed (``main-seed1``, from the text ``main-seed1``); for text also main's model with its probe
+  trained again on its final states (``probe-word-start``, ``probe-all-rows``: ``PROBES``, ``training.probe``). A
+  speech model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go
+  to the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
   inside a stage from its newest step checkpoint. ``main`` trains the probe head jointly (detached features);
 - ``<task>-sweep-<variant>``: SimulEval over the test split: every head on ``main``, the offline decode plus
@@ -102,7 +103,7 @@ VARIANTS = {  # name -> training overrides
 }
 # main's model with its probe trained again on main's final states (``training.probe``): only where the heads
 # ask it, a word's first token (``word-start``), and on every target token as main's joint probe learned
-# (``all-rows``: the control that tells the rows from the retraining); swept at the probe's thresholds
+# (``all-rows``: the control that tells the rows from the retraining); swept on the probe alone
 PROBES = {"probe-word-start": {"rows": "word_start"}, "probe-all-rows": {"rows": "all"}}
 # the control is swept where #7's keep-95% limit falls (LAAL 2.77 words: main's probe at 0.7-0.8), the rest at all
 # of the task's probe thresholds
@@ -553,8 +554,8 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
 
 
 def stage_probe(bench: Bench, task: TaskPlan, variant: str) -> dict:
-    """Main's model with its probe trained again (``PROBES``; ``training/probe.py``: its states are kept in the
-    variant's folder, so a stopped stage goes on where it stopped)."""
+    """Main's model with its probe trained again (``PROBES``; ``training/probe.py``). Main's states are collected
+    once into ``probe-states``, which every variant of ``PROBES`` shares, and a stopped stage goes on from them."""
     from training.probe import ProbeConfig, run
 
     source = bench.runs / task.name / "main" / "final"
