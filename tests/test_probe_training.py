@@ -125,6 +125,9 @@ def test_the_probe_command_names_a_missing_checkpoint_and_refuses_unknown_rows(t
 def test_a_checkpoint_without_its_training_manifest_asks_for_one(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="give --manifest"):
         P.run(checkpoint, tmp_path / "out", P.ProbeConfig())
+    with pytest.raises(ValueError, match="no such manifest"):
+        P.run(checkpoint, tmp_path / "out", P.ProbeConfig(), manifest=str(tmp_path / "none.tsv"))
+    assert not (tmp_path / "out").exists()  # refused before any folder was made
 
 
 def test_a_model_trained_without_its_probe_has_none_to_ask_until_one_is_trained_for_it(tmp_path):

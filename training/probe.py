@@ -257,25 +257,27 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
     modality = model.config.modality
     max_seconds = float(trained.get("max_source_seconds", 30.0))
     max_words = int(trained.get("max_source_words", 200))
-    states = states or out
-    out.mkdir(parents=True, exist_ok=True)
-    states.mkdir(parents=True, exist_ok=True)
-    cache = Path(trained.get("encoder_cache") or Path(trained.get("out_dir", out)) / "encoder_cache")
-    units = SourceUnits(model, cache if cache.is_dir() else out / "encoder_cache", encoder_trained=False)
 
     def examples(path: str, n: int) -> list[Example]:
         rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False)
         return random.Random(config.seed).sample(rows, min(n, len(rows)))
 
+    train_examples = examples(manifest, config.examples)  # a bad manifest stops it here, before any folder is made
+    dev_examples = examples(dev_manifest, config.dev_examples) if dev_manifest else []
+    states = states or out
+    out.mkdir(parents=True, exist_ok=True)
+    states.mkdir(parents=True, exist_ok=True)
+    cache = Path(trained.get("encoder_cache") or Path(trained.get("out_dir", out)) / "encoder_cache")
+    units = SourceUnits(model, cache if cache.is_dir() else out / "encoder_cache", encoder_trained=False)
     # the prefixes and the KL label as the model's training drew them (training/config.py's defaults otherwise)
     drawn = {"skew": float(trained.get("phi_skew", 0.0)),
              "kl": (int(trained.get("spsd_topk", 100)), float(trained.get("spsd_temperature", 1.0)))}  # fmt: skip
-    train_states = collect(model, examples(manifest, config.examples), units, config.seed, config.batch_size,
-                           states / "states-train.pt", "train", **drawn)  # fmt: skip
+    train_states = collect(model, train_examples, units, config.seed, config.batch_size, states / "states-train.pt",
+                           "train", **drawn)  # fmt: skip
     dev_states = (
-        collect(model, examples(dev_manifest, config.dev_examples), units, config.seed + 1, config.batch_size,
-                states / "states-dev.pt", "dev", **drawn)  # fmt: skip
-        if dev_manifest
+        collect(model, dev_examples, units, config.seed + 1, config.batch_size, states / "states-dev.pt", "dev",
+                **drawn)  # fmt: skip
+        if dev_examples
         else None
     )
     probe = train_probe(train_states, config, hidden_size)
