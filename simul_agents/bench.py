@@ -16,7 +16,7 @@ the main models):
   ``stream-0.3-seed2``: a third seed, decoded offline only) and, for speech, ``main``
   with LoRA on the block-causal encoder (``encoder-lora``: whether fine-tuning the encoder pays) and ``main`` again
   with another seed (``main-seed1``, from the text ``main-seed1``); for text also main's model with its probe
-  trained again on its final states (``probe-word-start``, ``probe-all-rows``: ``PROBES``, ``training.probe``). A
+  trained again on its final states (``probe-word-start``, ``probe-all-rows``; speech the first: ``PROBES``). A
   speech model's LLM starts from the text model of the same recipe (its LoRA; ``init_llm``), so the speech steps go
   to the adapter and to listening, not to learning German again; its fresh adapter is first aligned with CTC on the
   English transcripts (``align_steps`` in ``offline_speech.yaml``; ``training/align.py``). Training resumes
@@ -282,7 +282,8 @@ TASKS = {
         "speech", "training/configs/offline_speech.yaml", "data/offline", steps=600, test=500,
         split_caps={"train": 6000, "dev": 100, "test": 500}, segment=320,
         # main-seed1 starts from the text main-seed1 model: the whole recipe trained again with another seed
-        variants=("encoder-lora", "no-mslm", "no-spsd", "main-seed1", "from-x4"), init_from="text",
+        # probe-word-start: text's answer (the rows do not matter, the final states do) asked of speech's probe
+        variants=("encoder-lora", "no-mslm", "no-spsd", "main-seed1", "from-x4", "probe-word-start"), init_from="text",
         wait_k=tuple(range(1, 7)),  # 640 ms blocks: k=6 waits 3.84 s; 90% of test utterances are under 3.65 s
         attention=(0.04, 0.08, 0.13),  # the share's quartiles on speech dev: 0.036, 0.076, 0.126 (text: 0.03-0.08)
         # 5.0 writes at LAAL 37% of the mean source (868 ms); 6.0 reaches below the 35% #7's keep-95% target reads
