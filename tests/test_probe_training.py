@@ -92,12 +92,17 @@ def test_the_prefixes_and_the_kl_label_are_drawn_as_the_model_trained(tmp_path, 
     real = P.collect
 
     def spy(*args, **kwargs):
-        seen.append({k: kwargs[k] for k in ("skew", "kl")})
+        seen.append({"skew": kwargs["skew"], "kl": kwargs["kl"], "n": len(args[1])})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(P, "collect", spy)
     P.run(folder, tmp_path / "out", P.ProbeConfig(examples=4, dev_examples=4, epochs=1), TINY, TINY)
-    assert seen == [{"skew": 0.5, "kl": (20, 2.0)}] * 2  # the training states, then the dev states
+    assert seen == [{"skew": 0.5, "kl": (20, 2.0), "n": 4}] * 2  # the training states, then the dev states
+    seen.clear()
+    trained.update(batch_size=2, max_steps=3)  # by default it learns from as many examples as the training saw
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "m2", extra={"train_config": trained})
+    report = P.run(folder, tmp_path / "out2", P.ProbeConfig(dev_examples=0, epochs=1), TINY)
+    assert "dev" not in report and seen[0]["n"] == 2 * 3
     monkeypatch.undo()
     skewed = _states(tiny_model("text"), tmp_path / "a.pt", skew=4.0)
     assert not torch.equal(skewed.hidden, _states(tiny_model("text"), tmp_path / "b.pt").hidden)
@@ -118,8 +123,8 @@ def test_the_probe_command_names_a_missing_checkpoint_and_refuses_unknown_rows(t
     with pytest.raises(SystemExit):
         P.main([str(tmp_path), "--out", str(tmp_path / "o"), "--rows", "words"])
     assert "invalid choice: 'words'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="examples=0"):
-        P.ProbeConfig(examples=0)
+    with pytest.raises(ValueError, match="examples=-1"):
+        P.ProbeConfig(examples=-1)
 
 
 def test_a_checkpoint_without_its_training_manifest_asks_for_one(checkpoint, tmp_path):

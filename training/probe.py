@@ -1,15 +1,15 @@
 """Train a checkpoint's probe head again, on the finished model's own states.
 
-    python -m training.probe CHECKPOINT --out DIR [--rows word_start] [--examples 8000] [--manifest TRAIN.tsv]
+    python -m training.probe CHECKPOINT --out DIR [--rows word_start] [--examples N] [--manifest TRAIN.tsv]
 
 The probe learns from detached states (training/losses.py), so it can be trained after the model as well as
 beside it: here it learns from the final model's states, not from states that moved while the model trained,
 and from the rows of one's choosing (``--rows word_start``: only where the heads ask it, a word's first token).
-The states and labels of ``--examples`` training examples, each under one monotonic random prefix drawn as in
-training, are computed once (the long part: one forward pass of both views per batch, kept in
-``DIR/states-*.pt``, so a killed run goes on where it stopped; ``--states`` shares them between runs); the MLP
-trains on them in seconds. The dev manifest's examples measure the old and the new probe where the heads ask
-them and on every token (``DIR/report.json``).
+The states and labels of ``--examples`` training examples (by default as many as the model's training saw:
+batch_size x max_steps), each under one monotonic random prefix drawn as in training, are computed once (the long
+part: one forward pass of both views per batch, kept in ``DIR/states-*.pt``, so a killed run goes on where it
+stopped; ``--states`` shares them between runs); the MLP trains on them in seconds. The dev manifest's examples
+measure the old and the new probe where the heads ask them and on every token (``DIR/report.json``).
 
 ``DIR/final`` is then the input checkpoint with the new probe, for ``--checkpoint`` and sweeps.
 """
@@ -45,6 +45,7 @@ log = logging.getLogger("training")
 FEATURES_VERSION = 1
 SAVE_EVERY = 25  # batches between two saves of the states collected so far
 DEFAULT_PROBE_HIDDEN = 256  # the probe's width for a model that has none (SpeechLLMConfig's default)
+DEFAULT_EXAMPLES = 8000  # --examples for a checkpoint that does not say how long it trained
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class ProbeConfig:
     rows: str = "word_start"  # the rows the probe learns from: "all" target tokens or a word's first ("word_start")
     label: str = "top1"  # as training's probe_label: "top1" argmax agreement, "kl" KL(full || stream) < kl_bound
     kl_bound: float = 0.1
-    examples: int = 8000  # training examples whose states the probe learns from (main saw 8,000: 500 x 16)
+    examples: int = 0  # training examples whose states the probe learns from; 0: as many as the model's training
+    # saw (batch_size x max_steps: text main 16 x 500 = 8,000)
     dev_examples: int = 500
     batch_size: int = 16  # examples per forward pass while collecting
     epochs: int = 8
@@ -66,11 +68,11 @@ class ProbeConfig:
             raise ValueError(f"--rows {self.rows}: expected one of {', '.join(PROBE_ROWS)}")
         if self.label not in PROBE_LABELS:
             raise ValueError(f"--label {self.label}: expected one of {', '.join(PROBE_LABELS)}")
-        small = [f"{k}={getattr(self, k)}" for k in ("examples", "batch_size", "epochs", "rows_per_step")
-                 if getattr(self, k) < 1]  # fmt: skip
-        if small or self.dev_examples < 0:
-            raise ValueError(f"{', '.join(small) or f'dev_examples={self.dev_examples}'}: must be at least 1 (0 for "
-                             "dev_examples)")  # fmt: skip
+        small = [f"{k}={getattr(self, k)}" for k in ("batch_size", "epochs", "rows_per_step") if getattr(self, k) < 1]
+        negative = [f"{k}={getattr(self, k)}" for k in ("examples", "dev_examples") if getattr(self, k) < 0]
+        if small or negative:
+            raise ValueError(f"{', '.join(small + negative)}: batch_size, epochs and rows_per_step must be at least "
+                             "1, examples and dev_examples at least 0")  # fmt: skip
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.kl_bound) and self.kl_bound > 0):
             raise ValueError(f"lr={self.lr}, kl_bound={self.kl_bound}: each must be a number above 0")
 
@@ -262,7 +264,9 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
         rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False)
         return random.Random(config.seed).sample(rows, min(n, len(rows)))
 
-    train_examples = examples(manifest, config.examples)  # a bad manifest stops it here, before any folder is made
+    seen = int(trained.get("batch_size", 0)) * int(trained.get("max_steps", 0))  # what its training saw
+    n_train = config.examples or seen or DEFAULT_EXAMPLES
+    train_examples = examples(manifest, n_train)  # a bad manifest stops it here, before any folder is made
     dev_examples = examples(dev_manifest, config.dev_examples) if dev_manifest else []
     states = states or out
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +313,8 @@ HELP = {
     "rows": "the rows it learns from: a word's first token (where the heads ask it) or every target token",
     "label": "top1: the stream view's argmax equals the full view's; kl: KL(full || stream) under --kl-bound",
     "kl_bound": "the KL under which a row counts as agreeing (--label kl)",
-    "examples": "training examples whose states it learns from, one random prefix each",
+    "examples": "training examples whose states it learns from, one random prefix each; 0: as many as the "
+    "model's training saw (batch_size x max_steps)",
     "dev_examples": "dev examples that measure the old and the new probe (0: none)",
     "batch_size": "examples per forward pass while collecting the states",
     "epochs": "passes of the MLP over the states",
