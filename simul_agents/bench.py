@@ -545,13 +545,17 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
     if task.name == "speech" and variant != "main" and frozen:  # a frozen encoder's outputs are the same for all
         overrides["encoder_cache"] = str(bench.runs / task.name / "main" / "encoder_cache")
     final = train(load_config(ROOT / task.train_config, overrides), resume=True)
-    info = {"checkpoint": str(final), **training_summary(out / "log.jsonl")}
-    target = bench.model_dir(task.name, variant)  # kept with the results: a fresh machine restores it
+    return {"checkpoint": str(final), **training_summary(out / "log.jsonl"),
+            "results_model": keep_model(bench, task, variant, final)}  # fmt: skip
+
+
+def keep_model(bench: Bench, task: TaskPlan, variant: str, final: str | Path) -> str:
+    """Copy a trained variant's final checkpoint under ``results/`` (a fresh machine restores it) -> where."""
+    target = bench.model_dir(task.name, variant)
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(final, target)
-    info["results_model"] = str(target)
-    return info
+    return str(target)
 
 
 def stage_probe(bench: Bench, task: TaskPlan, variant: str) -> dict:
@@ -570,11 +574,7 @@ def stage_probe(bench: Bench, task: TaskPlan, variant: str) -> dict:
     for probe, measured in report.get("dev", {}).items():  # where the heads ask it: a word's first token
         info[f"dev_auc_{probe}"] = measured["word_start"]["auc"]
         info[f"dev_accuracy_{probe}"] = measured["word_start"]["accuracy"]
-    target = bench.model_dir(task.name, variant)  # kept with the results: a fresh machine restores it
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(report["final"], target)
-    info["results_model"] = str(target)
+    info["results_model"] = keep_model(bench, task, variant, report["final"])
     return info
 
 

@@ -49,11 +49,7 @@ class SpeechLLM(nn.Module):
         # the end-of-source marker: a learned embedding, appended after the last source unit
         self.end_of_source = nn.Parameter(torch.randn(d_model) * llm.config.initializer_range)
         # the learned decision probe: P(stream prediction already equals the full-view prediction)
-        self.probe = (
-            nn.Sequential(nn.Linear(d_model, config.probe_hidden), nn.GELU(), nn.Linear(config.probe_hidden, 1))
-            if config.probe_hidden
-            else None
-        )
+        self.probe = probe_mlp(d_model, config.probe_hidden) if config.probe_hidden else None
         self.prompt_ids = self._ids(config.prompt)
         self.prefix_ids = self._ids(config.target_prefix)
         if not self.prefix_ids:
@@ -198,6 +194,11 @@ class SpeechLLM(nn.Module):
         if self.probe is None:
             raise ValueError("this model has no probe head (probe_hidden=0)")
         return self.probe(hidden).squeeze(-1)
+
+
+def probe_mlp(d_model: int, hidden: int) -> nn.Sequential:
+    """The decision probe: hidden state (d_model,) -> one logit of P(the stream view already agrees)."""
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
 
 def run_llm(

@@ -128,6 +128,16 @@ def bucket_batches(examples: list[Example], batch_size: int, seed: int, epoch: i
     return batches
 
 
+def hash_weights(h, state: dict[str, torch.Tensor], skip: str = "") -> None:
+    """Feed ``h`` (a hashlib object) every weight's name and 64-odd of its values, strided over the tensor: enough
+    to tell two trainings apart without hashing every byte. Names starting with ``skip`` (when given) are left out."""
+    for name, tensor in sorted(state.items()):
+        if skip and name.startswith(skip):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 64)].numpy().tobytes())
+
+
 class SourceUnits:
     """Example -> the model's source units, with the frozen encoder's outputs cached on disk.
 
@@ -177,9 +187,7 @@ class SourceUnits:
     def _encoder_tag(self) -> str:
         """Identifies the encoder weights and block size, so a changed encoder never reads stale outputs."""
         h = hashlib.sha1(f"{self.model.config.block_ms}".encode())
-        for name, tensor in sorted(self.model.encoder.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 64)].numpy().tobytes())
+        hash_weights(h, self.model.encoder.state_dict())
         return h.hexdigest()[:12]
 
     def _cache_path(self, example: Example) -> Path:

@@ -149,6 +149,10 @@ def probe_targets(
     stream_logits: torch.Tensor, full_logits: torch.Tensor, kl_tok: torch.Tensor, config: LossConfig
 ) -> torch.Tensor:
     """(N,) 1.0 where the stream view's prediction already agrees with the full view's, else 0.0."""
-    if config.probe_label == "top1":
-        return (stream_logits.argmax(-1) == full_logits.argmax(-1)).float()
-    return (kl_tok < config.probe_kl_bound).float()
+    agree = stream_logits.argmax(-1) == full_logits.argmax(-1)
+    return probe_labels(agree, kl_tok, config.probe_label, config.probe_kl_bound)
+
+
+def probe_labels(agree: torch.Tensor, kl_tok: torch.Tensor, label: str, kl_bound: float) -> torch.Tensor:
+    """(N,) the probe's label: "top1" the two views' argmax agree, "kl" KL(full || stream) under ``kl_bound``."""
+    return agree.float() if label == "top1" else (kl_tok < kl_bound).float()

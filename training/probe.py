@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from streaming_llm.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
 from streaming_llm.config import SpeechLLMConfig
-from streaming_llm.model import SpeechLLM
+from streaming_llm.model import SpeechLLM, probe_mlp
 
-from .data import Example, SourceUnits, load_examples
-from .losses import PROBE_LABELS, PROBE_ROWS, probe_rows, spsd_kl, view_outputs
+from .data import Example, SourceUnits, hash_weights, load_examples
+from .losses import PROBE_LABELS, PROBE_ROWS, probe_labels, probe_rows, spsd_kl, view_outputs
 from .phi import sample_token_phi
 
 log = logging.getLogger("training")
@@ -87,7 +87,7 @@ class States:
     word_start: torch.Tensor  # (N,) bool: a row the heads ask (training.losses.probe_rows "word_start")
 
     def labels(self, config: ProbeConfig) -> torch.Tensor:
-        return self.agree.float() if config.label == "top1" else (self.kl < config.kl_bound).float()
+        return probe_labels(self.agree, self.kl, config.label, config.kl_bound)
 
     def rows(self, which: str) -> torch.Tensor:
         return self.word_start if which == "word_start" else torch.ones_like(self.word_start)
@@ -150,10 +150,7 @@ def _seed(seed: int, index: int) -> int:
 
 def _key(model: SpeechLLM, examples: list[Example], settings: str) -> str:
     h = hashlib.sha1(f"{FEATURES_VERSION}|{settings}|{model.config.to_json()}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if not name.startswith("probe."):
-            h.update(name.encode())
-            h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 64)].numpy().tobytes())
+    hash_weights(h, model.state_dict(), skip="probe.")
     for ex in examples:
         h.update(f"{ex.id}\t{ex.source}\t{ex.target}\n".encode())
     return h.hexdigest()
@@ -171,8 +168,7 @@ def _save(store: Path, key: str, parts: list[States]) -> None:
 def train_probe(states: States, config: ProbeConfig, hidden_size: int) -> nn.Sequential:
     """A fresh probe MLP (the model's shape) fit to the chosen rows' labels by binary cross-entropy."""
     torch.manual_seed(config.seed)
-    d = states.hidden.shape[1]
-    probe = nn.Sequential(nn.Linear(d, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+    probe = probe_mlp(states.hidden.shape[1], hidden_size)
     x, y = states.hidden[states.rows(config.rows)], states.labels(config)[states.rows(config.rows)]
     if len(y) == 0:
         raise ValueError("no rows to learn from: the examples hold no target words")
