@@ -524,3 +524,13 @@ def test_the_trainer_cli_names_a_broken_yaml_and_a_bad_stop_after(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["--config", str(TINY_TEXT), "--stop-after", "-1"])
     assert "--stop-after -1: give the step" in capsys.readouterr().err
+
+
+def test_a_step_checkpoint_of_a_run_without_the_probe_loads_without_one(tmp_path):
+    from streaming_llm.checkpoint import load_checkpoint
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1, eval_every=1000, batch_size=2, probe=False)
+    train(cfg)
+    step = latest_checkpoint(Path(cfg.out_dir) / "checkpoints")
+    assert load_checkpoint(step / "model").probe is None  # not the random probe it was built with
+    assert load_checkpoint(Path(cfg.out_dir) / "final").probe is None

@@ -542,7 +542,8 @@ def save_training_checkpoint(root: Path, step: int, model: SpeechLLM, optimizer,
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_checkpoint(model, tmp / "model", delta=is_delta(model), extra={"step": step})
+        extra = {"step": step, "train_config": cfg.to_dict()}
+        save_checkpoint(model, tmp / "model", delta=is_delta(model), extra=extra)
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
