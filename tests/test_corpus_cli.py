@@ -119,6 +119,22 @@ def test_simuleval_names_the_manifest_line_and_id_of_a_missing_or_empty_audio_fi
         assert not (tmp_path / name / "source.txt").exists()
 
 
+def test_simuleval_writes_every_slice_inside_out_wav_whatever_its_id(tmp_path):
+    """Ids from a user's id column may hold '/' (spk1/utt1) or '..': each slice still gets its own file under
+    OUT/wav (it used to fail with a libsndfile traceback, or write, and overwrite, files outside OUT)."""
+    sf.write(tmp_path / "talk.wav", tone(1.0, 44100), 44100)
+    ids = ["spk1/utt1", "../../talk", "spk1_utt1", ".hidden", "plain-id_1"]
+    rows = [Row(i, f"{tmp_path / 'talk.wav'}:{100 * n}:4410", 1600, "Hi.", "Hallo.") for n, i in enumerate(ids)]
+    manifest = tmp_path / "m.tsv"
+    write_manifest(manifest, rows)
+    before = (tmp_path / "talk.wav").read_bytes()
+    assert main(["simuleval", str(manifest), "--out", str(tmp_path / "se")]) == 0
+    sources = (tmp_path / "se" / "source.txt").read_text().splitlines()
+    assert len(set(sources)) == len(ids) and sources[-1] == str(tmp_path / "se" / "wav" / "plain-id_1.wav")
+    assert all(Path(s).parent == tmp_path / "se" / "wav" and sf.info(s).frames == 1600 for s in sources)
+    assert (tmp_path / "talk.wav").read_bytes() == before
+
+
 @pytest.mark.parametrize("argv,problem", [
     (["build", "--dev-share", "2"], "argument --dev-share: 2: a fraction of the sentences"),
     (["build", "--dev-share", "0.6", "--test-share", "0.5"], "--dev-share 0.6 + --test-share 0.5: must be below 1"),

@@ -122,6 +122,36 @@ def test_mustc_text_not_utf8(tmp_path):
         read_mustc(tmp_path, "dev")
 
 
+def test_mustc_text_files_with_a_byte_order_mark(tmp_path):
+    """A BOM (a text file saved by a Windows editor) is not part of the first transcript or translation."""
+    data = write_mustc(tmp_path)
+    for lang in ("en", "de"):
+        path = data / "txt" / f"dev.{lang}"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    rows = read_mustc(tmp_path, "dev")
+    assert (rows[0].src_text, rows[0].tgt_text) == (MUSTC_SEGMENTS[0][4], MUSTC_SEGMENTS[0][5])
+
+
+@pytest.mark.parametrize(
+    "offset,duration,message",
+    [
+        (1.9, 0.00002, r"is 1 sample\(s\) at 44100 Hz: no sample at 16 kHz"),  # ted_2 is 44.1 kHz
+        ("nan", 0.5, r"offset 'nan' or duration '0.5' is not a number"),
+        (0.5, "inf", r"offset '0.5' or duration 'inf' is not a number"),
+    ],
+)
+def test_mustc_segments_that_give_no_audio_are_bad_entries_not_tracebacks(tmp_path, capsys, offset, duration,
+                                                                           message):
+    """They used to stop `mustc` with write_manifest's ValueError or round()'s Overflow/ValueError, even with
+    --skip-bad, and no manifest was written."""
+    write_mustc(tmp_path, segments=MUSTC_SEGMENTS + [("ted_2", offset, duration, "spk.2", "Hm.", "Hm.")])
+    with pytest.raises(CorpusError, match=r"dev\.yaml:5: .*" + message):
+        read_mustc(tmp_path, "dev")
+    args = ["mustc", str(tmp_path), "--out", str(tmp_path / "out"), "--splits", "dev"]
+    assert main(args) == 2
+    assert main([*args, "--skip-bad"]) == 0 and len(read_manifest(tmp_path / "out" / "dev.tsv")) == 4
+
+
 def test_mustc_wrong_folder(tmp_path):
     with pytest.raises(CorpusError, match="en-de/data/dev"):
         read_mustc(tmp_path, "dev")
@@ -198,6 +228,7 @@ def test_covost_undoes_the_escapes_get_covost_splits_writes(tmp_path):
         ("empty", r"\.tsv:3: empty translation"),
         ("latin1", r"\.tsv:3: not UTF-8"),
         ("fields", r"\.tsv:3: 3 tab-separated fields, the header has 4"),
+        ("duplicate", r"\.tsv:3: clip common_voice_en_1\.mp3 is also on line 2"),
     ],
 )
 def test_covost_bad_lines(tmp_path, caplog, damage, message):
@@ -213,6 +244,8 @@ def test_covost_bad_lines(tmp_path, caplog, damage, message):
         lines[2] = "common_voice_en_2.mp3\tThe weather is fine.\tDas Wetter ist schön.\tc".encode("latin-1")
     elif damage == "fields":
         lines[2] = b"common_voice_en_2.mp3\tThe weather is fine.\tDas Wetter ist gut."
+    elif damage == "duplicate":  # the CLI used to stop with write_manifest's traceback, even with --skip-bad
+        lines[2] = lines[1]
     tsv.write_bytes(b"\n".join(lines))
     with pytest.raises(CorpusError, match=message):
         read_covost(tsv, clips, progress=False)
@@ -255,6 +288,17 @@ def test_user_tsv_bad_lines(tmp_path):
     (tmp_path / "mine.tsv").write_text("audio\tsrc_text\ttgt_text\nshort.wav:9000:10\tHi.\tHallo.\n")
     with pytest.raises(CorpusError, match=r"mine\.tsv:2: .*offset 9000 is beyond the end"):
         read_user_tsv(tmp_path / "mine.tsv")
+
+
+def test_user_tsv_default_ids_from_a_file_name_with_spaces(tmp_path):
+    """The default id is <tsv name>-<line>; a name with spaces (my corpus.tsv) used to make every row's id
+    invalid, so the command refused the first row (and --skip-bad wrote an empty manifest)."""
+    (tmp_path / "my corpus.tsv").write_text("src\ttgt\nHi there.\tHallo.\nBye.\tTschüss.\n", encoding="utf-8")
+    rows = read_user_tsv(tmp_path / "my corpus.tsv", audio_column=None, src_column="src", tgt_column="tgt")
+    assert [r.id for r in rows] == ["my_corpus-2", "my_corpus-3"]
+    assert main(["tsv", str(tmp_path / "my corpus.tsv"), "--out", str(tmp_path / "m.tsv"), "--audio-column", "",
+                 "--src-column", "src", "--tgt-column", "tgt"]) == 0
+    assert len(read_manifest(tmp_path / "m.tsv")) == 2
 
 
 def test_user_tsv_cli(tmp_path, capsys):

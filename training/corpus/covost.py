@@ -49,6 +49,7 @@ def read_covost(
     if flac_dir is not None:
         flac_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    first_line: dict[str, int] = {}  # id (the clip's name) -> the line of its row
     for number, fields in tqdm(
         list(iter_tsv(tsv, COVOST_COLUMNS, bad, escaped=True)), unit="clip", desc=tsv.name, disable=not progress
     ):
@@ -58,6 +59,10 @@ def read_covost(
             continue
         clip = clips_dir / fields["path"]
         utt_id = Path(fields["path"]).stem
+        if utt_id in first_line:  # a manifest's ids must be unique: say so here, not as the writer's traceback
+            bad(CorpusError(tsv, number, f"clip {fields['path']} is also on line {first_line[utt_id]}; "
+                                         "each clip may appear once in a split"))  # fmt: skip
+            continue
         try:
             if flac_dir is not None and (flac_dir / f"{utt_id}.flac").is_file():
                 audio = flac_dir / f"{utt_id}.flac"
@@ -74,5 +79,6 @@ def read_covost(
         except AudioError as e:
             bad(CorpusError(tsv, number, f"clip {e}"))
             continue
+        first_line[utt_id] = number
         rows.append(Row(utt_id, str(audio.resolve()), n_frames, src, tgt, clean_text(fields["client_id"])))
     return rows

@@ -14,6 +14,7 @@ segments of that talk from 0 (fairseq's convention).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def read_text_lines(path: Path) -> list[str]:
     lines = []
     for number, line in enumerate(raw, start=1):
         try:
-            lines.append(line.decode("utf-8").rstrip("\r"))
+            lines.append(line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r"))  # a BOM is no text
         except UnicodeDecodeError as e:
             raise CorpusError(
                 path,
@@ -170,6 +171,8 @@ def read_mustc(root: str | os.PathLike, split: str, lang_pair: str = "en-de", ba
             continue
         try:
             offset_s, duration_s = float(seg["offset"]), float(seg["duration"])
+            if not (math.isfinite(offset_s) and math.isfinite(duration_s)):
+                raise ValueError
         except ValueError:
             bad(
                 CorpusError(
@@ -206,11 +209,21 @@ def read_mustc(root: str | os.PathLike, split: str, lang_pair: str = "en-de", ba
                 )
                 continue
             frames = total - offset
+        n_frames = frames_at_16k(frames, rate)
+        if n_frames == 0:  # a sample or two at 44.1 kHz: nothing is left at 16 kHz (write_manifest refuses the row)
+            bad(
+                CorpusError(
+                    yaml_path,
+                    yaml_line,
+                    f"segment {offset_s}+{duration_s} s is {frames} sample(s) at {rate} Hz: no sample at 16 kHz",
+                )
+            )
+            continue
         rows.append(
             Row(
                 id=f"{talk}_{index}",
                 audio=f"{wav.resolve()}:{offset}:{frames}",
-                n_frames=frames_at_16k(frames, rate),
+                n_frames=n_frames,
                 src_text=src,
                 tgt_text=tgt,
                 speaker=seg["speaker_id"],

@@ -7,8 +7,10 @@ Speech sources are absolute paths. A whole 16 kHz mono WAV or FLAC is used where
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +49,23 @@ def choose_rows(rows: Sequence[T], max_utterances: int | None = None, seed: int 
     return [rows[i] for i in keep]
 
 
+def wav_name(row_id: str) -> str:
+    """A file name under ``OUT/wav`` for a manifest id: the id itself when it is a plain name, else (an id with
+    ``/``, ``..`` or other characters a file name should not hold) a sanitised id plus a hash of the id, so
+    that no id writes outside ``OUT/wav`` and two ids never share a file."""
+    if re.fullmatch(r"[\w.+-]+", row_id) and not row_id.startswith("."):
+        return f"{row_id}.wav"
+    safe = re.sub(r"[^\w.+-]+", "_", row_id).lstrip(".")[:100]
+    return f"{safe}-{hashlib.sha1(row_id.encode()).hexdigest()[:8]}.wav"
+
+
 def _source_path(row: Row, wav_dir: Path) -> str:
     path, _, frames = parse_audio_spec(row.audio)
     if frames < 0:
         header = probe_audio(path)
         if header.format in USABLE_AS_IS and header.sample_rate == SAMPLE_RATE and header.channels == 1:
             return str(Path(path).resolve())
-    out = wav_dir / f"{row.id}.wav"
+    out = wav_dir / wav_name(row.id)
     write_audio(out, load_audio_spec(row.audio), "wav")
     return str(out.resolve())
 

@@ -31,14 +31,16 @@ def read_user_tsv(
     audio_root: str | os.PathLike | None = None,
     bad: BadInput | None = None,
 ) -> list[Row]:
-    """Rows of a user's TSV; ids from ``id_column`` or ``<tsv stem>-<line>``. Bad lines raise or go to ``bad``."""
+    """Rows of a user's TSV; ids from ``id_column`` or ``<tsv stem>-<line>`` (whitespace
+    in the stem becomes ``_``). Bad lines raise or go to ``bad``."""
     bad = bad or BadInput()
     tsv = Path(tsv)
     root = Path(audio_root) if audio_root is not None else tsv.parent
     required = tuple(c for c in (audio_column, src_column, tgt_column, id_column, speaker_column) if c)
     rows, seen = [], set()
+    prefix = "_".join(tsv.stem.split()) or "utt"  # default ids may hold no whitespace: "my corpus.tsv" -> my_corpus
     for number, fields in iter_tsv(tsv, required, bad):
-        utt_id = fields[id_column].strip() if id_column else f"{tsv.stem}-{number}"
+        utt_id = fields[id_column].strip() if id_column else f"{prefix}-{number}"
         src, tgt = clean_text(fields[src_column]), clean_text(fields[tgt_column])
         if not utt_id or any(c.isspace() for c in utt_id) or utt_id in seen:
             bad(CorpusError(tsv, number, f"id {utt_id!r} is empty, has whitespace or is a duplicate"))
