@@ -290,6 +290,19 @@ def test_user_tsv_bad_lines(tmp_path):
         read_user_tsv(tmp_path / "mine.tsv")
 
 
+def test_user_tsv_cuts_a_slice_a_few_ms_past_its_talk_as_mustc_does_and_refuses_more(tmp_path):
+    """fairseq's MuST-C TSVs hold slices that overrun their talk by rounding; `mustc` cuts them (0.1 s at most)."""
+    sf.write(tmp_path / "talk.wav", tone(3.0, 44100), 44100)  # 132300 samples
+    (tmp_path / "fs.tsv").write_text("id\taudio\tsrc_text\ttgt_text\n"
+                                     "a\ttalk.wav:110250:22138\tThe end.\tDas Ende.\n", encoding="utf-8")  # +88
+    (row,) = read_user_tsv(tmp_path / "fs.tsv", id_column="id")
+    assert row.audio == f"{tmp_path / 'talk.wav'}:110250:22050" and row.n_frames == 8000
+    (tmp_path / "fs.tsv").write_text("id\taudio\tsrc_text\ttgt_text\n"
+                                     "a\ttalk.wav:110250:30000\tThe end.\tDas Ende.\n", encoding="utf-8")  # +0.18 s
+    with pytest.raises(CorpusError, match=r"fs\.tsv:2: .*slice 110250\+30000 runs past the end"):
+        read_user_tsv(tmp_path / "fs.tsv", id_column="id")
+
+
 def test_user_tsv_default_ids_from_a_file_name_with_spaces(tmp_path):
     """The default id is <tsv name>-<line>; a name with spaces (my corpus.tsv) used to make every row's id
     invalid, so the command refused the first row (and --skip-bad wrote an empty manifest)."""

@@ -19,6 +19,7 @@ from speech_frontend.audio import SAMPLE_RATE, AudioError, parse_audio_spec
 
 AUDIO_FORMATS = {"flac": "FLAC", "wav": "WAV"}  # --format choice -> soundfile format name
 PART_SUFFIX = ".part"  # a file being written; renamed into place only once complete
+END_TOLERANCE_S = 0.1  # a slice may overrun its file by rounding (MuST-C's yaml, fairseq's TSVs): it is cut at the end
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,19 @@ def probe_spec(spec: str) -> tuple[AudioHeader, int]:
             f"{path}: slice {offset}+{frames} runs past the end ({header.frames} samples at {header.sample_rate} Hz)"
         )
     return header, frames_at_16k(frames, header.sample_rate)
+
+
+def cut_at_end(spec: str) -> str:
+    """A slice ``path:offset:frames`` that runs past its file's end by at most ``END_TOLERANCE_S``, cut at the end
+    (what a reader of the slice gets anyway); any other spec as it is, for ``probe_spec`` to judge."""
+    path, offset, frames = parse_audio_spec(spec)
+    if frames < 0:
+        return spec
+    header = probe_audio(path)
+    over = offset + frames - header.frames
+    if offset < header.frames and 0 < over <= END_TOLERANCE_S * header.sample_rate:
+        return f"{path}:{offset}:{header.frames - offset}"
+    return spec
 
 
 def write_audio(path: str | os.PathLike, samples: np.ndarray, audio_format: str = "flac") -> None:

@@ -22,12 +22,11 @@ import yaml
 
 from speech_frontend.audio import AudioError
 
-from .audio_files import AudioHeader, frames_at_16k, probe_audio
+from .audio_files import END_TOLERANCE_S, AudioHeader, frames_at_16k, probe_audio
 from .errors import BadInput, CorpusError
 from .manifest import Row, clean_text
 
 SEGMENT_KEYS = ("duration", "offset", "speaker_id", "wav")
-END_TOLERANCE_S = 0.1  # a segment may overrun its talk by rounding; it is then cut at the end of the talk
 
 
 def read_text_lines(path: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from speech_frontend.audio import AudioError, load_audio_spec, parse_audio_spec
 
-from .audio_files import probe_spec
+from .audio_files import cut_at_end, probe_spec
 from .errors import BadInput, CorpusError
 from .manifest import Row, clean_text
 from .tsv_table import iter_tsv
@@ -57,6 +57,7 @@ def read_user_tsv(
             path = str((root / path).resolve())
             audio = f"{path}:{offset}:{frames}" if frames >= 0 else path
             try:
+                audio = cut_at_end(audio)  # a fairseq slice a few ms past its talk's end, as `mustc` cuts it
                 header, n_frames = probe_spec(audio)
                 if header.format in COMPRESSED_WITHOUT_EXACT_LENGTH:
                     n_frames = len(load_audio_spec(audio))
