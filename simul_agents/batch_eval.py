@@ -92,6 +92,21 @@ def _finished_lines(log: Path) -> dict[int, str]:
     return done
 
 
+def _failed_lines(failed: Path) -> dict[int, list[str]]:
+    """index -> lines of a killed run's ``failed.jsonl`` (``--skip-failed``), so that a resume keeps them."""
+    lines: dict[int, list[str]] = {}
+    if not failed.is_file():
+        return lines
+    for line in failed.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            index = json.loads(line)["index"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(index, int) and line not in lines.get(index, []):
+            lines.setdefault(index, []).append(line)
+    return lines
+
+
 def run(argv: Sequence[str]) -> dict:
     """Evaluate with SimulEval's command line ``argv`` (plus ``--batch N``) in this process -> batching counts."""
     from simuleval.evaluator import build_evaluator
@@ -104,6 +119,7 @@ def run(argv: Sequence[str]) -> dict:
     resume, rest = _pop_flag(rest, "--continue-unfinished")
     output = _option(rest, "--output")
     finished_before = _finished_lines(Path(output) / "instances.log") if resume and output else {}
+    failed_before = _failed_lines(Path(output) / "failed.jsonl") if resume and output else {}
     quiet, rest = _pop_flag(rest, "--no-progress-bar")
     saved_argv, saved_systems = sys.argv, list(EVALUATION_SYSTEM_LIST)
     # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess); its own progress bar would
@@ -126,6 +142,10 @@ def run(argv: Sequence[str]) -> dict:
     kept = {i: line for i, line in finished_before.items() if i in evaluator.instances}
     if log_path is not None and kept:  # SimulEval emptied the log: the finished instances go back first
         log_path.write_text("".join(kept[i] + "\n" for i in sorted(kept)), encoding="utf-8")
+        # the agent (made without --continue-unfinished) deleted failed.jsonl: the kept instances' failures go back
+        failures = [line for i in sorted(kept) for line in failed_before.get(i, [])]
+        if failures:
+            (evaluator.output / "failed.jsonl").write_text("".join(f + "\n" for f in failures), encoding="utf-8")
         logger.info("resuming: %d of %d instances were finished before", len(kept), len(evaluator.instances))
     todo = sorted((i, ins) for i, ins in evaluator.instances.items() if i not in kept)
     batcher = LMBatcher(system.model.llm)

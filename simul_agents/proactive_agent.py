@@ -583,6 +583,7 @@ class ProactiveSpeechAgent(ProactiveBase, SpeechToTextAgent):
             states.long = LongStream(
                 self.model, self.head, self.segments, max_target_tokens=self.max_target_tokens,
                 max_len_a=self.max_len_a, max_len_b=self.max_len_b, reencode=self.session_options["reencode"],
+                hold_end=self.session_options["hold_end"],
             )  # fmt: skip
         if states.long is None:
             return super()._step(states)

@@ -193,14 +193,15 @@ def length_ratio(instances: Sequence[dict], tokenize: str = "13a") -> float | No
     return _len_ratio(_bleu(tokenize).corpus_score(predictions, [references]))
 
 
-def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13a") -> dict:
-    """Every metric of the module docstring, as a flat dict."""
+def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13a", chrf_word_order: int = 0) -> dict:
+    """Every metric of the module docstring, as a flat dict (``chrf_word_order`` 2: chrF++, as SimulEval's CHRF
+    scorer's ``--chrf-word-order``)."""
     predictions = [ins["prediction"] for ins in instances]
     references = [ins["reference"] for ins in instances]
     bleu = _bleu(tokenize).corpus_score(predictions, [references])
     scores: dict = {
         "BLEU": bleu.score,
-        "chrF": CHRF().corpus_score(predictions, [references]).score,
+        "chrF": CHRF(word_order=chrf_word_order).corpus_score(predictions, [references]).score,
         "len_ratio": _len_ratio(bleu),
     }
     scores.update(latency_scores(instances, speech))
@@ -216,12 +217,12 @@ def score_instances(instances: Sequence[dict], speech: bool, tokenize: str = "13
     return scores
 
 
-def score_output(output: str | Path, tokenize: str = "13a", write: bool = True) -> dict:
+def score_output(output: str | Path, tokenize: str = "13a", write: bool = True, chrf_word_order: int = 0) -> dict:
     """Score ``output``/instances.log; writes ``output``/scores.json unless ``write`` is False."""
     output = Path(output)
     instances = read_instances(output)
     kind = source_type(output, instances)
-    scores = {"source_type": kind, **score_instances(instances, kind == "speech", tokenize)}
+    scores = {"source_type": kind, **score_instances(instances, kind == "speech", tokenize, chrf_word_order)}
     failed = output / "failed.jsonl"
     try:
         failed_lines = failed.read_text(encoding="utf-8").splitlines() if failed.is_file() else []

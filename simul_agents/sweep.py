@@ -79,6 +79,9 @@ COLUMNS = (
 SETTINGS = "settings.json"  # in each run's folder: what made it (``run_settings``)
 CHECKPOINT_FILES = ("checkpoint.json", "config.json", "model.safetensors")  # what a checkpoint's identity hashes
 NOT_DEFINING = {"threads"}  # agent_args that change the speed, not the outputs
+SWEEP_SETS = {"checkpoint", "head", "head_param", "threshold", "k", "source", "target", "output", "source_segment_size",
+              "start_index", "end_index", "quality_metrics", "latency_metrics", "user_dir", "continue_unfinished",
+              "score_only", "agent", "agent_class", "batch"}  # agent_args that would override the sweep's own
 LOG_NOISE = ("Couldn't find ffmpeg",)  # lines of a subprocess's log left out of a failure's tail (pydub's warning)
 KNOWN_KEYS = {"task", "checkpoint", "source", "target", "output", "source_segment_size", "shards", "batch",
               "agent_args", "heads"}  # fmt: skip
@@ -196,12 +199,15 @@ def expand_runs(config: SweepConfig) -> list[Run]:
             for values in itertools.product(*swept.values()):
                 chosen = dict(zip(swept, values, strict=True))
                 every = {**fixed, **chosen}
+                spaced = next((k for k, v in every.items() if len(str(v).split()) > 1), None)
+                if spaced is not None:  # the agent's --head-param splits on whitespace
+                    raise SweepError(f"heads.{name}.{spaced}: {every[spaced]!r} holds a space; write it without one")
                 try:
-                    make_head(canonical, **every)  # fail here, not in the 40th subprocess
+                    head = make_head(canonical, **every)  # fail here, not in the 40th subprocess
                 except ValueError as e:
                     raise SweepError(f"heads.{name}: {e}") from None
                 # a lag bound that is on is named even when fixed: a bounded run is another policy's point
-                named = {k: every[k] for k in block if k in chosen or (k in LAG_BOUNDS and str(every[k]) != "0")}
+                named = {k: every[k] for k in block if k in chosen or (k in LAG_BOUNDS and getattr(head, k) != 0)}
                 label = ",".join(f"{k}={v}" for k, v in named.items()) or "-"
                 output = run_output(config.output, canonical, label)
                 if any(run.output == output for run in runs):
@@ -313,7 +319,17 @@ class _CheckingParser(argparse.ArgumentParser):
 
 def check_agent_args(config: SweepConfig, run: Run, n: int) -> None:
     """Parse the command line ``run`` would get with SimulEval's and the agent's parser, running nothing: an
-    option neither knows, or a value it refuses, is named here, not in a usage dump per run."""
+    option neither knows, or a value it refuses, is named here, not in a usage dump per run. An option the sweep
+    sets itself (it would silently override the run's head, range or files), or one that changes what SimulEval
+    measures in a way ``simul_agents.score`` does not follow, is refused."""
+    for key, value in config.agent_args.items():
+        name = str(key).replace("-", "_")
+        if name in SWEEP_SETS:
+            raise SweepError(f"agent_args.{key}: the sweep sets this itself for every run (heads, shards, files); "
+                             "remove it from agent_args")  # fmt: skip
+        if (name == "eval_latency_unit" and str(value) != "word") or (name == "no_use_ref_len" and value):
+            raise SweepError(f"agent_args.{key}: {value}: the sweep's latencies (simul_agents.score) count words "
+                             "against the reference length, as SimulEval's defaults do; remove it")  # fmt: skip
     from simuleval import options
 
     from simul_agents.proactive_agent import ProactiveAgent
@@ -574,7 +590,7 @@ def sweep(
                 return
             merge_shards(run, run_jobs)
         try:
-            scores = score_output(run.output)
+            scores = score_output(run.output, **score_options(config))
         except ScoreError as e:
             errors[run] = str(e)
             return
@@ -607,9 +623,19 @@ def sweep(
                     finish(job.run)
                     progress.update()
         progress.close()
+    for run in plan:  # a job that ended without error but left instances out must not vanish from the table
+        if run not in scored and run not in errors:
+            errors[run] = f"{run.output / 'instances.log'} does not hold every instance 0..{n - 1}; run it again"
     rows = [scored[run] for run in plan if run in scored]
     messages = [f"{run.head} {run.label}: {error}" for run, error in errors.items()]
     return rows, messages
+
+
+def score_options(config: SweepConfig) -> dict:
+    """The scorer's settings that SimulEval takes from ``agent_args`` (BLEU's tokenizer, chrF's word order)."""
+    args = {str(k).replace("-", "_"): v for k, v in config.agent_args.items()}
+    return {"tokenize": str(args.get("sacrebleu_tokenizer") or "13a"),
+            "chrf_word_order": int(args.get("chrf_word_order") or 0)}  # fmt: skip
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:

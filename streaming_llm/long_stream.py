@@ -126,13 +126,15 @@ class LongStream:
         max_len_a: float = 2.0,
         max_len_b: float = 10.0,
         reencode: str = "never",
+        hold_end: bool = False,
     ):
-        """``reencode``: each segment's session's (``StreamingSession.flush``)."""
+        """``reencode``, ``hold_end``: each segment's session's (``StreamingSession.flush``, ``write_word``: a word
+        closing a sentence waits for the end of its segment's source)."""
         if head.needs_full_source:
             raise ValueError(f"the {head.name} head needs the whole source up front; it cannot run on a long stream")
         self.model = model
         self.head = head
-        self.session_options = {**head.session_options(model), "reencode": reencode}
+        self.session_options = {**head.session_options(model), "reencode": reencode, "hold_end": hold_end}
         self.max_target_tokens = max_target_tokens
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         self.segmenter = EnergySegmenter(segments, segments.max_samples(max_source_samples(model)))

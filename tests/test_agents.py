@@ -164,6 +164,18 @@ def test_holding_the_sentence_end_reaches_every_instance(data, tmp_path, monkeyp
         assert ins["delays"] and set(ins["delays"]) == {ins["source_length"]}
 
 
+@pytest.mark.parametrize("mode", ["auto", "segment"])
+def test_holding_the_sentence_end_reaches_long_audio_mode(data, tmp_path, monkeypatch, mode):
+    """``--hold-sentence-end`` holds under ``--long-audio segment`` too (each segment's own end; one segment here),
+    so the three long-audio modes still agree on utterances that fit."""
+    from streaming_llm import engine
+
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: True)
+    for ins in speech_run(data, tmp_path, "--head", "wait-k", "--k", "1", "--hold-sentence-end",
+                          "--long-audio", mode, name=mode):  # fmt: skip
+        assert ins["delays"] and set(ins["delays"]) == {ins["source_length"]}
+
+
 # ---- state ----------------------------------------------------------------------------------------------
 
 

@@ -192,6 +192,27 @@ def test_batch_eval_resumes_a_killed_run_keeping_its_finished_instances(data, tm
     assert [ins["prediction"] for ins in instances(killed)] == [ins["prediction"] for ins in whole]
 
 
+def test_batch_eval_resumed_keeps_the_failures_of_its_finished_instances(tmp_path):
+    """--skip-failed, killed, --continue-unfinished: a kept failed instance is not run again, so its line in
+    failed.jsonl must stay (simul_agents.score counts n_failed from it)."""
+    from simul_agents.score import score_output
+
+    save_checkpoint(untied_tiny("text", max_source_embeddings=24), tmp_path / "ckpt")
+    long = " ".join(["word"] * 40) + " ."  # more than the model's 24 source embeddings: instance 1 fails
+    (tmp_path / "source.txt").write_text(f"{SENTENCES[0]}\n{long}\n{SENTENCES[2]}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("\n".join(REFERENCES[:3]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--checkpoint", tmp_path / "ckpt", "--source", tmp_path / "source.txt", "--target",
+            tmp_path / "target.txt", *LIMITS, "--head", "wait-k", "--k", "1", "--skip-failed", "--output", out]
+    batch_eval(["--batch", "2", *argv])
+    assert score_output(out, write=False)["n_failed"] == 1
+    kept = [json.dumps(ins) for ins in instances(out)[:2]]  # killed before instance 2 was written
+    (out / "instances.log").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    batch_eval(["--batch", "2", *argv, "--continue-unfinished"])
+    assert [ins["index"] for ins in instances(out)] == [0, 1, 2]
+    assert score_output(out, write=False)["n_failed"] == 1
+
+
 def test_a_request_that_fails_fails_alone():
     model = untied_tiny("text", seed=3)
     batcher = LMBatcher(model.llm)

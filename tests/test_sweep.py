@@ -344,6 +344,9 @@ def test_a_bad_checkpoint_target_or_agent_option_is_refused_in_one_line_before_a
                             "agent_args.hold_sentence_ends: no such option of the agent or SimulEval; "
                             "did you mean hold_sentence_end?"),
         "bad value": ({"agent_args": {"max_len_a": "two"}}, "argument --max-len-a: invalid float value: 'two'"),
+        "range": ({"agent_args": {"end_index": 2}}, "agent_args.end_index: the sweep sets this itself"),
+        "head": ({"agent_args": {"head": "wait-k"}}, "agent_args.head: the sweep sets this itself"),
+        "latency unit": ({"agent_args": {"eval_latency_unit": "char"}}, "agent_args.eval_latency_unit: char: the"),
     }  # fmt: skip
     for name, (change, message) in cases.items():
         output = tmp_path / name
@@ -354,6 +357,20 @@ def test_a_bad_checkpoint_target_or_agent_option_is_refused_in_one_line_before_a
         assert len(error_lines(err)) == 1 and message in error_lines(err)[0] and "usage:" not in err, (name, err)
         assert not output.exists(), name  # no run started
         assert main([str(config), "--dry-run"]) == 2, name
+
+
+def test_the_sweep_scores_with_the_bleu_tokenizer_and_chrf_word_order_simuleval_was_given(setup, tmp_path):
+    import pandas
+
+    agent_args = {"max_len_a": 1, "max_len_b": 2, "max_target_tokens": 16, "threads": 1,
+                  "sacrebleu_tokenizer": "char", "chrf_word_order": 2}  # fmt: skip
+    config = write_config(setup, tmp_path / "tok.yaml", heads={"wait-k": {"k": [2]}, "offline": False},
+                          agent_args=agent_args)  # fmt: skip
+    assert main([str(config)]) == 0
+    row = read_csv(tmp_path / "runs" / "sweep.csv")[0]
+    theirs = pandas.read_csv(tmp_path / "runs" / "wait-k" / "k=2" / "scores.tsv", sep="\t").iloc[0]
+    assert round(float(row["BLEU"]), 3) == pytest.approx(theirs["BLEU"]) and theirs["BLEU"] > 0
+    assert round(float(row["chrF"]), 3) == pytest.approx(theirs["CHRF"])
 
 
 def test_a_sweep_whose_every_run_failed_writes_no_plot_and_says_so(setup, tmp_path, capsys):
@@ -380,6 +397,15 @@ def test_a_failed_subprocess_reports_its_log_without_known_noise(setup, tmp_path
     run = expand_runs(config)[0]
     error = sweep_module.run_job_subprocess(config, sweep_module.Job(run, 0, 4, tmp_path / "job"), 4, 1)
     assert error == "exit code 2: loading | proactive_agent: error: --max-target-tokens must be >= 1"
+
+
+def test_a_lag_bound_written_as_zero_point_zero_is_off_and_a_spaced_value_is_refused(tmp_path):
+    base = {"task": "t", "checkpoint": "c", "source": "s", "target": "t", "output": tmp_path / "o"}
+    bounded = SweepConfig(**base, heads={"entropy": {"threshold": [1.0], "min_lag": 0.0}})
+    assert [run.label for run in expand_runs(bounded)] == ["threshold=1.0"]
+    spaced = SweepConfig(**base, heads={"attention": {"threshold": [0.5], "layers": "0, 1"}})
+    with pytest.raises(SweepError, match="heads.attention.layers: '0, 1' holds a space"):
+        expand_runs(spaced)
 
 
 def test_an_empty_list_of_values_is_refused(setup, tmp_path):
