@@ -230,10 +230,22 @@ def score_output(output: str | Path, tokenize: str = "13a", write: bool = True, 
         raise ScoreError(
             f"{failed}: not UTF-8 ({e}); it should hold one JSON line per failed instance (--skip-failed writes it)"
         ) from None
-    scores["n_failed"] = sum(1 for line in failed_lines if line.strip())
+    scores["n_failed"] = count_failed(failed_lines)
     if write:
         (output / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
     return scores
+
+
+def count_failed(lines: Sequence[str]) -> int:
+    """Failed instances in ``failed.jsonl``'s lines: distinct indices (a run killed between an instance's failure
+    line and its log line fails it again on resume, writing a second line), plus any line without one."""
+    indices, other = set(), 0
+    for line in filter(str.strip, lines):
+        try:
+            indices.add(int(json.loads(line)["index"]))
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            other += 1
+    return len(indices) + other
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] = TABLE) -> str:

@@ -98,6 +98,13 @@ def test_metric_definitions_on_a_hand_made_instance():
     assert L.average_token_delay([1, 2, 3], speech=False) == pytest.approx(1.0)
 
 
+def test_an_instance_that_failed_again_on_resume_counts_once():
+    from simul_agents.score import count_failed
+
+    lines = ['{"index": 4, "error": "x"}', '{"index": 4, "error": "x"}', "", '{"index": 7, "error": "y"}', "cut {"]
+    assert count_failed(lines) == 3  # 4, 7 and a line cut by a kill
+
+
 def test_score_cli_sorts_merged_logs_and_reports_errors(runs, tmp_path, capsys):
     lines = (runs[("text", "wait-k")] / "instances.log").read_text().splitlines()
     (tmp_path / "instances.log").write_text("\n".join(reversed(lines)) + "\n")  # shards merged out of order
