@@ -534,3 +534,46 @@ def test_a_step_checkpoint_of_a_run_without_the_probe_loads_without_one(tmp_path
     step = latest_checkpoint(Path(cfg.out_dir) / "checkpoints")
     assert load_checkpoint(step / "model").probe is None  # not the random probe it was built with
     assert load_checkpoint(Path(cfg.out_dir) / "final").probe is None
+
+
+def test_a_resumed_run_does_not_need_its_init_llm_folder_any_more(tmp_path):
+    import shutil
+
+    text = train(tiny_cfg(tmp_path / "text", max_steps=2, save_every=2, eval_every=100))
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, eval_every=100, init_llm=str(text))
+    reference = tiny_cfg(tmp_path / "ref", max_steps=4, save_every=2, eval_every=100, init_llm=str(text))
+    train(reference)
+    train(cfg, stop_after=2)
+    shutil.rmtree(text)  # init_* act at step 0 only (config.RESUME_MAY_CHANGE): the checkpoint holds what they gave
+    train(cfg, resume=True)
+    resumed, whole = read_log(Path(cfg.out_dir)), read_log(Path(reference.out_dir))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+
+
+def tiny_llm_folder(path: Path, seed: int) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder: llm=PATH runs write delta checkpoints over it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig.from_dict(tiny_config("text").llm_config)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_init_llm_refuses_a_lora_of_another_alpha_and_warns_of_another_base(tmp_path, caplog):
+    from training.train import build_training_model
+
+    base, other = tiny_llm_folder(tmp_path / "base", 1), tiny_llm_folder(tmp_path / "other", 2)
+    lora = {"train_llm": "lora", "lora_r": 4, "lora_alpha": 32}
+    text = train(tiny_cfg(tmp_path / "text", max_steps=2, save_every=2, eval_every=100, llm=str(base), **lora))
+    start = {**lora, "out_dir": str(tmp_path / "next"), "init_llm": str(text)}
+    with pytest.raises(TrainingError, match="lora_alpha=32, this run has lora_alpha=8"):
+        build_training_model(load_config(TINY_TEXT, {**start, "llm": str(base), "lora_alpha": 8}))
+    caplog.clear()
+    build_training_model(load_config(TINY_TEXT, {**start, "llm": str(base)}))
+    assert "trained over the LLM at" not in caplog.text
+    build_training_model(load_config(TINY_TEXT, {**start, "llm": str(other)}))  # same architecture, other weights
+    assert "trained over the LLM at" in caplog.text and str(other) in caplog.text

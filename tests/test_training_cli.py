@@ -271,3 +271,50 @@ def test_help_lists_every_setting_with_its_default(capsys):
     assert "training/config.py" in out
     for setting in ("max_steps=1000", "spsd_topk=100", "probe=true", "lora_targets=q_proj,k_proj", "train_manifest="):
         assert setting in out
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [
+        ("prompt=Translate to German. English:", "Translate to German. English:"),  # YAML: a mapping
+        ("prompt=Translate #1", "Translate #1"),  # YAML: a comment
+        ("out_dir=runs/0755", "runs/0755"),
+        ("out_dir=0755", "0755"),  # YAML 1.1: the octal number 493
+        ("target_prefix=yes", "yes"),  # YAML 1.1: True
+        ('prompt="English:\\n"', "English:\n"),  # quoted: YAML's string, escapes and all
+        ("init_llm=null", ""),
+        ("dev_manifest=", ""),
+    ],
+)
+def test_a_text_setting_takes_its_value_as_written(override, value):
+    key = override.split("=", 1)[0]
+    assert getattr(load_config(TINY_TEXT, parse_overrides([override])), key) == value
+
+
+def test_a_text_row_of_more_tokens_than_the_source_group_holds_is_refused_at_load_naming_its_line(tmp_path):
+    rows = (ROOT / "tests/data/tiny_text.tsv").read_text(encoding="utf-8").splitlines()
+    long = " ".join("qx7zj9kv3wy" * 3 for _ in range(20))  # 20 words, ~600 tokens: under max_source_words=200
+    rows.append(f"long\t\t0\t{long}\tLang.\t")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    over = {"out_dir": str(tmp_path / "run"), "train_manifest": str(tmp_path / "m.tsv"), "dev_manifest": "",
+            "max_steps": 1}  # fmt: skip
+    with pytest.raises(ValueError, match=r"m\.tsv:10 \(id long\): its 20 source words are \d+ tokens, more than"):
+        trainer.train(load_config(TINY_TEXT, over))
+    assert not (tmp_path / "run").exists()
+    trainer.train(load_config(TINY_TEXT, {**over, "skip_bad": True}))  # skipped and counted, not a crash at its step
+
+
+def test_the_probe_command_refuses_a_speech_row_longer_than_one_session_before_any_folder(tmp_path):
+    import training.probe as P
+    from streaming_llm.checkpoint import save_checkpoint
+    from streaming_llm.tiny import tiny_model
+    from training.corpus.manifest import Row, write_manifest
+
+    audio = np.zeros(int(16000 * 29.8), dtype=np.float32)  # under max_source_seconds=30, over one session's 29.44 s
+    sf.write(tmp_path / "long.wav", audio, 16000)
+    write_manifest(tmp_path / "m.tsv", [Row("long", str(tmp_path / "long.wav"), len(audio), "Long.", "Lang.")])
+    folder = save_checkpoint(tiny_model("speech", block_ms=640), tmp_path / "model",
+                             extra={"train_config": {"max_source_seconds": 30.0}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"m\.tsv:2 \(id long\): 29\.8 s of audio, more than max_source_seconds=29\.4"):
+        P.run(folder, tmp_path / "out", P.ProbeConfig(examples=1, dev_examples=0), manifest=str(tmp_path / "m.tsv"))
+    assert not (tmp_path / "out").exists()

@@ -147,17 +147,24 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """["lr=1e-4", "bf16=true"] -> {"lr": "1e-4", "bf16": True}: YAML scalars (load_config makes them the
-    settings' types)."""
+    """["lr=1e-4", "bf16=true", "prompt=English:"] -> {"lr": "1e-4", "bf16": True, "prompt": "English:"}: YAML
+    scalars (load_config makes them the settings' types), except that a text setting takes its value as written
+    (YAML would read ``English:`` as a mapping, cut ``#1`` off as a comment and make ``0755`` the number 493); a
+    quoted value is YAML's string (``prompt='"a\\nb"'``: a line break)."""
+    text = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "str"}
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"override {pair!r}: expected key=value")
         key, value = pair.split("=", 1)
+        key = key.strip()
+        if key in text and not value.startswith(("'", '"')) and value not in ("null", "Null", "NULL", "~"):
+            out[key] = value  # null or ~ stays YAML's empty value: ``init_llm=null`` drops a setting
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
+            out[key] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
-            out[key.strip()] = value  # not a YAML scalar ("a: b"): the text itself, checked against the type
+            out[key] = value  # not a YAML scalar ("a: b"): the text itself, checked against the type
     return out
 
 

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def load_examples(
     max_source_words: int,
     skip_bad: bool,
     transcribe: bool = False,
+    text_capacity: tuple[Callable[[list[str]], int], int] | None = None,
 ) -> list[Example]:
     """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip.
+    ``text_capacity``: (the embeddings a text source's words make, the model's source capacity); a text row over
+    it is a bad row (``text_source_size``), not an error at the step that draws it.
 
     Speech: every audio file is opened here (its header; float files, which can hold NaN, are read whole), so a
     file that cannot be decoded stops the run, or is skipped, before any work.
@@ -89,12 +93,26 @@ def load_examples(
             if len(words) > max_source_words:
                 bad(f"{where}: {len(words)} source words, more than max_source_words={max_source_words}")
                 continue
+            if text_capacity is not None and (size := text_capacity[0](words)) > text_capacity[1]:
+                bad(f"{where}: its {len(words)} source words are {size} tokens, more than the model's source capacity "
+                    f"of {text_capacity[1]}")  # fmt: skip
+                continue
             examples.append(Example(row.id, row.src_text, target, len(words), line=f"{manifest}:{i}"))
     if skipped:
         log.warning("%s: skipped %d bad rows of %d", manifest, len(skipped), len(rows) + unread)
     if not examples:
         raise ValueError(f"{manifest}: no usable examples")
     return examples
+
+
+def text_source_size(model: SpeechLLM) -> Callable[[list[str]], int]:
+    """Text source words -> the embeddings ``model.text_units`` makes of them (each word's tokens)."""
+
+    def size(words: list[str]) -> int:
+        batch = model.tokenizer([" " + w.strip() for w in words], add_special_tokens=False)["input_ids"]
+        return sum(len(ids) for ids in batch)
+
+    return size
 
 
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the encodings that can hold NaN or Inf

@@ -33,11 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
-from streaming_llm.config import SpeechLLMConfig
+from streaming_llm.config import SPEECH, SpeechLLMConfig
+from streaming_llm.engine import max_source_samples
 from streaming_llm.model import SpeechLLM, probe_mlp
 
-from .data import Example, SourceUnits, hash_weights, load_examples
+from .data import Example, SourceUnits, hash_weights, load_examples, text_source_size
 from .losses import PROBE_LABELS, PROBE_ROWS, probe_labels, probe_rows, spsd_kl, view_outputs
 from .phi import sample_token_phi
 
@@ -254,10 +256,15 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
     hidden_size = model.config.probe_hidden or DEFAULT_PROBE_HIDDEN
     modality = model.config.modality
     max_seconds = float(trained.get("max_source_seconds", 30.0))
+    fits = None
+    if modality == SPEECH:  # as the trainer: never more than one session holds (the encoder's 30 s, whole blocks)
+        max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
+    else:
+        fits = (text_source_size(model), model.config.source_capacity)
     max_words = int(trained.get("max_source_words", 200))
 
     def examples(path: str, n: int) -> list[Example]:
-        rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False)
+        rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False, text_capacity=fits)
         return random.Random(config.seed).sample(rows, min(n, len(rows)))
 
     seen = int(trained.get("batch_size", 0)) * int(trained.get("max_steps", 0))  # what its training saw

@@ -41,7 +41,7 @@ from streaming_llm.model import SpeechLLM, build_llm
 
 from .align import align_adapter
 from .config import TrainConfig, load_config, parse_overrides, resume_changes
-from .data import Example, SourceUnits, bucket_batches, load_examples
+from .data import Example, SourceUnits, bucket_batches, load_examples, text_source_size
 from .losses import LossConfig, streaming_losses
 from .phi import sample_token_phi
 
@@ -151,7 +151,9 @@ def check_lora_targets(config: SpeechLLMConfig) -> None:
         )
 
 
-def build_training_model(cfg: TrainConfig) -> SpeechLLM:
+def build_training_model(cfg: TrainConfig, start: bool = True) -> SpeechLLM:
+    """The model a run trains; ``start``: with the weights ``init_llm`` and ``init_adapter`` give it (a run resumed
+    from a checkpoint takes every trained weight from the checkpoint, and those folders may be gone by then)."""
     config, tokenizer = model_config(cfg)
     if config.llm_lora_r:
         check_lora_targets(config)
@@ -165,15 +167,15 @@ def build_training_model(cfg: TrainConfig) -> SpeechLLM:
             f"load ({type(e).__name__}: {_first_line(e)}); pass the folder of a complete checkpoint"
         ) from None
     set_trainable(model, cfg)
-    if cfg.init_llm:
+    if start and cfg.init_llm:
         init_llm_from(model, cfg.init_llm)
-    if cfg.init_adapter:
+    if start and cfg.init_adapter:
         init_adapter_from(model, cfg.init_adapter)
     return model
 
 
 LLM_ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads")  # fmt: skip
+                    "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")  # fmt: skip
 
 
 def init_llm_from(model: SpeechLLM, directory: str | Path) -> int:
@@ -208,11 +210,27 @@ def init_llm_from(model: SpeechLLM, directory: str | Path) -> int:
         if names:
             more = " ..." if len(names) > 3 else ""
             raise TrainingError(f"init_llm={directory}: {problem}: {', '.join(names[:3])}{more}")
+    # a LoRA's update is B @ A * alpha / r: the same tensors under another alpha are another LLM (r: the shapes)
+    if any(".lora_" in k for k in llm) and other.llm_lora_alpha != model.config.llm_lora_alpha:
+        raise TrainingError(
+            f"init_llm={directory}: its LoRA was trained with lora_alpha={other.llm_lora_alpha}, this run has "
+            f"lora_alpha={model.config.llm_lora_alpha}; give lora_alpha={other.llm_lora_alpha}"
+        )
+    if _real(other.llm_path) != _real(model.config.llm_path):
+        log.warning(
+            "init_llm=%s was trained over the LLM at %s, this run's is %s: the same architecture, but unless the two "
+            "hold the same weights (a base and an instruct model do not), the run does not start from that model",
+            directory, other.llm_path or "tiny", model.config.llm_path or "tiny",
+        )  # fmt: skip
     with torch.no_grad():
         for name, tensor in llm.items():
             params[name].copy_(tensor)
     log.info("LLM initialised from %s (%d tensors)", directory, len(llm))
     return len(llm)
+
+
+def _real(path: str) -> str:
+    return str(Path(path).resolve()) if path else ""
 
 
 def init_adapter_from(model: SpeechLLM, directory: str | Path) -> int:
@@ -330,7 +348,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    model = build_training_model(cfg).to(training_device())
+    model = build_training_model(cfg, start=found is None).to(training_device())
     if cfg.bf16 and model.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
         log.warning(
             "bf16=true on a CPU without native bf16 (%s): autocast is emulated and several times slower; "
@@ -341,11 +359,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if cfg.modality == SPEECH:  # never more than one session holds (the encoder's 30 s, in whole blocks)
         max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
     transcribe = cfg.task == "transcribe"
+    # text: a row of few words can still hold more tokens than the model's source group (a run would stop there)
+    fits = (text_source_size(model), model.config.source_capacity) if cfg.modality != SPEECH else None
     train_ex = load_examples(
-        cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe
+        cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe, fits
     )
     dev_ex = (
-        load_examples(cfg.dev_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe)
+        load_examples(cfg.dev_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe, fits)
         if cfg.dev_manifest
         else []
     )
