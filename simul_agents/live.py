@@ -27,11 +27,14 @@ Without ``--reference`` the hypothesis length stands in for the reference's in A
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import queue
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,9 +114,8 @@ def build_head(checkpoint: str | Path | None, name: str, params: dict | None = N
 def max_source(model) -> float:
     """The longest source one session takes: seconds of audio (speech) or source tokens (text)."""
     config = model.config
-    if config.modality == SPEECH:
-        blocks = config.source_capacity // config.embeddings_per_block
-        return blocks * config.block_ms / 1000
+    if config.modality == SPEECH:  # within the LLM's source capacity and the encoder's context, as a session
+        return max_source_samples(model) / SAMPLE_RATE
     return float(config.source_capacity)
 
 
@@ -330,8 +332,11 @@ def word_chunks(words: Sequence[str], word_ms: int) -> Iterator[tuple[list[str],
         yield [word], (i + 1) * word_ms
 
 
-def microphone_chunks(chunk_ms: int, max_seconds: float | None, device=None) -> Iterator[tuple[np.ndarray, float]]:
-    """Record until Ctrl-C or ``max_seconds`` (None: no limit); yields 16 kHz mono chunks as they arrive."""
+def microphone_chunks(
+    chunk_ms: int, max_seconds: float | None, device=None, stop: threading.Event | None = None
+) -> Iterator[tuple[np.ndarray, float]]:
+    """Record until Ctrl-C, ``stop`` is set or ``max_seconds`` (None: no limit); yields 16 kHz mono chunks as they
+    arrive."""
     sd = import_sounddevice()
     try:
         info = sd.query_devices(device, kind="input")
@@ -364,7 +369,7 @@ def microphone_chunks(chunk_ms: int, max_seconds: float | None, device=None) -> 
     limit = int(max_seconds * SAMPLE_RATE) if max_seconds is not None else None
     with stream:
         try:
-            while limit is None or received < limit:
+            while (limit is None or received < limit) and not (stop is not None and stop.is_set()):
                 try:
                     chunk = arrived.get(timeout=1.0)
                 except queue.Empty:
@@ -377,6 +382,26 @@ def microphone_chunks(chunk_ms: int, max_seconds: float | None, device=None) -> 
                     yield chunk, received * 1000 / SAMPLE_RATE
         except KeyboardInterrupt:
             return
+
+
+@contextlib.contextmanager
+def ctrl_c_ends_recording(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C sets ``stop`` instead of raising wherever the program is: a recording ends at the next chunk, and the
+    chunk being translated, the end of the source and the summary still run. A second Ctrl-C interrupts."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def import_sounddevice():
@@ -681,19 +706,22 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
     limit = max_source(model)
     if args.mic:
         seconds = args.seconds  # None: until Ctrl-C; past the model's context, cut at pauses
-        chunks = microphone_chunks(args.chunk_ms, seconds)
-        first = next(chunks, None)  # opens the device (errors here), before the display starts
-        if first is None:
-            raise LiveError("--mic: the microphone gave no audio")
-        started = time.perf_counter() - first[1] / 1000  # the first chunk has just arrived
-        until = f"up to {seconds:.1f} s" if seconds is not None else "until Ctrl-C"
-        out.write(f"recording {until} (one utterance: {limit:.1f} s; longer speech is cut at pauses)\n")
-        display = Display(out, "ms", None, tty)
-        if seconds is not None and seconds <= limit:
-            stream = LiveStream(model, head, limits, reencode=args.reencode)
-        else:
-            stream = SegmentedStream(model, head, limits, reencode=args.reencode)
-        result = run_stream(stream, _chain(first, chunks), pace=False, wall_clock=True, display=display, t0=started)
+        stop = threading.Event()  # Ctrl-C: the recording ends, its translation is finished and summed up
+        with ctrl_c_ends_recording(stop):
+            chunks = microphone_chunks(args.chunk_ms, seconds, stop=stop)
+            first = next(chunks, None)  # opens the device (errors here), before the display starts
+            if first is None:
+                raise LiveError("--mic: the microphone gave no audio")
+            started = time.perf_counter() - first[1] / 1000  # the first chunk has just arrived
+            until = f"up to {seconds:.1f} s" if seconds is not None else "until Ctrl-C"
+            out.write(f"recording {until} (one utterance: {limit:.1f} s; longer speech is cut at pauses)\n")
+            display = Display(out, "ms", None, tty)
+            if seconds is not None and seconds <= limit:
+                stream = LiveStream(model, head, limits, reencode=args.reencode)
+            else:
+                stream = SegmentedStream(model, head, limits, reencode=args.reencode)
+            result = run_stream(stream, _chain(first, chunks), pace=False, wall_clock=True, display=display,
+                                t0=started)  # fmt: skip
     else:
         try:
             audio = load_audio(args.file)
@@ -712,7 +740,7 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
             stream = LiveStream(model, head, limits, reencode=args.reencode)
         chunks = audio_chunks(audio, args.chunk_ms)
         result = run_stream(stream, chunks, pace=not args.fast, wall_clock=not args.fast, display=display)
-    out.write(f"translation: {result.text}\n{summary_line(result, args.reference)}\n")
+    out.write(f"translation: {printable(result.text)}\n{summary_line(result, args.reference)}\n")
 
 
 def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) -> None:
@@ -722,7 +750,7 @@ def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) ->
         stream = LiveStream(model, head, limits, reencode=args.reencode)
         chunks = word_chunks(words, args.word_ms)
         result = run_stream(stream, chunks, pace=not args.fast, wall_clock=not args.fast, display=display)
-        out.write(f"translation: {result.text}\n{text_summary_line(result, args.word_ms, args.reference)}\n")
+        out.write(f"translation: {printable(result.text)}\n{text_summary_line(result, args.word_ms, args.reference)}\n")
 
 
 def _chain(first, rest):

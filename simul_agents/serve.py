@@ -40,9 +40,11 @@ are in words. ``compute_ms`` is the stream's model time (batched: its jobs' time
 cannot keep up with this client.
 
 Errors never stop the server. A malformed or unexpected message (codes: bad_json, bad_message, bad_start,
-not_started, wrong_mode, bad_audio, too_large, too_long) is answered with an error event and dropped; the
-connection stays usable. model_error drops the stream (send a new start). busy (the server is full) and idle
-(no message within --idle-timeout) close the connection; a frame beyond the hard limit closes it with code 1009.
+not_started, wrong_mode, bad_audio, too_large, too_long), or one the session refuses (bad_input), is answered with an
+error event and dropped; the connection stays usable. model_error drops the stream (its frames are ignored up to its
+end: send end, which is answered with an end event marked "dropped", then a new start). busy (the server is full)
+and idle (no message within --idle-timeout) close the connection; a frame beyond the hard limit closes it with code
+1009.
 A bounded queue per connection gives back-pressure: when the model falls behind, the server stops reading.
 """
 
@@ -234,8 +236,8 @@ class Translator:
         params = dict(params)
         if "threshold" in message:
             threshold = message["threshold"]
-            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
-                raise ProtocolError("bad_start", f"start: threshold {threshold!r} is not a finite number")
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not _finite(threshold):
+                raise ProtocolError("bad_start", f"start: threshold {_shown(threshold)} is not a finite number")
             params["threshold"] = threshold
         name = message.get("head", self.config.head)
         if not isinstance(name, str):
@@ -248,6 +250,20 @@ class Translator:
         except ValueError as e:
             raise ProtocolError("bad_start", f"start: {e}") from None
         return StreamSpec(fmt, rate, head)
+
+
+def _finite(number: int | float) -> bool:
+    """math.isfinite, False for a JSON integer beyond a float's range (isfinite raises OverflowError on it)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
+def _shown(value) -> str:
+    """A client's value for an error message: its repr, cut at 40 characters (a 400-digit number is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 # ---- one connection --------------------------------------------------------------------------------------
@@ -322,7 +338,7 @@ class Connection:
             return self.parse_audio(message)
         try:
             data = json.loads(message)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer of more than 4300 digits
             raise ProtocolError("bad_json", f"a text message is not JSON ({e}); send a JSON object") from None
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             raise ProtocolError("bad_message", 'a JSON message must be an object with a "type" (start, words, end)')
@@ -377,6 +393,11 @@ class Connection:
             words = data["text"].split()
         else:
             raise ProtocolError("bad_message", 'words: expected "words": ["a", "b"] or "text": "a b"')
+        try:
+            "".join(words).encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no tokenizer takes
+            raise ProtocolError("bad_message", "words: the text holds a lone surrogate (e.g. \\ud800), not Unicode "
+                                "text; send UTF-8 words") from None  # fmt: skip
         if self.received + len(words) > self.t.max_source:
             raise ProtocolError("too_long", f"the stream is over {self.t.max_source:.0f} source tokens; send end")
         self.received += len(words)
@@ -491,7 +512,10 @@ class _Stream:
         self.delays_ms: list[float] = []
 
     def push_audio(self, samples: np.ndarray) -> None:  # model thread
-        audio = samples.astype(np.float32) / 32768.0 if samples.dtype.kind == "i" else samples.astype(np.float32)
+        if samples.dtype.kind == "i":
+            audio = samples.astype(np.float32) / 32768.0
+        else:  # clipped as to_mono_16k clips, but before the resampler, whose filter overflows on huge samples
+            audio = np.clip(samples.astype(np.float32), -1.0, 1.0)
         if self.resampler is not None:
             audio = self.resampler.resample_chunk(audio)
         self._push(audio)
@@ -770,6 +794,9 @@ def main(argv=None) -> int:
             return model
 
         model = executor.submit(load).result()
+        # and fits the model (a probe head needs the checkpoint's probe, attention layers in range): checked now,
+        # not by every client whose start names no head
+        build_head(args.checkpoint, args.head, dict(config.head_params)).session_options(model)
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2

@@ -424,10 +424,14 @@ def make_head(name: str, **params) -> Head:
         kind = type(fields[key].default)
         try:
             values[key] = _convert(value, kind)
+            finite = kind not in (int, float) or math.isfinite(values[key])
         except (ValueError, TypeError):  # TypeError: None (an empty YAML value), a list where a number goes
             raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a valid {kind.__name__}") from None
-        if kind in (int, float) and not math.isfinite(values[key]):
-            raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a finite number; give a number")
+        except OverflowError:  # an integer (JSON, YAML) beyond a float's range
+            finite = False
+        if not finite:
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+            raise ValueError(f"head {cls.name!r}: {key}={shown} is not a finite number; give a number")
     return cls(**values)
 
 

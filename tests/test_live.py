@@ -198,7 +198,7 @@ def test_command_at_real_time_pace_takes_the_audio_duration(data):
     assert code == 0
     assert time.perf_counter() - start >= 1.0 - 0.32  # the last chunk is pushed at 1.0 s; loading came first
     translation = [line for line in out.getvalue().splitlines() if line.startswith("translation: ")]
-    assert translation == ["translation: " + " ".join(offline_words(data["speech"], tone(1.0)))]
+    assert translation == ["translation: " + live.printable(" ".join(offline_words(data["speech"], tone(1.0))))]
 
 
 def test_command_translates_a_text_file_line_by_line(data):
@@ -209,8 +209,8 @@ def test_command_translates_a_text_file_line_by_line(data):
     assert code == 0
     lines = out.getvalue().splitlines()
     translations = [line.removeprefix("translation: ") for line in lines if line.startswith("translation: ")]
-    assert translations == [" ".join(offline_words(data["text"], SENTENCE.split())),
-                            " ".join(offline_words(data["text"], "Where is the train station ?".split()))]  # fmt: skip
+    sources = [SENTENCE.split(), "Where is the train station ?".split()]
+    assert translations == [live.printable(" ".join(offline_words(data["text"], source))) for source in sources]
     assert sum("words | AL" in line for line in lines) == 2
 
 
@@ -230,7 +230,7 @@ def test_a_file_longer_than_the_context_is_cut_into_segments_as_the_agent_cuts_i
                       "--head-param", "k=1", "--max-target-tokens", "24"], out=out)  # fmt: skip
     text = out.getvalue()
     assert code == 0 and "is 1.0 s, longer than one utterance (0.6 s" in text
-    assert f"translation: {' '.join(expected)}" in text
+    assert f"translation: {live.printable(' '.join(expected))}" in text
     stream = live.SegmentedStream(model, make_head("wait-k", k=1), LIMITS)
     run_stream(stream, live.audio_chunks(audio, 320), pace=False, wall_clock=False)
     assert stream.words == expected and stream.n_segments == 2
@@ -318,6 +318,24 @@ def test_terminal_display_redraws_in_place(data):
     assert all(c.isprintable() or c == "\n" for c in ours), "model output cannot drive the terminal"
 
 
+def test_the_translation_line_shows_control_characters_as_replacements(data, monkeypatch):
+    """A model can write an escape code; the WRITE lines showed it as U+FFFD, the final translation line printed it
+    raw (ESC, BEL: they drove the terminal)."""
+
+    def step(stream):  # one word holding an escape code and a bell
+        if stream.words:
+            return None
+        stream.words.append("a\x1b[2Jb\x07")
+        stream.delays.append(stream.source)
+        return stream.words[-1]
+
+    monkeypatch.setattr(LiveStream, "step", step)
+    out = io.StringIO()
+    assert live.main([str(data["root"] / "tone.wav"), "--checkpoint", str(data["root"] / "speech-ckpt"), "--fast"],
+                     out=out) == 0  # fmt: skip
+    assert "translation: a\ufffd[2Jb\ufffd\n" in out.getvalue() and "\x1b" not in out.getvalue()
+
+
 def test_result_text_joins_words():
     assert Result(["a", "b"], [1.0, 2.0], [1.0, 2.0], 2.0, "words", 0.0).text == "a b"
 
@@ -380,9 +398,35 @@ def test_the_microphone_records_past_one_utterance_cutting_at_pauses(data, monke
     model = load_checkpoint(root / "short-ckpt")
     stream = live.SegmentedStream(model, make_head("wait-k", k=1), LIMITS)
     run_stream(stream, live.audio_chunks(tone(1.0), 320), pace=False, wall_clock=False)
-    assert f"translation: {' '.join(stream.words)}" in text  # 1.0 s of the 2.0 s recorded, in two segments
+    translation = live.printable(" ".join(stream.words))
+    assert f"translation: {translation}" in text  # 1.0 s of the 2.0 s recorded, in two segments
 
 
 def test_mic_seconds_must_be_a_positive_length(data, capsys):
     code = live.main(["--mic", "--seconds", "0", "--checkpoint", str(data["root"] / "speech-ckpt")])
     assert code == 2 and "--seconds 0.0: give how long to record" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_a_mic_chunk_is_translated_ends_the_recording_and_prints_the_translation(data, monkeypatch):
+    """Ctrl-C is how a recording ends. Landing while the model worked on a chunk (not while waiting for the next),
+    it used to raise there: 'live: interrupted', exit 130, and no translation or summary."""
+    import signal
+
+    pushed = []
+    real_push = LiveStream.push_audio
+
+    def push(stream, samples):
+        pushed.append(samples.shape[0])
+        if len(pushed) == 3:
+            signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C while the third chunk is translated
+        return real_push(stream, samples)
+
+    monkeypatch.setattr(LiveStream, "push_audio", push)
+    monkeypatch.setattr(live, "import_sounddevice", lambda: FakeMicrophone(tone(3.0)))
+    out = io.StringIO()
+    code = live.main(["--mic", "--seconds", "0.6", "--checkpoint", str(data["root"] / "short-ckpt"), "--head",
+                      "wait-k", "--head-param", "k=1", "--max-target-tokens", "24", "--chunk-ms", "100"],
+                     out=out)  # fmt: skip
+    assert code == 0 and len(pushed) == 3  # the chunk being translated was finished; no chunk after it
+    assert "translation: " in out.getvalue() and "source 0.30 s" in out.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C interrupts again afterwards

@@ -310,6 +310,97 @@ def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_all
     assert [e["delay_ms"] for e in writes] == expected.delays
 
 
+def test_a_model_whose_source_capacity_exceeds_the_encoders_context_is_segmented_at_what_a_session_takes():
+    """max_source_embeddings above the encoder's 1500 frames / stack: a session still takes 29.76 s. live and serve
+    used to take the LLM's capacity alone (59.84 s): live streamed a 35 s file through one session and failed,
+    serve took 35 s streams and refused every frame past 29.76 s."""
+    from simul_agents.live import max_source
+    from streaming_llm.engine import max_source_samples
+
+    model = untied_tiny("speech", max_source_embeddings=750)
+    assert max_source(model) == max_source_samples(model) / 16000 == 29.76
+    translator = Translator(model, None, ServeConfig(limits=LIMITS, max_stream_s=35.0))
+    assert translator.segmented  # 35 s is more than one session: cut at pauses
+
+
+HUGE = "1" + "0" * 400  # a JSON integer: Python's int, beyond a float's range
+
+
+@pytest.mark.parametrize("start, code, words", [
+    (f'{{"type": "start", "threshold": {HUGE}}}', "bad_start", "threshold 1000"),
+    (f'{{"type": "start", "params": {{"threshold": {HUGE}}}}}', "bad_start", "is not a finite number"),
+    (f'{{"type": "start", "head": "wait-k", "params": {{"k": {HUGE}}}}}', "bad_start", "is not a finite number"),
+    (f'{{"type": "start", "sample_rate": 1{"0" * 5000}}}', "bad_json", "not JSON"),
+], ids=["threshold", "params-threshold", "params-k", "5000-digits"])  # fmt: skip
+def test_a_start_with_a_huge_integer_gets_an_error_and_the_connection_stays_usable(speech_server, start, code, words):
+    """It used to close the connection (1011) with an OverflowError, or json's ValueError past 4300 digits."""
+    with connect(speech_server.url) as ws:
+        ws.send(start)
+        assert words in expect_error(ws, code)["message"]
+        assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["words"] > 0
+
+
+def test_make_head_refuses_an_integer_beyond_a_floats_range_by_name():
+    with pytest.raises(ValueError, match=r"head 'entropy': threshold=1000.*\.\.\. is not a finite number"):
+        make_head("entropy", threshold=10**400)
+    with pytest.raises(ValueError, match="head 'wait-k': k=.* is not a finite number"):
+        make_head("wait-k", k=10**400)
+
+
+@pytest.mark.parametrize("message", [
+    '{"type": "words", "words": ["caf\\ud800"]}',
+    '{"type": "words", "text": "lone \\udc00 surrogate"}',
+], ids=["words", "text"])  # fmt: skip
+def test_words_with_a_lone_surrogate_are_refused_and_the_stream_goes_on(models, message):
+    """Valid JSON, not Unicode text: it used to reach the tokenizer (TypeError), a model_error that dropped the
+    stream."""
+    with server(models, "text") as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "wait-k", "params": {"k": 1}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(message)
+        assert "lone surrogate" in expect_error(ws, "bad_message")["message"]
+        ws.send(json.dumps({"type": "words", "words": ["I", "would", "like", "coffee", "ünd", "世界"]}))
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    assert not [e for e in events if e["type"] == "error"]
+    assert events[-1]["source_length"] == 6.0 and events[-1]["words"] > 0 and "dropped" not in events[-1]
+
+
+def test_huge_finite_floats_at_48k_are_clipped_and_the_audio_after_them_is_kept(speech_server):
+    """As at 16 kHz. They used to overflow the stream's resampler to Inf: that frame and the clean one after it were
+    refused as 'NaN or Inf samples', and 0.5 s of good audio was lost."""
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline", "sample_rate": 48000}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(np.full(4800, 3e38, "<f4").tobytes())  # 100 ms, finite
+        for _ in range(3):
+            ws.send(tone(0.4, rate=48000).tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    assert [e for e in events if e["type"] == "error"] == []
+    assert abs(events[-1]["source_ms"] - 1300.0) <= 1 and events[-1]["words"] > 0
+
+
+@pytest.mark.parametrize("which, argv, problem", [
+    ("no-probe", ["--head", "probe"], "probe head: this checkpoint has no probe"),
+    ("speech", ["--head", "attention", "--head-param", "layers=40"], "attention head: layers [40] out of range"),
+], ids=["probe-without-probe", "attention-layers"])  # fmt: skip
+def test_serve_refuses_a_head_the_model_cannot_run_before_serving(tmp_path, monkeypatch, capsys, which, argv, problem):
+    """It used to serve, and refuse every client start that names no head of its own."""
+    checkpoint = str(tmp_path / which)
+    save_checkpoint(untied_tiny("speech", probe_hidden=0 if which == "no-probe" else 64), checkpoint)
+    served = []
+
+    async def serve_forever(translator, host, port):
+        served.append(translator)
+
+    monkeypatch.setattr(serve_module, "serve_forever", serve_forever)
+    assert serve_module.main(["--checkpoint", checkpoint, "--port", "0", *argv]) == 2
+    assert not served
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("serve: error: ") and problem in line, line
+
+
 # ---- clients: several, vanishing, idle, too many ---------------------------------------------------------
 
 
