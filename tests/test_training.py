@@ -577,3 +577,20 @@ def test_init_llm_refuses_a_lora_of_another_alpha_and_warns_of_another_base(tmp_
     assert "trained over the LLM at" not in caplog.text
     build_training_model(load_config(TINY_TEXT, {**start, "llm": str(other)}))  # same architecture, other weights
     assert "trained over the LLM at" in caplog.text and str(other) in caplog.text
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_process_count_trains_each_example_once_an_epoch_and_repeats_no_batch(world):
+    """9 examples in batches of 4: the last batch (the longest example) has one example, fewer than 2 or 3
+    processes. It used to be dropped under torchrun, and the epoch's third step trained its first batch again."""
+    from training.data import Example
+    from training.train import micro_batches
+
+    examples = [Example(f"p{i}", " ".join(["w"] * (i + 1)), "t", i + 1) for i in range(9)]
+    cfg = load_config(TINY_TEXT, {"out_dir": "unused", "batch_size": 4, "grad_accum": 1})
+    cache: dict = {}
+    steps = [micro_batches(examples, cfg, step, world, cache) for step in range(4)]
+    per_epoch = 3 if world == 1 else 2  # the long example's batch joins the one before it
+    epoch = [i for batches in steps[:per_epoch] for batch in batches for i in batch]
+    assert sorted(epoch) == list(range(9))
+    assert all(len(batch) >= world for step in steps for batch in step)

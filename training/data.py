@@ -137,11 +137,17 @@ def audio_problem(spec: str, headers: dict) -> str:
     return ""
 
 
-def bucket_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of similar length, in a shuffled order that depends only on (seed, epoch)."""
+def bucket_batches(
+    examples: list[Example], batch_size: int, seed: int, epoch: int, min_size: int = 1
+) -> list[list[int]]:
+    """Batches of similar length, in a shuffled order that depends only on (seed, epoch). A last batch (the longest
+    examples) of fewer than ``min_size`` examples joins the one before it: under torchrun each process needs one."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = sorted(range(len(examples)), key=lambda i: (examples[i].length, rng.random()))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_size:
+        last = batches.pop()
+        batches[-1] += last
     rng.shuffle(batches)
     return batches
 

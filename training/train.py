@@ -5,7 +5,8 @@
 
 Everything a run needs to continue exactly is in its checkpoints (``<out_dir>/checkpoints/step-N/``): the
 trained weights, AdamW and scheduler state, the RNG states and the step. The data order and every phi are
-functions of (seed, step, example), so ``--resume`` reproduces the uninterrupted run, on any world size. So
+functions of (seed, step, example), so ``--resume`` reproduces the uninterrupted run, on any world size (but when
+an epoch's last batch holds fewer examples than there are processes: it then joins the batch before it). So
 ``--resume`` refuses settings that would change the run (each named, old and new value; those that may change:
 ``config.RESUME_MAY_CHANGE``), and a run without ``--resume`` refuses an out_dir that holds another run's checkpoints.
 """
@@ -490,13 +491,12 @@ def micro_batches(
     examples: list[Example], cfg: TrainConfig, step: int, world: int, cache: dict[int, list[list[int]]]
 ) -> list[list[int]]:
     """The grad_accum micro-batches (global example indices) of one optimizer step."""
-    n_batches = len(bucket_batches(examples, cfg.batch_size, cfg.seed, 0))
+    n_batches = len(bucket_batches(examples, cfg.batch_size, cfg.seed, 0, min_size=world))  # the same every epoch
     per_epoch = max(1, n_batches // cfg.grad_accum)
     epoch, within = divmod(step, per_epoch)
     if epoch not in cache:
         cache.clear()
-        batches = [b for b in bucket_batches(examples, cfg.batch_size, cfg.seed, epoch) if len(b) >= world]
-        cache[epoch] = batches
+        cache[epoch] = bucket_batches(examples, cfg.batch_size, cfg.seed, epoch, min_size=world)
     batches = cache[epoch]
     chosen = batches[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
     return chosen or batches[: cfg.grad_accum]
