@@ -594,3 +594,14 @@ def test_every_process_count_trains_each_example_once_an_epoch_and_repeats_no_ba
     epoch = [i for batches in steps[:per_epoch] for batch in batches for i in batch]
     assert sorted(epoch) == list(range(9))
     assert all(len(batch) >= world for step in steps for batch in step)
+
+
+def test_a_progress_line_every_log_every_steps_and_a_warning_when_resume_stretches_the_schedule(tmp_path, capsys,
+                                                                                                 caplog):
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=4, eval_every=1000, batch_size=2, log_every=2, warmup_steps=1)
+    train(cfg)
+    printed = capsys.readouterr().out
+    assert "step 2/4: loss " in printed and "step 4/4: loss " in printed and "step 3/4" not in printed
+    longer = tiny_cfg(tmp_path, max_steps=8, save_every=4, eval_every=1000, batch_size=2, log_every=2, warmup_steps=1)
+    train(longer, resume=True)
+    assert "max_steps 4 -> 8: the learning rate schedule is stretched" in caplog.text

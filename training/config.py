@@ -89,7 +89,7 @@ class TrainConfig:
     # dev decoding only: a dev hypothesis stops after this many tokens (as the agent's --max-target-tokens);
     # training targets are never cut
     max_target_tokens: int = 200
-    log_every: int = 10
+    log_every: int = 10  # a progress line every N steps, for log files (log.jsonl holds every step)
 
     def __post_init__(self) -> None:
         if self.train_llm not in LLM_MODES:

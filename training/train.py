@@ -394,6 +394,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         else:
             step = restore(found, model, optimizer, scheduler, saved)
             log.info("resumed from %s (step %d)", found, step)
+            _warn_of_a_new_schedule(saved, cfg, step)
             if step == cfg.max_steps:
                 log.info("step %d is max_steps: nothing to train; the final model is written again", step)
     logged = _truncate_log(out / "log.jsonl", step) if rank == 0 else []
@@ -464,6 +465,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             _append_log(out / "log.jsonl", record)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", mslm=f"{sums['mslm']:.3f}", spsd=f"{sums['spsd']:.3f}")
+            if step % cfg.log_every == 0:  # a line a log file keeps (the bar only redraws itself)
+                bar.write(f"step {step}/{cfg.max_steps}: loss {sums['loss']:.4f} (full {sums['full']:.4f}, mslm "
+                          f"{sums['mslm']:.4f}, spsd {sums['spsd']:.4f}), lr {record['lr']:.3g}, {seconds:.2f} s/step")
         if step % cfg.save_every == 0 or step == end:
             if rank == 0:
                 last_saved = save_training_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg)
@@ -645,6 +649,19 @@ def resumable_state(path: Path, cfg: TrainConfig) -> dict:
             f"{step} (a run does not go back), or another out_dir for a new run"
         )
     return trainer
+
+
+def _warn_of_a_new_schedule(trainer: dict, cfg: TrainConfig, step: int) -> None:
+    """max_steps may change on --resume (to train longer), but the cosine decay is stretched to the new length:
+    the learning rate jumps where the run stands, a warm restart; said once, with both rates."""
+    old = int((trainer.get("config") or {}).get("max_steps", cfg.max_steps))
+    before, after = (cfg.lr * lr_factor(step, cfg.warmup_steps, total) for total in (old, cfg.max_steps))
+    if old != cfg.max_steps and not math.isclose(before, after, rel_tol=1e-3):
+        log.warning(
+            "max_steps %d -> %d: the learning rate schedule is stretched to the new length, so at step %d the rate "
+            "goes from %.3g to %.3g (a warm restart; the run is neither the %d- nor the %d-step one)",
+            old, cfg.max_steps, step, before, after, old, cfg.max_steps,
+        )  # fmt: skip
 
 
 def restore(path: Path, model: SpeechLLM, optimizer, scheduler, trainer: dict | None = None) -> int:
