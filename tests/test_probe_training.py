@@ -150,3 +150,22 @@ def test_a_model_trained_without_its_probe_has_none_to_ask_until_one_is_trained_
     assert given.probe is not None
     saved = load_file(str(tmp_path / "out" / "final" / WEIGHTS))
     torch.testing.assert_close(given.probe[0].weight, saved["probe.0.weight"])
+
+
+def test_the_label_rule_and_skipping_of_bad_rows_follow_the_model_s_training_unless_given(tmp_path):
+    rows = Path(TINY).read_text(encoding="utf-8").splitlines()
+    (tmp_path / "m.tsv").write_text("\n".join([*rows, "bad\t\t0\t\tno source.\t"]) + "\n", encoding="utf-8")
+    trained = {"probe_label": "kl", "probe_kl_bound": 0.25, "skip_bad": True, "batch_size": 2, "grad_accum": 2,
+               "max_steps": 2, "train_manifest": str(tmp_path / "m.tsv")}  # fmt: skip
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "model", extra={"train_config": trained})
+    config = P.ProbeConfig(dev_examples=0, batch_size=4, epochs=1)
+    report = P.run(folder, tmp_path / "out", config)  # the bad row is skipped, as its training skipped it
+    assert (report["config"]["label"], report["config"]["kl_bound"]) == ("kl", 0.25)
+    assert report["config"]["examples"] == 0 and report["train_rows"] > 0  # 2 x 2 x 2 = 8 examples drawn
+    given = P.run(folder, tmp_path / "out2", P.ProbeConfig(label="top1", kl_bound=0.5, dev_examples=0, epochs=1))
+    assert (given["config"]["label"], given["config"]["kl_bound"]) == ("top1", 0.5)
+    del trained["skip_bad"]
+    strict = save_checkpoint(tiny_model("text"), tmp_path / "strict", extra={"train_config": trained})
+    with pytest.raises(ValueError, match=r"m\.tsv:\d+: empty src_text"):
+        P.run(strict, tmp_path / "out3", config)
+    assert P.run(strict, tmp_path / "out3", config, skip_bad=True)["train_rows"] > 0

@@ -52,7 +52,7 @@ def load_examples(
 
     def bad(message: str) -> None:
         if not skip_bad:
-            raise ValueError(f"{message} (pass skip_bad=true to skip such rows)")
+            raise ValueError(f"{message} (skip_bad=true, or training.probe's --skip-bad, skips such rows)")
         log.warning("skipping: %s", message)
         skipped.append(message)
 

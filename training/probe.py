@@ -53,10 +53,10 @@ DEFAULT_EXAMPLES = 8000  # --examples for a checkpoint that does not say how lon
 @dataclass(frozen=True)
 class ProbeConfig:
     rows: str = "word_start"  # the rows the probe learns from: "all" target tokens or a word's first ("word_start")
-    label: str = "top1"  # as training's probe_label: "top1" argmax agreement, "kl" KL(full || stream) < kl_bound
-    kl_bound: float = 0.1
+    label: str = ""  # "top1" argmax agreement, "kl" KL(full || stream) < kl_bound; "": the model's probe_label
+    kl_bound: float = 0.0  # 0: the model's probe_kl_bound
     examples: int = 0  # training examples whose states the probe learns from; 0: as many as the model's training
-    # saw (batch_size x max_steps: text main 16 x 500 = 8,000)
+    # saw (batch_size x grad_accum x max_steps: text main 16 x 1 x 500 = 8,000)
     dev_examples: int = 500
     batch_size: int = 16  # examples per forward pass while collecting
     epochs: int = 8
@@ -68,15 +68,16 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if self.rows not in PROBE_ROWS:
             raise ValueError(f"--rows {self.rows}: expected one of {', '.join(PROBE_ROWS)}")
-        if self.label not in PROBE_LABELS:
+        if self.label and self.label not in PROBE_LABELS:
             raise ValueError(f"--label {self.label}: expected one of {', '.join(PROBE_LABELS)}")
         small = [f"{k}={getattr(self, k)}" for k in ("batch_size", "epochs", "rows_per_step") if getattr(self, k) < 1]
         negative = [f"{k}={getattr(self, k)}" for k in ("examples", "dev_examples") if getattr(self, k) < 0]
         if small or negative:
             raise ValueError(f"{', '.join(small + negative)}: batch_size, epochs and rows_per_step must be at least "
                              "1, examples and dev_examples at least 0")  # fmt: skip
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.kl_bound) and self.kl_bound > 0):
-            raise ValueError(f"lr={self.lr}, kl_bound={self.kl_bound}: each must be a number above 0")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.kl_bound) and self.kl_bound >= 0):
+            raise ValueError(f"lr={self.lr}, kl_bound={self.kl_bound}: lr must be a number above 0, kl_bound at "
+                             "least 0 (0: the model's)")  # fmt: skip
 
 
 @dataclass
@@ -242,15 +243,19 @@ def write_checkpoint(source: Path, out: Path, probe: nn.Module, record: dict, co
 
 
 def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", dev_manifest: str = "",
-        states: Path | None = None) -> dict:  # fmt: skip
+        states: Path | None = None, skip_bad: bool = False) -> dict:  # fmt: skip
     """Train the probe of ``checkpoint`` again into ``out/final`` -> the report. ``states``: where the states are
-    kept (default ``out``; two probes of one model, from other rows, say, can share them)."""
+    kept (default ``out``; two probes of one model, from other rows, say, can share them). ``skip_bad``: skip a bad
+    manifest row, counted (also when the model's training did)."""
     meta = read_meta(checkpoint)
     trained = (meta.get("extra") or {}).get("train_config") or {}
     manifest = manifest or trained.get("train_manifest", "")
     dev_manifest = dev_manifest if dev_manifest or config.dev_examples == 0 else trained.get("dev_manifest", "")
     if not manifest:
         raise ValueError(f"{checkpoint}: it does not name its training manifest; give --manifest TRAIN.tsv")
+    config = replace(config, label=config.label or str(trained.get("probe_label", "top1")),
+                     kl_bound=config.kl_bound or float(trained.get("probe_kl_bound", 0.1)))  # the model's label rule
+    skip_bad = skip_bad or bool(trained.get("skip_bad", False))  # its manifest may hold rows its training skipped
     model = load_checkpoint(checkpoint, merge_lora=True)
     old_probe = model.probe  # None: trained without one (probe=false, or probe_hidden=0): it gets one here
     hidden_size = model.config.probe_hidden or DEFAULT_PROBE_HIDDEN
@@ -264,10 +269,10 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
     max_words = int(trained.get("max_source_words", 200))
 
     def examples(path: str, n: int) -> list[Example]:
-        rows = load_examples(path, modality, max_seconds, max_words, skip_bad=False, text_capacity=fits)
+        rows = load_examples(path, modality, max_seconds, max_words, skip_bad, text_capacity=fits)
         return random.Random(config.seed).sample(rows, min(n, len(rows)))
 
-    seen = int(trained.get("batch_size", 0)) * int(trained.get("max_steps", 0))  # what its training saw
+    seen = int(trained.get("batch_size", 0)) * int(trained.get("grad_accum", 1)) * int(trained.get("max_steps", 0))
     n_train = config.examples or seen or DEFAULT_EXAMPLES
     train_examples = examples(manifest, n_train)  # a bad manifest stops it here, before any folder is made
     dev_examples = examples(dev_manifest, config.dev_examples) if dev_manifest else []
@@ -314,10 +319,11 @@ def summary(report: dict) -> str:
 
 HELP = {
     "rows": "the rows it learns from: a word's first token (where the heads ask it) or every target token",
-    "label": "top1: the stream view's argmax equals the full view's; kl: KL(full || stream) under --kl-bound",
-    "kl_bound": "the KL under which a row counts as agreeing (--label kl)",
+    "label": "top1: the stream view's argmax equals the full view's; kl: KL(full || stream) under --kl-bound; "
+    "'': the model's training's probe_label",
+    "kl_bound": "the KL under which a row counts as agreeing (--label kl); 0: the model's training's probe_kl_bound",
     "examples": "training examples whose states it learns from, one random prefix each; 0: as many as the "
-    "model's training saw (batch_size x max_steps)",
+    "model's training saw (batch_size x grad_accum x max_steps)",
     "dev_examples": "dev examples that measure the old and the new probe (0: none)",
     "batch_size": "examples per forward pass while collecting the states",
     "epochs": "passes of the MLP over the states",
@@ -337,15 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-manifest", default="", help="dev TSV (default: the checkpoint's dev manifest)")
     parser.add_argument("--states", type=Path, help="where the states are kept (default: OUT); probes of one "
                         "model trained from other rows can share them")  # fmt: skip
+    parser.add_argument("--skip-bad", action="store_true", help="skip a bad manifest row, counted (as the model's "
+                        "training did with skip_bad=true)")  # fmt: skip
     for name, value in asdict(defaults).items():
-        choices = {"rows": PROBE_ROWS, "label": PROBE_LABELS}.get(name)
+        choices = {"rows": PROBE_ROWS, "label": ("", *PROBE_LABELS)}.get(name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, choices=choices,
                             help=f"{HELP[name]} (default: {value})")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         config = ProbeConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-        report = run(args.checkpoint, args.out, config, args.manifest, args.dev_manifest, args.states)
+        report = run(args.checkpoint, args.out, config, args.manifest, args.dev_manifest, args.states, args.skip_bad)
     except (ValueError, CheckpointError, OSError) as e:
         tqdm.write(f"error: {e}", file=sys.stderr)
         return 1
