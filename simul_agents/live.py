@@ -625,15 +625,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise LiveError(f"--seconds {args.seconds}: give how long to record (more than 0), or leave it out for Ctrl-C")
 
 
-def load_text(path: str) -> list[list[str]]:
+def load_text(path: str, model) -> list[list[str]]:
+    """The sentences of a text file, one per non-blank line; a line longer than one session takes is named here,
+    before any is translated."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise LiveError(f"{path}: not UTF-8 text (this checkpoint translates text, one sentence per line)") from None
-    sentences = [line.split() for line in lines if line.strip()]
+    sentences = [(number, line.split()) for number, line in enumerate(lines, start=1) if line.strip()]
     if not sentences:
         raise LiveError(f"{path}: no words; a text source needs one sentence per line")
-    return sentences
+    capacity = model.config.source_capacity
+    for number, words in sentences:
+        size = sum(len(model.word_ids(w)) for w in words)
+        if size > capacity:
+            raise LiveError(f"{path} line {number}: {len(words)} words make {size} source tokens, more than the "
+                            f"model's context of {capacity}; split the line into sentences, one per line")  # fmt: skip
+    return [words for _, words in sentences]
 
 
 def summary_line(result: Result, reference: str | None) -> str:
@@ -744,7 +752,7 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
 
 
 def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) -> None:
-    for words in load_text(args.file):
+    for words in load_text(args.file, model):
         display = Display(out, "words", float(len(words)), tty)
         out.write(f"source: {' '.join(words)}\n")
         stream = LiveStream(model, head, limits, reencode=args.reencode)

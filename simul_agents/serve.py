@@ -78,7 +78,7 @@ from websockets.http11 import Request, Response
 from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
-from streaming_llm.engine import REENCODE, StreamingSession
+from streaming_llm.engine import REENCODE, SourceTooLong, StreamingSession
 from streaming_llm.heads import check_given_once, parse_head_params
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
@@ -414,6 +414,9 @@ class Connection:
                     await self.handle(item)
                 except ConnectionClosed:
                     return
+                except SourceTooLong as e:  # more source than one session holds (text: tokens, counted here)
+                    await self.error("too_long", f"this input would take the stream past the model's context of "
+                                     f"{e.limit}; it is dropped: send end and start a new stream")  # fmt: skip
                 except ValueError as e:  # the session refused this input (checked before it changes anything)
                     await self.error("bad_input", f"{e}; the frame is dropped")
                 except Exception as e:  # the model failed: report it, drop the stream, keep serving

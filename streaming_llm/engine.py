@@ -53,6 +53,14 @@ MAX_WORD_TOKENS = 24  # a "word" longer than this is cut: a degenerate model can
 SENTENCE_END = re.compile(r"[.!?…][\"'»«“”„)\]]*$")  # "gefällig." "kommt?“" close a sentence
 
 
+class SourceTooLong(ValueError):
+    """A push beyond the model's context; ``limit``: that context in words a user reads ("512 source tokens")."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
+
+
 def ends_sentence(word: str) -> bool:
     """Whether a written word closes a sentence (it ends in . ! ? or an ellipsis, quotes and brackets after)."""
     return bool(SENTENCE_END.search(word))
@@ -189,7 +197,8 @@ class StreamingSession:
             return 0
         audio = to_mono_16k(samples, sample_rate, name="pushed audio", channels_last=channels_last)
         if self.samples_in + audio.shape[0] > self.max_source_samples:
-            raise ValueError(self._too_long(f"{self.max_source_samples / SAMPLE_RATE:.2f} s"))
+            limit = f"{self.max_source_samples / SAMPLE_RATE:.2f} s"
+            raise SourceTooLong(self._too_long(limit), limit)
         self.samples_in += audio.shape[0]
         return self._push_mel(self.mel.push(audio))
 
@@ -265,7 +274,7 @@ class StreamingSession:
             limit = f"{capacity * self.config.stack * ENCODER_FRAME_MS / 1000:.1f} s"
         else:
             limit = f"{capacity} source tokens"
-        raise ValueError(self._too_long(limit))
+        raise SourceTooLong(self._too_long(limit), limit)
 
     @staticmethod
     def _too_long(limit: str) -> str:

@@ -351,7 +351,7 @@ def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tm
     (tmp_path / "source.txt").write_text(f"{SENTENCES[0]}\n{long}\n{SENTENCES[2]}\n", encoding="utf-8")
     (tmp_path / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
     args = (ProactiveAgent, data / "small-text-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
-    with pytest.raises(InstanceError, match="instance 1: ValueError: .*longer than the model.s context"):
+    with pytest.raises(InstanceError, match="instance 1: SourceTooLong: .*longer than the model.s context"):
         simuleval(*args, tmp_path / "strict", "--head", "wait-k", "--k", "1")
     instances = simuleval(*args, tmp_path / "lenient", "--head", "wait-k", "--k", "1", "--skip-failed")
     assert [ins["index"] for ins in instances] == [0, 1, 2]

@@ -509,7 +509,7 @@ def test_speech_agent_stops_on_a_failing_instance_in_one_line_or_skips_it(checkp
     with pytest.raises(InstanceError) as caught:
         simuleval(*args, tmp_path / "strict", *run)
     message = one_line(str(caught.value))
-    assert re.match(rf"instance 1 \({too_long}\): ValueError: the source is longer than the model", message), message
+    assert re.match(rf"instance 1 \({too_long}\): SourceTooLong: the source is longer than the model", message), message
     instances = simuleval(*args, tmp_path / "lenient", *run, "--skip-failed")
     assert [ins["index"] for ins in instances] == [0, 1, 2]
     failed = [json.loads(line) for line in (tmp_path / "lenient" / "failed.jsonl").read_text().splitlines()]
@@ -533,7 +533,7 @@ def test_speech_agent_streams_a_ten_minute_file_in_segments(files, checkpoints, 
     """--long-audio auto (the default): a source longer than the model's 30 s goes through LongStream."""
     source, target = _lists(tmp_path, [files["ten-minutes"]])
     args = (checkpoints / "speech640", source, target)
-    with pytest.raises(InstanceError, match=rf"instance 0 \({files['ten-minutes']}\): ValueError: the source is "
+    with pytest.raises(InstanceError, match=rf"instance 0 \({files['ten-minutes']}\): SourceTooLong: the source is "
                                             r"longer than the model's context of 29\.44 s"):  # fmt: skip
         simuleval(*args, tmp_path / "off", "--source-segment-size", "640", "--long-audio", "off")
     (instance,) = simuleval(*args, tmp_path / "auto", "--source-segment-size", "640", "--head", "wait-k", "--k", "1")

@@ -201,6 +201,14 @@ def test_command_at_real_time_pace_takes_the_audio_duration(data):
     assert translation == ["translation: " + live.printable(" ".join(offline_words(data["speech"], tone(1.0))))]
 
 
+def test_a_text_line_longer_than_the_models_context_is_named_before_any_is_translated(data, tmp_path, capsys):
+    (tmp_path / "talk.txt").write_text(f"{SENTENCE}\n\n{' '.join(['Donaudampfschifffahrt'] * 200)}\n")
+    out = io.StringIO()
+    code = live.main([str(tmp_path / "talk.txt"), "--checkpoint", str(data["root"] / "text-ckpt"), "--fast"], out=out)
+    assert code == 2 and "translation:" not in out.getvalue()
+    assert "talk.txt line 3: 200 words make" in capsys.readouterr().err
+
+
 def test_command_translates_a_text_file_line_by_line(data):
     root = data["root"]
     out = io.StringIO()

@@ -310,6 +310,24 @@ def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_all
     assert [e["delay_ms"] for e in writes] == expected.delays
 
 
+def test_text_words_past_the_models_context_in_tokens_are_too_long_and_the_stream_keeps_what_it_took():
+    """The reader counts words; a word is one or more tokens, so the session's own check (in tokens) refuses the
+    rest: a too_long error in the client's terms (it was bad_input, with advice for library users)."""
+    translator = Translator(untied_tiny("text", max_source_embeddings=12), None, ServeConfig(limits=LIMITS))
+    with BackgroundServer(translator) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(json.dumps({"type": "words", "words": ["coffee"]}))
+        ws.send(json.dumps({"type": "words", "words": ["Donaudampfschifffahrtsgesellschaft"] * 2}))
+        events = []
+        while not events or events[-1]["type"] != "error":
+            events.append(json.loads(ws.recv(timeout=10)))
+        assert events[-1]["code"] == "too_long", events
+        assert "past the model's context of 12 source tokens; it is dropped" in events[-1]["message"]
+        ws.send(json.dumps({"type": "end"}))
+        assert events_until_end(ws)[-1]["source_length"] == 1.0
+
+
 def test_a_model_whose_source_capacity_exceeds_the_encoders_context_is_segmented_at_what_a_session_takes():
     """max_source_embeddings above the encoder's 1500 frames / stack: a session still takes 29.76 s. live and serve
     used to take the LLM's capacity alone (59.84 s): live streamed a 35 s file through one session and failed,
