@@ -50,6 +50,7 @@ def run_cli(tmp_path, *settings: str) -> int:
         (["lr=inf"], "lr=inf: must be a finite number"),
         (["phi_skew=-inf"], "phi_skew=-inf: must be a finite number"),
         (["lora_r=0", "train_llm=lora"], "lora_r=0 with train_llm=lora: a LoRA of rank 0 trains nothing"),
+        (["probe_hidden=0"], "probe=true with probe_hidden=0: a model without a probe MLP cannot train one"),
         (["out_dir="], "out_dir is empty: give out_dir=PATH"),
         (["max_target_tokens=0"], "max_target_tokens=0: each of"),
     ],

@@ -116,6 +116,9 @@ class TrainConfig:
         negative = [f"{k}={getattr(self, k)}" for k in NOT_NEGATIVE if getattr(self, k) < 0]
         if negative:
             raise ValueError(f"{', '.join(negative)}: must not be negative")
+        if self.probe and self.probe_hidden < 1:
+            raise ValueError(f"probe=true with probe_hidden={self.probe_hidden}: a model without a probe MLP cannot "
+                             "train one; give probe_hidden >= 1 (256 is the default) or probe=false")  # fmt: skip
         loss = self.loss  # validates the objective's fields
         if not (loss.needs_full or loss.needs_stream):
             raise ValueError(
