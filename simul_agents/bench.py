@@ -1105,7 +1105,7 @@ def collect_rows(bench: Bench, task: str) -> list[dict]:
     import csv
 
     rows = []
-    for variant in (*VARIANTS, *DECODINGS, *CA_VARIANTS):
+    for variant in (*VARIANTS, *PROBES, *DECODINGS, *CA_VARIANTS):  # every variant a sweep stage runs
         eval_dir = bench.runs / task / f"eval-{variant}"
         merged: dict[tuple, dict] = {}  # (head, param) -> row; a rerun takes its earlier row's place
         for name in (EARLIER, "sweep.csv"):

@@ -19,8 +19,8 @@ A run is a SimulEval output directory (``<task dir>/eval-<variant>/<head>/<param
   ``variant_keep_offline``: ``keep_offline`` on its own runs, against its own offline decode;
 - ``probe_vs_main``: a variant swept on the probe alone (main's model with its probe trained again:
   ``training.probe``), each of its points against main's probe, entropy and wait-k point of nearest LAAL;
-- ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point within
-  10% of its LAAL but between two of them (k and k+1), against wait-k time-shared to its LAAL (each sentence
+- ``vs_waitk_mixed``: per variant, each entropy point (alone or between lag bounds) with no wait-k point at equal
+  LAAL (``nearest``) but between two of them (k and k+1), against wait-k time-shared to its LAAL (each sentence
   decoded by one of the two k, drawn at random: ``waitk_mixtures``), the baseline that matching leaves out;
 - ``entropy_vs_fixed_chunk``: per variant with fixed-chunk runs, its entropy points against them (a schedule of
   several words per source unit reaches below wait-k k=1's LAAL);
@@ -52,7 +52,7 @@ from .sweep import bounded_curve, curve_name
 PROACTIVE = ("entropy", "attention", "probe")
 BOUNDED = bounded_curve("entropy")  # the entropy head between lag bounds
 ADAPTIVE = (*PROACTIVE, BOUNDED, bounded_curve("probe"))  # the heads that read the model's state
-MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when within 10%
+MATCH_TOLERANCE = 0.10  # two points are "at equal LAAL" when they differ by at most 10% of the larger
 LOW_LATENCY_SHARE = 0.35  # "low latency": LAAL at most 35% of the mean source length
 BOOTSTRAP_SAMPLES = 1000
 MIX_DRAWS = 5  # random draws of wait-k time-shared to a point's LAAL (``mixed_vs_waitk``), averaged
@@ -190,7 +190,8 @@ def welch_test(baseline: Sequence[float], system: Sequence[float]) -> dict:
 
 
 def nearest(point: dict, others: Sequence[dict]) -> dict | None:
-    """The point of ``others`` whose LAAL is nearest, if within MATCH_TOLERANCE of this one's."""
+    """The point of ``others`` whose LAAL is nearest, if the two differ by at most MATCH_TOLERANCE of the larger (a
+    symmetric rule: a point is matched with the other exactly when the other is matched with it)."""
     candidates = [o for o in others if o["LAAL"] is not None and point["LAAL"] is not None]
     if not candidates:
         return None
@@ -262,7 +263,7 @@ def waitk_mixtures(target_laal: float, lower: dict, upper: dict, draws: int = MI
 
 
 def mixed_vs_waitk(runs: Sequence[dict], head: str) -> list[dict]:
-    """Each ``head`` point with no wait-k point within 10% of its LAAL but between two of them, k and k+1, against
+    """Each ``head`` point with no wait-k point at equal LAAL (``nearest``) but between two of them, k and k+1, against
     wait-k time-shared to its LAAL (``waitk_mixtures``), with a paired bootstrap. Which sentences a draw gives to
     which k moves its chrF by up to 0.2 here (text, 1,000 pairs), so the baseline is the mean of ``MIX_DRAWS``
     draws (``seed_mean_bootstrap``'s mean over runs): the time-shared schedule's expected score."""
@@ -577,7 +578,7 @@ def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
         line += (f" Against {test['matched']} at equal LAAL ({test['matched_LAAL']:.2f}): chrF "
                  f"{c['delta']:+.2f} (p {c['p']:.3f}), BLEU {b['delta']:+.2f} (p {b['p']:.3f}).")  # fmt: skip
     elif "vs_waitk" in o:
-        line += " No wait-k point lies within 10% of its LAAL."
+        line += " No wait-k point lies at equal LAAL (within 10%)."
     return line
 
 

@@ -205,7 +205,7 @@ def test_the_oracle_is_placed_against_each_head_s_latency_for_its_quality(task_d
     assert oracle["vs_waitk"]["matched"] is None
     text = "\n".join(format_comparison(result))
     assert "scores the oracle's chrF or more: entropy threshold=0.5" in text and "never: wait-k" in text
-    assert "No wait-k point lies within 10% of its LAAL" in text
+    assert "No wait-k point lies at equal LAAL (within 10%)" in text
 
 
 def test_every_other_streaming_variant_is_compared_offline_with_the_plain_fine_tune(task_dir):
@@ -1047,3 +1047,20 @@ def test_a_probe_trained_again_is_matched_with_main_s_heads_and_keeps_main_s_off
     assert result["variant_keep_offline"]["probe-word-start"]["offline_chrF"] == result["keep_offline"]["offline_chrF"]
     text = "\n".join(format_comparison(result))
     assert "probe-word-start, probe vs main's entropy: 1 matched of 1 points, significantly better on 1" in text
+
+
+def test_a_probe_variant_s_runs_are_in_runs_csv_and_the_summary_table(tmp_path, task_dir):
+    # main's model with its probe trained again (PROBES) is swept and compared like a variant: its runs belong in
+    # runs.csv ("every run of every variant") and in the summary's run table, like a decoding's
+    bench = B.Bench(runs=tmp_path, results=tmp_path / "results", readme=None)  # task_dir is tmp_path / "text"
+    refs = _sentences(120, 0)
+    _write_run(task_dir / "eval-probe-word-start" / "probe" / "threshold=0.8", _corrupt(refs, 0.05, 12), refs,
+               delays_per_word=2.0)  # fmt: skip
+    _score_into_table(task_dir / "eval-main")
+    _score_into_table(task_dir / "eval-probe-word-start")
+    rows = B.collect_rows(bench, "text")
+    assert [(r["variant"], r["head"], r["param"]) for r in rows if r["variant"] in B.PROBES] == [
+        ("probe-word-start", "probe", "threshold=0.8")]
+    summary = B.write_summary(bench, ["text"]).read_text()
+    assert "| probe-word-start | probe | threshold=0.8 |" in summary
+    assert "probe-word-start," in (bench.results / "text" / "runs.csv").read_text()
