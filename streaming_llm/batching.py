@@ -63,7 +63,8 @@ class LMBatcher:
     Usage: each worker thread wraps its work in ``with batcher.member():`` and gives its sessions
     ``lm_call=batcher``. A forward runs when every member is waiting on one, so a member must not block on
     anything else (another member, I/O of unbounded length) while it holds sessions. A call from a thread that
-    is not a member runs at once, alone.
+    is not a member joins the next batch: it runs once the members are all waiting on forwards too (at once when
+    fewer than two are busy).
     """
 
     def __init__(self, llm: PreTrainedModel, runner: Executor | None = None):

@@ -216,6 +216,8 @@ class StreamingSession:
     def push_words(self, words: Sequence[str]) -> int:
         """Append source words (text modality) -> number of new units read."""
         self._require(TEXT, "push_words")
+        if isinstance(words, str):  # a str is a Sequence[str] of letters
+            raise ValueError(f"push_words takes a list of words, not the string {words[:40]!r}; split it first")
         self._refuse_source_on_fork("push_words")
         if self.source_finished:
             raise ValueError("push_words after finish_source; start a new session for a new sentence")
@@ -357,8 +359,9 @@ class StreamingSession:
         word = ahead._write_word()
         if word is not None and ends_sentence(word):
             return None
+        forked = self._forked  # a fork writing with hold_end (LocalAgreement's hypotheses) stays a fork
         vars(self).update(vars(ahead))  # the word stands: take the fork's state (its cache, words, target)
-        self._forked = False
+        self._forked = forked
         return word
 
     def _write_word(self) -> str | None:
@@ -381,10 +384,10 @@ class StreamingSession:
                     break
                 tokens.append(nxt)
                 self._feed_target([nxt])
-                if len(tokens) >= MAX_WORD_TOKENS:
-                    break
-                if len(self.written) >= self.max_target_tokens:
+                if len(self.written) >= self.max_target_tokens:  # before the word cut: both may land on one token
                     self.finished = True
+                    break
+                if len(tokens) >= MAX_WORD_TOKENS:
                     break
         word = self.model.tokenizer.decode(tokens).strip()
         if not word:
@@ -510,6 +513,7 @@ class StreamingSession:
         """(n_layers, units_read): the pending row's attention mass on each source unit, averaged over heads,
         as a share of all its attention (prompt and target entries take the rest). Needs a session made with
         ``attention_layers`` (any list: every layer's weights come back)."""
+        self.flush()  # units pushed since the last forward are counted in units_read: give them their attention
         if self._out is None or not getattr(self._out, "attentions", None):
             raise ValueError("no attention weights: make the session with attention_layers=[...] and read a unit")
         rows = torch.stack([a[0, :, -1].float().mean(0) for a in self._out.attentions])  # (L, kv)

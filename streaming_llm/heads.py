@@ -145,7 +145,7 @@ class EntropyHead(Head):
     name: ClassVar[str] = "entropy"
 
     def __post_init__(self):
-        if self.threshold < 0:
+        if self.threshold < 0 or (self.threshold == 0 and not self.max_lag):  # WRITE needs an entropy under it
             raise ValueError(f"entropy head: threshold={self.threshold}; an entropy is at least 0 nats, so it would "
                              "never write before the source ends (that is --head offline)")  # fmt: skip
         check_lag_bounds(self)
@@ -176,6 +176,9 @@ class AttentionHead(Head):
 
     def __post_init__(self):
         check_share(self, "a share of attention")
+        if (self.write_when, self.threshold) in (("high", 1), ("low", 0)):
+            raise ValueError(f"attention head: threshold={self.threshold} with write_when={self.write_when}; no share "
+                             "of attention is beyond it, so it would never write before the source ends")  # fmt: skip
         if self.frontier < 1:
             raise ValueError(f"attention head: frontier={self.frontier}; it must be at least 1 unit")
         if self.normalise not in ("source", "all"):
@@ -282,7 +285,8 @@ class LocalAgreementHead(Head):
 
 class Hypothesis:
     """The words written so far, then the greedy continuation of the session as it was when this was made, up to
-    ``horizon`` more words or the sentence's end (``list(session.words) + peek_words(session, horizon)``), but
+    ``horizon`` more words (fewer only once the source has ended and the model ends the sentence: before that the
+    sentence end is never written, as in ``write_word``) (``list(session.words) + peek_words(session, horizon)``), but
     decoded only as far as someone reads it (``word(i)``), on a fork of the session.
 
     LocalAgreement compares each new hypothesis with the previous ones only up to where they part, so most of a
@@ -328,6 +332,9 @@ class ProbeHead(Head):
 
     def __post_init__(self):
         check_share(self, "a probability")
+        if self.threshold == 1 and not self.max_lag:  # WRITE needs a probability above it
+            raise ValueError("probe head: threshold=1.0; no probability is above it, so it would never write before "
+                             "the source ends (that is --head offline)")  # fmt: skip
         check_lag_bounds(self)
 
     def session_options(self, model):
@@ -477,9 +484,9 @@ def parse_head_params(items: Sequence[str]) -> dict[str, str]:
 
 def peek_words(session: StreamingSession, n: int) -> list[str]:
     """Greedily decode up to ``n`` words ahead of the session, which stays as it was (the words are decoded on a
-    ``fork``). Stops early when the model would end the sentence."""
+    ``fork``). Stops early only when the source has ended and the model ends the sentence."""
     ahead = Hypothesis(session, n)
     start = len(ahead.words)
     if n > 0:
-        ahead.word(start + n - 1)  # decodes up to n words, fewer if the sentence ends first
+        ahead.word(start + n - 1)  # decodes up to n words, fewer if the finished source's sentence ends first
     return ahead.words[start:]

@@ -151,7 +151,8 @@ def test_a_lag_floor_delays_every_word_on_a_real_session(model):
 
 @pytest.mark.parametrize(
     ("name", "threshold", "problem"),
-    [("entropy", -1.0, "at least 0 nats"), ("probe", 1.5, "a probability"), ("attention", -0.1, "a share")],
+    [("entropy", -1.0, "at least 0 nats"), ("probe", 1.5, "a probability"), ("attention", -0.1, "a share"),
+     ("entropy", 0.0, "never write"), ("probe", 1.0, "never write"), ("attention", 1.0, "never write")],
 )
 def test_a_threshold_the_head_could_never_cross_is_refused(name, threshold, problem):
     with pytest.raises(ValueError, match=problem):

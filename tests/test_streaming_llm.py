@@ -409,3 +409,54 @@ def test_changed_weights_give_a_new_start_state():
     fresh = _logits_after(StreamingSession(model), words)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, fresh, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cap", [engine.MAX_WORD_TOKENS, 2 * engine.MAX_WORD_TOKENS])
+def test_the_token_cap_holds_when_it_falls_on_a_word_cut(cap):
+    """A word cut at MAX_WORD_TOKENS on the very token that reaches max_target_tokens used to leave the session
+    unfinished, so the next write_word wrote one token past the cap."""
+    model = tiny_model("text")  # tied: one endless word of ':' tokens
+    session = StreamingSession(model, max_target_tokens=cap)
+    session.push_words(SOURCE_WORDS)
+    session.finish_source()
+    while session.write_word() is not None:
+        pass
+    assert session.finished and len(session.written) == cap
+
+
+def test_attention_by_layer_covers_the_units_pushed_since_the_last_forward():
+    """Source is fed lazily: right after a push, attention_by_layer used to return the previous forward's
+    attention padded with zeros for the new units (units_read had moved on, the LM output had not)."""
+    model = tiny_model("text", seed=5)
+    lazy = StreamingSession(model, attention_layers=[0, 1])
+    eager = StreamingSession(model, attention_layers=[0, 1])
+    for session in (lazy, eager):
+        session.push_words(SOURCE_WORDS[:2])
+        session.force_target(model.target_ids("Ich")[:-1])
+        session.push_words(SOURCE_WORDS[2:5])
+    eager.signals()  # reads the LM, feeding the three new words
+    torch.testing.assert_close(lazy.attention_by_layer(), eager.attention_by_layer())
+    assert lazy.attention_by_layer()[:, 2:].sum() > 0
+
+
+def test_a_fork_that_writes_with_hold_end_still_refuses_source(monkeypatch):
+    """write_word with hold_end takes over its own fork's state; on a fork it used to clear the fork's flag, and
+    the fork then took audio into the mel and encoder cache it shares with its parent."""
+    monkeypatch.setattr(engine, "ends_sentence", lambda word: False)
+    model = tiny_model("speech", seed=1)
+    audio = (0.1 * np.random.default_rng(0).standard_normal(3 * model.block_samples)).astype(np.float32)
+    session = StreamingSession(model, hold_end=True, max_target_tokens=30)
+    session.push_audio(audio[: 2 * model.block_samples])
+    ahead = session.fork()
+    assert ahead.write_word() is not None
+    with pytest.raises(ValueError, match="on a fork"):
+        ahead.push_audio(audio[2 * model.block_samples :])
+    session.push_audio(audio[2 * model.block_samples :])  # the parent's own write_word keeps it a parent
+    assert session.write_word() is not None and not session._forked
+
+
+def test_push_words_refuses_a_string_which_would_be_read_letter_by_letter():
+    session = StreamingSession(tiny_model("text"))
+    with pytest.raises(ValueError, match="push_words takes a list of words, not the string 'Hello'"):
+        session.push_words("Hello")
+    assert session.units_read == 0
