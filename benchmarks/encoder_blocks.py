@@ -30,12 +30,13 @@ import whisper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speech_frontend.assets import cache_dir  # noqa: E402
 from speech_frontend.audio import to_mono_16k  # noqa: E402
 from speech_frontend.encoder import ENCODER_FRAME_MS, BlockCausalEncoder  # noqa: E402
 from speech_frontend.mel import HOP_LENGTH, StreamingMel, log_mel  # noqa: E402
 
 BLOCK_MS = (320, 640, 1280, 2560)
-CACHE = Path.home() / ".cache" / "proactive-simulst"
+CACHE = cache_dir()  # $PROACTIVE_CACHE or ~/.cache/proactive-simulst
 
 SENTENCES = [
     "The weather was cold, so we stayed inside and read old letters from our grandparents.",

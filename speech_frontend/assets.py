@@ -100,7 +100,7 @@ class Asset:
 
 def cache_dir() -> Path:
     """The asset cache: ``$PROACTIVE_CACHE`` if set, else ``~/.cache/proactive-simulst``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().absolute()  # paths kept in checkpoints
 
 
 def _read_manifest(root: Path) -> dict:
@@ -469,23 +469,36 @@ def _problem(root: Path, name: str, entry: dict | None, rehash: bool) -> str | N
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path) -> Iterator[OSError | None]:
+    """Hold the cache's lock; yields None, or the OSError that keeps this process from writing the cache (a
+    read-only cache: assets that are up to date are still reported so, nothing can be built)."""
     import fcntl
 
-    with open(root / LOCK_FILE, "a+") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - closed below
+    except OSError as e:
+        yield e
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another `make assets` that is building in {root} ...", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _clean_leftovers(root: Path) -> None:
     for path in root.iterdir():
+        if path.name.startswith(OLD_PREFIX) and path.is_dir():
+            final = root / path.name[len(OLD_PREFIX) :].rsplit(".", 1)[0]
+            if not final.exists():  # a rebuild killed between moving the old asset aside and the new one in
+                path.rename(final)
+                continue
         if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -504,11 +517,11 @@ def _build_one(root: Path, asset: Asset) -> dict:
             for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         final = root / asset.name
+        old = root / f"{OLD_PREFIX}{asset.name}.{os.getpid()}"
         if final.exists():
-            old = root / f"{OLD_PREFIX}{asset.name}.{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)  # a kill from here until the next rename: the next run moves it back
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
@@ -526,13 +539,13 @@ def _build_one(root: Path, asset: Asset) -> dict:
 def build_assets(names: list[str] | None = None, cache: Path | None = None, force: bool = False,
                  verify: bool = False) -> int:
     """Build the named assets (default: all) into ``cache``; returns the number that failed."""
-    root = Path(cache).expanduser() if cache is not None else cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(cache).expanduser().absolute() if cache is not None else cache_dir()
     names = list(names or ASSETS)
     failed = 0
     run_start = time.perf_counter()
-    with _locked(root):
-        _clean_leftovers(root)
+    with _locked(root) as unwritable:
+        if unwritable is None:
+            _clean_leftovers(root)
         manifest = _read_manifest(root)
         for i, name in enumerate(names, 1):
             asset = ASSETS[name]
@@ -540,6 +553,12 @@ def build_assets(names: list[str] | None = None, cache: Path | None = None, forc
             problem = "--force" if force else _problem(root, name, entry, rehash=verify)
             if problem is None:
                 print(f"[{i}/{len(names)}] {name}: up to date ({_mb(entry['size'])})", flush=True)
+                continue
+            if unwritable is not None:
+                failed += 1
+                print(f"error: {name}: needs a build ({problem}) but the cache {root} cannot be written "
+                      f"({unwritable.strerror or unwritable}); pass --cache DIR or set ${CACHE_ENV}", file=sys.stderr,
+                      flush=True)
                 continue
             print(f"[{i}/{len(names)}] {name}: building ({problem}) - {asset.what}", flush=True)
             try:

@@ -7,7 +7,9 @@ openai-whisper checkpoints are ``{'dims': ModelDimensions fields, 'model_state_d
 - self-attention ``linear_0`` holds q, k and v fused along dim 0. whisper's key has no bias: the key part of
   the fused bias is dropped (it adds the same value to every score of a query, so softmax ignores it).
 - decoder cross-attention: ``linear_0`` is q, ``linear_1`` is k and v fused, ``linear_2`` is the output.
-- all weights become float32.
+- all weights become float32. Weights that CTranslate2 quantized (``--quantization int8*`` / ``int16``: an
+  integer ``weight`` with a ``weight_scale``, per output row or one for the tensor, ``q = rint(w * scale)``)
+  are dequantized as ``q / scale``.
 """
 
 from __future__ import annotations
@@ -105,7 +107,18 @@ def ct2_whisper_state_dict(
     def get(name: str) -> np.ndarray:
         _require(variables, [name])
         used.add(name)
-        return variables[name]
+        value = variables[name]
+        scale = variables.get(f"{name}_scale")
+        if scale is not None:  # a CTranslate2-quantized weight: q = rint(w * scale)
+            used.add(f"{name}_scale")
+            scale = np.asarray(scale, dtype=np.float32)
+            if scale.ndim == 1:
+                scale = scale.reshape(-1, *([1] * (np.ndim(value) - 1)))
+            return np.asarray(value, dtype=np.float32) / scale
+        if np.asarray(value).dtype.kind in "iu" and np.ndim(value) >= 2:
+            raise ConversionError(f"CT2 variable {name} is {np.asarray(value).dtype} without a {name}_scale; "
+                                  "cannot dequantize it")
+        return value
 
     def linear(dst: str, src: str, bias: bool = True) -> None:
         sd[f"{dst}.weight"] = _tensor(get(f"{src}/weight"))
@@ -156,8 +169,8 @@ def ct2_whisper_state_dict(
     if variables.get("decoder/scale_embeddings") is not None and int(np.asarray(
             variables["decoder/scale_embeddings"]).item()):
         raise ConversionError("decoder/scale_embeddings is set; whisper does not scale its embeddings")
-    leftover = [n for n, v in variables.items() if n not in used and np.asarray(v).ndim >= 2
-                and n != "decoder/projection/weight"]
+    leftover = [n for n, v in variables.items() if n not in used and not n.startswith("decoder/projection/weight")
+                and (np.asarray(v).ndim >= 2 or n.endswith("_scale"))]
     if leftover:
         raise ConversionError(f"CT2 variable {leftover[0]} has no openai-whisper counterpart "
                               f"({len(leftover)} unmapped weights); is this a Whisper model?")

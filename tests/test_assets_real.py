@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -74,6 +75,45 @@ def test_failed_build_leaves_nothing_half_written(fake_asset, monkeypatch, capsy
     assert "error: fake: package fake-package is not installed: pip install" in capsys.readouterr().err
     assert not (cache / "fake").exists()
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_relative_cache_is_made_absolute(fake_asset, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(assets.CACHE_ENV, "cache")
+    assert build_assets(["fake"]) == 0
+    path = asset_file("fake")  # what a training run writes into its checkpoint's config
+    assert path.is_absolute() and path == tmp_path / "cache" / "fake" / "data.txt"
+    monkeypatch.chdir("/")
+    assert path.read_text() == "hello"
+
+
+def test_a_read_only_cache_reports_up_to_date_assets_and_names_the_rest(fake_asset, monkeypatch, capsys):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0 and len(calls) == 1
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wa+x"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(assets, "open", read_only, raising=False)
+    capsys.readouterr()
+    assert build_assets(["fake"]) == 0 and len(calls) == 1
+    assert "fake: up to date" in capsys.readouterr().out
+    (cache / "fake" / "data.txt").write_text("changed!")  # another size: needs a build it cannot do
+    assert build_assets(["fake"]) == 1 and len(calls) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fake: needs a build" in err[0] and "cannot be written (Read-only file system)" in err[0]
+
+
+def test_a_rebuild_killed_while_swapping_the_asset_in_keeps_one_of_them(fake_asset, capsys):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0 and len(calls) == 1
+    (cache / "fake").rename(cache / f"{assets.OLD_PREFIX}fake.12345")  # killed right after moving the old one aside
+    assert build_assets(["fake"]) == 0 and len(calls) == 1  # moved back: up to date, nothing rebuilt
+    assert asset_file("fake").read_text() == "hello"
+    assert not [p for p in cache.iterdir() if p.name.startswith(assets.OLD_PREFIX)]
 
 
 # ----------------------------------------------------------------------------------------- real assets

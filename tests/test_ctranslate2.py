@@ -170,3 +170,45 @@ def test_missing_weight_is_named(tmp_path):
 def test_load_whisper_refuses_a_model_name():
     with pytest.raises(FileNotFoundError, match="make assets"):
         load_whisper("tiny.en")
+
+
+def _quantized_like_ct2(variables: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """What ``ct2-transformers-converter --quantization int8|int16`` stores: every Linear/Embeddings weight as an
+    integer ``weight`` and a ``weight_scale`` (int8: 127 / amax per row; int16: 2**10 / amax), q = rint(w * scale)."""
+    out = {}
+    for name, array in variables.items():
+        if name.endswith("/weight") and array.ndim == 2 and "conv" not in name:
+            w = array.astype(np.float32)
+            if kind == "int8":
+                scale = (127.0 / np.abs(w).max(axis=1)).astype(np.float32)
+                out[name] = np.rint(w * scale[:, None]).astype(np.int8)
+            else:
+                scale = np.float32(2**10 / np.abs(w).max())
+                out[name] = np.rint(w * scale).astype(np.int16)
+            out[name + "_scale"] = np.asarray(scale, np.float32)
+        else:
+            out[name] = array
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int8", "int16"])
+def test_quantized_ct2_weights_are_dequantized_with_their_scales(tmp_path, kind):
+    variables = _tiny_ct2_whisper()
+    write_model_bin(tmp_path / "model.bin", _quantized_like_ct2(variables, kind), aliases=ALIASES)
+    got = load_whisper(tmp_path).state_dict()
+    for name, ct2 in (("encoder.blocks.0.mlp.0.weight", "encoder/layer_0/ffn/linear_0/weight"),
+                      ("decoder.token_embedding.weight", "decoder/embeddings/weight")):
+        want = torch.from_numpy(variables[ct2].astype(np.float32))
+        step = want.abs().amax(dim=1, keepdim=True) / 127 if kind == "int8" else want.abs().max() / 2**10
+        assert ((got[name] - want).abs() <= step / 2 + 1e-6).all(), name
+    s = DIMS["n_audio_state"]
+    qkv = torch.from_numpy(variables["encoder/layer_1/self_attention/linear_0/weight"].astype(np.float32))
+    assert torch.allclose(got["encoder.blocks.1.attn.value.weight"], qkv[2 * s :], atol=0.05)
+
+
+def test_an_integer_weight_without_a_scale_is_refused(tmp_path):
+    variables = _quantized_like_ct2(_tiny_ct2_whisper(), "int8")
+    del variables["encoder/layer_0/ffn/linear_0/weight_scale"]
+    write_model_bin(tmp_path / "model.bin", variables, aliases=ALIASES)
+    with pytest.raises(ConversionError, match="encoder/layer_0/ffn/linear_0/weight is int8 without"):
+        load_whisper(tmp_path)
