@@ -1,6 +1,6 @@
 """Load test of the WebSocket server: N clients on loopback, each streaming audio in real time.
 
-    python benchmarks/serve_load.py                                  # runs/demo/train/final if present, else tiny
+    python benchmarks/serve_load.py                  # the trained speech model (results/speech/model), else tiny
     python benchmarks/serve_load.py --checkpoint CKPT --clients 1,2,3,4,6 --seconds 12 --threads 1
     python benchmarks/serve_load.py --checkpoint runs/bench/speech/main/final --test data/offline/test.tsv \
         --int4 --compile                                             # 4-bit LLM, compiled steps
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from speech_frontend.audio import SAMPLE_RATE, load_audio  # noqa: E402
 
-DEMO_CHECKPOINT = ROOT / "runs/demo/train/final"
+TRAINED_CHECKPOINTS = (ROOT / "results/speech/model", ROOT / "runs/demo/train/final")  # make bench's, make demo's
 DEMO_TEST = ROOT / "data/demo/test.tsv"
 
 
@@ -211,7 +211,8 @@ async def idle_memory(port: int, server_pid: int, n: int, start: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=None, help="default: runs/demo/train/final if present, else a tiny model")
+    p.add_argument("--checkpoint", default=None,
+                   help="default: results/speech/model (or runs/demo/train/final) if present, else a tiny model")
     p.add_argument("--clients", default="1,2,3,4,6,8", help="the N to try, in order (stops at the first that fails)")
     p.add_argument("--seconds", type=float, default=12.0, help="audio per client (at most the model's context)")
     p.add_argument("--chunk-ms", type=int, default=320)
@@ -231,9 +232,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             checkpoint = Path(args.checkpoint)
-        elif (DEMO_CHECKPOINT / "checkpoint.json").is_file():
-            checkpoint = DEMO_CHECKPOINT
+        elif trained := [c for c in TRAINED_CHECKPOINTS if (c / "checkpoint.json").is_file()]:
+            checkpoint = trained[0]
         else:
+            print("no trained speech model (results/speech/model, runs/demo/train/final): a random tiny model, whose "
+                  "load figures are not a trained model's; pass --checkpoint", flush=True)
             checkpoint = tiny_checkpoint(Path(tmp))
         audio, what = source_audio(args.seconds, args.test)
         start = {"head": args.head}

@@ -1,6 +1,6 @@
 """Live translation in the terminal: a file at real-time pace, a microphone, or text words at a pace.
 
-    python -m simul_agents.live talk.wav --checkpoint runs/demo/train/final --head entropy --threshold 1.5
+    python -m simul_agents.live talk.wav --checkpoint results/speech/model --head entropy --threshold 1.5
     python -m simul_agents.live talk.wav --checkpoint CKPT --fast          # as fast as the model goes
     python -m simul_agents.live --mic --checkpoint CKPT                    # until Ctrl-C (--seconds: a limit)
     python -m simul_agents.live sentences.txt --checkpoint TEXT_CKPT      # one line per utterance, words at a pace

@@ -1,6 +1,6 @@
 """A WebSocket server for live translation, with the browser page at ``/`` on the same port.
 
-    python -m simul_agents.serve --checkpoint runs/demo/train/final [--host 127.0.0.1] [--port 8765]
+    python -m simul_agents.serve --checkpoint results/speech/model [--host 127.0.0.1] [--port 8765]
 
 The model is loaded once and shared; every connection gets its own ``LiveStream`` (``simul_agents.live``: one
 ``StreamingSession``, one head, one memory). A stream's model work runs as small jobs (a frame of source, or one

@@ -5,7 +5,7 @@
 The YAML (see ``eval_configs/``)::
 
     task: offline-text-en-de
-    checkpoint: checkpoints/offline-text-en-de
+    checkpoint: results/text/model
     source: data/offline/simuleval/text/source.txt
     target: data/offline/simuleval/text/target.txt
     output: runs/offline-text-en-de

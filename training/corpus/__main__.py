@@ -214,10 +214,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="the offline corpus: Ding sentence pairs + synthetic English speech")
     b.add_argument("--out", required=True, type=_out_folder, help="folder for audio/ and {train,dev,test}.tsv")
     b.add_argument("--max-utterances", type=_at_least(1),
-                   help="first N of a stable hash order (bigger N: a superset)")  # fmt: skip
+                   help="first N of a stable hash order (bigger N: a superset; default: every sentence)")  # fmt: skip
     for split in ("train", "dev", "test"):
         b.add_argument(f"--max-{split}", type=_at_least(0),
-                       help=f"at most N {split} utterances (first N of the same order; 0: none)")  # fmt: skip
+                       help=f"at most N {split} utterances (first N of the same order; 0: none; "
+                            "default: no cap)")  # fmt: skip
     b.add_argument("--voice", choices=VOICES, default="piper", help="English voice (default: %(default)s)")
     b.add_argument("--format", choices=sorted(AUDIO_FORMATS), default="flac", help="audio files (default: %(default)s)")
     b.add_argument("--workers", type=_at_least(1), default=DEFAULT_WORKERS,
@@ -242,9 +243,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simuleval", help="source.txt / target.txt for SimulEval from a manifest")
     s.add_argument("manifest")
-    s.add_argument("--out", required=True, type=_out_folder)
-    s.add_argument("--max-utterances", type=_at_least(1))
-    s.add_argument("--seed", type=int, help="with --max-utterances: a seeded random subset (else the first N)")
+    s.add_argument("--out", required=True, type=_out_folder,
+                   help="folder for source.txt, target.txt, ids.txt and wav/ (the slices of speech rows)")
+    s.add_argument("--max-utterances", type=_at_least(1), help="at most N utterances (default: every row)")
+    s.add_argument("--seed", type=int,
+                   help="with --max-utterances: a seeded random subset (default: none, the first N)")
     s.add_argument("--text", action="store_true", help="source.txt holds source sentences (text-to-text)")
     s.set_defaults(run=_simuleval)
 

@@ -2,7 +2,8 @@
 and ``target.txt`` (one reference per line), plus ``ids.txt`` to map lines back to manifest ids.
 
 Speech sources are absolute paths. A whole 16 kHz mono WAV or FLAC is used where it is; a slice
-(``path:offset:frames``) or any other file is first written to ``OUT/wav/<id>.wav`` at 16 kHz mono.
+(``path:offset:frames``) or any other file is first written to ``OUT/wav/<id>.wav`` at 16 kHz mono (an id that is
+not a plain file name: a cleaned id plus a hash of it, so that every file stays in ``OUT/wav``).
 """
 
 from __future__ import annotations
