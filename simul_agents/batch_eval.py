@@ -77,12 +77,13 @@ def _option(argv: list[str], name: str) -> str | None:
     return value
 
 
-def _finished_lines(log: Path) -> dict[int, str]:
-    """index -> line of every complete record in a killed run's ``instances.log`` (a cut last line is dropped)."""
+def _lines_by_index(path: Path) -> dict[int, str]:
+    """index -> first line of each complete record in a killed run's ``instances.log`` or ``failed.jsonl``
+    (``--skip-failed``), so that a resume keeps them (a line cut by the kill is dropped)."""
     done: dict[int, str] = {}
-    if not log.is_file():
+    if not path.is_file():
         return done
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             index = json.loads(line)["index"]
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -90,21 +91,6 @@ def _finished_lines(log: Path) -> dict[int, str]:
         if isinstance(index, int):
             done.setdefault(index, line)
     return done
-
-
-def _failed_lines(failed: Path) -> dict[int, list[str]]:
-    """index -> lines of a killed run's ``failed.jsonl`` (``--skip-failed``), so that a resume keeps them."""
-    lines: dict[int, list[str]] = {}
-    if not failed.is_file():
-        return lines
-    for line in failed.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            index = json.loads(line)["index"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if isinstance(index, int) and line not in lines.get(index, []):
-            lines.setdefault(index, []).append(line)
-    return lines
 
 
 def run(argv: Sequence[str]) -> dict:
@@ -118,8 +104,8 @@ def run(argv: Sequence[str]) -> dict:
     batch, rest = _pop_batch([str(a) for a in argv])
     resume, rest = _pop_flag(rest, "--continue-unfinished")
     output = _option(rest, "--output")
-    finished_before = _finished_lines(Path(output) / "instances.log") if resume and output else {}
-    failed_before = _failed_lines(Path(output) / "failed.jsonl") if resume and output else {}
+    finished_before = _lines_by_index(Path(output) / "instances.log") if resume and output else {}
+    failed_before = _lines_by_index(Path(output) / "failed.jsonl") if resume and output else {}
     quiet, rest = _pop_flag(rest, "--no-progress-bar")
     saved_argv, saved_systems = sys.argv, list(EVALUATION_SYSTEM_LIST)
     # SimulEval reads its options from sys.argv (as simul_agents.evaluate_inprocess); its own progress bar would
@@ -143,7 +129,7 @@ def run(argv: Sequence[str]) -> dict:
     if log_path is not None and kept:  # SimulEval emptied the log: the finished instances go back first
         log_path.write_text("".join(kept[i] + "\n" for i in sorted(kept)), encoding="utf-8")
         # the agent (made without --continue-unfinished) deleted failed.jsonl: the kept instances' failures go back
-        failures = [line for i in sorted(kept) for line in failed_before.get(i, [])]
+        failures = [failed_before[i] for i in sorted(kept) if i in failed_before]
         if failures:
             (evaluator.output / "failed.jsonl").write_text("".join(f + "\n" for f in failures), encoding="utf-8")
         logger.info("resuming: %d of %d instances were finished before", len(kept), len(evaluator.instances))
