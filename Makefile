@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)  # 3.11: checked below
 VENV := .venv
 BIN := $(VENV)/bin
 # The install is redone only when a requirements file or setup.cfg changes (a stamp on their hash).
@@ -30,9 +30,13 @@ system-deps:
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; } \
 		|| echo "== could not install$$missing; the tests needing them will skip, --mic and --compile will say what is missing"
 
-$(STAMP):
+# system-deps first (order only: they never make the install stale): simuleval's bitarray builds with the C compiler
+$(STAMP): | system-deps
 	@echo "== installing pinned dependencies into $(VENV) (first time: about 5 minutes here)"
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# a .venv left half-built (a killed venv creation, a Python without ensurepip) is made again
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+	@$(BIN)/python -c "import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
+		'$(VENV) is not Python 3.11, which this project needs: rm -rf $(VENV), then make PYTHON=python3.11')"
 	$(PIP) install -q $(FIND_LINKS) -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	@# simuleval pulls pytest-flake8, which stops pytest 9 from starting

@@ -155,6 +155,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", m
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from None
     tokenizer = load_tokenizer(directory)
+    if meta.get("delta"):  # its frozen rest is the base models at these paths
+        config = config.replace(**{k: find_base(directory, k, getattr(config, k)) for k in BASE_PATHS})
     model = build_model(config, tokenizer, from_paths=bool(meta.get("delta")))
     check_state(model, state, meta, str(directory))
     model.load_state_dict(state, strict=False)
@@ -165,6 +167,28 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", m
 
         merge(model)
     return model.to(device).eval()
+
+
+BASE_PATHS = ("llm_path", "whisper_path")  # a delta checkpoint's base models, as absolute paths when trained
+
+
+def find_base(directory: Path, key: str, path: str) -> str:
+    """A base model's path as the checkpoint names it, or, where that is not on this machine (trained by another
+    user, or with another $PROACTIVE_CACHE), the same asset in this machine's cache: the path's last one or two
+    parts (``smollm2-135m-instruct``, ``whisper-tiny.en/model.pt``) under ``speech_frontend.assets.cache_dir()``."""
+    if not path or Path(path).exists():
+        return path
+    from speech_frontend.assets import cache_dir
+
+    parts = Path(path).parts
+    for n in (1, 2):
+        moved = cache_dir().joinpath(*parts[-n:])
+        if len(parts) >= n and moved.exists():
+            return str(moved)
+    raise CheckpointError(
+        f"{directory}: its base model ({key}) {path} is not on this machine, nor in the asset cache {cache_dir()}; "
+        "build the assets (make assets) or set $PROACTIVE_CACHE to the cache that holds them"
+    )
 
 
 def probe_trained(state: dict[str, torch.Tensor], meta: dict) -> bool:

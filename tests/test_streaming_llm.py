@@ -460,3 +460,32 @@ def test_push_words_refuses_a_string_which_would_be_read_letter_by_letter():
     with pytest.raises(ValueError, match="push_words takes a list of words, not the string 'Hello'"):
         session.push_words("Hello")
     assert session.units_read == 0
+
+
+def test_a_delta_checkpoint_finds_its_base_model_in_this_machines_asset_cache(tmp_path, monkeypatch):
+    """The bench's checkpoints name their base models by absolute paths (/root/.cache/...); another user, or
+    another $PROACTIVE_CACHE, holds the same assets elsewhere."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streaming_llm.checkpoint import build_model
+    from streaming_llm.tiny import tiny_config, tiny_tokenizer
+
+    base = tmp_path / "their-cache" / "tiny-llm"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig.from_dict(tiny_config("text").llm_config)).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model = build_model(tiny_config("text").replace(llm_path=str(base)), tiny_tokenizer(), from_paths=True)
+    for p in model.llm.parameters():
+        p.requires_grad_(False)  # the delta keeps what was trained: not the base LLM
+    folder = save_checkpoint(model, tmp_path / "ckpt", delta=True)
+    shutil.move(tmp_path / "their-cache", tmp_path / "my-cache")
+    monkeypatch.setenv("PROACTIVE_CACHE", str(tmp_path / "my-cache"))
+    moved = load_checkpoint(folder)
+    assert moved.config.llm_path == str(tmp_path / "my-cache" / "tiny-llm")
+    for a, b in zip(model.llm.parameters(), moved.llm.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setenv("PROACTIVE_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match=r"its base model \(llm_path\) .*their-cache/tiny-llm is not on this"):
+        load_checkpoint(folder)
