@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
-PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)  # 3.11: checked below
+# Python 3.11 (the torch wheel's; checked when .venv is made)
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # The install is redone only when a requirements file or setup.cfg changes (a stamp on their hash).
