@@ -198,9 +198,9 @@ def test_a_badly_typed_config_an_empty_source_or_a_file_as_output_is_refused_bef
 
 
 def test_runs_and_shards():
-    heads = {"attention": {"threshold": [0.5, 1.0], "frontier": 1}, "wait-k": {"k": 3}, "offline": {}}
+    heads = {"attention": {"threshold": [0.5, 0.9], "frontier": 1}, "wait-k": {"k": 3}, "offline": {}}
     runs = expand_runs(SweepConfig("t", "ckpt", "s.txt", "t.txt", Path("out"), heads))
-    assert [(r.head, r.label) for r in runs] == [("attention", "threshold=0.5"), ("attention", "threshold=1.0"),
+    assert [(r.head, r.label) for r in runs] == [("attention", "threshold=0.5"), ("attention", "threshold=0.9"),
                                                  ("wait-k", "-"), ("offline", "-")]  # fmt: skip
     assert dict(runs[0].params) == {"frontier": 1, "threshold": 0.5}
     assert runs[0].output == Path("out/attention/threshold=0.5")
