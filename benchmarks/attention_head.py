@@ -7,9 +7,10 @@ For each sentence the model's full-source greedy translation is the reference. T
 greedy word under the source read so far equals the full-source word; a ready word is written, otherwise one
 more unit is read. Every decision point before the source ends is one sample: its label (ready or not) and the
 signals a head could use. Each candidate attention setting (layers x normalisation x frontier) scores the
-samples by its frontier share (low share: write) and is ranked by ROC AUC, the probability that a random ready
-point scores as readier than a random not-ready point (0.5: no signal). The entropy head's signal is listed for
-comparison. The last line is one JSON object.
+samples by its frontier share, in both directions (``write_when=low``: low share means write; ``high``: high
+share means write, the head's default; the two AUCs add up to 1), and is ranked by ROC AUC, the probability that
+a random ready point scores as readier than a random not-ready point (0.5: no signal). The entropy head's signal
+is listed for comparison. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append({
             "signal": f"attention layers={layers} normalise={normalise} frontier={frontier} (low share: write)",
             "layers": layers, "normalise": normalise, "frontier": frontier,
-            "auc": auc(-np.array(share), labels),
+            "auc": auc(-np.array(share), labels),  # write_when=low
+            "auc_high": auc(np.array(share), labels),  # write_when=high
             "share_ready": float(np.median([s for s, y in zip(share, labels, strict=True) if y] or [np.nan])),
             "share_not_ready": float(np.median([s for s, y in zip(share, labels, strict=True) if not y] or [np.nan])),
             "share_quantiles": [round(float(q), 4) for q in np.quantile(share, SHARE_QUANTILES)] if share else [],
@@ -127,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             medians += "; share at " + ", ".join(
                 f"p{round(100 * q)} {v:.3f}" for q, v in zip(SHARE_QUANTILES, r["share_quantiles"], strict=True)
             )
-        print(f"AUC {r['auc']:.3f}  {r['signal']}{medians}")
-    best = max((r for r in results if "layers" in r), key=lambda r: r["auc"])
+        high = f" (high share: write: {r['auc_high']:.3f})" if "auc_high" in r else ""
+        print(f"AUC {r['auc']:.3f}  {r['signal']}{high}{medians}")
+    best = max((r for r in results if "layers" in r), key=lambda r: max(r["auc"], r["auc_high"]))
+    best = {**best, "write_when": "high" if best["auc_high"] > best["auc"] else "low"}
     print(json.dumps({"points": len(points), "ready": float(labels.mean()), "best_attention": best,
                       "entropy_auc": results[0]["auc"], "all": results}))  # fmt: skip
     return 0

@@ -103,7 +103,13 @@ def main() -> None:
     parser.add_argument("--block-ms", type=int, default=640, help="the untrained models' block (checkpoint: its own)")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--head", default="wait-k")
-    parser.add_argument("--head-param", action="append", default=["k=3"], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--head-param",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="the head's parameters (default: k=3 for wait-k, the head's own defaults otherwise)",
+    )
     parser.add_argument("--max-target-tokens", type=int, default=64, help="per segment")
     parser.add_argument("--min-seconds", type=float, default=SegmentConfig.min_seconds)
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop after this many wall seconds (0: none)")
@@ -116,12 +122,15 @@ def main() -> None:
     process = psutil.Process()
 
     model, model_name = load_model(args)
-    head = make_head(args.head, **parse_head_params(args.head_param))
+    head_params = args.head_param if args.head_param is not None else (["k=3"] if args.head == "wait-k" else [])
+    head = make_head(args.head, **parse_head_params(head_params))
     stream = LongStream(model, head, SegmentConfig(min_seconds=args.min_seconds),
                         max_target_tokens=args.max_target_tokens)  # fmt: skip
     talk = Talk(args.seed)
     total_chunks = round(args.minutes * 60 * SAMPLE_RATE / CHUNK)
-    per_minute = round(60 * SAMPLE_RATE / CHUNK)
+    if total_chunks < 1:
+        parser.error(f"--minutes {args.minutes:g}: less than one 320 ms chunk")
+    minute_samples = 60 * SAMPLE_RATE  # minute m is sampled after the first chunk that ends at or past it
     print(f"model: {model_name}; head {head.describe()}; {args.minutes:g} min in {total_chunks} chunks of 320 ms; "
           f"RSS before streaming {rss_mib(process):.1f} MiB", flush=True)  # fmt: skip
     if args.tracemalloc:
@@ -141,10 +150,10 @@ def main() -> None:
             compute += time.perf_counter() - tick
             chunks_done = k
             rss = rss_mib(process)
-            if k >= per_minute:
+            if k * CHUNK >= minute_samples:
                 peak_after_1min = max(peak_after_1min, rss)
-            if k % per_minute == 0 or k == total_chunks:
-                minute = round(k / per_minute)
+            minute = k * CHUNK // minute_samples  # whole minutes of audio streamed
+            if minute > (k - 1) * CHUNK // minute_samples:
                 rss_at[minute] = rss
                 if args.tracemalloc:
                     traced_at[minute] = tracemalloc.get_traced_memory()[0] / MIB

@@ -101,7 +101,8 @@ def recompute(model, audio: np.ndarray, words: list[list[int]]) -> float:
                 units = model.speech_units(model.encode_speech(audio[: (k + 1) * chunk]))
                 target = written + [model.eos_id]
                 embeds, positions, layouts = model.assemble([units], [target])
-                model.hidden(embeds, positions, layouts, [layouts[0].full_phi()])
+                hidden = model.hidden(embeds, positions, layouts, [layouts[0].full_phi()])
+                model.lm_logits(hidden[:, -1])  # the next token's logits, as (a) and (c) compute them
                 if n_words < plan[k]:
                     written += words[n_words]
                     n_words += 1
