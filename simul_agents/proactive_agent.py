@@ -191,6 +191,22 @@ def read_sources(args: Namespace, modality: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
+def check_text_sizes(args: Namespace, model, sources: list[str]) -> None:
+    """Each text source of the run fits one session (the model's source capacity counts tokens, not words); one that
+    does not is named before the first instance (with --skip-failed it fails alone, logged, as it runs)."""
+    end = len(sources) if args.end_index < 0 else min(args.end_index, len(sources))
+    capacity = model.config.source_capacity
+    for i in range(args.start_index, end):
+        words = sources[i].split()
+        size = sum(len(model.word_ids(w)) for w in words)
+        if size > capacity:
+            raise SetupError(
+                f"--source {args.source} line {i + 1} (instance {i}): {len(words)} words make {size} source tokens, "
+                f"more than the model's context of {capacity}; split the sentence, or pass --skip-failed to log it "
+                "and go on"
+            )
+
+
 AUDIO_SUFFIXES = {f".{name.lower()}" for name in soundfile.available_formats()} | {".opus", ".aif", ".oga"}
 
 
@@ -453,6 +469,8 @@ class ProactiveBase(GenericAgent):
             head = build_head(args)
             head.session_options(model)  # checks the head against the model (probe present, layers in range)
             sources = read_sources(args, modality) if getattr(args, "source", None) or head.needs_full_source else None
+            if sources and modality == TEXT and not getattr(args, "skip_failed", False):
+                check_text_sizes(args, model, sources)
             first = first_index(args)  # a log cut by a kill is mended here; a broken one is refused here
         except (SetupError, CheckpointError, AudioError, ValueError) as e:
             raise SystemExit(f"proactive_agent: error: {e}") from None

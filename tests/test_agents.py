@@ -12,7 +12,6 @@ from fixtures_models import untied_tiny
 from simul_agents import evaluate_inprocess
 from simul_agents.proactive_agent import (
     AudioInput,
-    InstanceError,
     ProactiveAgent,
     ProactiveSpeechAgent,
     ProactiveTextAgent,
@@ -351,8 +350,10 @@ def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tm
     (tmp_path / "source.txt").write_text(f"{SENTENCES[0]}\n{long}\n{SENTENCES[2]}\n", encoding="utf-8")
     (tmp_path / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
     args = (ProactiveAgent, data / "small-text-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
-    with pytest.raises(InstanceError, match="instance 1: SourceTooLong: .*longer than the model.s context"):
-        simuleval(*args, tmp_path / "strict", "--head", "wait-k", "--k", "1")
+    with pytest.raises(SystemExit, match=r"source.txt line 2 \(instance 1\): 41 words make \d+ source tokens, more "
+                       "than the model's context of 24; split the sentence, or pass --skip-failed"):
+        simuleval(*args, tmp_path / "strict", "--head", "wait-k", "--k", "1")  # refused before the first instance
+    assert not (tmp_path / "strict" / "instances.log").exists()
     instances = simuleval(*args, tmp_path / "lenient", "--head", "wait-k", "--k", "1", "--skip-failed")
     assert [ins["index"] for ins in instances] == [0, 1, 2]
     failed = [json.loads(line) for line in (tmp_path / "lenient" / "failed.jsonl").read_text().splitlines()]
