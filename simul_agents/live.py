@@ -637,7 +637,7 @@ def load_text(path: str, model) -> list[list[str]]:
         raise LiveError(f"{path}: no words; a text source needs one sentence per line")
     capacity = model.config.source_capacity
     for number, words in sentences:
-        size = sum(len(model.word_ids(w)) for w in words)
+        size = model.source_tokens(words)
         if size > capacity:
             raise LiveError(f"{path} line {number}: {len(words)} words make {size} source tokens, more than the "
                             f"model's context of {capacity}; split the line into sentences, one per line")  # fmt: skip

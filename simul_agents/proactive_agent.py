@@ -198,7 +198,7 @@ def check_text_sizes(args: Namespace, model, sources: list[str]) -> None:
     capacity = model.config.source_capacity
     for i in range(args.start_index, end):
         words = sources[i].split()
-        size = sum(len(model.word_ids(w)) for w in words)
+        size = model.source_tokens(words)
         if size > capacity:
             raise SetupError(
                 f"--source {args.source} line {i + 1} (instance {i}): {len(words)} words make {size} source tokens, "

@@ -97,6 +97,11 @@ class SpeechLLM(nn.Module):
         """A reference translation -> its token ids followed by the end-of-sentence token."""
         return self._ids(" " + text.strip()) + [self.eos_id]
 
+    def source_tokens(self, words: Sequence[str]) -> int:
+        """The source embeddings ``text_units`` makes of ``words``: each word's tokens (``word_ids``), counted in one
+        tokenizer call; what ``config.source_capacity`` bounds."""
+        return sum(map(len, self.tokenizer([" " + w.strip() for w in words], add_special_tokens=False)["input_ids"]))
+
     def word_ids(self, word: str) -> list[int]:
         """One source word (text modality) -> its tokens, with the leading space it has mid-sentence."""
         ids = self._ids(" " + word.strip())

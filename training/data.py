@@ -39,11 +39,11 @@ def load_examples(
     max_source_words: int,
     skip_bad: bool,
     transcribe: bool = False,
-    text_capacity: tuple[Callable[[list[str]], int], int] | None = None,
+    text_capacity: tuple[Callable[[list[str]], int], int] | None = None,  # (SpeechLLM.source_tokens, capacity)
 ) -> list[Example]:
     """Rows of a manifest -> examples. A bad row is an error naming it, or with ``skip_bad`` a counted skip.
     ``text_capacity``: (the embeddings a text source's words make, the model's source capacity); a text row over
-    it is a bad row (``text_source_size``), not an error at the step that draws it.
+    it is a bad row, not an error at the step that draws it.
 
     Speech: every audio file is opened here (its header; float files, which can hold NaN, are read whole), so a
     file that cannot be decoded stops the run, or is skipped, before any work.
@@ -103,16 +103,6 @@ def load_examples(
     if not examples:
         raise ValueError(f"{manifest}: no usable examples")
     return examples
-
-
-def text_source_size(model: SpeechLLM) -> Callable[[list[str]], int]:
-    """Text source words -> the embeddings ``model.text_units`` makes of them (each word's tokens)."""
-
-    def size(words: list[str]) -> int:
-        batch = model.tokenizer([" " + w.strip() for w in words], add_special_tokens=False)["input_ids"]
-        return sum(len(ids) for ids in batch)
-
-    return size
 
 
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the encodings that can hold NaN or Inf

@@ -39,7 +39,7 @@ from streaming_llm.config import SPEECH, SpeechLLMConfig
 from streaming_llm.engine import max_source_samples
 from streaming_llm.model import SpeechLLM, probe_mlp
 
-from .data import Example, SourceUnits, hash_weights, load_examples, text_source_size
+from .data import Example, SourceUnits, hash_weights, load_examples
 from .losses import PROBE_LABELS, PROBE_ROWS, probe_labels, probe_rows, spsd_kl, view_outputs
 from .phi import sample_token_phi
 
@@ -265,7 +265,7 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
     if modality == SPEECH:  # as the trainer: never more than one session holds (the encoder's 30 s, whole blocks)
         max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
     else:
-        fits = (text_source_size(model), model.config.source_capacity)
+        fits = (model.source_tokens, model.config.source_capacity)
     max_words = int(trained.get("max_source_words", 200))
 
     def examples(path: str, n: int) -> list[Example]:

@@ -42,7 +42,7 @@ from streaming_llm.model import SpeechLLM, build_llm
 
 from .align import align_adapter
 from .config import TrainConfig, load_config, parse_overrides, resume_changes
-from .data import Example, SourceUnits, bucket_batches, load_examples, text_source_size
+from .data import Example, SourceUnits, bucket_batches, load_examples
 from .losses import LossConfig, streaming_losses
 from .phi import sample_token_phi
 
@@ -361,7 +361,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
     transcribe = cfg.task == "transcribe"
     # text: a row of few words can still hold more tokens than the model's source group (a run would stop there)
-    fits = (text_source_size(model), model.config.source_capacity) if cfg.modality != SPEECH else None
+    fits = (model.source_tokens, model.config.source_capacity) if cfg.modality != SPEECH else None
     train_ex = load_examples(
         cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe, fits
     )
