@@ -67,7 +67,7 @@ class TrainConfig:
     phi_skew: float = 0.0
     probe: bool = True
     probe_label: str = "top1"
-    probe_kl_bound: float = 0.1
+    probe_kl_bound: float = 0.1  # in SPSD's KL units: over the teacher's top spsd_topk, tempered, times T^2
     probe_rows: str = "all"  # "word_start": the probe learns only where the heads ask it (losses.LossConfig)
     # optimisation
     lr: float = 3e-4

@@ -102,6 +102,7 @@ def streaming_losses(
         rows = probe_rows(model, targets, labels, config.probe_rows)
         target = probe_targets(stream_logits.detach(), full_logits.detach(), kl_tok.detach(), config)[rows]
         logit = model.probe_logit(stream_h.detach()[rows]).float()
+        # over all target tokens, as every term: with probe_rows=word_start its rows (~40%) weigh in at that share
         out["probe"] = F.binary_cross_entropy_with_logits(logit, target, reduction="sum") / count
         out["probe_acc"] = ((logit > 0).float() == target).float().mean().detach()
         out["agree"] = target.mean()
