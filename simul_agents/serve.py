@@ -79,7 +79,7 @@ from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.batching import LMBatcher, forward_one
 from streaming_llm.config import SPEECH
 from streaming_llm.engine import REENCODE, SourceTooLong, StreamingSession
-from streaming_llm.heads import check_given_once, parse_head_params
+from streaming_llm.heads import check_given_once, finite, parse_head_params, shown
 from streaming_llm.lean import compile_steps
 from streaming_llm.quantize import add_precision_args, precision_from_flags, set_precision
 
@@ -236,8 +236,8 @@ class Translator:
         params = dict(params)
         if "threshold" in message:
             threshold = message["threshold"]
-            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not _finite(threshold):
-                raise ProtocolError("bad_start", f"start: threshold {_shown(threshold)} is not a finite number")
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not finite(threshold):
+                raise ProtocolError("bad_start", f"start: threshold {shown(threshold)} is not a finite number")
             params["threshold"] = threshold
         name = message.get("head", self.config.head)
         if not isinstance(name, str):
@@ -250,20 +250,6 @@ class Translator:
         except ValueError as e:
             raise ProtocolError("bad_start", f"start: {e}") from None
         return StreamSpec(fmt, rate, head)
-
-
-def _finite(number: int | float) -> bool:
-    """math.isfinite, False for a JSON integer beyond a float's range (isfinite raises OverflowError on it)."""
-    try:
-        return math.isfinite(number)
-    except OverflowError:
-        return False
-
-
-def _shown(value) -> str:
-    """A client's value for an error message: its repr, cut at 40 characters (a 400-digit number is not echoed)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 # ---- one connection --------------------------------------------------------------------------------------

@@ -431,15 +431,27 @@ def make_head(name: str, **params) -> Head:
         kind = type(fields[key].default)
         try:
             values[key] = _convert(value, kind)
-            finite = kind not in (int, float) or math.isfinite(values[key])
         except (ValueError, TypeError):  # TypeError: None (an empty YAML value), a list where a number goes
             raise ValueError(f"head {cls.name!r}: {key}={value!r} is not a valid {kind.__name__}") from None
-        except OverflowError:  # an integer (JSON, YAML) beyond a float's range
-            finite = False
-        if not finite:
-            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
-            raise ValueError(f"head {cls.name!r}: {key}={shown} is not a finite number; give a number")
+        except OverflowError:  # float() of an integer beyond a float's range
+            values[key] = math.inf
+        if kind in (int, float) and not finite(values[key]):
+            raise ValueError(f"head {cls.name!r}: {key}={shown(value)} is not a finite number; give a number")
     return cls(**values)
+
+
+def finite(number: int | float) -> bool:
+    """math.isfinite, False for an integer beyond a float's range (a JSON or YAML 10**400, on which it raises)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
+def shown(value) -> str:
+    """A user's value for an error message: its repr, cut at 40 characters (a 400-digit number is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 def _convert(value, kind: type):
