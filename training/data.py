@@ -15,6 +15,7 @@ import torch
 
 from speech_frontend.audio import SAMPLE_RATE, AudioError, load_audio_spec, parse_audio_spec
 from streaming_llm.config import SPEECH
+from streaming_llm.engine import max_source_samples
 from streaming_llm.model import SpeechLLM
 
 from .corpus.manifest import read_numbered_manifest
@@ -103,6 +104,15 @@ def load_examples(
     if not examples:
         raise ValueError(f"{manifest}: no usable examples")
     return examples
+
+
+def session_limits(model: SpeechLLM, max_source_seconds: float) -> tuple[float, tuple | None]:
+    """``load_examples``'s bounds for what one streaming session holds: speech seconds, never above the session's
+    own (the encoder's 30 s, in whole blocks), and for text (``text_capacity``) the tokens of the source group,
+    which a row of few words can still exceed (a run would stop at the step that drew it)."""
+    if model.config.modality == SPEECH:
+        return min(max_source_seconds, max_source_samples(model) / SAMPLE_RATE), None
+    return max_source_seconds, (model.source_tokens, model.config.source_capacity)
 
 
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the encodings that can hold NaN or Inf

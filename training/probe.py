@@ -33,13 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
-from streaming_llm.config import SPEECH, SpeechLLMConfig
-from streaming_llm.engine import max_source_samples
+from streaming_llm.config import SpeechLLMConfig
 from streaming_llm.model import SpeechLLM, probe_mlp
 
-from .data import Example, SourceUnits, hash_weights, load_examples
+from .data import Example, SourceUnits, hash_weights, load_examples, session_limits
 from .losses import PROBE_LABELS, PROBE_ROWS, probe_labels, probe_rows, spsd_kl, view_outputs
 from .phi import sample_token_phi
 
@@ -260,12 +258,7 @@ def run(checkpoint: Path, out: Path, config: ProbeConfig, manifest: str = "", de
     old_probe = model.probe  # None: trained without one (probe=false, or probe_hidden=0): it gets one here
     hidden_size = model.config.probe_hidden or DEFAULT_PROBE_HIDDEN
     modality = model.config.modality
-    max_seconds = float(trained.get("max_source_seconds", 30.0))
-    fits = None
-    if modality == SPEECH:  # as the trainer: never more than one session holds (the encoder's 30 s, whole blocks)
-        max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
-    else:
-        fits = (model.source_tokens, model.config.source_capacity)
+    max_seconds, fits = session_limits(model, float(trained.get("max_source_seconds", 30.0)))  # as the trainer
     max_words = int(trained.get("max_source_words", 200))
 
     def examples(path: str, n: int) -> list[Example]:

@@ -34,15 +34,14 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from speech_frontend.audio import SAMPLE_RATE
 from streaming_llm.checkpoint import WEIGHTS, build_model, check_state, read_meta, save_checkpoint
 from streaming_llm.config import SPEECH, SpeechLLMConfig
-from streaming_llm.engine import max_source_samples, translate_offline
+from streaming_llm.engine import translate_offline
 from streaming_llm.model import SpeechLLM, build_llm
 
 from .align import align_adapter
 from .config import TrainConfig, load_config, parse_overrides, resume_changes
-from .data import Example, SourceUnits, bucket_batches, load_examples
+from .data import Example, SourceUnits, bucket_batches, load_examples, session_limits
 from .losses import LossConfig, streaming_losses
 from .phi import sample_token_phi
 
@@ -356,12 +355,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             "bf16=false is faster here",
             torch.backends.cpu.get_cpu_capability(),
         )
-    max_seconds = cfg.max_source_seconds
-    if cfg.modality == SPEECH:  # never more than one session holds (the encoder's 30 s, in whole blocks)
-        max_seconds = min(max_seconds, max_source_samples(model) / SAMPLE_RATE)
+    max_seconds, fits = session_limits(model, cfg.max_source_seconds)
     transcribe = cfg.task == "transcribe"
-    # text: a row of few words can still hold more tokens than the model's source group (a run would stop there)
-    fits = (model.source_tokens, model.config.source_capacity) if cfg.modality != SPEECH else None
     train_ex = load_examples(
         cfg.train_manifest, cfg.modality, max_seconds, cfg.max_source_words, cfg.skip_bad, transcribe, fits
     )
