@@ -635,12 +635,9 @@ def load_text(path: str, model) -> list[list[str]]:
     sentences = [(number, line.split()) for number, line in enumerate(lines, start=1) if line.strip()]
     if not sentences:
         raise LiveError(f"{path}: no words; a text source needs one sentence per line")
-    capacity = model.config.source_capacity
     for number, words in sentences:
-        size = model.source_tokens(words)
-        if size > capacity:
-            raise LiveError(f"{path} line {number}: {len(words)} words make {size} source tokens, more than the "
-                            f"model's context of {capacity}; split the line into sentences, one per line")  # fmt: skip
+        if problem := model.source_overflow(words):
+            raise LiveError(f"{path} line {number}: {problem}; split the line into sentences, one per line")
     return [words for _, words in sentences]
 
 

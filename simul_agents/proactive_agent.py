@@ -195,16 +195,10 @@ def check_text_sizes(args: Namespace, model, sources: list[str]) -> None:
     """Each text source of the run fits one session (the model's source capacity counts tokens, not words); one that
     does not is named before the first instance (with --skip-failed it fails alone, logged, as it runs)."""
     end = len(sources) if args.end_index < 0 else min(args.end_index, len(sources))
-    capacity = model.config.source_capacity
     for i in range(args.start_index, end):
-        words = sources[i].split()
-        size = model.source_tokens(words)
-        if size > capacity:
-            raise SetupError(
-                f"--source {args.source} line {i + 1} (instance {i}): {len(words)} words make {size} source tokens, "
-                f"more than the model's context of {capacity}; split the sentence, or pass --skip-failed to log it "
-                "and go on"
-            )
+        if problem := model.source_overflow(sources[i].split()):
+            raise SetupError(f"--source {args.source} line {i + 1} (instance {i}): {problem}; split the sentence, or "
+                             "pass --skip-failed to log it and go on")  # fmt: skip
 
 
 AUDIO_SUFFIXES = {f".{name.lower()}" for name in soundfile.available_formats()} | {".opus", ".aif", ".oga"}

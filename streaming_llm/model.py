@@ -102,6 +102,13 @@ class SpeechLLM(nn.Module):
         tokenizer call; what ``config.source_capacity`` bounds."""
         return sum(map(len, self.tokenizer([" " + w.strip() for w in words], add_special_tokens=False)["input_ids"]))
 
+    def source_overflow(self, words: Sequence[str]) -> str:
+        """"" when ``words`` fit one session's source group, else what is wrong (for an error that names where)."""
+        size, capacity = self.source_tokens(words), self.config.source_capacity
+        if size <= capacity:
+            return ""
+        return f"{len(words)} words make {size} source tokens, more than the model's context of {capacity}"
+
     def word_ids(self, word: str) -> list[int]:
         """One source word (text modality) -> its tokens, with the leading space it has mid-sentence."""
         ids = self._ids(" " + word.strip())
