@@ -41,10 +41,11 @@ cannot keep up with this client.
 
 Errors never stop the server. A malformed or unexpected message (codes: bad_json, bad_message, bad_start,
 not_started, wrong_mode, bad_audio, too_large, too_long), or one the session refuses (bad_input), is answered with an
-error event and dropped; the connection stays usable. model_error drops the stream (its frames are ignored up to its
-end: send end, which is answered with an end event marked "dropped", then a new start). busy (the server is full)
-and idle (no message within --idle-timeout) close the connection; a frame beyond the hard limit closes it with code
-1009.
+error event and dropped; the connection stays usable. Events keep the order of the messages they answer: a bad
+frame's error comes after the read and write events of the frames sent before it. model_error drops the stream (its
+frames are ignored up to its end: send end, which is answered with an end event marked "dropped", then a new
+start). busy (the server is full) and idle (no message within --idle-timeout) close the connection; a frame beyond
+the hard limit closes it with code 1009.
 A bounded queue per connection gives back-pressure: when the model falls behind, the server stops reading.
 """
 
@@ -307,9 +308,8 @@ class Connection:
             last = time.monotonic()
             try:
                 item = self.parse(message)
-            except ProtocolError as e:
-                await self.error(e.code, str(e))
-                continue
+            except ProtocolError as e:  # answered in turn, after the events of the frames before it
+                item = ("error", e.code, str(e))
             if item is not None:
                 await self.queue.put(item)  # blocks when full: back-pressure on the socket
                 self.parsed += 1
@@ -421,6 +421,9 @@ class Connection:
 
     async def handle(self, item: tuple) -> None:
         kind = item[0]
+        if kind == "error":  # the reader refused a message
+            await self.error(item[1], item[2])
+            return
         if kind == "start":
             spec: StreamSpec = item[1]
             self.stream = stream = _Stream(spec, int(self.t.max_source * SAMPLE_RATE) if self.t.speech else 0)

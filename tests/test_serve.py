@@ -252,6 +252,21 @@ def test_wrong_sample_format_bytes_and_nan_audio_are_refused_frame_by_frame(spee
         assert "NaN" in expect_error(ws, "bad_audio")["message"]
 
 
+def test_a_bad_frames_error_comes_after_the_events_of_the_frames_before_it(speech_server):
+    """The reader refuses a bad frame at once, but its error waits its turn behind the frames queued before it
+    (it used to overtake their read events, so a client could not tell which frame it was about)."""
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        for _ in range(4):
+            ws.send(tone(0.2).astype("<f4").tobytes())
+        ws.send(b"\x00\x01\x02")  # not whole float32 samples
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    assert [e["type"] for e in events if e["type"] != "write"] == ["read"] * 4 + ["error", "end"], events
+    assert events[-1]["source_ms"] == 800.0
+
+
 def test_an_oversized_frame_gets_an_error_and_the_connection_stays_usable(models):
     with server(models, max_frame_bytes=64_000) as s, connect(s.url) as ws:
         ws.send(json.dumps({"type": "start", "head": "offline"}))
