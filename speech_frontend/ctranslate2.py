@@ -179,6 +179,22 @@ def _pack_string(text: str) -> bytes:
     return struct.pack("<H", len(raw)) + raw
 
 
+def _storable(path: Path, name: str, value) -> np.ndarray:
+    """``value`` as a little-endian contiguous array of a dtype CTranslate2 stores (bool, float64, int64 narrowed)."""
+    array = np.asarray(value)
+    if array.dtype == np.bool_:
+        array = array.astype(np.int8)
+    elif array.dtype == np.float64:
+        array = array.astype(np.float32)
+    elif array.dtype == np.int64:
+        array = array.astype(np.int32)
+    dtype = array.dtype.newbyteorder("<")
+    if dtype not in DTYPE_IDS:
+        raise ValueError(f"{path}: variable {name} has dtype {array.dtype}; CTranslate2 stores "
+                         "float32, float16, int8, int16 or int32")
+    return array.astype(dtype, copy=False)  # tobytes() writes C order; a scalar keeps its shape ()
+
+
 def write_model_bin(
     path: str | os.PathLike,
     variables: Mapping[str, np.ndarray],
@@ -193,24 +209,14 @@ def write_model_bin(
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
+    arrays = {name: _storable(path, name, value) for name, value in variables.items()}  # checked before writing
     with open(path, "wb") as f:
         f.write(struct.pack("<I", BINARY_VERSION) + _pack_string(spec))
-        f.write(struct.pack("<II", revision, len(variables)))
-        for name, value in variables.items():
-            array = np.asarray(value)
-            if array.dtype == np.bool_:
-                array = array.astype(np.int8)
-            elif array.dtype == np.float64:
-                array = array.astype(np.float32)
-            elif array.dtype == np.int64:
-                array = array.astype(np.int32)
-            dtype = array.dtype.newbyteorder("<")
-            if dtype not in DTYPE_IDS:
-                raise ValueError(f"{path}: variable {name} has dtype {array.dtype}; CTranslate2 stores "
-                                 "float32, float16, int8, int16 or int32")
-            data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        f.write(struct.pack("<II", revision, len(arrays)))
+        for name, array in arrays.items():
+            data = array.tobytes()
             f.write(_pack_string(name) + struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape))
-            f.write(struct.pack("<BI", DTYPE_IDS[dtype], len(data)) + data)
+            f.write(struct.pack("<BI", DTYPE_IDS[array.dtype], len(data)) + data)
         aliases = dict(aliases or {})
         f.write(struct.pack("<I", len(aliases)))
         for alias, target in aliases.items():

@@ -69,6 +69,13 @@ def tiny_model_dir(tmp_path):
     return tmp_path, variables
 
 
+def test_a_variable_of_a_dtype_ct2_cannot_store_is_refused_before_anything_is_written(tmp_path):
+    variables = {"a": np.zeros(3, np.float32), "b": np.zeros(2, np.complex64)}
+    with pytest.raises(ValueError, match="variable b has dtype complex64"):
+        write_model_bin(tmp_path / "model.bin", variables)
+    assert not (tmp_path / "model.bin").exists()  # it used to leave a truncated file behind
+
+
 def test_round_trip_is_exact(tiny_model_dir):
     path, variables = tiny_model_dir
     model = read_model_bin(path)  # a directory reads its model.bin
