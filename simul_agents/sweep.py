@@ -310,6 +310,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def option_name(key: object) -> str:
+    """An ``agent_args`` key as argparse names its option: ``eval-latency-unit`` and ``eval_latency_unit`` alike."""
+    return str(key).replace("-", "_")
+
+
 class _CheckingParser(argparse.ArgumentParser):
     """SimulEval's and the agent's options, whose errors are raised (not printed with the usage, then exit)."""
 
@@ -323,7 +328,7 @@ def check_agent_args(config: SweepConfig, run: Run, n: int) -> None:
     sets itself (it would silently override the run's head, range or files), or one that changes what SimulEval
     measures in a way ``simul_agents.score`` does not follow, is refused."""
     for key, value in config.agent_args.items():
-        name = str(key).replace("-", "_")
+        name = option_name(key)
         if name in SWEEP_SETS:
             raise SweepError(f"agent_args.{key}: the sweep sets this itself for every run (heads, shards, files); "
                              "remove it from agent_args")  # fmt: skip
@@ -633,7 +638,7 @@ def sweep(
 
 def score_options(config: SweepConfig) -> dict:
     """The scorer's settings that SimulEval takes from ``agent_args`` (BLEU's tokenizer, chrF's word order)."""
-    args = {str(k).replace("-", "_"): v for k, v in config.agent_args.items()}
+    args = {option_name(k): v for k, v in config.agent_args.items()}
     return {"tokenize": str(args.get("sacrebleu_tokenizer") or "13a"),
             "chrf_word_order": int(args.get("chrf_word_order") or 0)}  # fmt: skip
 
