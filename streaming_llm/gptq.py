@@ -23,6 +23,7 @@ the fused product computed once per input, each keeping its rows) for ``transfor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import time
@@ -279,11 +280,19 @@ def save_weights(state: dict, path: Path, meta: dict) -> None:
     tmp.replace(path)
 
 
-def load_weights(path: Path) -> dict:
+def _read_weights(path: Path) -> dict:
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path}: not a 4-bit weights file of this toolkit; delete it and run "
                          "python -m streaming_llm.gptq CHECKPOINT")  # fmt: skip
+    return data
+
+
+def load_weights(path: Path) -> dict:
+    return _unpack(_read_weights(path))
+
+
+def _unpack(data: dict) -> dict:
     state = {}
     for name, (packed, scales, zeros) in data["layers"].items():
         q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
@@ -322,19 +331,37 @@ def calibration_sources(checkpoint: str | Path, manifest: str | Path | None = No
 def int4_weights(checkpoint: str | Path, model: SpeechLLM, manifest: str | Path | None = None,
                  group_size: int = GROUP_SIZE) -> dict:  # fmt: skip
     """The checkpoint's 4-bit weights: from ``int4-g<group>.pt`` beside it, made first (calibrating the float32
-    ``model``, which is left merged but not quantized) when missing or older than the checkpoint."""
+    ``model``, which is left merged but not quantized) when missing or made from other checkpoint weights (the
+    file records their SHA-256, so a copied checkpoint keeps its 4-bit weights whatever the copy did to the files'
+    times; a file without it, from before, is taken when it is newer than the checkpoint's weights)."""
     path = weights_file(checkpoint, group_size)
     weights = Path(checkpoint) / "model.safetensors"
-    if path.is_file() and (not weights.is_file() or path.stat().st_mtime >= weights.stat().st_mtime):
-        return load_weights(path)
+    digest = _sha256(weights) if weights.is_file() else None
+    if path.is_file():
+        data = _read_weights(path)
+        made_from = data.get("meta", {}).get("checkpoint_sha256")
+        if made_from is None:  # written before the digest was kept
+            fresh = digest is None or path.stat().st_mtime >= weights.stat().st_mtime
+        else:
+            fresh = made_from == digest
+        if fresh:
+            return _unpack(data)
     sources = calibration_sources(checkpoint, manifest)
-    log.info("%s: no 4-bit weights yet; GPTQ on %d calibration examples (a few minutes, once)", checkpoint,
-             len(sources))  # fmt: skip
+    log.info("%s: no 4-bit weights for these checkpoint weights yet; GPTQ on %d calibration examples (a few "
+             "minutes, once)", checkpoint, len(sources))  # fmt: skip
     start = time.time()
     state = calibrate(model, sources, group_size)
-    save_weights(state, path, {"examples": len(sources), "group_size": group_size, "seconds": time.time() - start})
+    meta = {"examples": len(sources), "group_size": group_size, "seconds": time.time() - start,
+            "checkpoint_sha256": digest}  # fmt: skip
+    save_weights(state, path, meta)
     log.info("wrote %s (%.0f s)", path, time.time() - start)
     return state
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256 (about a second for a full 540 MB checkpoint, a few ms for a delta one)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

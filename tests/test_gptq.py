@@ -107,6 +107,32 @@ def test_int4_weights_are_made_once_beside_the_checkpoint_from_its_training_mani
     torch.testing.assert_close(_logits(second), _logits(first))
 
 
+def test_a_copied_checkpoint_keeps_its_4bit_weights_and_changed_weights_are_calibrated_again(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from streaming_llm.checkpoint import load_checkpoint
+
+    manifest = _manifest(tmp_path / "train.tsv")
+    ckpt, copy = tmp_path / "ckpt", tmp_path / "copy"
+    save_checkpoint(tiny_model("text", seed=3), ckpt, extra={"train_config": {"train_manifest": str(manifest)}})
+    first = set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)
+    shutil.copytree(ckpt, copy)
+    weights, made = copy / "model.safetensors", gptq.weights_file(copy)
+    os.utime(weights, (made.stat().st_mtime + 5,) * 2)  # as cp -r leaves them: the times of its copying order
+    calls = []
+    calibrate = gptq.calibrate
+    monkeypatch.setattr(gptq, "calibrate", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
+    torch.testing.assert_close(_logits(set_precision(load_checkpoint(copy, merge_lora=True), "int4", copy)),
+                               _logits(first))  # fmt: skip
+    assert not calls  # the same checkpoint weights: the 4-bit weights beside them are theirs
+    save_checkpoint(tiny_model("text", seed=4), tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", weights)
+    os.utime(weights, (made.stat().st_mtime - 5,) * 2)  # other weights, older than the 4-bit file (cp -p, rsync)
+    set_precision(load_checkpoint(copy, merge_lora=True), "int4", copy)
+    assert calls == [1]
+
+
 def test_int4_without_calibration_data_says_how_to_make_the_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
     save_checkpoint(tiny_model("text", seed=3), ckpt)
