@@ -682,22 +682,27 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             torch.set_num_threads(args.threads)
         precision = precision_from_flags(args.int8, args.fp16, args.int4)
         model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
+        # the input checked against the model before --int4's calibration or --compile (minutes): a mistake in it
+        # stops the command before any such work
+        head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
+        speech = model.config.modality == SPEECH
+        if args.mic and not speech:
+            raise LiveError(f"--mic needs a speech checkpoint; {args.checkpoint} translates text")
+        if args.mic:
+            import_sounddevice()  # PortAudio's absence named now
+        source = None if args.mic else read_audio(args.file) if speech else load_text(args.file, model)
         model = set_precision(model, precision, args.checkpoint)
         if args.compile:
             out.write("compiling the LLM's streaming steps (--compile; about a minute) ...\n")
             out.flush()
             out.write(f"compiled in {compile_steps(model.llm):.0f} s\n")
-        head.session_options(model)  # checks the head fits the model (a probe present, layers in range)
         tty = out.isatty()
-        speech = model.config.modality == SPEECH
-        if args.mic and not speech:
-            raise LiveError(f"--mic needs a speech checkpoint; {args.checkpoint} translates text")
         mode = "real-time pace" if not args.fast else "as fast as possible"
         out.write(f"{args.checkpoint}: {model.config.modality} model, head {head.describe()}, {mode}\n")
         if speech:
-            run_speech(args, model, head, limits, out, tty)
+            run_speech(args, model, head, limits, out, tty, source)
         else:
-            run_text(args, model, head, limits, out, tty)
+            run_text(args, model, head, limits, out, tty, source)
     except (LiveError, CheckpointError, AudioError, ValueError) as e:
         print(f"live: error: {e}", file=sys.stderr)
         return 2
@@ -707,7 +712,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     return 0
 
 
-def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) -> None:
+def read_audio(path: str) -> np.ndarray:
+    """The audio file a speech checkpoint translates, as 16 kHz mono samples."""
+    try:
+        return load_audio(path)
+    except AudioError as e:
+        raise LiveError(f"{e} (this checkpoint translates speech: give it an audio file)") from None
+
+
+def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool, audio: np.ndarray | None) -> None:
+    """``audio``: the file's samples (``read_audio``); None with ``--mic``."""
     limit = max_source(model)
     if args.mic:
         seconds = args.seconds  # None: until Ctrl-C; past the model's context, cut at pauses
@@ -728,10 +742,6 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
             result = run_stream(stream, _chain(first, chunks), pace=False, wall_clock=True, display=display,
                                 t0=started)  # fmt: skip
     else:
-        try:
-            audio = load_audio(args.file)
-        except AudioError as e:
-            raise LiveError(f"{e} (this checkpoint translates speech: give it an audio file)") from None
         seconds = audio.shape[0] / SAMPLE_RATE
         display = Display(out, "ms", seconds * 1000, tty)
         if seconds > limit:  # one session hears one utterance: a talk is cut at pauses, a session per segment
@@ -748,8 +758,9 @@ def run_speech(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) 
     out.write(f"translation: {printable(result.text)}\n{summary_line(result, args.reference)}\n")
 
 
-def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool) -> None:
-    for words in load_text(args.file, model):
+def run_text(args, model, head: Head, limits: Limits, out: TextIO, tty: bool, sentences: list[list[str]]) -> None:
+    """``sentences``: the file's (``load_text``), each translated as one stream."""
+    for words in sentences:
         display = Display(out, "words", float(len(words)), tty)
         out.write(f"source: {' '.join(words)}\n")
         stream = LiveStream(model, head, limits, reencode=args.reencode)

@@ -295,6 +295,26 @@ def test_mic_without_sounddevice_or_portaudio_says_what_to_install(data, capsys,
     assert code == 2 and "apt-get install libportaudio2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("checkpoint, source, problem", [
+    ("text-ckpt", "tone.wav", "not UTF-8 text"),
+    ("text-ckpt", "--mic", "--mic needs a speech checkpoint"),
+    ("speech-ckpt", "sentences.txt", "this checkpoint translates speech: give it an audio file"),
+    ("text-ckpt", "long.txt", "long.txt line 1: 200 words make"),
+])  # fmt: skip
+def test_a_source_the_model_cannot_take_is_refused_before_quantizing_or_compiling(
+    data, capsys, monkeypatch, checkpoint, source, problem
+):
+    root = data["root"]
+    (root / "long.txt").write_text(" ".join(["Donaudampfschifffahrt"] * 200) + "\n", encoding="utf-8")
+    work = []
+    monkeypatch.setattr(live, "set_precision", lambda *a: work.append("--int4") or pytest.fail("quantized first"))
+    monkeypatch.setattr(live, "compile_steps", lambda *a: work.append("--compile") or pytest.fail("compiled first"))
+    given = ["--mic"] if source == "--mic" else [str(root / source)]
+    code = live.main([*given, "--checkpoint", str(root / checkpoint), "--int4", "--compile"], out=io.StringIO())
+    assert code == 2 and not work
+    assert problem in capsys.readouterr().err
+
+
 def test_mic_with_no_input_device_says_so(data, capsys):
     try:
         sd = live.import_sounddevice()
