@@ -779,6 +779,9 @@ def main(argv=None) -> int:
             if args.threads:
                 torch.set_num_threads(args.threads)
             model = load_checkpoint(args.checkpoint, merge_lora=True)  # in eval mode
+            # and fits the model (a probe head needs the checkpoint's probe, attention layers in range): checked
+            # now, not by every client whose start names no head, and before --int4's calibration or --compile
+            build_head(args.checkpoint, args.head, dict(config.head_params)).session_options(model)
             model = set_precision(model, precision, args.checkpoint)
             if args.compile:
                 logger.info("compiling the LLM's streaming steps (--compile; about a minute)")
@@ -786,9 +789,6 @@ def main(argv=None) -> int:
             return model
 
         model = executor.submit(load).result()
-        # and fits the model (a probe head needs the checkpoint's probe, attention layers in range): checked now,
-        # not by every client whose start names no head
-        build_head(args.checkpoint, args.head, dict(config.head_params)).session_options(model)
     except (CheckpointError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 2

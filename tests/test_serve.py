@@ -428,8 +428,11 @@ def test_serve_refuses_a_head_the_model_cannot_run_before_serving(tmp_path, monk
         served.append(translator)
 
     monkeypatch.setattr(serve_module, "serve_forever", serve_forever)
-    assert serve_module.main(["--checkpoint", checkpoint, "--port", "0", *argv]) == 2
-    assert not served
+    work = []  # --int4's calibration and --compile take minutes: the head is refused before them
+    monkeypatch.setattr(serve_module, "set_precision", lambda *a: work.append("--int4") or a[0])
+    monkeypatch.setattr(serve_module, "compile_steps", lambda *a: work.append("--compile") or 0.0)
+    assert serve_module.main(["--checkpoint", checkpoint, "--port", "0", "--int4", "--compile", *argv]) == 2
+    assert not served and not work
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("serve: error: ") and problem in line, line
 
