@@ -39,6 +39,9 @@ from .quantize import FUSED, merge_lora, put_fused, untie_output
 log = logging.getLogger("streaming_llm.gptq")
 
 GROUP_SIZE = 32  # input columns per scale and zero point
+# torch._weight_int4pack_mm_for_cpu takes groups of 32, 64, 128 or 256 columns; gptq() rounds BLOCK (128) columns
+# at a time and a group must not straddle two blocks, so 256 is out
+GROUP_SIZES = (32, 64, 128)
 CALIBRATION_EXAMPLES = 32
 LEVELS = 16  # 4 bits
 MIDPOINT = 8  # the kernel subtracts it: w = (q - 8) * scale + zero
@@ -329,15 +332,18 @@ def calibration_sources(checkpoint: str | Path, manifest: str | Path | None = No
 
 
 def int4_weights(checkpoint: str | Path, model: SpeechLLM, manifest: str | Path | None = None,
-                 group_size: int = GROUP_SIZE) -> dict:  # fmt: skip
-    """The checkpoint's 4-bit weights: from ``int4-g<group>.pt`` beside it, made first (calibrating the float32
-    ``model``, which is left merged but not quantized) when missing or made from other checkpoint weights (the
-    file records their SHA-256, so a copied checkpoint keeps its 4-bit weights whatever the copy did to the files'
-    times; a file without it, from before, is taken when it is newer than the checkpoint's weights)."""
-    path = weights_file(checkpoint, group_size)
+                 group_size: int | None = None) -> dict:  # fmt: skip
+    """The checkpoint's 4-bit weights: from ``int4-g<group>.pt`` beside it (any of GROUP_SIZES, the one
+    ``python -m streaming_llm.gptq --group-size`` made; ``group_size``: that one only), made first at
+    ``group_size`` or GROUP_SIZE (calibrating the float32 ``model``, which is left merged but not quantized) when
+    missing or made from other checkpoint weights (the file records their SHA-256, so a copied checkpoint keeps
+    its 4-bit weights whatever the copy did to the files' times; a file without it, from before, is taken when it
+    is newer than the checkpoint's weights)."""
     weights = Path(checkpoint) / "model.safetensors"
     digest = _sha256(weights) if weights.is_file() else None
-    if path.is_file():
+    for path in [weights_file(checkpoint, size) for size in ([group_size] if group_size else GROUP_SIZES)]:
+        if not path.is_file():
+            continue
         data = _read_weights(path)
         made_from = data.get("meta", {}).get("checkpoint_sha256")
         if made_from is None:  # written before the digest was kept
@@ -346,6 +352,8 @@ def int4_weights(checkpoint: str | Path, model: SpeechLLM, manifest: str | Path 
             fresh = made_from == digest
         if fresh:
             return _unpack(data)
+    group_size = group_size or GROUP_SIZE
+    path = weights_file(checkpoint, group_size)
     sources = calibration_sources(checkpoint, manifest)
     log.info("%s: no 4-bit weights for these checkpoint weights yet; GPTQ on %d calibration examples (a few "
              "minutes, once)", checkpoint, len(sources))  # fmt: skip
@@ -368,13 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streaming_llm.gptq", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--calibration", help="a manifest TSV (default: the checkpoint's train_manifest)")
-    # torch._weight_int4pack_mm_for_cpu takes groups of 32, 64, 128 or 256 columns; gptq() rounds BLOCK (128)
-    # columns at a time and a group must not straddle two blocks, so 256 is out
-    sizes = (32, 64, 128)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE, metavar="{32,64,128}",
                         help=f"input columns per scale and zero point (default: {GROUP_SIZE})")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.group_size not in sizes:
+    if args.group_size not in GROUP_SIZES:
         parser.error(f"--group-size {args.group_size}: must be 32, 64 or 128 (the group sizes of PyTorch's 4-bit "
                      f"kernel that divide GPTQ's block of {BLOCK} columns)")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -389,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"columns, not a multiple of it; choose a size that divides every layer (e.g. "
                       f"{GROUP_SIZE})", file=sys.stderr)  # fmt: skip
                 return 2
-        weights_file(args.checkpoint, args.group_size).unlink(missing_ok=True)
+        for size in GROUP_SIZES:  # the weights beside a checkpoint are the last ones made: --int4 takes them
+            weights_file(args.checkpoint, size).unlink(missing_ok=True)
         int4_weights(args.checkpoint, model, args.calibration, args.group_size)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

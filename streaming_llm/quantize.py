@@ -165,7 +165,8 @@ def add_precision_args(parser, fp16: bool = True) -> None:
                         help="the LLM in int8 (streaming_llm/quantize.py): faster on CPU, slightly different")
     parser.add_argument("--int4", action="store_true",
                         help="the LLM in 4 bits (streaming_llm/gptq.py; calibrated on the checkpoint's training "
-                             "data the first time, then kept beside it as int4-g32.pt): faster still")
+                             "data the first time, then kept beside it as int4-g32.pt, or the int4-g*.pt that "
+                             "python -m streaming_llm.gptq --group-size made): faster still")
     if fp16:
         parser.add_argument("--fp16", action="store_true",
                             help="the LLM in float16 (streaming_llm/quantize.py): faster on some CPUs")

@@ -144,6 +144,22 @@ def test_int4_without_calibration_data_says_how_to_make_the_weights(tmp_path):
     assert isinstance(set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt), torch.nn.Module)
 
 
+def test_int4_takes_the_weights_the_gptq_cli_made_at_another_group_size(tmp_path, monkeypatch):
+    """`python -m streaming_llm.gptq CKPT --group-size 64` wrote int4-g64.pt, which --int4 never read (it
+    calibrated int4-g32.pt again); the last weights made are the ones used, and the only ones kept."""
+    from streaming_llm.checkpoint import load_checkpoint
+
+    manifest = _manifest(tmp_path / "train.tsv")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_model("text", seed=3), ckpt, extra={"train_config": {"train_manifest": str(manifest)}})
+    set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)  # int4-g32.pt, the default
+    assert gptq.main([str(ckpt), "--group-size", "64"]) == 0
+    assert gptq.weights_file(ckpt, 64).is_file() and not gptq.weights_file(ckpt).exists()
+    monkeypatch.setattr(gptq, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    model = set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)
+    assert {m.group_size for m in model.llm.modules() if isinstance(m, gptq.Int4Linear)} == {64}
+
+
 def test_a_foreign_weights_file_is_refused_by_name(tmp_path):
     path = tmp_path / "int4-g32.pt"
     torch.save({"something": 1}, path)
