@@ -362,6 +362,19 @@ def test_an_instance_that_fails_names_its_index_and_skip_failed_goes_on(data, tm
     assert alone[0]["prediction"] == instances[2]["prediction"]  # nothing of the failure leaks
 
 
+def test_the_instance_after_a_skipped_failure_is_decoded_with_its_own_source(data, tmp_path):
+    """The oracle head reads the whole source of the instance the agent counts itself on: after --skip-failed
+    passes over a failure, the next instance's must be its own, and it writes what it writes run alone."""
+    long = " ".join(["word"] * 40) + " ."  # more than the model's 24 source embeddings
+    (tmp_path / "source.txt").write_text(f"{SENTENCES[0]}\n{long}\n{SENTENCES[2]}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("\n".join(REFERENCES) + "\n", encoding="utf-8")
+    args = (ProactiveAgent, data / "small-text-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
+    instances = simuleval(*args, tmp_path / "lenient", "--head", "oracle", "--skip-failed")
+    alone = simuleval(*args, tmp_path / "alone", "--head", "oracle", "--start-index", "2")
+    assert instances[2]["prediction"] and instances[2]["prediction"] == alone[0]["prediction"]
+    assert instances[2]["delays"] == alone[0]["delays"]
+
+
 def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):
     from argparse import Namespace
 

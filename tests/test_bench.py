@@ -120,6 +120,22 @@ def test_the_seed_mean_bootstrap_is_sacrebleu_s_with_one_run_a_side_and_averages
         seed_mean_bootstrap([k1], [elsewhere])
 
 
+def test_the_bootstrap_p_of_two_close_systems_is_sacrebleu_s_two_sided_one_either_way(tmp_path):
+    """Resamples on which the difference changes sign count by its size (sacrebleu's absolute differences): the
+    same p whichever run is the baseline, and a difference that is not significant is neither better nor worse."""
+    from simul_agents.compare import verdict
+
+    refs = _sentences(120, 0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_run(a, _corrupt(refs, 0.3, 1), refs, delays_per_word=1.0)
+    _write_run(b, _corrupt(refs, 0.3, 2), refs, delays_per_word=1.0)
+    forward, backward = seed_mean_bootstrap([a], [b]), seed_mean_bootstrap([b], [a])
+    assert forward == _sacrebleu_paired_test(a, b) and backward == _sacrebleu_paired_test(b, a)
+    for metric in ("BLEU", "chrF"):
+        assert forward[metric]["p"] == backward[metric]["p"] > 0.05, metric
+    assert forward["chrF"]["delta"] != 0 and verdict(forward) == verdict(backward) == {"better": False, "worse": False}
+
+
 def test_a_compare_json_written_before_the_recipe_against_plain_lines_still_formats():
     earlier = {"seeds": {"main_vs_plain": {"chrF": -0.43, "BLEU": -0.32}}}  # what compare.json kept until 2026-12-01
     assert not [line for line in format_comparison(earlier) if "seed" in line]
@@ -128,6 +144,12 @@ def test_a_compare_json_written_before_the_recipe_against_plain_lines_still_form
 def test_points_are_matched_only_within_ten_percent_of_laal():
     assert nearest({"LAAL": 2.0}, [{"LAAL": 2.15}, {"LAAL": 3.0}]) == {"LAAL": 2.15}
     assert nearest({"LAAL": 2.0}, [{"LAAL": 2.5}]) is None
+
+
+def test_ten_percent_is_of_the_larger_laal_so_a_match_is_the_same_from_either_side():
+    assert nearest({"LAAL": 2.0}, [{"LAAL": 2.22}]) == {"LAAL": 2.22}  # 0.22 <= 10% of 2.22, though > 10% of 2.0
+    assert nearest({"LAAL": 2.22}, [{"LAAL": 2.0}]) == {"LAAL": 2.0}
+    assert nearest({"LAAL": 2.0}, [{"LAAL": 2.23}]) is None and nearest({"LAAL": 2.23}, [{"LAAL": 2.0}]) is None
 
 
 def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(task_dir):

@@ -85,6 +85,28 @@ def test_computation_aware_scores_use_elapsed(runs):
     assert score_output(runs[("text", "wait-k")], write=False)["AL_CA"] is None  # text has no clock
 
 
+def test_computation_aware_scores_equal_simulevals_computation_aware_scorers(runs):
+    """Every *_CA value is what SimulEval 1.1.4's own latency scorers give with ``computation_aware`` on the same log
+    (its ATD takes the computation time between writes from ``elapsed`` minus ``delays``)."""
+    from simuleval.evaluator.instance import LogInstance
+    from simuleval.evaluator.scorers.latency_scorer import LATENCY_SCORERS_DICT
+
+    out = runs[("speech", "wait-k")]
+    logged = [LogInstance(line) for line in (out / "instances.log").read_text(encoding="utf-8").splitlines()]
+    ours = score_output(out, write=False)
+    for name in METRICS:
+        theirs = LATENCY_SCORERS_DICT[name](computation_aware=True)({ins.index: ins for ins in logged})
+        assert ours[f"{name}_CA"] == pytest.approx(theirs, rel=1e-9), name
+    assert ours["ATD_CA"] != pytest.approx(ours["ATD"])  # the computation time is in it
+
+
+def test_speech_source_lengths_are_in_milliseconds_like_the_latencies(runs):
+    """mean_source_length shares the latencies' unit (compare.keep_offline sets LAAL against 35% of it)."""
+    scores = score_output(runs[("speech", "wait-k")], write=False)
+    assert scores["latency_unit"] == "ms"
+    assert scores["mean_source_length"] == pytest.approx(1000 * (1.3 + 2.1 + 0.7) / 3, rel=0.01)  # the wavs' seconds
+
+
 def test_metric_definitions_on_a_hand_made_instance():
     delays, source, reference = [2, 3, 4, 4], 4, 4  # wait-2 on 4 words: ideal lag 2 until the source ends
     assert L.average_lagging(delays, source, reference) == pytest.approx((2 + 2 + 2) / 3)
@@ -130,6 +152,17 @@ def _output(folder: Path, *rows: dict, failed: bytes | None = None) -> Path:
 
 
 GOOD_ROW = {"index": 0, "prediction": "a b", "reference": "x y", "source_length": 3, "delays": [1, 3]}
+
+
+def test_instances_come_back_in_index_order_from_a_log_written_out_of_order(tmp_path):
+    """batch_eval and merged shards write instances as they finish; pairing two runs sentence by sentence
+    (simul_agents.compare) needs them by index."""
+    from simul_agents.compare import hypotheses
+
+    rows = [{**GOOD_ROW, "index": i, "prediction": f"p{i}", "reference": f"r{i}"} for i in (2, 0, 1)]
+    out = _output(tmp_path / "out", *rows)
+    assert [ins["index"] for ins in score_module.read_instances(out)] == [0, 1, 2]
+    assert hypotheses(out) == (["p0", "p1", "p2"], ["r0", "r1", "r2"])
 
 
 def test_score_cli_refuses_an_unknown_tokenizer_and_lists_the_valid_ones(tmp_path, capsys):

@@ -112,6 +112,28 @@ def test_shards_are_merged_by_index_and_equal_one_run(setup, tmp_path):
     assert laal[0] == laal[1]
 
 
+def test_merged_shards_keep_every_shard_s_instances_and_failures(tmp_path):
+    """--skip-failed in a sharded run: each shard logs its own failures; the merged run counts them all."""
+    from simul_agents.score import score_output
+    from simul_agents.sweep import Job, Run, merge_shards
+
+    run = Run("wait-k", (("k", 1),), "k=1", tmp_path / "wait-k" / "k=1")
+    jobs = []
+    for start, end in ((0, 2), (2, 4)):
+        shard = run.output / "shards" / f"{start:06d}-{end:06d}"
+        shard.mkdir(parents=True)
+        rows = [{"index": i, "prediction": "", "delays": [], "reference": "r", "source_length": 3}
+                for i in reversed(range(start, end))]  # fmt: skip
+        (shard / "instances.log").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (shard / "config.yaml").write_text("source_type: text\ntarget_type: text\n", encoding="utf-8")
+        (shard / "failed.jsonl").write_text(json.dumps({"index": start + 1, "error": "x"}) + "\n", encoding="utf-8")
+        jobs.append(Job(run, start, end, shard))
+    merge_shards(run, jobs)
+    merged = [json.loads(line) for line in (run.output / "instances.log").read_text(encoding="utf-8").splitlines()]
+    assert [ins["index"] for ins in merged] == [0, 1, 2, 3]
+    assert score_output(run.output, write=False)["n_failed"] == 2
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_batched_sweep_gives_simulevals_runs(setup, tmp_path, jobs):
     """--batch 3: simul_agents.batch_eval in this process (--jobs 1) or as subprocesses; the same rows, no _CA."""
