@@ -157,19 +157,44 @@ def bootstrap_hypotheses(sides: Sequence[Sequence[list[str]]], refs: list[str],
 
 
 def t_two_sided_p(t: float, df: float) -> float:
-    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom (``df`` need not be whole: Welch's): one minus
-    twice the density's integral from 0 to |t| (Simpson's rule; the density is smooth, 1e-6 is ample here)."""
-    import numpy as np
-
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom (``df`` need not be whole: Welch's): the
+    regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2), accurate in the far tail too (a quadrature
+    of the density from 0 to |t| gave p 0.02 at t = 20,000 with 2 df, where it is 2.5e-9)."""
     if df <= 0:
         raise ValueError(f"Student's t needs df > 0, not {df}")
-    x = np.linspace(0.0, abs(t), 20001)  # an odd number of points: Simpson's rule on 20,000 intervals
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x**2 / df))
-    weights = np.ones_like(x)
-    weights[1:-1:2], weights[2:-1:2] = 4, 2
-    area = float((weights * density).sum() * (x[1] - x[0]) / 3)
-    return min(1.0, max(0.0, 1 - 2 * area))
+    return min(1.0, max(0.0, _incomplete_beta(df / 2, 0.5, df / (df + t * t))))
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (evaluated with Lentz's
+    method), on the side of x where it converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+
+    def nonzero(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1.0 / nonzero(1.0 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 1000):
+        for step in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # the even term, then the odd one
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1.0 / nonzero(1.0 + step * d)
+            c = nonzero(1.0 + step / c)
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return fraction
 
 
 def welch_test(baseline: Sequence[float], system: Sequence[float]) -> dict:

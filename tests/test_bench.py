@@ -270,6 +270,11 @@ def test_student_t_p_values_equal_the_closed_forms_and_welch_s_test_a_hand_compu
         assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-9)  # Cauchy
         assert t_two_sided_p(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
         assert t_two_sided_p(t, 1e5) == pytest.approx(math.erfc(t / math.sqrt(2)), abs=1e-5)  # the normal's
+    for t in (2e3, 2e4, 1e8):  # the far tail, where a quadrature from 0 to |t| had lost it (p 0.02 at 2e4, 2 df)
+        root = math.sqrt(2 + t * t)
+        assert t_two_sided_p(t, 2) == pytest.approx(2 / (root * (root + t)), rel=1e-6)  # 1 - t / root, stably
+        assert t_two_sided_p(t, 1) == pytest.approx(2 / math.pi * math.atan(1 / t), rel=1e-6)
+    assert t_two_sided_p(0.0, 3.7) == 1.0
     # means 2 and 5, variances 1: the mean's variance 1/3 a side, t = 3 / sqrt(2/3), df = (2/3)^2 / (2 (1/3)^2 / 2) = 4
     test = welch_test([1, 2, 3], [4, 5, 6])
     assert (test["delta"], test["t"], test["df"]) == (3.0, 3.67, 4.0)
