@@ -25,7 +25,7 @@ from simul_agents import evaluate_inprocess
 from simul_agents.proactive_agent import InstanceError, ProactiveAgent
 from simul_agents.score import ScoreError, score_output
 from simul_agents.score import main as score_main
-from speech_frontend.audio import AudioError, load_audio
+from speech_frontend.audio import AudioError, load_audio, to_mono_16k
 from streaming_llm.checkpoint import build_model, save_checkpoint
 from streaming_llm.engine import StreamingSession
 from streaming_llm.heads import make_head
@@ -186,6 +186,19 @@ def test_load_audio_converts_or_names_the_file_and_the_problem(files, name):
 def test_mp3_is_written_and_read_by_this_libsndfile():
     """libsndfile >= 1.1 encodes MP3 (LAME) and decodes it (mpg123): the MP3 case is a real MP3 file."""
     assert "MP3" in sf.available_formats(), f"libsndfile {sf.__libsndfile_version__} has no MP3"
+
+
+def test_samples_in_either_channel_layout_and_any_pcm_dtype_become_the_same_mono_signal():
+    """An application's arrays as its libraries hold them: (channels, n) (librosa, torchaudio) or (n, channels)
+    (soundfile), channels averaged; integers scaled by their full range, unsigned 8-bit centred on 128."""
+    stereo = np.stack([ONE_SECOND, -ONE_SECOND / 2])  # (2, n)
+    for samples, layout in ((stereo, None), (stereo, False), (stereo.T, None), (stereo.T, True)):
+        mono = to_mono_16k(samples, RATE, channels_last=layout)
+        np.testing.assert_allclose(mono, ONE_SECOND / 4, atol=1e-6, err_msg=f"{samples.shape} {layout}")
+    quarters = np.array([-1.0, -0.5, 0.0, 0.5])
+    for pcm in (np.array([0, 64, 128, 192], np.uint8), np.array([-128, -64, 0, 64], np.int8),
+                np.array([-32768, -16384, 0, 16384], np.int16), np.array([-(2**31), -(2**30), 0, 2**30], np.int32)):
+        np.testing.assert_allclose(to_mono_16k(pcm, RATE), quarters, atol=1e-7, err_msg=str(pcm.dtype))
 
 
 # ---- the corpus builder and the manifest checker ----------------------------------------------------------

@@ -55,6 +55,18 @@ def test_chunked_equals_whole_any_chunking(sizes, seed):
     torch.testing.assert_close(streamed, log_mel(audio), atol=1e-5, rtol=0)
 
 
+def test_frames_after_the_loudest_stay_clipped_8_log10_units_below_it_in_any_chunks():
+    """Loud, then quiet, then silent: the running max of the loud start clips everything after it at whisper's
+    ``max - 8`` (2.0 in feature units), also in chunks that hold only the quiet part (the max carries over)."""
+    loud = speechlike(SAMPLE_RATE // 2)[::-1].copy() * 2  # loudest first
+    audio = np.concatenate([loud, 0.001 * loud, np.zeros(SAMPLE_RATE // 4, dtype=np.float32)])
+    whole = log_mel(audio)
+    quiet = whole[:, len(loud) // HOP_LENGTH + 2 :]
+    assert float(quiet.min()) == pytest.approx(float(whole.max()) - 2.0, abs=1e-5)
+    pieces, _ = stream(audio, [len(loud), 1600, 3200])
+    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_128_bins_and_tensor_input():
     audio = speechlike(4800)
     whole = log_mel(torch.from_numpy(audio), n_mels=128)

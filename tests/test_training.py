@@ -18,7 +18,7 @@ from streaming_llm.tiny import tiny_model
 from training.config import load_config
 from training.losses import LossConfig, spsd_kl, streaming_losses
 from training.phi import sample_phi, sample_token_phi
-from training.train import TrainingError, build_training_model, latest_checkpoint, train
+from training.train import TrainingError, build_training_model, latest_checkpoint, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEXT = ROOT / "training" / "configs" / "tiny_text.yaml"
@@ -201,6 +201,90 @@ def test_the_probe_can_learn_only_where_the_heads_ask_it_before_each_word():
         LossConfig(probe_rows="words")
 
 
+def test_spsd_kl_is_the_teachers_kl_from_the_student_over_its_top_k_times_t_squared():
+    """KL(P_full || P_stream), not the reverse (the student covers the teacher's modes), both renormalised over the
+    teacher's top-k tempered logits, scaled by T^2 so that spsd_lambda weighs the same at any temperature."""
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = 3 * torch.randn(4, 30, generator=gen), 3 * torch.randn(4, 30, generator=gen)
+    k, t = 7, 2.0
+    idx = teacher.topk(k).indices
+    p = torch.softmax(teacher.gather(-1, idx) / t, -1)
+    q = torch.softmax(student.gather(-1, idx) / t, -1)
+    expected = (p * (p / q).log()).sum(-1) * t**2
+    torch.testing.assert_close(spsd_kl(teacher, student, k, t), expected)
+    reverse = (q * (q / p).log()).sum(-1) * t**2
+    assert not torch.allclose(expected, reverse, rtol=0.05)  # this draw tells the two directions apart
+
+
+def test_each_loss_term_is_its_views_token_nll_and_the_total_weighs_them_as_configured():
+    """mslm: the NLL of each target token under its own prefix phi(t); full: under the whole source; spsd: the KL of
+    the two views' logits; each summed over the batch's tokens and divided by ``n_tokens``; the total weighs them by
+    w_full, w_mslm and spsd_lambda. Checked against one plain masked forward per sequence and view."""
+    model = tiny_model("text", seed=3)
+    units = [model.text_units(WORDS), model.text_units(WORDS[:4])]
+    targets = [model.target_ids(TARGET), model.target_ids("Wo ist der Bahnhof?")]
+    phis = [sample_token_phi(len(u), ys, model.word_start, torch.Generator().manual_seed(i))
+            for i, (u, ys) in enumerate(zip(units, targets, strict=True))]  # fmt: skip
+    assert any(bool((phi[:-1] < len(u)).any()) for phi, u in zip(phis, units, strict=True))  # a real stream view
+    config = LossConfig(w_full=0.3, w_mslm=2.0, spsd_lambda=0.7, spsd_topk=5, probe=False)
+    n_tokens = 40.0
+    with torch.no_grad():
+        out = streaming_losses(model, units, targets, phis, config, n_tokens=n_tokens)
+        logits: dict[str, list[torch.Tensor]] = {"mslm": [], "full": []}
+        for u, ys, phi in zip(units, targets, phis, strict=True):
+            embeds, positions, layouts = model.assemble([u], [ys])
+            for name, view_phi in (("mslm", phi), ("full", layouts[0].full_phi())):
+                every, _ = model(embeds, positions, layouts, [view_phi])
+                logits[name].append(every[0, layouts[0].predictor_rows()])
+    labels = torch.tensor([y for ys in targets for y in ys])
+    stream, full = torch.cat(logits["mslm"]), torch.cat(logits["full"])
+    expected = {
+        "mslm": torch.nn.functional.cross_entropy(stream, labels, reduction="sum") / n_tokens,
+        "full": torch.nn.functional.cross_entropy(full, labels, reduction="sum") / n_tokens,
+        "spsd": spsd_kl(full, stream, 5, 1.0).sum() / n_tokens,
+    }
+    assert abs(float(expected["mslm"] - expected["full"])) > 1e-3  # the two views differ here
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["loss"], 0.3 * out["full"] + 2.0 * out["mslm"] + 0.7 * out["spsd"])
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_spsd_sends_no_gradient_through_its_full_view_teacher_unless_asked(stop_grad):
+    model = tiny_model("text")
+    captured: list[torch.Tensor] = []
+    lm_logits = model.lm_logits
+
+    def keep(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_logits(hidden)
+        logits.retain_grad()
+        captured.append(logits)
+        return logits
+
+    model.lm_logits = keep
+    units, targets = [model.text_units(WORDS)], [model.target_ids(TARGET)]
+    phi = torch.full((len(targets[0]),), 2).index_fill(0, torch.tensor([len(targets[0]) - 1]), len(WORDS))
+    config = LossConfig(w_full=0.0, w_mslm=0.0, spsd_lambda=1.0, probe=False, spsd_stop_grad=stop_grad)
+    streaming_losses(model, units, targets, [phi], config)["loss"].backward()
+    stream, full = captured  # the views in order: stream (the student), then full (the teacher)
+    assert stream.grad is not None and stream.grad.abs().sum() > 0
+    assert (full.grad is not None and bool(full.grad.any())) == (not stop_grad)
+
+
+def test_the_probe_loss_trains_the_probe_and_no_weight_of_the_model_it_reads():
+    """The probe learns from detached states: its loss moves the probe MLP and nothing it reads."""
+    model = tiny_model("text")
+    units, targets = [model.text_units(WORDS)], [model.target_ids(TARGET)]
+    phi = torch.full((len(targets[0]),), 2).index_fill(0, torch.tensor([len(targets[0]) - 1]), len(WORDS))
+    config = LossConfig(w_full=0.0, w_mslm=0.0, spsd_lambda=0.0, probe=True)
+    out = streaming_losses(model, units, targets, [phi], config)
+    assert out["probe"] > 0
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.probe.parameters())
+    moved = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()]
+    assert moved and all(n.startswith("probe.") for n in moved), moved
+
+
 # ---- the trainer -------------------------------------------------------------------------------------
 
 
@@ -235,6 +319,38 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(reference, resumed, strict=True):
         assert a["loss"] == b["loss"] and a["mslm"] == b["mslm"] and a["spsd"] == b["spsd"], (a, b)
+
+
+def test_the_learning_rate_warms_up_linearly_from_the_first_step_then_decays_by_cosine_to_a_tenth():
+    warmup, total = 4, 24
+    factor = [lr_factor(step, warmup, total) for step in range(total + 1)]
+    assert factor[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # the first step already moves the weights
+    assert factor[warmup] == pytest.approx(1.0)  # the peak, where the decay starts
+    assert factor[(warmup + total) // 2] == pytest.approx(0.55)  # half-way through the decay: (1 + 0.1) / 2
+    assert factor[total] == pytest.approx(0.1) and lr_factor(10 * total, warmup, total) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factor[warmup:], factor[warmup + 1 :], strict=False))
+
+
+def test_a_resumed_run_gets_back_the_random_states_of_its_checkpoint(tmp_path, monkeypatch):
+    """torch's, numpy's and Python's global generators (dropout, any library's draws) continue where they stood."""
+    import random
+
+    import training.train as trainer
+
+    forward = trainer.TrainStep.forward
+
+    def drawing(self, *args, **kwargs):  # each step draws from every global generator, as dropout would
+        torch.rand(1), np.random.rand(), random.random()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.TrainStep, "forward", drawing)
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=2, eval_every=1000, batch_size=2)
+    train(cfg)
+    saved = torch.load(latest_checkpoint(tmp_path / "run" / "checkpoints") / "trainer.pt", weights_only=False)["rng"]
+    train(cfg, resume=True)  # restores step 2, which is max_steps: nothing draws after it
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved["numpy"], strict=True))
+    assert random.getstate() == saved["python"]
 
 
 def test_a_run_killed_between_a_checkpoint_and_its_dev_evaluation_evaluates_that_step_on_resume(tmp_path):
