@@ -221,8 +221,8 @@ class AttentionHead(Head):
                 "StreamingSession(model, **head.session_options(model))"
             )
         share = self.frontier_share(signals.source_attention)
-        high = share > self.threshold
-        return WRITE if high == (self.write_when == "high") else READ
+        beyond = share > self.threshold if self.write_when == "high" else share < self.threshold
+        return WRITE if beyond else READ
 
 
 @dataclass(frozen=True)

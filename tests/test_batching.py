@@ -84,6 +84,41 @@ def test_batched_forwards_equal_one_session_at_a_time(on_a_runner):
         assert all(name.startswith("member-") for name in forward_threads)
 
 
+def test_batched_hidden_states_are_each_sessions_own():
+    """The probe head decides on ``signals().hidden``: batched, each session gets its own pending row's state."""
+    model = untied_tiny("text", seed=1)
+    sources = [s.split() for s in SENTENCES]
+
+    def hidden_trace(session: StreamingSession, words: list[str], trace: list[torch.Tensor]) -> None:
+        for i, word in enumerate(words):
+            session.push_words([word])
+            trace.append(session.signals().hidden.clone())
+            if i % 2:
+                session.write_word()
+
+    alone = []
+    for words in sources:
+        alone.append([])
+        hidden_trace(StreamingSession(model, max_target_tokens=24), words, alone[-1])
+    batcher = LMBatcher(model.llm)
+    batched: list[list[torch.Tensor]] = [[] for _ in sources]
+
+    def work(i: int) -> None:
+        with batcher.member():
+            hidden_trace(StreamingSession(model, max_target_tokens=24, lm_call=batcher), sources[i], batched[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for one, many in zip(alone, batched, strict=True):
+        assert len(one) == len(many)
+        for a, b in zip(one, many, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert batcher.n_requests > batcher.n_forwards, "no forward was shared"
+
+
 def test_batched_attention_weights_are_each_sessions_own():
     model = untied_tiny("text", seed=2)
     layers = list(range(model.llm.config.num_hidden_layers))

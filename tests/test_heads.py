@@ -402,3 +402,42 @@ def test_oracle_writes_the_offline_translation_no_later(model):
     assert session.words == reference
     assert len(units_at_write) == len(reference)
     assert all(u <= len(WORDS) for u in units_at_write)
+
+
+def test_the_probe_head_writes_only_above_its_threshold(model):
+    """A probability equal to the threshold is not above it: READ."""
+    session = StreamingSession(model)
+    session.push_words(WORDS[:3])
+    step = session.signals()
+    with torch.inference_mode():
+        p = torch.sigmoid(model.probe_logit(step.hidden).float()).item()
+    assert make_head("probe", threshold=p).decide(step, session, {}) is READ
+
+
+@pytest.mark.parametrize("write_when", ["high", "low"])
+def test_an_attention_share_equal_to_the_threshold_is_neither_above_nor_below_it(write_when):
+    """``high`` writes when the frontier share is above the threshold, ``low`` when it is below: at it, READ."""
+    attention = torch.tensor([0.5, 0.25, 0.25])  # raw mass on the frontier unit: 0.25
+    head = AttentionHead(threshold=0.25, write_when=write_when)
+    assert head.decide(signals(source_attention=attention), None, {}) is READ
+    step = signals(source_attention=attention)
+    assert AttentionHead(threshold=0.2, write_when="high").decide(step, None, {}) is WRITE
+    assert AttentionHead(threshold=0.3, write_when="low").decide(step, None, {}) is WRITE
+
+
+def test_the_oracle_compares_with_the_full_views_next_word_after_the_written_prefix(model):
+    """After every word written the oracle's target is the offline decode's next word (the full-source session
+    is advanced by the new words only), so it never waits for the end of the source on a stale target."""
+    offline = StreamingSession(model, max_target_tokens=40)
+    source = WORDS[1:]  # the tiny model's oracle writes three words before this source ends
+    offline.push_words(source)
+    offline.finish_source()
+    reference = greedy_words(offline)
+    head = OracleHead()
+    session, memory = StreamingSession(model, max_target_tokens=40), {"full_source": source}
+    for word in source[:-1]:
+        session.push_words([word])
+        while decide(head, session, memory) is WRITE:
+            session.write_word()
+        assert memory["oracle_target"] == reference[len(session.words) : len(session.words) + 1]
+    assert len(session.words) >= 2  # a target after a prefix of two words or more was checked

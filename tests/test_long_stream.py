@@ -66,6 +66,20 @@ def test_a_pause_cuts_only_once_the_segment_is_long_enough():
     assert len(lengths) == 2  # the 0.3 s pause is too short: no cut
 
 
+def test_a_pause_that_ends_exactly_at_min_seconds_cuts_there():
+    """The segment is min_seconds long when the pause completes: that is long enough, the cut falls there."""
+    config = SegmentConfig(min_seconds=1.0, pause_seconds=0.5)
+    audio = talk((0.5, 1.0), (1.0, 0.0))  # the pause is complete at exactly 1.0 s
+    assert segments_of(EnergySegmenter(config, 30 * RATE), audio, 5120)[0] == RATE
+
+
+def test_a_long_silence_is_cut_every_pause_seconds_not_every_frame():
+    """After a cut the pause count starts again: with no minimum length, silence is cut once per pause."""
+    config = SegmentConfig(min_seconds=0.0, pause_seconds=0.5)
+    audio = talk((0.5, 2.0))
+    assert segments_of(EnergySegmenter(config, 30 * RATE), audio, 5120) == [RATE] + [RATE // 2] * 3
+
+
 def test_without_a_pause_the_hard_limit_cuts_at_exactly_max_samples():
     segmenter = EnergySegmenter(SegmentConfig(min_seconds=1.0), max_samples=100 * FRAME)
     lengths = segments_of(segmenter, noise(10.0), 777)
@@ -127,6 +141,17 @@ def test_an_utterance_shorter_than_min_seconds_is_one_plain_session(model, head)
     words += stream.finish()
     assert words == one_session_words(model, head, audio, 5120)
     assert stream.n_segments == 1 and stream.finished
+
+
+def test_a_segment_writes_at_most_max_len_a_times_its_units_plus_max_len_b_words(model):
+    """With max_len_a=0 and max_len_b=2 a segment stops at two words, even once its source has ended."""
+    audio = talk((1.5, 0.5), (2.0, 0.0))
+    words = {}
+    for cap in (2.0, 100.0):
+        stream = LongStream(model, make_head("wait-k", k=1), SegmentConfig(min_seconds=10.0), max_target_tokens=24,
+                            max_len_a=0.0, max_len_b=cap)  # fmt: skip
+        words[cap] = stream.push_audio(audio) + stream.finish()
+    assert len(words[100.0]) > 2 and words[2.0] == words[100.0][:2]
 
 
 def test_long_stream_state_stays_bounded_over_many_segments(model):

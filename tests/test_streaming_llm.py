@@ -126,6 +126,22 @@ def test_reencoding_at_the_end_gives_the_full_view_for_the_rest(modality):
     assert not torch.allclose(full[n_early:], stale[n_early:], atol=1e-3)
 
 
+def test_reencoding_at_the_end_changes_nothing_until_the_source_ends():
+    """Before ``finish_source`` a session with ``reencode="end"`` decodes as one with ``"never"``: the words written
+    so far keep the view they were written under (reads between the writes re-read nothing)."""
+    model = tiny_model("text", seed=4)
+    targets = model.target_ids(TARGET_TEXT)
+    phi = torch.linspace(1, len(SOURCE_WORDS) - 1, len(targets)).long()  # reads between writes, never the end
+
+    def follow(reencode: str) -> torch.Tensor:
+        words = iter(SOURCE_WORDS)
+        session = StreamingSession(model, reencode=reencode)
+        return streamed_logits(session, targets, phi, lambda s: s.push_words([next(words)]))
+
+    torch.testing.assert_close(follow("end"), follow("never"), atol=1e-6, rtol=0)
+    assert not torch.allclose(follow("read"), follow("never"), atol=1e-3)
+
+
 def test_reencoding_at_every_read_lets_every_written_row_see_what_is_read():
     """With ``reencode="read"`` the logits for y_t, read to phi(t), are the masked forward's where every row sees
     phi(t) units: the words written earlier are re-read under the newer source."""
@@ -489,3 +505,55 @@ def test_a_delta_checkpoint_finds_its_base_model_in_this_machines_asset_cache(tm
     monkeypatch.setenv("PROACTIVE_CACHE", str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match=r"its base model \(llm_path\) .*their-cache/tiny-llm is not on this"):
         load_checkpoint(folder)
+
+
+def test_a_word_that_never_ends_is_cut_at_max_word_tokens():
+    """A degenerate model that never starts a new word writes words of exactly MAX_WORD_TOKENS tokens each."""
+    model = tiny_model("text")  # tied: one endless word of ':' tokens
+    session = StreamingSession(model, max_target_tokens=4 * engine.MAX_WORD_TOKENS)
+    session.push_words(SOURCE_WORDS)
+    session.finish_source()
+    for n_words in (1, 2):
+        assert session.write_word() is not None
+        assert len(session.written) == n_words * engine.MAX_WORD_TOKENS and not session.finished
+
+
+def test_attention_by_layer_counts_every_source_entry_and_the_end_marker_on_the_last_unit():
+    """The per-unit attention covers all the source's mass: each unit's tokens, and the end-of-source marker on
+    unit M (as ``Layout.key_units`` counts it), so nothing the pending row gives the source is dropped."""
+    model = tiny_model("text", seed=5)
+    session = StreamingSession(model, attention_layers=[0, 1])
+    session.push_words(SOURCE_WORDS[:4])
+    session.force_target(model.target_ids("Ich")[:-1])
+    session.finish_source()
+    by_layer = session.attention_by_layer()
+    rows = torch.stack([a[0, :, -1].float().mean(0) for a in session._out.attentions])
+    source = torch.tensor([kind == engine.SOURCE for kind in session.kinds])
+    marker = len(session.kinds) - 1 - session.kinds[::-1].index(engine.SOURCE)  # the last source entry
+    assert by_layer.shape == (2, 4)
+    torch.testing.assert_close(by_layer.sum(1), rows[:, source].sum(1))
+    assert (by_layer[:, -1] >= rows[:, marker]).all()
+
+
+def test_a_text_source_fills_the_context_to_the_last_token_and_not_one_more():
+    """Source tokens up to exactly ``source_capacity`` are taken, counting the words pushed but not yet fed to
+    the LM; the push that would pass it is refused whole and the session stays usable."""
+    model = tiny_model("text", max_source_embeddings=8)
+    session = StreamingSession(model)
+    assert session.push_words(["I", "would", "like"]) == 3  # 1 + 3 + 2 tokens, waiting unfed
+    assert session.push_words(["a"]) == 1
+    assert session.push_words(["of"]) == 1  # the 8th token: the context is full
+    with pytest.raises(engine.SourceTooLong, match="8 source tokens"):
+        session.push_words(["in"])
+    assert session.units_read == 5
+    session.finish_source()
+    assert session.write_word() is not None and session.n_source_embeddings == 9  # 8 tokens and the marker
+
+
+def test_signals_count_the_words_written_not_their_tokens():
+    """``n_words`` (what wait-k, fixed-chunk and LocalAgreement compare) counts words, however many tokens each."""
+    model = tiny_model("text")  # tied: words of MAX_WORD_TOKENS tokens
+    session = StreamingSession(model)
+    session.push_words(SOURCE_WORDS[:3])
+    session.write_word()
+    assert len(session.written) > 1 and session.signals().n_words == len(session.words) == 1
