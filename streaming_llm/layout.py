@@ -138,10 +138,3 @@ def attention_mask(layouts: list[Layout], phis: list[torch.Tensor], length: int,
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, float("-inf"))
     return mask[:, None]
-
-
-def monotonic(phi: torch.Tensor, n_units: int) -> bool:
-    """Whether phi is a valid read schedule: non-decreasing, within 0..M, ending at M."""
-    if phi.numel() == 0:
-        return False
-    return bool((phi[1:] >= phi[:-1]).all() and phi[0] >= 0 and phi[-1] == n_units)

@@ -1,5 +1,7 @@
 """The invariant of DESIGN.md section 3 and the engine's behaviour, on tiny random models."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -353,6 +355,14 @@ def test_mismatched_or_foreign_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "other")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing")
+    from streaming_llm.checkpoint import VERSION
+
+    save_checkpoint(tiny_model("text"), tmp_path / "newer")
+    meta_path = tmp_path / "newer" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta_path.write_text(json.dumps({**meta, "version": VERSION + 1}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"checkpoint version {VERSION + 1} is newer than this toolkit's"):
+        load_checkpoint(tmp_path / "newer")
 
 
 def test_lazy_source_feeding_matches_block_by_block_and_saves_forwards():
