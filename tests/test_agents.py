@@ -1,6 +1,7 @@
 """The SimulEval agents end to end on tiny models, in process (``simuleval.cli.evaluate``)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -197,6 +198,21 @@ def test_max_len_caps_the_output(data, tmp_path):
     assert all(1 <= len(ins["prediction"].split()) <= 2 for ins in instances)
 
 
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (0.5, 1.0)])
+def test_the_max_len_cap_binds_at_a_times_the_words_read_plus_b(data, tmp_path, a, b):
+    """--max-len-a/b: after reading u source words the agent has written at most floor(a * u + b) words. A head
+    that always writes (entropy under 1000 nats) meets the cap at every read: its j-th word waits for the first
+    u at which floor(a * u + b) >= j, and the instance ends with floor(a * m + b) words for m source words."""
+    instances = text_run(data, tmp_path, "--head", "entropy", "--threshold", "1000", "--max-len-a", str(a),
+                         "--max-len-b", str(b), "--max-target-tokens", "200")  # fmt: skip
+    for ins in instances:
+        m = ins["source_length"]
+        n = math.floor(a * m + b)
+        first_read = [max(1, next(u for u in range(m + 1) if math.floor(a * u + b) >= j)) for j in range(1, n + 1)]
+        assert ins["delays"] == first_read
+        assert len(ins["prediction"].split()) == n
+
+
 # ---- input audio ----------------------------------------------------------------------------------------
 
 
@@ -373,6 +389,27 @@ def test_the_instance_after_a_skipped_failure_is_decoded_with_its_own_source(dat
     alone = simuleval(*args, tmp_path / "alone", "--head", "oracle", "--start-index", "2")
     assert instances[2]["prediction"] and instances[2]["prediction"] == alone[0]["prediction"]
     assert instances[2]["delays"] == alone[0]["delays"]
+
+
+@pytest.mark.parametrize("kept", [1, 2])
+def test_an_oracle_run_continued_after_a_kill_writes_the_uninterrupted_runs_log(data, tmp_path, kept):
+    """--continue-unfinished: the agent counts itself on from the instance after the last one logged, so a head
+    that reads the whole source of the instance it counts itself on (oracle) decides with that instance's own.
+    Sources on which the tiny model's oracle writes before the end, so that its delays show which source it read."""
+    sources = [SENTENCES[0], "yes yes yes yes yes", "We are going home now .", SENTENCES[2]]
+    (tmp_path / "source.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("\n".join([*REFERENCES, "Gut ."]) + "\n", encoding="utf-8")
+    args = (ProactiveAgent, data / "text-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
+    whole = simuleval(*args, tmp_path / "whole", "--head", "oracle")
+    assert any(ins["delays"][0] < ins["source_length"] for ins in whole[kept:])  # an early write to compare
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    lines = (tmp_path / "whole" / "instances.log").read_text(encoding="utf-8").splitlines(keepends=True)
+    (killed / "instances.log").write_text("".join(lines[:kept]), encoding="utf-8")  # killed after `kept` instances
+    continued = simuleval(*args, killed, "--head", "oracle", "--continue-unfinished")
+    assert [ins["index"] for ins in continued] == [0, 1, 2, 3]
+    assert [ins["delays"] for ins in continued] == [ins["delays"] for ins in whole]
+    assert [ins["prediction"] for ins in continued] == [ins["prediction"] for ins in whole]
 
 
 def test_head_parameters_come_from_the_checkpoint_unless_given(tmp_path):

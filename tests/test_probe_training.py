@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,45 @@ def test_the_label_rule_and_skipping_of_bad_rows_follow_the_model_s_training_unl
     with pytest.raises(ValueError, match=r"m\.tsv:\d+: empty src_text"):
         P.run(strict, tmp_path / "out3", config)
     assert P.run(strict, tmp_path / "out3", config, skip_bad=True)["train_rows"] > 0
+
+
+def test_the_stored_kl_label_is_the_full_views_kl_from_the_stream_view_as_spsd_computes_it(tmp_path, monkeypatch):
+    """The KL label (``--label kl``) is SPSD's KL(full || stream) over the full view's top-k at its temperature
+    (training.losses.spsd_kl, teacher first), row for row, not the reverse KL(stream || full)."""
+    from training.losses import spsd_kl
+
+    views = []
+    real = P.view_outputs
+
+    def keeping(*args, **kwargs):
+        out = real(*args, **kwargs)
+        views.append((out["stream"][1].clone(), out["full"][1].clone()))
+        return out
+
+    monkeypatch.setattr(P, "view_outputs", keeping)
+    states = _states(tiny_model("text"), tmp_path / "s.pt", kl=(20, 2.0))
+    stream, full = (torch.cat(v) for v in zip(*views, strict=True))
+    assert len(views) == 3 and len(states.kl) == len(full)  # 8 examples, 3 a batch
+    torch.testing.assert_close(states.kl, spsd_kl(full, stream, 20, 2.0).cpu())
+    assert not torch.allclose(states.kl, spsd_kl(stream, full, 20, 2.0).cpu())  # the direction tells apart
+
+
+def test_rows_chooses_the_rows_the_probe_learns_from_word_starts_or_every_token(checkpoint, tmp_path):
+    """``--rows word_start`` learns from a word's first tokens only, ``--rows all`` from every target token: the
+    report counts those rows, and the word-start probe is the one trained on the word-start rows alone."""
+    config = P.ProbeConfig(label="top1", examples=8, dev_examples=0, batch_size=4, epochs=3, rows_per_step=16)
+    shared = tmp_path / "states"
+    starts = P.run(checkpoint, tmp_path / "ws", config, manifest=TINY, states=shared)
+    every = P.run(checkpoint, tmp_path / "all", replace(config, rows="all"), manifest=TINY, states=shared)
+    states = P.States.cat([P.States(**p) for p in torch.load(shared / "states-train.pt")["parts"]])
+    n_starts = int(states.word_start.sum())
+    assert 0 < n_starts < len(states.word_start)
+    assert (starts["train_rows"], every["train_rows"]) == (n_starts, len(states.word_start))
+    # the word-start rows alone, as every row of a smaller set: the same rows, in the same order
+    alone = P.States(*(getattr(states, f)[states.word_start] for f in ("hidden", "agree", "kl", "word_start")))
+    hidden = load_checkpoint(checkpoint).config.probe_hidden
+    expected = P.train_probe(alone, replace(config, rows="all", label="top1"), hidden).state_dict()
+    ws, al = (load_file(str(tmp_path / run / "final" / WEIGHTS)) for run in ("ws", "all"))
+    for name, weight in expected.items():
+        torch.testing.assert_close(ws[f"probe.{name}"], weight.to(ws[f"probe.{name}"].dtype))
+    assert not torch.equal(ws["probe.0.weight"], al["probe.0.weight"])

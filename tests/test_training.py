@@ -721,3 +721,37 @@ def test_a_progress_line_every_log_every_steps_and_a_warning_when_resume_stretch
     longer = tiny_cfg(tmp_path, max_steps=8, save_every=4, eval_every=1000, batch_size=2, log_every=2, warmup_steps=1)
     train(longer, resume=True)
     assert "max_steps 4 -> 8: the learning rate schedule is stretched" in caplog.text
+
+
+def test_an_example_draws_a_new_prefix_schedule_every_epoch(tmp_path, monkeypatch):
+    """MSLM sees each example under other prefixes as training goes on: the phi an example draws depends on the
+    step, so one example's schedules differ between epochs (8 examples in one batch: one step is one epoch)."""
+    import training.train as trainer
+
+    drawn: dict[tuple, list[list[int]]] = {}
+    real = trainer.sample_token_phi
+
+    def recording(n_units, token_ids, word_start, generator, skew=0.0):
+        phi = real(n_units, token_ids, word_start, generator, skew)
+        drawn.setdefault((n_units, tuple(token_ids)), []).append(phi.tolist())
+        return phi
+
+    monkeypatch.setattr(trainer, "sample_token_phi", recording)
+    train(tiny_cfg(tmp_path, max_steps=4, save_every=4, eval_every=1000, batch_size=8))
+    assert len(drawn) == 8 and all(len(phis) == 4 for phis in drawn.values())  # each example once an epoch
+    renewed = [key for key, phis in drawn.items() if len({tuple(p) for p in phis}) > 1]
+    assert len(renewed) == 8, drawn  # none draws one schedule in every epoch
+
+
+def test_each_epoch_trains_the_same_length_buckets_in_a_new_order():
+    """bucket_batches: batches group examples of similar length (with distinct lengths, the same batches every
+    epoch), and the order they are trained in is shuffled anew each epoch, reproducibly from (seed, epoch)."""
+    from training.data import Example, bucket_batches
+
+    examples = [Example(f"p{i}", " ".join(["w"] * (i + 1)), "t", i + 1) for i in range(12)]
+    epochs = [bucket_batches(examples, 2, seed=0, epoch=e) for e in range(4)]
+    buckets = sorted(sorted(b) for b in epochs[0])
+    assert buckets == [[i, i + 1] for i in range(0, 12, 2)]
+    assert all(sorted(sorted(b) for b in batches) == buckets for batches in epochs)
+    assert all(epochs[e] != epochs[e + 1] for e in range(3)), epochs  # a new order each epoch
+    assert bucket_batches(examples, 2, seed=0, epoch=2) == epochs[2]  # the same order for the same epoch
