@@ -481,10 +481,18 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
     record = {"stage": name, "seconds": round(clock.seconds(), 1), "attempts": clock.attempts,
               "finished": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **info}  # fmt: skip
     for path in (marker, bench.records / f"{name}.json"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _write_whole(path, json.dumps(record, indent=2) + "\n")
     print(f"== {name}: finished in {record['seconds'] / 60:.1f} min", flush=True)
     return record
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary sibling renamed): a process killed while it marks a stage
+    done leaves no half-written marker, which every later start would fail to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _carry_clock(record: Path, clock: Path) -> None:
@@ -901,11 +909,12 @@ def _runs_without_logs(bench: Bench, name: str) -> int:
     return sum(len(missing_logs(bench.runs / task / f"eval-{v}")) for v in _evaluated_variants(kind))
 
 
-def forget(bench: Bench, name: str) -> list[Path]:
+def forget(bench: Bench, name: str, dry_run: bool = False) -> list[Path]:
     """Make a finished evaluation stage (a sweep, a comparison, the computation-aware runs, a cost benchmark) to
     do again: its done marker, record and clock, and what it wrote, here and under ``results/``. The other stages'
-    outputs stay. Returns what was removed. Training, corpora and assets are not forgotten this way (a trained
-    model is hours of work): delete their folders by hand if that is what you mean."""
+    outputs stay. Returns what was removed (``dry_run``: what would be, removing nothing). Training, corpora and
+    assets are not forgotten this way (a trained model is hours of work): delete their folders by hand if that is
+    what you mean."""
     task, _, kind = name.partition("-")
     if name in COST_STAGES:
         outputs = [_cost_record(bench, name)]
@@ -918,18 +927,33 @@ def forget(bench: Bench, name: str) -> list[Path]:
         raise ValueError(f"--redo {name}: only evaluation stages (sweeps, compares, computation-aware, costs) are "
                          "redone this way; a model, corpus or asset stage keeps what it made")  # fmt: skip
     records = [bench.done_dir / f"{name}.json", bench.records / f"{name}.json", bench.clock(name)]
-    removed = []
-    for path in (*records, *outputs):
+    removed = [path for path in (*records, *outputs) if path.exists()]
+    if dry_run:
+        return removed
+    for path in removed:
         if path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
         else:
-            continue
-        removed.append(path)
+            path.unlink()
     if _runs_variants(kind):  # or ``seed_tables`` would bring their rows back
         _drop_table_rows(bench.results / task / "runs.csv", set(_evaluated_variants(kind)))
     return removed
+
+
+def redo_problem(bench: Bench, name: str, known: set[str]) -> str | None:
+    """Why ``--redo name`` cannot be done (not a stage of the plan, not an evaluation stage, running in another
+    bench process now), or None."""
+    if name not in known:
+        return f"--redo {name}: no such stage; see --list"
+    try:
+        forget(bench, name, dry_run=True)
+    except ValueError as e:
+        return str(e)
+    holder = running(bench, name)
+    if holder is not None:  # forgetting it would delete the runs that process is writing, and it then marks it done
+        return (f"--redo {name}: running in another bench process (pid {holder}); let it finish (or stop it), "
+                "then redo it")
+    return None
 
 
 def _drop_table_rows(table: Path, variants: set[str]) -> None:
@@ -1046,18 +1070,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     bench = Bench(jobs=args.jobs, batch=max(1, args.batch))
     plan = stages(bench, args.tasks)
+    known = {name for name, _ in plan}
+    unknown = sorted(set(args.only or []) - known)
+    if unknown:  # before --redo removes anything: a misspelled --only must not cost a finished sweep
+        print(f"error: unknown stage(s) {unknown}; see --list", file=sys.stderr)
+        return 2
+    problems = [problem for name in args.redo if (problem := redo_problem(bench, name, known))]
+    if problems:  # every --redo checked before any is forgotten: one bad name leaves all of them as they were
+        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
+        return 2
     for name in args.redo:
-        if name not in {n for n, _ in plan}:
-            print(f"error: --redo {name}: no such stage; see --list", file=sys.stderr)
-            return 2
-        try:
-            removed = forget(bench, name)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        removed = forget(bench, name)
         print(f"== {name}: forgotten ({len(removed)} path(s) removed); it runs again", flush=True)
     with _stage_lock(bench, STARTUP):  # two bench processes started together tidy the done markers one at a time
-        restore(bench, args.tasks, [name for name, _ in plan])
+        # every task the summary shows: another task's runs (--tasks text) are back too, or a fresh machine's
+        # summary would replace that task's results with "No sweep has finished yet"
+        restore(bench, summary_tasks(bench, args.tasks), [name for name, _ in plan])
         unmark(bench, outgrown_sweeps(bench, args.tasks), "the plan has more runs than it ran; it runs again when "
                "the plan reaches it (only the new runs)")  # fmt: skip
         unmark(bench, outgrown_compares(bench, args.tasks), "the plan compares other variants or runs than it did; "
@@ -1076,11 +1104,6 @@ def main(argv: list[str] | None = None) -> int:
         f"Stages: {', '.join(name for name, _ in plan)}",
         flush=True,
     )
-    known = {name for name, _ in plan}
-    unknown = sorted(set(args.only or []) - known)
-    if unknown:
-        print(f"error: unknown stage(s) {unknown}; see --list", file=sys.stderr)
-        return 2
     if not args.summary_only:
         try:
             for name, fn in plan:

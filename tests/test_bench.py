@@ -8,6 +8,7 @@ import math
 import random
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -545,6 +546,25 @@ def test_a_failing_stage_names_itself_and_its_log_and_is_not_marked_done(tmp_pat
     assert not (bench.done_dir / "text-train-main.json").exists()
 
 
+def test_a_stage_killed_while_it_marks_itself_done_runs_again_rather_than_block_every_start(tmp_path, monkeypatch):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    write_text = Path.write_text
+
+    def killed_halfway(self, data, *args, **kwargs):  # Ctrl-C (or a full disk) in the middle of the write
+        if self.parent == bench.done_dir:
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, data, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_text", killed_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            B.run_stage(bench, "one", lambda: {"runs": 1})
+    calls = []
+    assert B.run_stage(bench, "one", lambda: calls.append(1) or {"runs": 2})["runs"] == 2 and calls == [1]
+    assert json.loads((bench.done_dir / "one.json").read_text(encoding="utf-8"))["runs"] == 2
+
+
 def test_a_stage_resumed_after_a_kill_reports_the_time_of_every_attempt(tmp_path):
     bench = B.Bench(runs=tmp_path, results=tmp_path / "results")
     clock = tmp_path / "time" / "one.json"
@@ -673,6 +693,31 @@ def test_a_bench_run_of_one_task_keeps_the_other_task_s_results_in_the_summary(t
     (tmp_path / "results" / "speech" / "runs.csv").write_text("task,variant\n")
     assert B.summary_tasks(bench, ["text"]) == ["text", "speech"]  # written before: shown, not dropped
     assert B.summary_tasks(bench, ["speech"]) == ["speech"]  # no text results here
+
+
+def test_a_one_task_bench_on_a_fresh_machine_keeps_the_other_task_s_results_in_the_summary(tmp_path, monkeypatch):
+    @dataclass(frozen=True)
+    class NoReadme(B.Bench):  # main's Bench, this repository's README left alone
+        readme: Path | None = None
+
+    old = B.Bench(runs=tmp_path / "old", results=tmp_path / "results", readme=None)
+    shutil.copytree(_speech_runs(tmp_path), old.runs / "speech" / "eval-main")
+    _score_into_table(old.runs / "speech" / "eval-main")
+    B.write_summary(old, ["speech"])  # archives the speech runs, writes results/speech/runs.csv
+    monkeypatch.chdir(tmp_path)  # a fresh machine: runs/bench is new, results/ came with the clone
+    monkeypatch.setattr(B, "Bench", NoReadme)
+    assert B.main(["--tasks", "text", "--summary-only"]) == 0
+    speech = (tmp_path / "results" / "SUMMARY.md").read_text(encoding="utf-8").split("## speech-to-text En-De")[1]
+    assert "No sweep has finished yet" not in speech and "| main | entropy | threshold=0.5 |" in speech
+
+
+def _speech_runs(tmp_path: Path) -> Path:
+    refs = _sentences(40, 0)
+    runs = tmp_path / "speech-runs"
+    _write_run(runs / "offline" / "-", refs, refs, delays_per_word=10.0)
+    _write_run(runs / "entropy" / "threshold=0.5", _corrupt(refs, 0.1, 1), refs, delays_per_word=2.0)
+    _write_run(runs / "wait-k" / "k=1", _corrupt(refs, 0.5, 2), refs, delays_per_word=1.0)
+    return runs
 
 
 def test_speech_sweeps_wait_k_only_up_to_its_utterance_lengths_and_ablations_every_other_k():
@@ -980,6 +1025,40 @@ def test_a_stage_another_bench_process_is_running_is_waited_for_then_skipped(tmp
     assert "running in another bench process (pid 4242)" in capsys.readouterr().out
     B.run_stage(bench, "text-train-no-mslm-x4", lambda: calls.append(2) or {})  # free, and done: skipped at once
     assert not calls
+
+
+def test_a_redo_or_only_with_a_bad_stage_forgets_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main's Bench: runs/bench and results/ under here
+    bench = B.Bench()
+    _mark_done(bench, "text-sweep-main", runs=35)
+    finished = bench.runs / "text" / "eval-main" / "offline" / "-" / "instances.log"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}\n", encoding="utf-8")
+    cases = [(["text-train-main"], "only evaluation stages"),
+             (["text-sweep-mian"], "--redo text-sweep-mian: no such stage"),
+             (["--only", "text-sweep-mian"], "unknown stage(s)")]  # fmt: skip
+    for argv, problem in cases:
+        assert B.main(["--redo", "text-sweep-main", *argv, "--list"]) == 2
+        assert problem in capsys.readouterr().err
+        assert finished.is_file() and (bench.done_dir / "text-sweep-main.json").is_file()  # nothing forgotten
+
+
+def test_a_redo_of_a_stage_another_bench_process_is_running_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bench = B.Bench()
+    finished = bench.runs / "text" / "eval-main" / "entropy" / "threshold=1.0" / "instances.log"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}\n", encoding="utf-8")
+    lock = bench.lock("text-sweep-main")
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w", encoding="utf-8") as other:  # the other process, sweeping
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242")
+        other.flush()
+        assert B.main(["--redo", "text-sweep-main", "--list"]) == 2
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert "--redo text-sweep-main: running in another bench process (pid 4242)" in capsys.readouterr().err
+    assert finished.is_file()  # the runs it had finished are still there
 
 
 def test_the_summary_shows_each_variants_dev_loss_by_step_from_its_log_or_its_record(tmp_path):

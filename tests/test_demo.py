@@ -49,3 +49,12 @@ def test_demo_refuses_counts_under_one_and_a_file_as_a_folder(tmp_path, capsys):
         with pytest.raises(SystemExit):
             demo.main(argv)
         assert problem in capsys.readouterr().err
+
+
+def test_demo_states_the_evaluation_time_for_the_utterances_it_evaluates(monkeypatch, capsys):
+    import speech_frontend.assets
+
+    monkeypatch.setattr(speech_frontend.assets, "build_assets", lambda names: ["stop here"])  # the plan only
+    for test, minutes in (("24", "(4 to 10 min on 2 cores)"), ("240", "(40 to 100 min on 2 cores)")):
+        assert demo.main(["--test", test]) == 1
+        assert f"7 SimulEval evaluations on {test} test utterances {minutes}" in capsys.readouterr().out
