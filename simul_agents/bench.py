@@ -558,11 +558,17 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
 
 
 def keep_model(bench: Bench, task: TaskPlan, variant: str, final: str | Path) -> str:
-    """Copy a trained variant's final checkpoint under ``results/`` (a fresh machine restores it) -> where."""
+    """Copy a trained variant's final checkpoint under ``results/`` (a fresh machine restores it) -> where. The
+    copy is made beside it and renamed into place: a kill while copying leaves the earlier model whole, never a
+    ``checkpoint.json`` over part of its weights (which ``make demo`` would take)."""
     target = bench.model_dir(task.name, variant)
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(final, tmp)
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(final, target)
+    tmp.replace(target)
     return str(target)
 
 

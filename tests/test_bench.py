@@ -1170,3 +1170,30 @@ def test_a_probe_variant_s_runs_are_in_runs_csv_and_the_summary_table(tmp_path, 
     summary = B.write_summary(bench, ["text"]).read_text()
     assert "| probe-word-start | probe | threshold=0.8 |" in summary
     assert "probe-word-start," in (bench.results / "text" / "runs.csv").read_text()
+
+
+def test_a_model_copy_killed_half_way_leaves_the_kept_model_whole(tmp_path, monkeypatch):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    kept = bench.model_dir("text", "main")
+    kept.mkdir(parents=True)
+    (kept / "checkpoint.json").write_text("old", encoding="utf-8")
+    (kept / "model.safetensors").write_text("old weights", encoding="utf-8")
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "checkpoint.json").write_text("new", encoding="utf-8")
+    (final / "model.safetensors").write_text("new weights", encoding="utf-8")
+
+    def killed(src, dst, **kwargs):
+        Path(dst).mkdir(parents=True)
+        shutil.copyfile(Path(src) / "checkpoint.json", Path(dst) / "checkpoint.json")
+        raise KeyboardInterrupt  # before the weights
+
+    monkeypatch.setattr(B.shutil, "copytree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        B.keep_model(bench, B.TASKS["text"], "main", final)
+    assert (kept / "checkpoint.json").read_text(encoding="utf-8") == "old"
+    assert (kept / "model.safetensors").read_text(encoding="utf-8") == "old weights"
+    monkeypatch.undo()
+    assert B.keep_model(bench, B.TASKS["text"], "main", final) == str(kept)  # the next run copies it whole
+    assert (kept / "model.safetensors").read_text(encoding="utf-8") == "new weights"
+    assert not kept.with_name("model.tmp").exists()
