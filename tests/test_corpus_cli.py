@@ -167,6 +167,26 @@ def test_cli_out_is_refused_when_a_file_stands_for_a_folder_or_a_folder_for_a_fi
         assert caught.value.code == 2 and problem in capsys.readouterr().err, argv
 
 
+def test_cli_out_is_refused_in_one_line_when_its_folder_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "readonly"  # a read-only mount: os.access says no (chmod would not stop root)
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    cases = [
+        ["build", "--out", str(locked), "--text-only"],
+        ["build", "--out", str(locked / "new" / "corpus"), "--text-only"],
+        ["tsv", "u.tsv", "--out", str(locked / "m.tsv"), "--audio-column", ""],
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert caught.value.code == 2 and f"{locked} cannot be written (read-only)" in err, argv
+    assert list(locked.iterdir()) == []
+
+
 def test_choose_rows_refuses_fewer_than_one_utterance():
     rows = [Row(f"s{i}", "", 0, f"Sentence {i}.", f"Satz {i}.") for i in range(3)]
     for bad in (0, -1):
@@ -244,3 +264,11 @@ def test_corpus_readme_documents_covost_tsv_and_the_text_only_build():
         assert f"python -m training.corpus {command}" in readme
     for section in ("**`build --text-only`**", "**`covost`**", "**`tsv`**"):
         assert section in readme
+
+
+def test_cli_out_is_refused_when_empty_not_taken_as_the_working_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--out "$OUT"` with OUT unset: nothing may land in the working folder
+    with pytest.raises(SystemExit) as caught:
+        main(["build", "--out", "", "--text-only"])
+    assert caught.value.code == 2 and "argument --out: an empty path; give a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,18 @@ def test_build_is_resumable_and_a_bigger_n_is_a_superset(tmp_path):
     assert all(big[i].audio == small[i].audio for i in small)
 
 
+def test_corpus_json_records_the_selection_of_the_last_run(tmp_path):
+    import json
+
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 20)
+    build_offline_corpus(out, ding=ding, text_only=True, max_utterances=12, split_caps={"train": 5}, progress=False)
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["max_utterances"] == 12 and meta["split_caps"] == {"train": 5}
+    build_offline_corpus(out, ding=ding, text_only=True, progress=False)  # uncapped: every sentence
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["max_utterances"] is None and meta["split_caps"] == {}
+
+
 def test_failed_synthesis_is_reported_not_dropped_silently(tmp_path, caplog):
     def flaky(text):
         if "number 7." in text:
@@ -173,3 +185,16 @@ def test_split_caps_take_the_first_n_of_each_split_and_grow_as_supersets(tmp_pat
     assert len(bigger_ids) == 5 and small_ids < bigger_ids
     with pytest.raises(ValueError, match="split cap"):
         build_offline_corpus(tmp_path / "x", ding=ding, text_only=True, progress=False, split_caps={"tset": 1})
+
+
+def test_a_rerun_makes_again_an_audio_file_whose_header_cannot_be_read(tmp_path, caplog):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 10)
+    build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    empty, junk = sorted((out / AUDIO_DIR).glob("*.flac"))[:2]
+    empty.write_bytes(b"")  # what a crash between rename and flush can leave
+    junk.write_bytes(b"not audio")
+    again: list[str] = []
+    report = build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(again), progress=False)
+    assert report.made == len(again) == 2 and report.reused == 8 and sum(report.counts.values()) == 10
+    assert sf.info(str(empty)).frames > 0 and sf.info(str(junk)).frames > 0
+    assert "empty file (0 bytes); removing it and synthesising it again" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -186,13 +187,17 @@ def _file_in_the_way(path: Path) -> Path | None:
 
 
 def _out_folder(text: str) -> str:
-    """An argparse type: a folder to write into (made if missing); an existing file there is refused."""
+    """An argparse type: a folder to write into (made if missing); an existing file there is refused, and so is
+    an empty path (an unset shell variable, say), which would write into the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder (e.g. data/offline), or . for this folder")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a file, not a folder; give a folder path")
     blocking = _file_in_the_way(path)
     if blocking is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocking} is a file, not a folder; give another path")
+    _refuse_unwritable(text, path)  # nor can a folder that cannot be written
     return text
 
 
@@ -204,7 +209,22 @@ def _out_file(text: str) -> str:
     blocking = _file_in_the_way(path)
     if blocking is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocking} is a file, not a folder; give another path")
+    _refuse_unwritable(text, path.parent)  # nor can a folder that cannot be written
     return text
+
+
+def _unwritable(path: Path) -> Path | None:
+    """The nearest existing folder of ``path`` (itself or an ancestor) when nothing can be made in it (a
+    read-only file system or folder), or None."""
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    return folder if folder is not None and not os.access(folder, os.W_OK | os.X_OK) else None
+
+
+def _refuse_unwritable(text: str, path: Path) -> None:
+    """An argparse error, in one line, when ``path`` (an output folder, or a file's folder) cannot be written."""
+    locked = _unwritable(path)
+    if locked is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {locked} cannot be written (read-only); give a writable path")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ subset grows with N and each split gets its proportional share in expectation. `
 need a proportionally large (and slow to synthesise) train split; a bigger cap is again a superset.
 
 The build is resumable: an audio file is written under a temporary name and renamed when complete, a second
-run synthesises only the files that are missing, and the manifests list exactly the files that exist.
+run synthesises only the files that are missing (or unreadable), and the manifests list exactly the files that exist.
 """
 
 from __future__ import annotations
@@ -215,7 +215,14 @@ def build_offline_corpus(
     planned = plan_corpus(pairs, max_utterances, shares, split_caps)
     log.info("%s: %d sentence pairs; building %d", ding_path, len(pairs), len(planned))
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"text_only": text_only, "shares": asdict(shares), "filter": asdict(filt), "ding": str(ding_path)}
+    meta = {
+        "text_only": text_only,
+        "shares": asdict(shares),
+        "filter": asdict(filt),
+        "ding": str(ding_path),
+        "max_utterances": max_utterances,  # the selection: which sentences the manifests hold
+        "split_caps": dict(split_caps or {}),
+    }
 
     if text_only:
         _check_meta(out_dir, meta)
@@ -237,7 +244,20 @@ def build_offline_corpus(
     def target(u: PlannedUtterance) -> Path:
         return audio_dir / f"{u.id}.{audio_format}"
 
-    todo = [u for u in planned if not target(u).is_file()]
+    def unusable(u: PlannedUtterance) -> bool:
+        """Missing, or a file whose header cannot be read (e.g. 0 bytes after a crash): removed, to be made again."""
+        path = target(u)
+        if not path.is_file():
+            return True
+        try:
+            probe_audio(path)
+        except AudioError as e:
+            log.warning("%s; removing it and synthesising it again", e)
+            path.unlink()
+            return True
+        return False
+
+    todo = [u for u in planned if unusable(u)]
     reused = len(planned) - len(todo)
     jobs = [(u.id, u.pair.en, str(target(u)), audio_format) for u in todo]
     failures: dict[str, str] = {}
