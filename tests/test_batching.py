@@ -42,6 +42,22 @@ def follow(session: StreamingSession, words: list[str], trace: list[torch.Tensor
         trace.append(session.next_logits().clone())
 
 
+def run_members(n: int, work, name: str = "member") -> None:
+    """``work(i)`` for i < n, each on a thread of its own (named ``name-i``), all at once."""
+    threads = [threading.Thread(target=work, args=(i,), name=f"{name}-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def assert_same_traces(alone: list[list[torch.Tensor]], batched: list[list[torch.Tensor]]) -> None:
+    for one, many in zip(alone, batched, strict=True):
+        assert len(one) == len(many)
+        for a, b in zip(one, many, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("on_a_runner", [False, True])
 def test_batched_forwards_equal_one_session_at_a_time(on_a_runner):
     model = untied_tiny("text", seed=1)
@@ -65,17 +81,10 @@ def test_batched_forwards_equal_one_session_at_a_time(on_a_runner):
         forward_threads.add(threading.current_thread().name)
         return forward_batch(llm, requests)
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"member-{i}") for i in range(len(sources))]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(batching, "forward_batch", batch_on)
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    for one, many in zip(alone, batched, strict=True):
-        assert len(one) == len(many)
-        for a, b in zip(one, many, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        run_members(len(sources), work)
+    assert_same_traces(alone, batched)
     assert batcher.n_requests > 2 * batcher.n_forwards, "sessions of different lengths did share forwards"
     if on_a_runner:  # every batched forward ran on the runner's one thread
         assert {name.split("_")[0] for name in forward_threads} == {"runner"}
@@ -107,15 +116,8 @@ def test_batched_hidden_states_are_each_sessions_own():
         with batcher.member():
             hidden_trace(StreamingSession(model, max_target_tokens=24, lm_call=batcher), sources[i], batched[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for one, many in zip(alone, batched, strict=True):
-        assert len(one) == len(many)
-        for a, b in zip(one, many, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    run_members(len(sources), work)
+    assert_same_traces(alone, batched)
     assert batcher.n_requests > batcher.n_forwards, "no forward was shared"
 
 
@@ -134,11 +136,7 @@ def test_batched_attention_weights_are_each_sessions_own():
         with batcher.member():
             got[i] = attention(SENTENCES[i].split(), batcher)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_members(3, work)
     for i in range(3):
         alone = attention(SENTENCES[i].split(), forward_one)
         assert got[i].shape == (len(SENTENCES[i].split()),)
