@@ -80,6 +80,15 @@ def test_corpus_json_records_the_selection_of_the_last_run(tmp_path):
     assert meta["max_utterances"] is None and meta["split_caps"] == {}
 
 
+def test_a_half_written_corpus_json_is_named_not_a_traceback(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 20)
+    build_offline_corpus(out, ding=ding, text_only=True, progress=False)
+    assert not list(out.glob("*.tmp"))  # written whole, by a rename
+    (out / "corpus.json").write_text('{"text_only": tr', encoding="utf-8")  # as a kill mid-write would have left it
+    with pytest.raises(CorpusError, match=r"corpus\.json: unreadable \(.*\); remove it to build this folder again"):
+        build_offline_corpus(out, ding=ding, text_only=True, progress=False)
+
+
 def test_failed_synthesis_is_reported_not_dropped_silently(tmp_path, caplog):
     def flaky(text):
         if "number 7." in text:

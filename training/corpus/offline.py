@@ -153,7 +153,10 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
     its manifests; then record ``meta`` there."""
     path = out_dir / META_FILE
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorpusError(path, None, f"unreadable ({e}); remove it to build this folder again") from None
         if bool(old.get("text_only")) != meta["text_only"]:
             flag = "pass --text-only" if old.get("text_only") else "drop --text-only"
             raise CorpusError(
@@ -179,7 +182,9 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
             speech, None, f"holds speech rows and the folder has no {META_FILE} (another command's output, e.g. "
             "mustc or covost); a text-only build here would replace it: pass a new --out",
         )  # fmt: skip
-    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")  # written whole or not at all: a kill leaves the earlier record
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def build_offline_corpus(
