@@ -19,6 +19,7 @@ from simul_agents.compare import (
     compare_task,
     format_comparison,
     hypotheses,
+    keep_offline,
     matched,
     mixed_vs_waitk,
     nearest,
@@ -166,6 +167,14 @@ def test_compare_task_reports_entropy_against_waitk_and_the_offline_ablation(tas
     assert "equals the offline decode on 100 of 120 instances" in text
 
 
+def test_a_proactive_point_at_exactly_35_percent_of_the_mean_source_counts_as_low_latency():
+    """The limit is inclusive: LAAL 3.5 at a mean source of 10 words is kept; LAAL 3.6 is past it."""
+    runs = [{"head": "entropy", "param": "threshold=1.0", "LAAL": 3.5, "chrF": 40.0, "BLEU": 10.0},
+            {"head": "entropy", "param": "threshold=3.0", "LAAL": 3.6, "chrF": 50.0, "BLEU": 12.0}]  # fmt: skip
+    keep = keep_offline(runs, {"chrF": 50.0}, mean_source=10.0)
+    assert keep["laal_limit"] == 3.5 and keep["best"]["param"] == "threshold=1.0" and keep["share"] == 0.8
+
+
 def test_the_entropy_head_between_lag_bounds_is_its_own_curve_against_wait_k(task_dir):
     refs = [json.loads(line)["reference"] for line in (task_dir / "eval-main" / "offline" / "-" / "instances.log")
             .read_text(encoding="utf-8").splitlines()]  # fmt: skip
@@ -195,6 +204,29 @@ def test_wait_k_time_shared_reaches_an_laal_between_two_of_its_points_with_whole
     for i, ins in enumerate(mix["instances"]):  # each sentence one run's, untouched
         assert ins in (json.loads(lines[k1][i]), json.loads(lines[k4][i]))
     assert waitk_mixtures(target, {"output": str(k1)}, {"output": str(k4)}, draws=1) == [mix]  # seeded: the same
+
+
+def test_wait_k_time_shared_counts_sentences_that_wrote_nothing_out_of_the_mean_and_keeps_them(tmp_path):
+    """A sentence a run wrote nothing for has no LAAL (SimulEval leaves it out of the mean): switching it to the
+    other run adds a sentence to the mean, not only a value, so the mixture still lands on the target LAAL; and
+    every sentence stays in the mixture, empty ones too."""
+    from simul_agents.score import score_output
+
+    refs = _sentences(100, 0)
+    k1, k4 = tmp_path / "wait-k" / "k=1", tmp_path / "wait-k" / "k=4"
+    _write_run(k1, _corrupt(refs, 0.6, 1), refs, delays_per_word=1.0)
+    _write_run(k4, _corrupt(refs, 0.2, 2), refs, delays_per_word=4.0)
+    log = k1 / "instances.log"
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    for record in records[1::2]:  # k=1 wrote nothing for every other sentence
+        record.update(prediction="", delays=[], elapsed=[], prediction_length=0)
+    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    low, high = (score_output(run, write=False)["LAAL"] for run in (k1, k4))
+    target = (low + high) / 2
+    (mix,) = waitk_mixtures(target, {"output": str(k1)}, {"output": str(k4)}, draws=1)
+    assert mix["LAAL"] == pytest.approx(target, abs=(high - low) / 20)  # one sentence moves the mean ~1/50
+    assert [ins["index"] for ins in mix["instances"]] == list(range(100))
+    assert any(ins["prediction"] == "" for ins in mix["instances"])
 
 
 def test_an_entropy_point_far_from_every_wait_k_point_is_tested_against_wait_k_time_shared_to_its_laal(tmp_path):

@@ -143,6 +143,38 @@ def test_an_utterance_shorter_than_min_seconds_is_one_plain_session(model, head)
     assert stream.n_segments == 1 and stream.finished
 
 
+def test_a_stream_finished_with_its_last_audio_decides_on_it_only_once_the_source_has_ended(model):
+    """``finish(samples)`` is the caller's last chunk: as a StreamingSession's caller pushes it, finishes the source
+    and only then writes, the words of that audio are written under the ended source (with its end marker), the
+    same words at the same call as one session gives, not words decided on before the source had ended."""
+    head = make_head("wait-k", k=1)
+    audio = talk((1.5, 0.5), (2.0, 0.0))
+    chunk, last = 5120, audio.shape[0] - 2 * 5120  # the last chunk: the stream's final 0.64 s
+    session = StreamingSession(model, max_target_tokens=200, **head.session_options(model))
+    memory: dict = {}
+
+    def write() -> list[str]:
+        words = []
+        while not session.finished and len(session.words) < 2 * session.units_read + 10:
+            if decide(head, session, memory) is READ or (word := session.write_word()) is None:
+                break
+            words.append(word)
+        return words
+
+    expected = []  # (words returned by a push, ...), then the words returned by the end of the source
+    for start in range(0, last, chunk):
+        session.push_audio(audio[start : min(start + chunk, last)])
+        expected.append(write())
+    session.push_audio(audio[last:])
+    session.finish_source()
+    expected.append(write())
+
+    stream = LongStream(model, head, SegmentConfig(min_seconds=10.0), max_target_tokens=200)
+    got = [stream.push_audio(audio[start : min(start + chunk, last)]) for start in range(0, last, chunk)]
+    got.append(stream.finish(audio[last:]))
+    assert len(expected[-1]) > 1 and got == expected
+
+
 def test_a_segment_writes_at_most_max_len_a_times_its_units_plus_max_len_b_words(model):
     """With max_len_a=0 and max_len_b=2 a segment stops at two words, even once its source has ended."""
     audio = talk((1.5, 0.5), (2.0, 0.0))

@@ -517,6 +517,19 @@ def test_a_delta_checkpoint_finds_its_base_model_in_this_machines_asset_cache(tm
         load_checkpoint(folder)
 
 
+def test_a_base_model_file_is_found_in_this_machines_cache_by_its_asset_folder_and_name(tmp_path, monkeypatch):
+    """A Whisper base is a file inside its asset's folder (whisper-tiny.en/model.pt): its file name alone names
+    no asset, so it is found in this machine's cache by its last two path parts."""
+    from streaming_llm.checkpoint import find_base
+
+    mine = tmp_path / "my-cache" / "whisper-tiny.en" / "model.pt"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"weights")
+    monkeypatch.setenv("PROACTIVE_CACHE", str(tmp_path / "my-cache"))
+    theirs = str(tmp_path / "their-cache" / "whisper-tiny.en" / "model.pt")
+    assert find_base(tmp_path / "ckpt", "whisper_path", theirs) == str(mine)
+
+
 def test_a_word_that_never_ends_is_cut_at_max_word_tokens():
     """A degenerate model that never starts a new word writes words of exactly MAX_WORD_TOKENS tokens each."""
     model = tiny_model("text")  # tied: one endless word of ':' tokens
@@ -567,3 +580,80 @@ def test_signals_count_the_words_written_not_their_tokens():
     session.push_words(SOURCE_WORDS[:3])
     session.write_word()
     assert len(session.written) > 1 and session.signals().n_words == len(session.words) == 1
+
+
+def scripted_lm(model, script):
+    """An ``lm_call`` whose greedy target tokens are ``script``: entry j (a token, or (best, second best)) is the
+    argmax of the row that predicts the j-th written token; rows past the script keep the model's logits."""
+
+    def call(llm, x, positions, mask, cache, attentions=False):
+        out = engine.forward_one(llm, x, positions, mask, cache, attentions)
+        j = int(positions[0, -1]) - model.target_offset - len(model.prefix_ids) + 1
+        if 0 <= j < len(script):
+            best, second = script[j] if isinstance(script[j], tuple) else (script[j], None)
+            logits = torch.zeros_like(out.logits)
+            logits[0, -1, best] = 10.0
+            if second is not None:
+                logits[0, -1, second] = 5.0
+            out.logits = logits
+        return out
+
+    return call
+
+
+SPACE = 222  # the tiny tokenizer's ' ' (a word-start piece); ' Haus' is [308 'ĠH', 337 'au', 84 's']
+
+
+def test_a_space_then_the_end_of_sentence_is_no_word_the_session_goes_on_or_ends():
+    """Whitespace joins the next word, so the end of the sentence right after a lone space does not end a word:
+    before the source ends the best other token carries the word on ("Haus"), and once it has ended the
+    session ends (write_word None and finished), rather than returning an empty word that leaves it open."""
+    model = tiny_model("text")
+    script = [SPACE, (model.eos_id, 308), 337, 84, 308]
+    open_source = StreamingSession(model, lm_call=scripted_lm(model, script))
+    open_source.push_words(SOURCE_WORDS[:2])
+    assert open_source.write_word() == "Haus" and open_source.written == [SPACE, 308, 337, 84]
+    ended = StreamingSession(model, lm_call=scripted_lm(model, script))
+    ended.push_words(SOURCE_WORDS)
+    ended.finish_source()
+    assert ended.write_word() is None
+    assert ended.finished and ended.written == [SPACE, model.eos_id] and ended.words == []
+
+
+def test_a_source_that_fills_the_capacity_leaves_every_entry_its_own_position():
+    """The target group starts one past the last source position and the end-of-source marker: with the source
+    full to ``source_capacity``, the marker and the first target-prefix token must not share a position (the
+    training layout and the session both lay it out so)."""
+    model = tiny_model("text", max_source_embeddings=8)
+    words = ["I", "would", "like", "a", "of"]  # 1 + 3 + 2 + 1 + 1 = 8 tokens: the context is full
+    cached: list[int] = []  # the position of every entry in the session's cache, in cache order
+
+    def recording(llm, x, positions, mask, cache, attentions=False):
+        past = cache.get_seq_length()
+        del cached[past:]  # pending rows cropped to be fed again
+        cached.extend(range(len(cached), past))  # the shared start state (the prompt), fed before this session
+        cached.extend(positions[0].tolist())
+        return engine.forward_one(llm, x, positions, mask, cache, attentions)
+
+    session = StreamingSession(model, max_target_tokens=6, lm_call=recording)
+    session.push_words(words)
+    session.finish_source()
+    while session.write_word() is not None:
+        pass
+    cached.extend(range(len(cached), session.cache.get_seq_length()))
+    assert session.n_source_embeddings == 9 and len(cached) == session.cache.get_seq_length()
+    assert len(set(cached)) == len(cached), sorted(cached)
+    units = [len(model.word_ids(w)) for w in words]
+    layout = model.layout(units, len(session.target_group) - len(model.prefix_ids))
+    assert len(set(layout.positions().tolist())) == layout.length
+
+
+def test_a_space_then_a_word_start_token_make_one_word():
+    """A whitespace-only token is not a word of its own: the word-start token after it begins the same word."""
+    model = tiny_model("text")
+    session = StreamingSession(model, lm_call=scripted_lm(model, [SPACE, 308, 337, 84, 308, 337, 84, model.eos_id]))
+    session.push_words(SOURCE_WORDS)
+    session.finish_source()
+    assert session.write_word() == "Haus" and session.written == [SPACE, 308, 337, 84]
+    assert session.write_word() == "Haus" and session.write_word() is None
+    assert session.finished and session.words == ["Haus", "Haus"]
