@@ -81,6 +81,19 @@ def test_simuleval_whole_16k_files_are_used_in_place(tmp_path):
     assert files.source.read_text() == f"{tmp_path / 'a.flac'}\n"
 
 
+def test_simuleval_converts_a_whole_file_that_is_not_16k_mono(tmp_path):
+    """SimulEval hands the file to an agent that hears 16 kHz mono: a 44.1 kHz or a stereo file is converted."""
+    sf.write(tmp_path / "cd.wav", tone(1.0, 44100), 44100)
+    sf.write(tmp_path / "stereo.flac", tone(1.0).repeat(2).reshape(-1, 2), 16000)
+    manifest = tmp_path / "m.tsv"
+    write_manifest(manifest, [Row("cd", str(tmp_path / "cd.wav"), 16000, "Hi.", "Hallo."),
+                              Row("stereo", str(tmp_path / "stereo.flac"), 16000, "Yo.", "Jo.")])
+    files = write_simuleval_files(manifest, tmp_path / "se", progress=False)
+    sources = files.source.read_text().splitlines()
+    assert sources == [str(tmp_path / "se" / "wav" / "cd.wav"), str(tmp_path / "se" / "wav" / "stereo.wav")]
+    assert all((sf.info(s).samplerate, sf.info(s).channels, sf.info(s).frames) == (16000, 1, 16000) for s in sources)
+
+
 def test_simuleval_text_and_seeded_subset(tmp_path, capsys):
     rows = [Row(f"s{i}", "", 0, f"Sentence {i}.", f"Satz {i}.") for i in range(20)]
     manifest = tmp_path / "text.tsv"

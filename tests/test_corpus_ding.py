@@ -40,6 +40,15 @@ def test_what_is_not_kept():
 def test_length_limits_are_configurable():
     ens = [p.en for p in parse_ding_lines(DING_LINES, DingFilter(min_words=2, max_words=40))]
     assert "Oh yes!" in ens and any(e.startswith("It is a tree") for e in ens)
+    # both limits are inclusive: --min-words 4 --max-words 4 keeps the 4-word sentences, and only them
+    fours = [p.en for p in parse_ding_lines(DING_LINES, DingFilter(min_words=4, max_words=4))]
+    assert fours == ["I couldn't help laughing.", "You better go home.", "Show it to me.", "Bang goes the money."]
+
+
+def test_a_semicolon_inside_an_annotation_does_not_split_synonyms():
+    """``[Br.; Am.]`` is one annotation: the sentence is cut at the ';' between synonyms only."""
+    line = "Wir fahren mit dem Zug. [Schw.; Ös.] :: We are going by train. [Br.; Am.]; We go by train."
+    assert [(p.en, p.de) for p in parse_ding_lines([line])] == [("We are going by train.", "Wir fahren mit dem Zug.")]
 
 
 def test_clean_sentence_and_key():

@@ -57,6 +57,7 @@ def test_frames_at_16k_matches_the_resampler(tmp_path, rate):
         (f"{HEADER}\nx\t\t0\tHi.\t\t\n".encode(), r"m.tsv:2: empty tgt_text"),
         (f"{HEADER}\nx\t\tmany\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames 'many' is not an integer"),
         (f"{HEADER}\nx\ta.wav\t0\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames is 0 for a row with audio"),
+        (f"{HEADER}\nx\t\t16000\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames 16000 for a text-to-text row"),
         (b"", r"m.tsv:1: empty file"),
     ],
 )
@@ -123,3 +124,26 @@ def test_the_writer_refuses_a_repeated_id_that_the_reader_would_refuse(tmp_path)
     with pytest.raises(ValueError, match="row 'a': that id is already used by another row"):
         write_manifest(tmp_path / "m.tsv", rows)
     assert not (tmp_path / "m.tsv").exists()
+
+
+def test_columns_are_read_by_name_in_any_order_and_others_ignored(tmp_path):
+    """A fairseq S2T TSV has tgt_text before speaker and src_text last, and may hold more columns."""
+    write_audio(tmp_path / "a.wav", tone(0.5), "wav")
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("id\taudio\tn_frames\ttgt_text\tspeaker\tsrc_text\ttgt_lang\n"
+                        "a\ta.wav\t8000\tHallo.\tspk\tHello.\tde\n", encoding="utf-8")
+    assert read_manifest(manifest) == [Row("a", str(tmp_path / "a.wav"), 8000, "Hello.", "Hallo.", "spk")]
+
+
+def test_a_slice_of_a_file_in_a_folder_whose_name_holds_colons(tmp_path):
+    """``path:offset:frames`` is split at its last two colons: a folder named after a time keeps its colons."""
+    folder = tmp_path / "run 2024-01-01T10:00"
+    folder.mkdir()
+    write_audio(folder / "talk.wav", tone(1.0), "wav")
+    manifest = tmp_path / "m.tsv"
+    write_manifest(manifest, [Row("a", f"{folder / 'talk.wav'}:4000:8000", 8000, "Hi.", "Hallo.")])
+    stored = manifest.read_text(encoding="utf-8").splitlines()[1].split("\t")[1]
+    assert stored == "run 2024-01-01T10:00/talk.wav:4000:8000"  # relative to the manifest, still a slice
+    (row,) = read_manifest(manifest)
+    assert row.audio == f"{folder / 'talk.wav'}:4000:8000"
+    assert len(load_audio_spec(row.audio)) == probe_spec(row.audio)[1] == 8000

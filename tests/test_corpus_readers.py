@@ -132,6 +132,43 @@ def test_mustc_text_files_with_a_byte_order_mark(tmp_path):
     assert (rows[0].src_text, rows[0].tgt_text) == (MUSTC_SEGMENTS[0][4], MUSTC_SEGMENTS[0][5])
 
 
+def test_mustc_pairs_the_nth_yaml_segment_with_the_nth_text_lines_in_the_files_order(tmp_path):
+    """The yaml keeps the release's order (talks are not sorted by name): line n of dev.en and dev.de belongs to
+    the n-th segment, and the rows come out in that order."""
+    write_mustc(tmp_path, segments=MUSTC_SEGMENTS[2:] + MUSTC_SEGMENTS[:2])  # ted_2's segments before ted_1's
+    rows = read_mustc(tmp_path, "dev")
+    assert [(r.id, r.src_text, r.tgt_text) for r in rows] == [
+        ("ted_2_0", "Hello.", "Hallo."),
+        ("ted_2_1", "Good morning.", "Guten Morgen."),
+        ("ted_1_0", "Thank you so much.", "Vielen Dank."),
+        ("ted_1_1", "It is a great honour.", "Es ist mir eine große Ehre."),
+    ]
+    assert rows[2].audio.endswith("ted_1.wav:4000:16000") and rows[0].audio.endswith("ted_2.wav:0:22050")
+
+
+def test_mustc_ids_count_every_segment_of_its_talk_a_skipped_one_included(tmp_path):
+    """fairseq's <talk>_<n> numbers a talk's segments as the yaml lists them: skipping a bad segment must not
+    renumber the others (their ids would then name other segments' references)."""
+    data = write_mustc(tmp_path)
+    (data / "txt" / "dev.en").write_text("\nIt is a great honour.\nHello.\nGood morning.\n", encoding="utf-8")
+    rows = read_mustc(tmp_path, "dev", bad=BadInput(skip_bad=True))
+    assert [r.id for r in rows] == ["ted_1_1", "ted_2_0", "ted_2_1"]
+    assert rows[0].src_text == "It is a great honour." and rows[0].audio.endswith("ted_1.wav:24000:20000")
+
+
+def test_mustc_cuts_a_segment_a_few_ms_past_its_talk_and_refuses_more(tmp_path):
+    """MuST-C's yaml times are rounded: a segment up to 0.1 s past its talk's end is cut at the end, in the wav's
+    own samples (ted_2 is 2 s at 44.1 kHz); more is a bad segment."""
+    extra = ("ted_2", 1.5, 0.55, "spk.2", "The end.", "Das Ende.")  # 0.05 s past the end
+    write_mustc(tmp_path, segments=MUSTC_SEGMENTS + [extra])
+    last = read_mustc(tmp_path, "dev")[-1]
+    assert last.id == "ted_2_2" and last.audio.endswith("ted_2.wav:66150:22050") and last.n_frames == 8000
+    assert len(load_audio_spec(last.audio)) == last.n_frames
+    write_mustc(tmp_path, segments=MUSTC_SEGMENTS + [(*extra[:2], 0.65, *extra[3:])])  # 0.15 s past the end
+    with pytest.raises(CorpusError, match=r"dev\.yaml:5: segment 1\.5\+0\.65 s ends after the end of ted_2\.wav"):
+        read_mustc(tmp_path, "dev")
+
+
 @pytest.mark.parametrize(
     "offset,duration,message",
     [
@@ -200,6 +237,13 @@ def test_covost_cli(tmp_path, capsys):
     assert main(["covost", "--tsv-dir", str(tmp_path), "--clips", str(tmp_path / "cv" / "clips"),
                  "--out", str(tmp_path / "dashed"), "--splits", "dev", "--lang-pair", "en-de"]) == 0  # as MuST-C
     assert len(read_manifest(tmp_path / "dashed" / "dev.tsv")) == 3
+
+
+def test_covost_without_decoding_gives_n_frames_at_16k_from_the_48k_headers(tmp_path):
+    """decode=False reads only the clips' headers (48 kHz): n_frames is still the length at 16 kHz."""
+    tsv, clips = write_covost(tmp_path)
+    rows = read_covost(tsv, clips, decode=False, progress=False)
+    assert [r.n_frames for r in rows] == [len(load_audio_spec(r.audio)) for r in rows] == [16000, 20000, 24000]
 
 
 def test_covost_undoes_the_escapes_get_covost_splits_writes(tmp_path):
@@ -280,6 +324,14 @@ def test_user_tsv_with_named_columns(tmp_path):
     assert text[0].id == "mine-2" and text[0].is_text
 
 
+def test_user_tsv_whose_header_starts_with_a_byte_order_mark(tmp_path):
+    """A TSV saved by a Windows editor or a spreadsheet starts with a BOM: it is not part of the first column's
+    name."""
+    (tmp_path / "mine.tsv").write_bytes("\ufeffen\tde\nHello.\tHallo.\n".encode())
+    (row,) = read_user_tsv(tmp_path / "mine.tsv", audio_column=None, src_column="en", tgt_column="de")
+    assert (row.id, row.src_text, row.tgt_text) == ("mine-2", "Hello.", "Hallo.")
+
+
 def test_user_tsv_bad_lines(tmp_path):
     (tmp_path / "mine.tsv").write_text("audio\tsrc_text\ttgt_text\nnope.wav\tHi.\tHallo.\n", encoding="utf-8")
     with pytest.raises(CorpusError, match=r"mine\.tsv:2: .*nope\.wav: no such file"):
@@ -301,6 +353,15 @@ def test_user_tsv_cuts_a_slice_a_few_ms_past_its_talk_as_mustc_does_and_refuses_
                                      "a\ttalk.wav:110250:30000\tThe end.\tDas Ende.\n", encoding="utf-8")  # +0.18 s
     with pytest.raises(CorpusError, match=r"fs\.tsv:2: .*slice 110250\+30000 runs past the end"):
         read_user_tsv(tmp_path / "fs.tsv", id_column="id")
+
+
+def test_user_tsv_end_tolerance_is_0_1_s_in_the_files_own_samples(tmp_path):
+    """0.09 s past the end of a 44.1 kHz talk is 3969 of its samples (more than 0.1 s at 16 kHz): still cut."""
+    sf.write(tmp_path / "talk.wav", tone(3.0, 44100), 44100)  # 132300 samples
+    (tmp_path / "fs.tsv").write_text("id\taudio\tsrc_text\ttgt_text\n"
+                                     "a\ttalk.wav:110250:26019\tThe end.\tDas Ende.\n", encoding="utf-8")  # +3969
+    (row,) = read_user_tsv(tmp_path / "fs.tsv", id_column="id")
+    assert row.audio == f"{tmp_path / 'talk.wav'}:110250:22050" and row.n_frames == 8000
 
 
 def test_user_tsv_default_ids_from_a_file_name_with_spaces(tmp_path):

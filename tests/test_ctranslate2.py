@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -100,6 +101,18 @@ def test_split_parts_read_as_one(tiny_model_dir, tmp_path_factory):
     np.testing.assert_array_equal(got["encoder/conv2/weight"], variables["encoder/conv2/weight"])
 
 
+def test_parts_are_read_in_the_order_given_not_by_name(tiny_model_dir, tmp_path_factory):
+    path, variables = tiny_model_dir
+    raw = (path / "model.bin").read_bytes()
+    thirds = [raw[: len(raw) // 3], raw[len(raw) // 3 : 2 * len(raw) // 3], raw[2 * len(raw) // 3 :]]
+    parts = tmp_path_factory.mktemp("parts")
+    names = ["model.bin.part9", "model.bin.part10", "model.bin.part11"]  # by name, part9 would come last
+    for name, chunk in zip(names, thirds, strict=True):
+        (parts / name).write_bytes(chunk)
+    got = read_model_bin([parts / name for name in names]).variables
+    np.testing.assert_array_equal(got["decoder/embeddings/weight"], variables["decoder/embeddings/weight"])
+
+
 def test_bfloat16_is_widened_to_float32(tmp_path):
     values = np.array([1.5, -2.25, 3.0e-3], np.float32)
     bits = (values.view(np.uint32) >> 16).astype("<u2")  # exact for these values' top halves
@@ -158,6 +171,30 @@ def test_converted_checkpoint_loads_in_whisper_and_runs(tiny_model_dir, tmp_path
     assert all(torch.equal(t, from_pt.state_dict()[k]) for k, t in sd.items())
 
 
+def test_each_whisper_tensor_is_the_ct2_variable_of_the_same_role(tmp_path):
+    """Layer norms (gamma -> weight, beta -> bias), attention outputs, cross-attention queries and the MLP: every
+    tensor whisper gets is the CT2 variable of that role (same-shaped ones could be swapped without an error)."""
+    v = _tiny_ct2_whisper()
+    sd = load_whisper(write_model_bin(tmp_path / "model.bin", v, aliases=ALIASES)).state_dict()
+    roles = {"attn_ln": "self_attention/layer_norm", "attn.out": "self_attention/linear_1",
+             "cross_attn.query": "attention/linear_0", "cross_attn.out": "attention/linear_2",
+             "cross_attn_ln": "attention/layer_norm", "mlp.0": "ffn/linear_0", "mlp.2": "ffn/linear_1",
+             "mlp_ln": "ffn/layer_norm"}
+    expected = {"encoder.ln_post.weight": "encoder/layer_norm/gamma", "encoder.ln_post.bias": "encoder/layer_norm/beta",
+                "decoder.ln.weight": "decoder/layer_norm/gamma", "decoder.ln.bias": "decoder/layer_norm/beta",
+                "encoder.conv1.weight": "encoder/conv1/weight", "encoder.conv2.bias": "encoder/conv2/bias"}
+    for stack, n in (("encoder", DIMS["n_audio_layer"]), ("decoder", DIMS["n_text_layer"])):
+        for i in range(n):
+            for role, ct2 in roles.items():
+                if "cross" in role and stack == "encoder":
+                    continue
+                ln = ct2.endswith("layer_norm")
+                for param, ct2_param in (("weight", "gamma" if ln else "weight"), ("bias", "beta" if ln else "bias")):
+                    expected[f"{stack}.blocks.{i}.{role}.{param}"] = f"{stack}/layer_{i}/{ct2}/{ct2_param}"
+    for name, ct2 in expected.items():
+        assert torch.equal(sd[name], torch.from_numpy(v[ct2].astype(np.float32))), (name, ct2)
+
+
 def test_head_count_falls_back_to_width_over_64():
     variables = _tiny_ct2_whisper()
     del variables["encoder/num_heads"]
@@ -172,6 +209,31 @@ def test_missing_weight_is_named(tmp_path):
     with pytest.raises(ConversionError, match="decoder/layer_0/attention/linear_2/bias is missing"):
         convert_ct2_whisper(variables, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_model_whisper_cannot_represent_is_refused_not_converted_wrongly(tmp_path):
+    """whisper ties its output projection to the token embedding and never scales embeddings; a CT2 model that
+    does otherwise, or that is not a Whisper model at all, is refused rather than converted to something else."""
+    untied = _tiny_ct2_whisper()
+    untied["decoder/projection/weight"] = _tiny_ct2_whisper(seed=1)["decoder/embeddings/weight"]
+    with pytest.raises(ConversionError, match="decoder/projection/weight differs from the token embedding"):
+        convert_ct2_whisper(untied, tmp_path / "x.pt")
+    scaled = _tiny_ct2_whisper() | {"decoder/scale_embeddings": np.array(1, np.int8)}
+    with pytest.raises(ConversionError, match="decoder/scale_embeddings is set"):
+        convert_ct2_whisper(scaled, tmp_path / "x.pt")
+    write_model_bin(tmp_path / "model.bin", _tiny_ct2_whisper(), spec="TransformerSpec", aliases=ALIASES)
+    with pytest.raises(ConversionError, match="a CTranslate2 TransformerSpec, not a WhisperSpec model"):
+        load_whisper(tmp_path)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_alignment_heads_come_from_the_config_next_to_the_model_and_out_of_range_ones_are_ignored(tiny_model_dir):
+    path, _ = tiny_model_dir
+    (path / "config.json").write_text(json.dumps({"alignment_heads": [[0, 1]]}))
+    heads = load_whisper(path).alignment_heads.to_dense()
+    assert heads.tolist() == [[False, True]]  # n_text_layer 1, n_text_head 2
+    (path / "config.json").write_text(json.dumps({"alignment_heads": [[0, 1], [1, 0]]}))  # no layer 1
+    assert load_whisper(path).alignment_heads.to_dense().tolist() == [[True, True]]  # whisper's default
 
 
 def test_load_whisper_refuses_a_model_name():
@@ -203,8 +265,10 @@ def test_quantized_ct2_weights_are_dequantized_with_their_scales(tmp_path, kind)
     variables = _tiny_ct2_whisper()
     write_model_bin(tmp_path / "model.bin", _quantized_like_ct2(variables, kind), aliases=ALIASES)
     got = load_whisper(tmp_path).state_dict()
+    # a square weight too: its per-row scales, applied per column, would broadcast without an error
     for name, ct2 in (("encoder.blocks.0.mlp.0.weight", "encoder/layer_0/ffn/linear_0/weight"),
-                      ("decoder.token_embedding.weight", "decoder/embeddings/weight")):
+                      ("decoder.token_embedding.weight", "decoder/embeddings/weight"),
+                      ("encoder.blocks.0.attn.out.weight", "encoder/layer_0/self_attention/linear_1/weight")):
         want = torch.from_numpy(variables[ct2].astype(np.float32))
         step = want.abs().amax(dim=1, keepdim=True) / 127 if kind == "int8" else want.abs().max() / 2**10
         assert ((got[name] - want).abs() <= step / 2 + 1e-6).all(), name
