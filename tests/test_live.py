@@ -158,6 +158,14 @@ def test_fast_mode_elapsed_is_the_simulated_real_time_clock(compute_s, expected)
     assert result.delays == [320.0, 640.0, 960.0]
 
 
+def test_a_chunk_is_ready_when_its_last_sample_or_word_has_arrived():
+    """The ready time paces the file and starts the simulated clock of --fast: a word cannot be out before the
+    source it was written on has arrived."""
+    readies = [ready for _, ready in live.audio_chunks(np.zeros(16000, np.float32), 320)]
+    assert readies == [320.0, 640.0, 960.0, 1000.0]
+    assert [ready for _, ready in live.word_chunks(["a", "b", "c"], 400)] == [400, 800, 1200]
+
+
 def test_paced_mode_waits_for_each_chunk_and_elapsed_is_the_wall_clock():
     clock = FakeClock()
     stream = FakeStream(clock, 0.1)
@@ -176,6 +184,23 @@ def test_command_fast_prints_decisions_words_and_latency(data, capsys):
     assert "READ" in text and "WRITE" in text and "(delay 0.64 s" in text
     summary = text.strip().splitlines()[-1]
     assert summary.startswith("source 1.00 s") and "AL " in summary and "computation-aware: AL" in summary
+
+
+def test_fast_runs_speech_and_text_unpaced_on_the_simulated_clock(data, monkeypatch):
+    """--fast: no waiting for the source's real time, and elapsed simulated from the compute time."""
+    calls = []
+    real_run_stream = live.run_stream
+
+    def spy(stream, chunks, **options):
+        calls.append((options["pace"], options["wall_clock"]))
+        return real_run_stream(stream, chunks, **options)
+
+    monkeypatch.setattr(live, "run_stream", spy)
+    root = data["root"]
+    for source, checkpoint in (("tone.wav", "speech-ckpt"), ("sentences.txt", "text-ckpt")):
+        assert live.main([str(root / source), "--checkpoint", str(root / checkpoint), "--head", "wait-k", "--fast",
+                          "--max-target-tokens", "24"], out=io.StringIO()) == 0  # fmt: skip
+    assert calls == [(False, False)] * 3  # the speech file, then the two lines of text
 
 
 def test_command_runs_the_llm_in_fp16_and_refuses_fp16_with_int8(data, capsys):
@@ -220,6 +245,18 @@ def test_command_translates_a_text_file_line_by_line(data):
     sources = [SENTENCE.split(), "Where is the train station ?".split()]
     assert translations == [live.printable(" ".join(offline_words(data["text"], source))) for source in sources]
     assert sum("words | AL" in line for line in lines) == 2
+
+
+def test_reencode_reaches_the_streams_of_a_text_file(data, tmp_path):
+    """--reencode read on a text file: each line is translated as a LiveStream with that option translates it."""
+    (tmp_path / "one.txt").write_text(SENTENCE + "\n", encoding="utf-8")
+    expected = LiveStream(data["text"], make_head("wait-k", k=3), live.Limits(max_target_tokens=64), reencode="read")
+    run_stream(expected, live.word_chunks(SENTENCE.split(), 1), pace=False, wall_clock=False)
+    out = io.StringIO()
+    assert live.main([str(tmp_path / "one.txt"), "--checkpoint", str(data["root"] / "text-ckpt"), "--fast", "--head",
+                      "wait-k", "--head-param", "k=3", "--max-target-tokens", "64", "--reencode", "read"],
+                     out=out) == 0  # fmt: skip
+    assert f"translation: {live.printable(' '.join(expected.words))}\n" in out.getvalue()
 
 
 def test_a_file_longer_than_the_context_is_cut_into_segments_as_the_agent_cuts_it(data):
@@ -315,6 +352,16 @@ def test_a_source_the_model_cannot_take_is_refused_before_quantizing_or_compilin
     assert problem in capsys.readouterr().err
 
 
+def test_ctrl_c_outside_a_recording_exits_130_and_says_interrupted(data, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(live, "run_speech", interrupted)
+    code = live.main([str(data["root"] / "tone.wav"), "--checkpoint", str(data["root"] / "speech-ckpt"), "--fast"],
+                     out=io.StringIO())  # fmt: skip
+    assert code == 130 and capsys.readouterr().err.strip() == "live: interrupted"
+
+
 def test_mic_with_no_input_device_says_so(data, capsys):
     try:
         sd = live.import_sounddevice()
@@ -366,8 +413,29 @@ def test_the_translation_line_shows_control_characters_as_replacements(data, mon
     assert "translation: a\ufffd[2Jb\ufffd\n" in out.getvalue() and "\x1b" not in out.getvalue()
 
 
+def test_the_summary_line_shows_the_results_latency_and_real_time_factor():
+    """AL against the reference's length (LAAL: the longer of it and the hypothesis), the _CA pair from elapsed,
+    and the real-time factor compute / source."""
+    result = Result(["a", "b"], [500.0, 1000.0], [700.0, 1400.0], 1000.0, "ms", 0.25)
+    scores = latency_summary(result.delays, result.elapsed, 1000.0, 1)
+    assert len({round(v) for v in scores.values()}) == 4  # the four numbers differ: each is where it belongs
+    line = live.summary_line(result, "one")
+    assert line == (f"source 1.00 s, 2 words | AL {scores['AL']:.0f} ms, LAAL {scores['LAAL']:.0f} ms | "
+                    f"computation-aware: AL {scores['AL_CA']:.0f} ms, LAAL {scores['LAAL_CA']:.0f} ms | "
+                    "compute 0.25 s (real-time factor 0.25)")  # fmt: skip
+
+
 def test_result_text_joins_words():
     assert Result(["a", "b"], [1.0, 2.0], [1.0, 2.0], 2.0, "words", 0.0).text == "a b"
+
+
+def test_the_text_summary_line_gives_computation_aware_latency_in_source_words():
+    """elapsed (ms) over the interval between source words: a word out 1.5 intervals in lags as 1.5 words."""
+    result = Result(["a", "b"], [1.0, 2.0], [600.0, 1000.0], 2.0, "words", 0.1)
+    scores = latency_summary([1.0, 2.0], [1.5, 2.5], 2.0)
+    line = live.text_summary_line(result, 400, None)
+    assert line.endswith(f" | computation-aware: AL {scores['AL_CA']:.2f} words, LAAL {scores['LAAL_CA']:.2f} words")
+    assert line.startswith(f"source 2 words, 2 words | AL {scores['AL']:.2f} words")
 
 
 @pytest.mark.skipif(cxx_compiler() is None, reason="TorchInductor needs a C++ compiler (make setup installs g++)")
@@ -417,6 +485,15 @@ class FakeMicrophone:
         return Stream()
 
 
+def test_the_microphone_records_exactly_seconds_of_audio(monkeypatch):
+    """--seconds 1.0 with 320 ms blocks: the last block is cut, so the source is 1.00 s, not 1.28 s."""
+    audio = tone(2.0)
+    monkeypatch.setattr(live, "import_sounddevice", lambda: FakeMicrophone(audio))
+    chunks = list(live.microphone_chunks(320, 1.0))
+    assert [ready for _, ready in chunks] == [320.0, 640.0, 960.0, 1000.0]
+    np.testing.assert_array_equal(np.concatenate([chunk for chunk, _ in chunks]), audio[:16000])
+
+
 def test_the_microphone_records_past_one_utterance_cutting_at_pauses(data, monkeypatch):
     root = data["root"]
     monkeypatch.setattr(live, "import_sounddevice", lambda: FakeMicrophone(tone(2.0)))
@@ -432,9 +509,34 @@ def test_the_microphone_records_past_one_utterance_cutting_at_pauses(data, monke
     assert f"translation: {translation}" in text  # 1.0 s of the 2.0 s recorded, in two segments
 
 
+def test_a_second_ctrl_c_while_recording_interrupts():
+    """The first Ctrl-C ends the recording (its translation is still finished); a second one stops the program."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    with live.ctrl_c_ends_recording(stop):
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
 def test_mic_seconds_must_be_a_positive_length(data, capsys):
     code = live.main(["--mic", "--seconds", "0", "--checkpoint", str(data["root"] / "speech-ckpt")])
     assert code == 2 and "--seconds 0.0: give how long to record" in capsys.readouterr().err
+
+
+def test_mic_elapsed_counts_from_the_start_of_the_recording(data, monkeypatch):
+    """The microphone clock starts when the recording did, not when the first chunk is translated: every word is
+    out after the first 320 ms block was recorded (here the blocks arrive at once, so no later bound holds)."""
+    monkeypatch.setattr(live, "import_sounddevice", lambda: FakeMicrophone(tone(1.0)))
+    out = io.StringIO()
+    code = live.main(["--mic", "--seconds", "1.0", "--checkpoint", str(data["root"] / "speech-ckpt"), "--head",
+                      "wait-k", "--head-param", "k=1", "--max-target-tokens", "24"], out=out)  # fmt: skip
+    times = re.findall(r"\(delay ([0-9.]+) s, elapsed ([0-9.]+) s\)", out.getvalue())
+    assert code == 0 and times
+    assert all(float(elapsed) >= 0.32 for _, elapsed in times), times
 
 
 def test_ctrl_c_while_a_mic_chunk_is_translated_ends_the_recording_and_prints_the_translation(data, monkeypatch):

@@ -115,6 +115,21 @@ def test_start_chunks_end_sends_reads_then_the_words_the_engine_writes(models, s
     assert end["AL"] is not None and end["AL_CA"] >= end["AL"] and 0 < end["rtf"]
 
 
+def test_the_end_events_latency_and_rtf_are_those_of_the_words_it_sent(speech_server):
+    """AL and LAAL in ms from the writes' delay_ms against the source, the _CA pair from their elapsed_ms, and
+    rtf = busy_ms / source_ms, the server's time on the stream per ms of it (above 1: it cannot keep up)."""
+    from simul_agents.live import latency_summary
+
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, tone(1.0), {"head": "wait-k", "params": {"k": 2}})
+    writes, end = [e for e in events if e["type"] == "write"], events[-1]
+    assert writes and end["source_ms"] == end["source_length"] == 1000.0
+    expected = latency_summary([e["delay_ms"] for e in writes], [e["elapsed_ms"] for e in writes], 1000.0)
+    assert {k: end[k] for k in expected} == pytest.approx(expected, abs=2e-3)
+    assert end["busy_ms"] >= end["compute_ms"] > 0
+    assert end["rtf"] == pytest.approx(end["busy_ms"] / end["source_ms"], abs=2e-4)
+
+
 def test_offline_head_over_the_socket_equals_the_offline_decode(models, speech_server):
     audio = tone(1.3, shift=30)
     with connect(speech_server.url) as ws:
@@ -130,6 +145,26 @@ def test_pcm16_frames_are_scaled_like_int16_audio(models, speech_server):
     assert events[-1]["text"] == " ".join(offline_words(models["speech"], pcm))
 
 
+def test_pcm16_samples_reach_the_model_divided_by_32768(speech_server, monkeypatch):
+    """The decode is nearly blind to a scale (the log-mel's range), so the samples the stream gets are checked."""
+    pushed = []
+    real_push = LiveStream.push_audio
+
+    def push(stream, samples):
+        pushed.append(np.array(samples))
+        return real_push(stream, samples)
+
+    monkeypatch.setattr(LiveStream, "push_audio", push)
+    ints = np.tile(np.array([-32768, -16384, -1, 0, 1, 16384, 32767], dtype="<i2"), 1000)
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline", "format": "pcm16"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(ints.tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        assert events_until_end(ws)[-1]["source_ms"] == len(ints) / 16
+    np.testing.assert_array_equal(np.concatenate(pushed), ints.astype(np.float32) / 32768)
+
+
 def test_other_sample_rates_are_resampled_to_16k(models, speech_server):
     audio48 = tone(1.0, rate=48000)
     with connect(speech_server.url) as ws:
@@ -138,11 +173,41 @@ def test_other_sample_rates_are_resampled_to_16k(models, speech_server):
     assert events[-1]["text"] == " ".join(offline_words(models["speech"], soxr.resample(audio48, 48000, 16000)))
 
 
+def test_elapsed_ms_counts_from_the_arrival_of_the_newest_frame_read(speech_server):
+    """elapsed_ms - delay_ms is the time from the newest frame's arrival to the word going out: never more than the
+    client saw between sending that frame and receiving the word (the server's clock is this process's)."""
+    audio, lags = tone(1.0), []
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))  # its words come at the end, after 5 frames
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        for i in range(0, len(audio), CHUNK):  # a frame, then its events up to its read: the next is sent later
+            sent = time.perf_counter()
+            ws.send(audio[i : i + CHUNK].tobytes())
+            while (event := json.loads(ws.recv(timeout=10)))["type"] != "read":
+                lags.append((event["elapsed_ms"] - event["delay_ms"], (time.perf_counter() - sent) * 1000))
+        ws.send(json.dumps({"type": "end"}))  # the last frame stays the newest
+        while (event := json.loads(ws.recv(timeout=10)))["type"] != "end":
+            lags.append((event["elapsed_ms"] - event["delay_ms"], (time.perf_counter() - sent) * 1000))
+    assert lags and all(0 <= lag <= seen + 0.01 for lag, seen in lags), lags
+
+
 def test_a_connection_takes_several_streams_one_after_another(speech_server):
     with connect(speech_server.url) as ws:
         first = stream_audio(ws, tone(0.7), {"head": "offline"})
         second = stream_audio(ws, tone(0.7), {"head": "offline"})
     assert first[-1]["text"] == second[-1]["text"] and first[-1]["words"] > 0
+
+
+def test_a_stream_ended_before_any_audio_gets_an_empty_end_and_the_connection_goes_on(speech_server):
+    """A client may stop before its first frame (the page's Stop button): an end with no words, not a model error."""
+    with connect(speech_server.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(json.dumps({"type": "end"}))
+        (end,) = events_until_end(ws)
+        assert end["words"] == 0 and end["text"] == "" and "dropped" not in end and end["source_ms"] == 0.0
+        assert end["AL"] is None and end["rtf"] is None
+        assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["words"] > 0
 
 
 def test_text_model_translates_word_messages(models):
@@ -165,6 +230,29 @@ def test_text_model_translates_word_messages(models):
     assert events[-1]["unit"] == "words" and events[-1]["AL"] is not None
 
 
+def test_text_streams_time_writes_from_the_first_words_and_score_latency_in_words(models):
+    """For text, delay_ms is the arrival of the newest words read (0 for the words the first message lets through),
+    the end's source_ms the arrival of the last words, and AL and LAAL are in words, from delay_words."""
+    from simul_agents.live import latency_summary
+
+    sentence = "I would like a cup of coffee .".split()
+    with server(models, "text") as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "wait-k", "params": {"k": 1}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(json.dumps({"type": "words", "words": sentence[:5]}))
+        ws.send(json.dumps({"type": "words", "words": sentence[5:]}))
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    first = events[: [e["type"] for e in events].index("read")]
+    assert first and all(e["type"] == "write" and e["delay_ms"] == 0.0 for e in first), events
+    writes, reads = [e for e in events if e["type"] == "write"], [e for e in events if e["type"] == "read"]
+    end = events[-1]
+    assert all(w["delay_ms"] <= w["elapsed_ms"] for w in writes)
+    assert end["source_ms"] == reads[-1]["source_ms"] and end["source_length"] == len(sentence)
+    expected = latency_summary([e["delay_words"] for e in writes], None, float(len(sentence)))
+    assert expected["AL"] is not None and {k: end[k] for k in expected} == pytest.approx(expected, abs=1e-3)
+
+
 def test_page_and_stats_are_served_over_http_on_the_same_port(speech_server):
     base = speech_server.http_url
     with urllib.request.urlopen(base, timeout=5) as response:
@@ -175,6 +263,17 @@ def test_page_and_stats_are_served_over_http_on_the_same_port(speech_server):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(base + "nothing-here", timeout=5)
     assert error.value.code == 404
+
+
+def test_read_events_report_the_source_units_read_so_far(models, speech_server):
+    audio, stream = tone(1.0), LiveStream(models["speech"], make_head("offline"), LIMITS)
+    expected = []
+    for piece, _ in audio_chunks(audio, CHUNK * 1000 // 16000):
+        stream.push_audio(piece)
+        expected.append(stream.session.units_read)
+    with connect(speech_server.url) as ws:
+        events = stream_audio(ws, audio, {"head": "offline"})
+    assert expected[-1] > 0 and [e["units"] for e in events if e["type"] == "read"] == expected
 
 
 def test_a_websocket_from_another_origin_is_refused(speech_server):
@@ -309,6 +408,12 @@ def test_a_stream_longer_than_the_maximum_is_cut_with_an_error(models):
 
 
 
+def test_a_stream_exactly_as_long_as_the_maximum_is_taken(models):
+    with server(models, max_stream_s=0.6) as s, connect(s.url) as ws:
+        events = stream_audio(ws, tone(0.6), {"head": "offline"}, chunk=4800)  # 0.3 s + 0.3 s
+    assert [e for e in events if e["type"] == "error"] == [] and events[-1]["source_ms"] == 600.0
+
+
 def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_allows_it():
     """A model that hears 0.64 s, a server that takes 2 s streams: 1.0 s of audio goes through SegmentedStream
     (two utterances), and the client gets exactly its words and delays."""
@@ -323,6 +428,14 @@ def test_a_stream_longer_than_one_utterance_is_cut_at_pauses_when_max_stream_all
     writes = [e for e in events if e["type"] == "write"]
     assert [e["text"] for e in writes] == expected.words
     assert [e["delay_ms"] for e in writes] == expected.delays
+
+
+def test_each_stream_on_a_connection_may_be_as_long_as_the_maximum(models):
+    """The length limit is per stream: the audio of the streams before on the same connection does not count."""
+    with server(models, max_stream_s=0.6) as s, connect(s.url) as ws:
+        for _ in range(3):
+            events = stream_audio(ws, tone(0.5), {"head": "offline"})
+            assert [e for e in events if e["type"] == "error"] == [] and events[-1]["source_ms"] == 500.0
 
 
 def test_text_words_past_the_models_context_in_tokens_are_too_long_and_the_stream_keeps_what_it_took():
@@ -512,6 +625,26 @@ def test_an_idle_client_is_told_and_disconnected_after_the_timeout(models):
         assert wait_for(lambda: s.translator.streams == 0 and s.translator.connections == 0)
 
 
+def test_a_client_waiting_on_a_busy_model_is_not_idle(models, monkeypatch):
+    """The idle timeout counts silence from the client while the server owes it nothing: a client that has sent its
+    frames and waits for a slow model keeps its connection."""
+    real_push = serve_module._Stream.push_audio
+
+    def slow_push(self, samples):
+        time.sleep(0.05)
+        real_push(self, samples)
+
+    monkeypatch.setattr(serve_module._Stream, "push_audio", slow_push)
+    with server(models, idle_timeout_s=0.3) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "offline"}))
+        json.loads(ws.recv(timeout=10))
+        for _ in range(12):  # 0.6 s of model work, twice the idle timeout, after the client's last message
+            ws.send(tone(0.02).tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    assert [e for e in events if e["type"] == "error"] == [] and events[-1]["words"] > 0
+
+
 def test_a_full_server_says_busy_and_closes_the_extra_connection(models):
     with server(models, max_clients=1) as s, connect(s.url) as first:
         first.send(json.dumps({"type": "start"}))
@@ -569,6 +702,30 @@ def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(model
         assert events[-1] == {"type": "end", "text": "", "words": 0, "dropped": True}
         assert stream_audio(ws, tone(0.5), {"head": "offline"})[-1]["words"] > 0
         assert s.translator.streams == 0
+
+
+def test_frames_of_a_dropped_stream_are_ignored_up_to_its_end(models, monkeypatch):
+    real_push = serve_module._Stream.push_audio
+    calls = []
+
+    def failing_push(self, samples):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure inside the model")
+        real_push(self, samples)
+
+    monkeypatch.setattr(serve_module._Stream, "push_audio", failing_push)
+    with server(models) as s, connect(s.url) as ws:
+        ws.send(json.dumps({"type": "start", "head": "wait-k", "params": {"k": 1}}))
+        json.loads(ws.recv(timeout=10))
+        for _ in range(4):
+            ws.send(tone(0.2).tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        events = events_until_end(ws)
+    kinds = [e["type"] for e in events]
+    after = kinds[kinds.index("error") + 1 :]
+    assert after == ["end"] and events[-1]["dropped"], events  # no read or write for the frames after the failure
+    assert len(calls) == 2  # the model never saw them
 
 
 def test_main_loads_the_model_on_the_thread_that_serves_it(models, monkeypatch):
@@ -649,6 +806,15 @@ def test_serve_refuses_a_bad_limit_or_head_setting_before_loading(capsys, argv, 
     assert serve_module.main(["--checkpoint", "no-such-checkpoint", *argv]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("serve: error: ") and problem in line, line
+
+
+def test_a_larger_max_frame_bytes_raises_the_hard_limit_with_it():
+    """--max-frame-bytes over 2 MiB: a frame under it is taken, so the closing limit is 4 times it (8 MiB at least)."""
+    config = serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c", "--max-frame-bytes",
+                                                                    str(4 << 20)]))  # fmt: skip
+    assert (config.max_frame_bytes, config.hard_frame_bytes) == (4 << 20, 16 << 20)
+    default = serve_module.config_from_args(serve_module.parse_args(["--checkpoint", "c"]))
+    assert default.hard_frame_bytes == 8 << 20 >= 4 * default.max_frame_bytes
 
 
 def test_serve_help_describes_every_option_with_its_default(capsys):
