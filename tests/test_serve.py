@@ -679,7 +679,8 @@ def test_a_slow_model_makes_the_server_stop_reading_instead_of_queueing_without_
     assert s.translator.peak_backlog <= 2 + 1  # read from the socket but not yet run: the queue, plus one running
 
 
-def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(models, monkeypatch):
+def fail_second_push(monkeypatch) -> list:
+    """The model fails inside the second audio frame of a stream -> the pushes made (one entry each)."""
     real_push = serve_module._Stream.push_audio
     calls = []
 
@@ -690,6 +691,11 @@ def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(model
         real_push(self, samples)
 
     monkeypatch.setattr(serve_module._Stream, "push_audio", failing_push)
+    return calls
+
+
+def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(models, monkeypatch):
+    fail_second_push(monkeypatch)
     with server(models) as s, connect(s.url) as ws:
         ws.send(json.dumps({"type": "start", "head": "offline"}))
         json.loads(ws.recv(timeout=10))
@@ -705,16 +711,7 @@ def test_a_model_failure_drops_only_that_stream_and_the_connection_goes_on(model
 
 
 def test_frames_of_a_dropped_stream_are_ignored_up_to_its_end(models, monkeypatch):
-    real_push = serve_module._Stream.push_audio
-    calls = []
-
-    def failing_push(self, samples):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated failure inside the model")
-        real_push(self, samples)
-
-    monkeypatch.setattr(serve_module._Stream, "push_audio", failing_push)
+    calls = fail_second_push(monkeypatch)
     with server(models) as s, connect(s.url) as ws:
         ws.send(json.dumps({"type": "start", "head": "wait-k", "params": {"k": 1}}))
         json.loads(ws.recv(timeout=10))
