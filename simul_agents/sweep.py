@@ -65,6 +65,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from speech_frontend.assets import file_sha256
+
 from .score import ScoreError, score_output
 
 AGENT_FILE = Path(__file__).with_name("proactive_agent.py")
@@ -299,14 +301,6 @@ def checkpoint_identity(checkpoint: str) -> str:
     for name in CHECKPOINT_FILES:
         if (path / name).is_file():
             digest.update(f"{name}:{file_sha256(path / name)};".encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

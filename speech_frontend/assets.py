@@ -434,7 +434,8 @@ ASSETS: dict[str, Asset] = {
 # ------------------------------------------------------------------------------------------------ the runner
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (the asset manifest's, a sweep's inputs', GPTQ's source)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
@@ -458,7 +459,7 @@ def _problem(root: Path, name: str, entry: dict | None, rehash: bool) -> str | N
             return f"{rel} is missing"
         if path.stat().st_size != info.get("size"):
             return f"{rel} has {path.stat().st_size} bytes, the manifest says {info.get('size')}"
-        if rehash and _sha256(path) != info.get("sha256"):
+        if rehash and file_sha256(path) != info.get("sha256"):
             return f"{rel} does not match its sha256"
     for source in entry.get("sources", []):
         if source.get("registry") == "pypi":
@@ -513,7 +514,7 @@ def _build_one(root: Path, asset: Asset) -> dict:
         for p in tmp.rglob("*"):  # some writers (safetensors) create owner-only files; the cache is shared
             p.chmod(0o755 if p.is_dir() else 0o644)
         files = {
-            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         final = root / asset.name

@@ -23,7 +23,6 @@ the fused product computed once per input, each keeping its rows) for ``transfor
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from speech_frontend.assets import file_sha256
 
 from .model import SpeechLLM
 from .quantize import FUSED, merge_lora, put_fused, untie_output
@@ -340,7 +341,7 @@ def int4_weights(checkpoint: str | Path, model: SpeechLLM, manifest: str | Path 
     its 4-bit weights whatever the copy did to the files' times; a file without it, from before, is taken when it
     is newer than the checkpoint's weights)."""
     weights = Path(checkpoint) / "model.safetensors"
-    digest = _sha256(weights) if weights.is_file() else None
+    digest = file_sha256(weights) if weights.is_file() else None  # ~1 s for a full checkpoint
     for path in [weights_file(checkpoint, size) for size in ([group_size] if group_size else GROUP_SIZES)]:
         if not path.is_file():
             continue
@@ -364,12 +365,6 @@ def int4_weights(checkpoint: str | Path, model: SpeechLLM, manifest: str | Path 
     save_weights(state, path, meta)
     log.info("wrote %s (%.0f s)", path, time.time() - start)
     return state
-
-
-def _sha256(path: Path) -> str:
-    """The file's SHA-256 (about a second for a full 540 MB checkpoint, a few ms for a delta one)."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
