@@ -384,10 +384,7 @@ class _StageClock:
             return self.before + self.active
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": round(self.seconds(), 1), "attempts": self.attempts}) + "\n")
-        tmp.replace(self.path)
+        _write_whole(self.path, json.dumps({"seconds": round(self.seconds(), 1), "attempts": self.attempts}) + "\n")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -488,7 +485,7 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
 
 def _write_whole(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary sibling renamed): a process killed while it marks a stage
-    done leaves no half-written marker, which every later start would fail to read."""
+    done or ticks its clock leaves no half-written file, which every later start would fail to read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
