@@ -33,20 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.config import SPEECH  # noqa: E402
 from streaming_llm.engine import StreamingSession  # noqa: E402
+from streaming_llm.gptq import calibration_sources  # noqa: E402
 from streaming_llm.quantize import PRECISIONS, set_precision  # noqa: E402
 
 MAX_TARGET_TOKENS = 96  # the bench's cap
-
-
-def load_sources(manifest: Path, modality: str, n: int) -> list:
-    """The first ``n`` usable rows of ``manifest``: 16 kHz audio arrays (speech) or word lists (text)."""
-    from speech_frontend.audio import load_audio_spec
-    from training.data import load_examples
-
-    examples = load_examples(manifest, modality, 30.0, 200, skip_bad=True)[:n]
-    if not examples:
-        raise SystemExit(f"error: {manifest}: no usable {modality} rows")
-    return [load_audio_spec(e.source) if modality == SPEECH else e.source.split() for e in examples]
 
 
 def decode(model, source) -> tuple[str, int, dict]:
@@ -111,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Path(args.manifest or default)
     if not manifest.is_file():
         raise SystemExit(f"error: {manifest} is missing; build the corpus (make demo or make bench) or pass --manifest")
-    sources = load_sources(manifest, modality, args.utterances)
+    sources = calibration_sources(args.checkpoint, manifest, args.utterances)  # the first N usable rows
+    if not sources:
+        raise SystemExit(f"error: {manifest}: no usable {modality} rows")
     results = {}
     for precision in args.precisions:
         model = set_precision(load_checkpoint(args.checkpoint, merge_lora=True), precision, args.checkpoint)
