@@ -557,15 +557,16 @@ def stage_train(bench: Bench, task: TaskPlan, variant: str) -> dict:
 def keep_model(bench: Bench, task: TaskPlan, variant: str, final: str | Path) -> str:
     """Copy a trained variant's final checkpoint under ``results/`` (a fresh machine restores it) -> where. The
     copy is made beside it and renamed into place: a kill while copying leaves the earlier model whole, never a
-    ``checkpoint.json`` over part of its weights (which ``make demo`` would take)."""
+    ``checkpoint.json`` over part of its weights (which ``make demo`` would take); the earlier model is moved aside,
+    not deleted, until the copy is in its place."""
+    from streaming_llm.checkpoint import replace_dir
+
     target = bench.model_dir(task.name, variant)
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(final, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
+    replace_dir(tmp, target)
     return str(target)
 
 

@@ -103,18 +103,25 @@ def save_checkpoint(model: SpeechLLM, directory: str | Path, delta: bool = False
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for f in tmp.iterdir():
             _fsync(f)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def replace_dir(new: Path, directory: Path) -> None:
+    """Put the finished folder ``new`` where ``directory`` is: the old one is moved aside first and removed last,
+    so a kill at any point leaves one whole model at ``directory`` (or, between the two renames, its sibling
+    ``.NAME.old``), never a folder half-deleted."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(new, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, directory)
 
 
 def read_meta(directory: str | Path) -> dict:

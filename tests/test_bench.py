@@ -1229,3 +1229,29 @@ def test_a_model_copy_killed_half_way_leaves_the_kept_model_whole(tmp_path, monk
     assert B.keep_model(bench, B.TASKS["text"], "main", final) == str(kept)  # the next run copies it whole
     assert (kept / "model.safetensors").read_text(encoding="utf-8") == "new weights"
     assert not kept.with_name("model.tmp").exists()
+
+
+def test_a_kill_while_the_old_model_is_deleted_never_leaves_its_checkpoint_json_without_weights(tmp_path, monkeypatch):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    kept = bench.model_dir("text", "main")
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_text("old weights", encoding="utf-8")
+    (kept / "checkpoint.json").write_text("old", encoding="utf-8")
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "checkpoint.json").write_text("new", encoding="utf-8")
+    (final / "model.safetensors").write_text("new weights", encoding="utf-8")
+    real_rmtree = shutil.rmtree
+
+    def killed_deleting(path, *args, **kwargs):
+        weights = Path(path) / "model.safetensors"
+        if weights.is_file() and weights.read_text(encoding="utf-8") == "old weights":  # killed as it deletes
+            weights.unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        B.keep_model(bench, B.TASKS["text"], "main", final)
+    assert (kept / "checkpoint.json").read_text(encoding="utf-8") == "new"  # what make demo reads is whole
+    assert (kept / "model.safetensors").read_text(encoding="utf-8") == "new weights"
