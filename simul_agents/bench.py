@@ -485,7 +485,7 @@ def _run_stage(bench: Bench, name: str, fn: Callable[[], dict | None]) -> dict:
 
 def _write_whole(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary sibling renamed): a process killed while it marks a stage
-    done or ticks its clock leaves no half-written file, which every later start would fail to read."""
+    done, ticks its clock or writes a table or summary leaves no half-written file for a later start to read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -496,9 +496,8 @@ def _carry_clock(record: Path, clock: Path) -> None:
     """Start a stage's clock from its earlier record: the seconds and attempts it had when it finished."""
     earlier = json.loads(record.read_text(encoding="utf-8"))
     attempts = earlier.get("attempts")
-    clock.parent.mkdir(parents=True, exist_ok=True)
-    clock.write_text(json.dumps({"seconds": float(earlier.get("seconds", 0.0)),
-                                 "attempts": attempts if isinstance(attempts, int) else 1}) + "\n")  # fmt: skip
+    _write_whole(clock, json.dumps({"seconds": float(earlier.get("seconds", 0.0)),
+                                    "attempts": attempts if isinstance(attempts, int) else 1}) + "\n")  # fmt: skip
 
 
 # ---- stages ----------------------------------------------------------------------------------------------
@@ -559,15 +558,20 @@ def keep_model(bench: Bench, task: TaskPlan, variant: str, final: str | Path) ->
     copy is made beside it and renamed into place: a kill while copying leaves the earlier model whole, never a
     ``checkpoint.json`` over part of its weights (which ``make demo`` would take); the earlier model is moved aside,
     not deleted, until the copy is in its place."""
+    target = bench.model_dir(task.name, variant)
+    _copy_whole(Path(final), target)
+    return str(target)
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy the folder ``source`` to ``target`` beside it first, then rename it in (``checkpoint.replace_dir``)."""
     from streaming_llm.checkpoint import replace_dir
 
-    target = bench.model_dir(task.name, variant)
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(final, tmp)
+    shutil.copytree(source, tmp)
     replace_dir(tmp, target)
-    return str(target)
 
 
 def stage_probe(bench: Bench, task: TaskPlan, variant: str) -> dict:
@@ -750,7 +754,7 @@ def stage_compare(bench: Bench, task: TaskPlan, variants: list[str]) -> dict:
     result = compare_task(bench.runs / task.name, variants, task.name, decodings=decodings)
     out = bench.results / task.name / "compare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _write_whole(out, json.dumps(result, indent=2) + "\n")  # its presence marks the stage done
     return {"output": str(out), "variants": list(variants)}
 
 
@@ -969,10 +973,19 @@ def _drop_table_rows(table: Path, variants: set[str]) -> None:
     with open(table, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, [r for r in reader if r["variant"] not in variants]
-    with open(table, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_whole(table, _csv_text(fields or [], rows))
+
+
+def _csv_text(fields: list[str], rows: list[dict]) -> str:
+    """``rows`` as CSV text with a header (written whole: a fresh machine's bench starts from ``runs.csv``)."""
+    import csv
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _outputs_back(bench: Bench, name: str) -> bool:
@@ -986,9 +999,7 @@ def _outputs_back(bench: Bench, name: str) -> bool:
         if not (source / "checkpoint.json").is_file():
             return False
         if not (final / "checkpoint.json").is_file():
-            if final.exists():
-                shutil.rmtree(final)
-            shutil.copytree(source, final)
+            _copy_whole(source, final)
         return True
     if _runs_variants(kind):
         return all(
@@ -1178,13 +1189,9 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         return rows
     out = bench.results / task
     out.mkdir(parents=True, exist_ok=True)
-    import csv
-
-    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", *COLUMNS], extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in ["variant", *COLUMNS]})
+    fields = ["variant", *COLUMNS]
+    table = [{k: "" if r.get(k) is None else r.get(k) for k in fields} for r in rows]
+    _write_whole(out / "runs.csv", _csv_text(fields, table))
     unit = "words" if task == "text" else "ms"
     plot(main_curves(rows), out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
     for steps in other_budgets(rows):  # longer-trained models on their own axes: they would squash main's curves
@@ -1334,7 +1341,7 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
                       "```"]  # fmt: skip
     path = bench.results / "SUMMARY.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_whole(path, "\n".join(lines) + "\n")
     if bench.readme is not None and bench.readme.is_file():
         embed_in_readme(bench.readme, lines[2:], bench.results)
     return path
@@ -1377,7 +1384,7 @@ def embed_in_readme(readme: Path, lines: list[str], results: Path) -> None:
     body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail, encoding="utf-8")
+    _write_whole(readme, head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail)
 
 
 def _fmt(value) -> str:

@@ -1255,3 +1255,44 @@ def test_a_kill_while_the_old_model_is_deleted_never_leaves_its_checkpoint_json_
         B.keep_model(bench, B.TASKS["text"], "main", final)
     assert (kept / "checkpoint.json").read_text(encoding="utf-8") == "new"  # what make demo reads is whole
     assert (kept / "model.safetensors").read_text(encoding="utf-8") == "new weights"
+
+
+def test_a_model_restored_from_results_and_killed_half_way_is_copied_again_whole(tmp_path, monkeypatch):
+    old = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    kept = old.model_dir("text", "main")
+    kept.mkdir(parents=True)
+    (kept / "checkpoint.json").write_text("{}", encoding="utf-8")
+    (kept / "model.safetensors").write_text("weights", encoding="utf-8")
+    B.run_stage(old, "text-train-main", lambda: {"steps": 5})
+    bench = B.Bench(runs=tmp_path / "elsewhere", results=old.results)  # a fresh machine: the model comes back
+    real_copytree = shutil.copytree
+
+    def killed(src, dst, **kwargs):
+        Path(dst).mkdir(parents=True)
+        shutil.copyfile(Path(src) / "checkpoint.json", Path(dst) / "checkpoint.json")
+        raise KeyboardInterrupt  # before the weights
+
+    monkeypatch.setattr(shutil, "copytree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        B.restore(bench, ["text"], ["text-train-main"])
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    B.restore(bench, ["text"], ["text-train-main"])
+    final = bench.runs / "text" / "main" / "final"
+    assert (final / "model.safetensors").read_text(encoding="utf-8") == "weights"
+
+
+def test_a_kill_while_the_summary_goes_into_the_readme_leaves_the_readme_as_it_was(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    before = f"# x\n\n## Results\n{B.README_START}\nearlier numbers\n{B.README_END}\n\n## After\n"
+    readme.write_text(before, encoding="utf-8")
+    real_write_text = Path.write_text
+
+    def killed_half_way(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        B.embed_in_readme(readme, ["## text-to-text En-De", "", "| new | table |"], tmp_path / "results")
+    monkeypatch.undo()
+    assert readme.read_text(encoding="utf-8") == before
