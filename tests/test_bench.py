@@ -1204,23 +1204,25 @@ def test_a_probe_variant_s_runs_are_in_runs_csv_and_the_summary_table(tmp_path, 
     assert "probe-word-start," in (bench.results / "text" / "runs.csv").read_text()
 
 
+def _model_folder(folder: Path, checkpoint: str, weights: str) -> Path:
+    """A stand-in checkpoint folder: its checkpoint.json and weights file hold the given words."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text(weights, encoding="utf-8")
+    (folder / "checkpoint.json").write_text(checkpoint, encoding="utf-8")
+    return folder
+
+
+def _copytree_killed_after_checkpoint_json(src, dst, **kwargs):
+    Path(dst).mkdir(parents=True)
+    shutil.copyfile(Path(src) / "checkpoint.json", Path(dst) / "checkpoint.json")
+    raise KeyboardInterrupt  # before the weights
+
+
 def test_a_model_copy_killed_half_way_leaves_the_kept_model_whole(tmp_path, monkeypatch):
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
-    kept = bench.model_dir("text", "main")
-    kept.mkdir(parents=True)
-    (kept / "checkpoint.json").write_text("old", encoding="utf-8")
-    (kept / "model.safetensors").write_text("old weights", encoding="utf-8")
-    final = tmp_path / "final"
-    final.mkdir()
-    (final / "checkpoint.json").write_text("new", encoding="utf-8")
-    (final / "model.safetensors").write_text("new weights", encoding="utf-8")
-
-    def killed(src, dst, **kwargs):
-        Path(dst).mkdir(parents=True)
-        shutil.copyfile(Path(src) / "checkpoint.json", Path(dst) / "checkpoint.json")
-        raise KeyboardInterrupt  # before the weights
-
-    monkeypatch.setattr(B.shutil, "copytree", killed)
+    kept = _model_folder(bench.model_dir("text", "main"), "old", "old weights")
+    final = _model_folder(tmp_path / "final", "new", "new weights")
+    monkeypatch.setattr(B.shutil, "copytree", _copytree_killed_after_checkpoint_json)
     with pytest.raises(KeyboardInterrupt):
         B.keep_model(bench, B.TASKS["text"], "main", final)
     assert (kept / "checkpoint.json").read_text(encoding="utf-8") == "old"
@@ -1233,14 +1235,8 @@ def test_a_model_copy_killed_half_way_leaves_the_kept_model_whole(tmp_path, monk
 
 def test_a_kill_while_the_old_model_is_deleted_never_leaves_its_checkpoint_json_without_weights(tmp_path, monkeypatch):
     bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
-    kept = bench.model_dir("text", "main")
-    kept.mkdir(parents=True)
-    (kept / "model.safetensors").write_text("old weights", encoding="utf-8")
-    (kept / "checkpoint.json").write_text("old", encoding="utf-8")
-    final = tmp_path / "final"
-    final.mkdir()
-    (final / "checkpoint.json").write_text("new", encoding="utf-8")
-    (final / "model.safetensors").write_text("new weights", encoding="utf-8")
+    kept = _model_folder(bench.model_dir("text", "main"), "old", "old weights")
+    final = _model_folder(tmp_path / "final", "new", "new weights")
     real_rmtree = shutil.rmtree
 
     def killed_deleting(path, *args, **kwargs):
@@ -1259,20 +1255,11 @@ def test_a_kill_while_the_old_model_is_deleted_never_leaves_its_checkpoint_json_
 
 def test_a_model_restored_from_results_and_killed_half_way_is_copied_again_whole(tmp_path, monkeypatch):
     old = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
-    kept = old.model_dir("text", "main")
-    kept.mkdir(parents=True)
-    (kept / "checkpoint.json").write_text("{}", encoding="utf-8")
-    (kept / "model.safetensors").write_text("weights", encoding="utf-8")
+    _model_folder(old.model_dir("text", "main"), "{}", "weights")
     B.run_stage(old, "text-train-main", lambda: {"steps": 5})
     bench = B.Bench(runs=tmp_path / "elsewhere", results=old.results)  # a fresh machine: the model comes back
     real_copytree = shutil.copytree
-
-    def killed(src, dst, **kwargs):
-        Path(dst).mkdir(parents=True)
-        shutil.copyfile(Path(src) / "checkpoint.json", Path(dst) / "checkpoint.json")
-        raise KeyboardInterrupt  # before the weights
-
-    monkeypatch.setattr(shutil, "copytree", killed)
+    monkeypatch.setattr(shutil, "copytree", _copytree_killed_after_checkpoint_json)
     with pytest.raises(KeyboardInterrupt):
         B.restore(bench, ["text"], ["text-train-main"])
     monkeypatch.setattr(shutil, "copytree", real_copytree)
