@@ -40,3 +40,20 @@ def test_errors():
         AdapterConfig(d_in=8, d_out=12, stack=0)
     with pytest.raises(ValueError, match="mode"):
         AdapterConfig(d_in=8, d_out=12, mode="max")
+
+
+def test_mean_mode_averages_a_group_so_repeated_frames_give_the_one_frame_output():
+    """``mean`` pools a group to its average (not its sum): a group of copies of one frame is that frame, and the
+    same MLP on it gives the output of a ``stack=1`` adapter."""
+    one = Adapter(AdapterConfig(d_in=4, d_out=6, stack=1, hidden=8))
+    pooled = Adapter(AdapterConfig(d_in=4, d_out=6, stack=3, hidden=8, mode="mean"))
+    pooled.load_state_dict(one.state_dict())
+    frames = torch.randn(2, 5, 4)  # frames: (batch, n, d_in)
+    torch.testing.assert_close(pooled(frames.repeat_interleave(3, dim=1)), one(frames))
+
+
+@pytest.mark.parametrize("field", ["d_in", "d_out", "hidden"])
+def test_a_zero_width_in_the_config_is_refused(field: str):
+    sizes = {"d_in": 8, "d_out": 12, "hidden": 16} | {field: 0}
+    with pytest.raises(ValueError, match="must be positive"):
+        AdapterConfig(**sizes)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +116,137 @@ def test_a_rebuild_killed_while_swapping_the_asset_in_keeps_one_of_them(fake_ass
     assert build_assets(["fake"]) == 0 and len(calls) == 1  # moved back: up to date, nothing rebuilt
     assert asset_file("fake").read_text() == "hello"
     assert not [p for p in cache.iterdir() if p.name.startswith(assets.OLD_PREFIX)]
+
+
+def _built_entry(cache) -> dict:
+    return json.loads((cache / "assets.json").read_text())["assets"]["fake"]
+
+
+def test_the_manifest_records_each_files_sha256(fake_asset):
+    cache, _ = fake_asset
+    assert build_assets(["fake"]) == 0
+    assert _built_entry(cache)["files"]["data.txt"]["sha256"] == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_verify_rebuilds_a_file_changed_to_other_bytes_of_the_same_size(fake_asset, capsys):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0 and len(calls) == 1
+    (cache / "fake" / "data.txt").write_text("jello")  # same size: only the hash tells
+    assert build_assets(["fake"]) == 0 and len(calls) == 1  # without --verify: sizes only, fast
+    capsys.readouterr()
+    assert build_assets(["fake"], verify=True) == 0 and len(calls) == 2
+    assert "data.txt does not match its sha256" in capsys.readouterr().out
+    assert asset_file("fake").read_text() == "hello"
+
+
+def test_a_deleted_file_is_rebuilt_and_until_then_the_asset_says_it_is_missing(fake_asset, capsys):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0
+    (cache / "fake" / "data.txt").unlink()
+    with pytest.raises(AssetMissingError, match=r"data\.txt is missing: rebuild it with .*--only fake --force"):
+        asset_file("fake")
+    capsys.readouterr()
+    assert build_assets(["fake"]) == 0 and len(calls) == 2
+    assert "building (data.txt is missing)" in capsys.readouterr().out
+    assert asset_file("fake").read_text() == "hello"
+
+
+def test_an_asset_built_from_another_version_of_an_installed_package_is_rebuilt(fake_asset, monkeypatch, capsys):
+    cache, _ = fake_asset
+    versions = iter(["0.0.1", np.__version__])
+
+    def build(tmp):
+        (tmp / "data.txt").write_text("hello")
+        return [Source("numpy", next(versions))], "fine"
+
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "data.txt", "a fake asset", build))
+    assert build_assets(["fake"]) == 0
+    capsys.readouterr()
+    assert build_assets(["fake"]) == 0
+    assert f"building (numpy is now {np.__version__} (built from 0.0.1))" in capsys.readouterr().out
+    assert build_assets(["fake"]) == 0
+    assert "fake: up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ["{\"version\": 1, \"assets\": {\"fa", "[]", "{\"assets\": []}"])
+def test_a_damaged_manifest_means_not_built_and_the_next_build_repairs_it(fake_asset, manifest):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0
+    (cache / "assets.json").write_text(manifest)
+    with pytest.raises(AssetMissingError, match="run `make assets`"):
+        asset_path("fake")  # the directory is there, but nothing vouches for it
+    assert build_assets(["fake"]) == 0 and len(calls) == 2
+    assert asset_file("fake").read_text() == "hello"
+
+
+def test_a_kill_after_the_swap_leaves_the_old_asset_aside_and_the_next_run_drops_it(fake_asset):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0
+    aside = cache / f"{assets.OLD_PREFIX}fake.12345"
+    aside.mkdir()
+    (aside / "data.txt").write_text("old!!")
+    assert build_assets(["fake"]) == 0 and len(calls) == 1
+    assert not aside.exists() and asset_file("fake").read_text() == "hello"
+
+
+def test_an_asset_whose_name_has_a_dot_is_moved_back_after_a_kill_mid_swap(fake_asset, monkeypatch):
+    cache, calls = fake_asset
+    asset = assets.ASSETS["fake"]
+    monkeypatch.setitem(assets.ASSETS, "fake.en", Asset("fake.en", asset.main, asset.what, asset.build))
+    assert build_assets(["fake.en"]) == 0
+    (cache / "fake.en").rename(cache / f"{assets.OLD_PREFIX}fake.en.12345")
+    assert build_assets(["fake.en"]) == 0 and len(calls) == 1  # moved back to fake.en, not to fake
+    assert asset_file("fake.en").read_text() == "hello" and not (cache / "fake").exists()
+
+
+def test_a_forced_rebuild_leaves_only_the_new_asset(fake_asset):
+    cache, calls = fake_asset
+    assert build_assets(["fake"]) == 0
+    assert build_assets(["fake"], force=True) == 0 and len(calls) == 2
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "assets.json", "fake"]
+
+
+def test_built_files_are_readable_by_everyone_sharing_the_cache(fake_asset, monkeypatch):
+    cache, _ = fake_asset
+
+    def owner_only(tmp):
+        (tmp / "weights").mkdir()
+        for path in (tmp / "data.txt", tmp / "weights" / "w.bin"):
+            path.write_text("hello")
+            path.chmod(0o600)
+        (tmp / "weights").chmod(0o700)
+        return [Source("fake-package", "1.0")], "fine"
+
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "data.txt", "a fake asset", owner_only))
+    assert build_assets(["fake"]) == 0
+    modes = {p.relative_to(cache / "fake").as_posix(): p.stat().st_mode & 0o777 for p in (cache / "fake").rglob("*")}
+    assert modes == {"data.txt": 0o644, "weights": 0o755, "weights/w.bin": 0o644}
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, "")
+    assert assets.cache_dir() == Path(assets.DEFAULT_CACHE).expanduser().absolute()
+
+
+def test_the_command_exits_1_when_an_asset_fails_and_0_when_all_are_built(fake_asset, monkeypatch, capsys):
+    cache, _ = fake_asset
+    assert assets.main(["--only", "fake", "--cache", str(cache)]) == 0
+
+    def broken(tmp):
+        raise assets.AssetError("package fake-package is not installed: pip install fake-package==1.0")
+
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "data.txt", "a fake asset", broken))
+    assert assets.main(["--only", "fake", "--cache", str(cache), "--force"]) == 1
+    assert "error: 1 asset(s) failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("heard", "wer"),
+    [("The weather is nice today.", 0.0), ("the weather's nice today", 0.2), ("weather is nice", 0.4), ("", 1.0)],
+)
+def test_the_conversion_check_scores_word_errors_against_the_sentence(heard: str, wer: float):
+    """A converted Whisper is kept when it hears CHECK_SENTENCE with a WER of at most MAX_CHECK_WER."""
+    assert assets._wer(assets.CHECK_SENTENCE, heard) == pytest.approx(wer)
 
 
 # ----------------------------------------------------------------------------------------- real assets

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simul_agents.proactive_agent import AudioInput
-from speech_frontend.audio import extrapolate, to_mono_16k
+from speech_frontend.audio import SAMPLE_RATE, AudioError, StreamTo16k, extrapolate, to_mono_16k
 
 
 def voice(seconds: float, rate: int) -> np.ndarray:
@@ -45,3 +45,44 @@ def test_extrapolating_silence_or_a_few_samples_is_quiet_and_finite():
     for n in (0, 1, 5, 64):
         out = extrapolate(np.linspace(-0.5, 0.5, n, dtype=np.float32), 128)
         assert out.shape == (128,) and np.isfinite(out).all() and np.abs(out).max() <= 1.0
+
+
+def square(seconds: float, rate: int) -> np.ndarray:
+    """A full-scale 440 Hz square wave: resampled, its edges ring past +-1 (Gibbs) unless clipped."""
+    t = np.arange(int(seconds * rate)) / rate
+    return np.sign(np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_streamed_full_scale_audio_stays_within_plus_minus_one(rate: int):
+    stream = StreamTo16k("square")
+    audio = square(1.0, rate)
+    pieces = [stream.push(audio[i : i + 3000], rate) for i in range(0, len(audio), 3000)] + [stream.flush()]
+    out = np.concatenate(pieces)  # out: (n16k,)
+    assert out.shape[0] > 0.9 * SAMPLE_RATE and np.abs(out).max() <= 1.0
+
+
+def test_an_empty_chunk_gives_no_samples_and_no_error():
+    stream = StreamTo16k("mic")
+    assert stream.push(np.zeros(0, np.float32), 44100).shape == (0,)
+    assert stream.push(voice(0.1, 44100), 44100).dtype == np.float32
+    empty = stream.push(np.zeros((0, 2), np.int16), 44100, channels_last=True)
+    assert empty.shape == (0,) and empty.dtype == np.float32
+
+
+def test_a_stream_whose_sample_rate_changes_is_refused_naming_both_rates():
+    stream = StreamTo16k("mic")
+    stream.push(voice(0.1, 44100), 44100)
+    with pytest.raises(AudioError, match=r"^mic: the sample rate changed from 44100 to 48000 Hz$"):
+        stream.push(voice(0.1, 48000), 48000)
+
+
+def test_after_flush_the_same_stream_converts_the_next_source_like_a_fresh_one():
+    first, second = voice(0.5, 22050), voice(0.3, 22050)[::-1].copy()
+    reused = StreamTo16k("mic")
+    np.concatenate([reused.push(first, 22050), reused.flush()])
+    again = np.concatenate([reused.push(second, 22050), reused.flush()])
+    fresh = StreamTo16k("mic")
+    expected = np.concatenate([fresh.push(second, 22050), fresh.flush()])
+    assert again.shape == expected.shape
+    np.testing.assert_allclose(again, expected, atol=1e-6)

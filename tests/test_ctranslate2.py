@@ -283,3 +283,43 @@ def test_an_integer_weight_without_a_scale_is_refused(tmp_path):
     write_model_bin(tmp_path / "model.bin", variables, aliases=ALIASES)
     with pytest.raises(ConversionError, match="encoder/layer_0/ffn/linear_0/weight is int8 without"):
         load_whisper(tmp_path)
+
+
+def test_alignment_heads_are_found_next_to_a_model_bin_given_as_a_file(tiny_model_dir):
+    path, _ = tiny_model_dir
+    (path / "config.json").write_text(json.dumps({"alignment_heads": [[0, 1]]}))
+    assert load_whisper(path / "model.bin").alignment_heads.to_dense().tolist() == [[False, True]]
+
+
+def test_alignment_heads_can_be_given_as_a_dict(tmp_path):
+    out = convert_ct2_whisper(_tiny_ct2_whisper(), tmp_path / "x.pt", config={"alignment_heads": [[0, 0]]})
+    assert load_whisper(out).alignment_heads.to_dense().tolist() == [[True, False]]
+
+
+def test_a_head_count_that_does_not_divide_the_width_is_refused():
+    with pytest.raises(ConversionError, match="encoder: 3 heads do not divide the width 8"):
+        whisper_dims(_tiny_ct2_whisper(), n_audio_head=3)
+
+
+def test_a_model_without_encoder_layers_is_refused(tmp_path):
+    variables = {k: v for k, v in _tiny_ct2_whisper().items() if not k.startswith("encoder/layer_")}
+    with pytest.raises(ConversionError, match="no encoder/layer_0 variables"):
+        convert_ct2_whisper(variables, tmp_path / "x.pt")
+
+
+def test_a_weight_with_no_whisper_counterpart_is_named_not_dropped(tmp_path):
+    variables = _tiny_ct2_whisper() | {"encoder/layer_0/adapter/weight": np.zeros((8, 8), np.float16)}
+    with pytest.raises(ConversionError, match="CT2 variable encoder/layer_0/adapter/weight has no openai-whisper"):
+        convert_ct2_whisper(variables, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", "dict"], ids=["foreign-bytes", "dict-without-dims"])
+def test_a_pt_file_that_is_not_a_whisper_checkpoint_is_named(tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content == "dict":
+        torch.save({"state_dict": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConversionError, match=r"model\.pt: not an openai-whisper checkpoint"):
+        load_whisper(path)

@@ -151,3 +151,18 @@ def test_shape_errors():
 def test_empty_input():
     enc = block_causal(8)
     assert enc(random_mel(2, 0)).shape == (2, 0, DIMS.n_audio_state)
+
+
+def test_a_caller_refilling_one_mel_buffer_block_after_block_gets_the_forward_output():
+    """A streaming caller may write each block into the same preallocated tensor: the cache keeps its own copy of
+    the conv's left context (the last mel frames of the block before), not a view of the caller's buffer."""
+    enc = block_causal(4)
+    mel = random_mel(2, 3 * enc.mel_per_block)
+    buffer = torch.empty(2, DIMS.n_mels, enc.mel_per_block)
+    cache = enc.new_cache()
+    outputs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for block in mel.split(enc.mel_per_block, dim=-1):
+            buffer.copy_(block)
+            outputs.append(enc.encode_block(buffer, cache))
+        torch.testing.assert_close(torch.cat(outputs, dim=1), enc(mel), atol=1e-5, rtol=0)

@@ -105,3 +105,41 @@ def test_bad_input():
         StreamingMel(40)
     with pytest.raises(ValueError, match="expected"):
         log_mel(np.zeros((2, 800), np.float32))
+
+
+def test_frames_are_whispers_frames_40_samples_earlier_once_the_loudest_has_passed():
+    """Frame t here ends at sample (t + 1) * 160; whisper's frame t is centred on t * 160. Dropping the first 40
+    samples lines them up: after the loudest frame (so both clip at the same max) they are whisper's numbers,
+    same hann window, power spectrum, filters and scaling."""
+    audio = speechlike(SAMPLE_RATE)
+    t = np.arange(1600) / SAMPLE_RATE
+    audio[3200:4800] += (0.9 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)  # the loudest, frames 20..30
+    ours = log_mel(audio[40:])  # mel: (80, frames)
+    theirs = whisper.log_mel_spectrogram(audio)
+    after_the_loudest = slice(32, ours.shape[1])
+    torch.testing.assert_close(ours[:, after_the_loudest], theirs[:, after_the_loudest], atol=1e-4, rtol=0)
+
+
+def test_digital_silence_is_whispers_floor():
+    """All-zero audio: every feature is whisper's floor, (log10(1e-10) + 4) / 4 = -1.5, as whisper gives."""
+    silence = np.zeros(SAMPLE_RATE // 2, np.float32)
+    ours = log_mel(silence)
+    torch.testing.assert_close(ours, torch.full_like(ours, -1.5))
+    torch.testing.assert_close(ours, whisper.log_mel_spectrogram(silence))
+
+
+def test_float64_samples_give_the_float32_features_whole_and_streamed():
+    """``to_mono`` hands out float64: those samples give the same float32 features as float32 ones."""
+    audio = speechlike(4000).astype(np.float64)
+    expected = log_mel(audio.astype(np.float32))
+    whole = log_mel(audio)
+    assert whole.dtype == torch.float32
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(stream(audio, [700])[0], expected, atol=1e-5, rtol=0)
+
+
+def test_128_bins_streamed_in_chunks_shorter_than_a_hop():
+    """Chunks that complete no frame yield (128, 0), not (80, 0), so they join the 128-bin frames around them."""
+    audio = speechlike(2400)
+    streamed, _ = stream(audio, [100], n_mels=128)  # mel: (128, frames)
+    torch.testing.assert_close(streamed, log_mel(audio, n_mels=128), atol=1e-5, rtol=0)
