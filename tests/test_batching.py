@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from simul_agents import evaluate_inprocess
 from simul_agents.batch_eval import run as batch_eval
-from simul_agents.proactive_agent import ProactiveAgent
+from simul_agents.proactive_agent import InstanceError, ProactiveAgent
 from streaming_llm import batching
 from streaming_llm.batching import LMBatcher, forward_batch, forward_one
 from streaming_llm.checkpoint import save_checkpoint
@@ -296,3 +296,107 @@ def test_batch_eval_with_compiled_steps_writes_what_simuleval_writes_eagerly(dat
     want, got = instances(tmp_path / "simuleval"), instances(tmp_path / "batched")
     for a, b in zip(want, got, strict=True):
         assert (b["prediction"], b["delays"]) == (a["prediction"], a["delays"])
+
+
+def test_sessions_waiting_at_once_share_one_forward():
+    """Three members each ask for one forward: it runs once, for the three, when the last of them asks."""
+    model = untied_tiny("text", seed=1)
+    batcher = LMBatcher(model.llm)
+    ready = threading.Barrier(3)
+    logits: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with batcher.member():
+            ready.wait()  # all three are members before any asks
+            session = StreamingSession(model, lm_call=batcher)
+            session.push_words(SENTENCES[i].split())
+            logits[i] = session.next_logits().clone()
+
+    run_members(3, work)
+    assert (batcher.n_forwards, batcher.n_requests) == (1, 3)
+    for i in range(3):
+        alone = StreamingSession(model)
+        alone.push_words(SENTENCES[i].split())
+        torch.testing.assert_close(logits[i], alone.next_logits(), atol=1e-5, rtol=1e-5)
+
+
+def _causal(q: int, past: int) -> torch.Tensor:
+    """(1, 1, q, past + q) additive mask: every past entry, and the new rows causally."""
+    return torch.zeros(1, 1, q, past + q).masked_fill(torch.ones(q, past + q, dtype=torch.bool).triu(past + 1),
+                                                      float("-inf"))  # fmt: skip
+
+
+def _request(llm, seed: int, past: int, q: int, attentions: bool) -> batching._Request:
+    """A request of q new rows over a cache of ``past`` entries, made alike for every call with the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    d = llm.config.hidden_size
+    cache = DynamicCache()
+    if past:
+        prefix = torch.randn(1, past, d, generator=generator)
+        forward_one(llm, prefix, torch.arange(past)[None], _causal(past, 0), cache)
+    x = torch.randn(1, q, d, generator=generator)
+    return batching._Request(x, torch.arange(past, past + q)[None], _causal(q, past), cache, attentions)
+
+
+def test_a_packed_batch_of_mixed_requests_gives_each_what_it_gets_alone():
+    """Cached and fresh, one-row and many-row, with and without attention weights (sessions of different heads
+    on one server): one packed forward, and each request's logits, hidden rows, attention weights (1, heads, q,
+    past + q) and cache as its own forward gives them."""
+    llm = untied_tiny("text", seed=2).llm
+    shapes = [(5, 1, True), (0, 4, False), (3, 2, True), (6, 3, False)]  # (past, q, attentions)
+    with torch.inference_mode():
+        batch = [_request(llm, i, *shape) for i, shape in enumerate(shapes)]
+        forward_batch(llm, batch)
+        for i, (r, shape) in enumerate(zip(batch, shapes, strict=True)):
+            alone = _request(llm, i, *shape)
+            want = forward_one(llm, alone.x, alone.positions, alone.mask, alone.cache, alone.attentions)
+            torch.testing.assert_close(r.out.logits, want.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(r.out.hidden_states[-1], want.hidden_states[-1], atol=1e-5, rtol=1e-5)
+            if r.attentions:
+                for got, expected in zip(r.out.attentions, want.attentions, strict=True):
+                    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            for got, expected in zip(r.cache.layers, alone.cache.layers, strict=True):
+                torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got.values, expected.values, atol=1e-5, rtol=1e-5)
+
+
+COPIED_AGENT = ["--agent", "simul_agents/proactive_agent.py"]
+
+
+@pytest.mark.parametrize("argv", [["--batch=4", "--source", "s.txt"], ["--batch", "4", "--source", "s.txt"],
+                                  [*COPIED_AGENT, "--batch=4", "--source", "s.txt"]])  # fmt: skip
+def test_batch_eval_takes_its_batch_and_a_copied_agent_out_of_the_simuleval_line(argv: list[str]):
+    from simul_agents.batch_eval import _pop_batch
+
+    assert _pop_batch(argv) == (4, ["--source", "s.txt"])
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_batch_eval_refuses_fewer_than_one_instance_at_a_time(value: str):
+    from simul_agents.batch_eval import _pop_batch
+
+    with pytest.raises(SystemExit, match=f"--batch {value}: at least 1"):
+        _pop_batch(["--batch", value])
+
+
+def test_batch_eval_stops_on_a_failing_instance_and_names_it(data, tmp_path):
+    """Without --skip-failed a failing instance (audio past the model's context) ends the run with its error, as
+    SimulEval's does; it is not dropped with its worker while the run reports success."""
+    sf.write(tmp_path / "long.wav", tone(31.0), 16000, subtype="FLOAT")
+    (tmp_path / "speech.txt").write_text(f"{data / 's0.wav'}\n{tmp_path / 'long.wav'}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("\n".join(REFERENCES[:2]) + "\n", encoding="utf-8")
+    argv = ["--checkpoint", data / "speech-ckpt", "--source", tmp_path / "speech.txt", "--target",
+            tmp_path / "target.txt", *LIMITS, "--source-segment-size", "320", "--long-audio", "off"]  # fmt: skip
+    argv += ["--head", "wait-k", "--k", "2"]
+    with pytest.raises(InstanceError, match=r"instance 1 .*SourceTooLong.*--skip-failed"):
+        batch_eval(["--batch", "2", *argv, "--output", tmp_path / "out"])
+
+
+def test_batch_eval_resumed_on_fewer_instances_keeps_only_those(data, tmp_path):
+    """--continue-unfinished with a narrower --end-index: the log keeps the finished instances of the new range
+    only, and the scores are of that range."""
+    argv = ["--checkpoint", data / "text-ckpt", "--source", data / "source.txt", "--target", data / "target.txt"]
+    argv += [*LIMITS, "--head", "wait-k", "--k", "1", "--output", tmp_path / "out"]
+    batch_eval(["--batch", "2", *argv])
+    batch_eval(["--batch", "2", *argv, "--end-index", "3", "--continue-unfinished"])
+    assert [ins["index"] for ins in instances(tmp_path / "out")] == [0, 1, 2]

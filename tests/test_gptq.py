@@ -7,7 +7,7 @@ import torch
 from streaming_llm import gptq
 from streaming_llm.checkpoint import save_checkpoint
 from streaming_llm.engine import StreamingSession, translate_offline
-from streaming_llm.quantize import set_precision
+from streaming_llm.quantize import merge_lora, set_precision
 from streaming_llm.tiny import tiny_model
 
 SENTENCES = [
@@ -191,3 +191,130 @@ def test_gptq_cli_refuses_a_group_size_that_does_not_divide_the_layers_before_ca
     err = capsys.readouterr().err
     assert "error: --group-size 128: layer " in err and "has 64 input columns" in err and err.count("\n") == 1
     assert not gptq.weights_file(ckpt, 128).exists()
+
+
+def _steps_off(weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """How far each stored weight is from the weight it stands for, in steps of its group: (out, in)."""
+    group = weight.shape[1] // scales.shape[1]
+    return (_dequantized(q, scales, zeros) - weight).abs() / scales.repeat_interleave(group, 1)
+
+
+def test_rounding_to_nearest_keeps_every_weight_within_half_a_step():
+    torch.manual_seed(3)
+    weight = torch.randn(16, 128)  # (out, in): 4 groups of 32 per row
+    q, scales, zeros = gptq.round_to_nearest(weight)
+    assert float(_steps_off(weight, q, scales, zeros).max()) <= 0.5 + 1e-4
+
+
+def test_gptq_with_uncorrelated_inputs_rounds_every_weight_to_its_nearest_level():
+    """H = I: no column's error can be made up by another, so each weight goes to the nearest of its group's 16
+    levels, the group's extremes included (none clipped a step short)."""
+    torch.manual_seed(3)
+    weight = torch.randn(16, 256)  # (out, in): two blocks of 128, 8 groups of 32 per row
+    for group_size in gptq.GROUP_SIZES:
+        q, scales, zeros = gptq.gptq(weight, torch.eye(256), group_size)
+        assert float(_steps_off(weight, q, scales, zeros).max()) <= 0.5 + 1e-4, group_size
+
+
+def test_gptq_spreads_errors_into_the_blocks_after_the_first():
+    """A layer wider than GPTQ's block of 128 columns (SmolLM2's have 576 and 1536 inputs): each block's rounding
+    errors are made up for in the blocks after it too, not only within it."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, 384)  # (out, in): three blocks
+    x = torch.randn(3000, 32) @ torch.randn(32, 384) + 0.1 * torch.randn(3000, 384)  # correlated, as an LM's are
+    exact = x @ weight.T
+    errors = {}
+    for name, (q, s, z) in {"gptq": gptq.gptq(weight, x.T @ x), "rtn": gptq.round_to_nearest(weight)}.items():
+        errors[name] = float((x @ _dequantized(q, s, z).T - exact).pow(2).mean())
+    assert errors["gptq"] < 0.2 * errors["rtn"], errors  # measured: 3.4 against 73 (36 with blocks apart)
+
+
+def test_gptq_rounds_alike_whatever_the_scale_of_the_layers_inputs():
+    """The damping is a share of H's own diagonal: inputs a thousand times smaller (an LM's layers differ so) are
+    rounded as their larger copies, not as if H were the identity."""
+    torch.manual_seed(0)
+    weight = torch.randn(32, 128)
+    x = torch.randn(500, 16) @ torch.randn(16, 128) + 0.1 * torch.randn(500, 128)
+    q, _, _ = gptq.gptq(weight, x.T @ x)
+    q_small, _, _ = gptq.gptq(weight, (1e-3 * x).T @ (1e-3 * x))
+    assert float((q != q_small).float().mean()) < 0.01
+
+
+def test_calibration_statistics_sum_over_every_example():
+    """H of two examples is the sum of each one's: every calibration decode counts, once."""
+    model = tiny_model("text", seed=2)
+    translate_offline(model, ["hello"], max_target_tokens=2)  # the prompt's rows, run once per model and kept
+    one, two = SENTENCES[0].split(), SENTENCES[1].split()
+    both = gptq.collect_hessians(model, [one, two], progress=False)
+    first = gptq.collect_hessians(model, [one], progress=False)
+    second = gptq.collect_hessians(model, [two], progress=False)
+    assert both.keys() == first.keys()
+    for name, h in both.items():  # (in, in) per linear layer
+        torch.testing.assert_close(h, first[name] + second[name], rtol=1e-4, atol=1e-3)
+
+
+def test_4bit_weights_for_another_model_are_refused_by_name():
+    model = tiny_model("text", seed=2)
+    state = gptq.calibrate(model, [s.split() for s in SENTENCES[:2]], progress=False)
+    state.pop(next(iter(state)))  # one layer short, as weights made for a shallower model
+    with pytest.raises(ValueError, match="calibrated for another model"):
+        gptq.quantize_int4(tiny_model("text", seed=2), state)
+
+
+def test_the_gptq_cli_calibrates_on_the_manifest_it_is_given_over_the_training_one(tmp_path):
+    manifest, given = _manifest(tmp_path / "train.tsv"), tmp_path / "given.tsv"
+    given.write_text("id\taudio\tn_frames\tsrc_text\ttgt_text\tspeaker\ng0\t\t0\tgood morning .\tguten Morgen .\tx\n",
+                     encoding="utf-8")  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_model("text", seed=3), ckpt, extra={"train_config": {"train_manifest": str(manifest)}})
+    assert gptq.calibration_sources(ckpt, given) == [["good", "morning", "."]]
+    assert len(gptq.calibration_sources(ckpt)) == len(SENTENCES)
+
+
+def test_4bit_weights_from_before_the_digest_are_kept_while_newer_than_the_checkpoint_weights(tmp_path, monkeypatch):
+    """A weights file without checkpoint_sha256 (written before it was kept) goes by its time: newer than
+    model.safetensors, it is used; older (the weights were trained on since), it is made again."""
+    import os
+
+    from streaming_llm.checkpoint import load_checkpoint
+
+    manifest = _manifest(tmp_path / "train.tsv")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_model("text", seed=3), ckpt, extra={"train_config": {"train_manifest": str(manifest)}})
+    set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)
+    made = gptq.weights_file(ckpt)
+    data = torch.load(made, weights_only=True)
+    del data["meta"]["checkpoint_sha256"]
+    torch.save(data, made)
+    weights = ckpt / "model.safetensors"
+    calls = []
+    calibrate = gptq.calibrate
+    monkeypatch.setattr(gptq, "calibrate", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
+    os.utime(weights, (made.stat().st_mtime - 5,) * 2)
+    set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)
+    assert not calls
+    os.utime(weights, (made.stat().st_mtime + 5,) * 2)
+    set_precision(load_checkpoint(ckpt, merge_lora=True), "int4", ckpt)
+    assert calls == [1]
+
+
+def _lora_model():
+    model = tiny_model("text", seed=1, llm_lora_r=4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=generator)  # peft starts B at zero: make the adapter do something
+    return model
+
+
+def test_a_lora_model_is_calibrated_as_its_merged_weights():
+    """calibrate() merges the adapters first: the 4-bit weights of a LoRA model are those of its merged copy."""
+    merged = _lora_model()
+    merge_lora(merged.llm)
+    sources = [s.split() for s in SENTENCES[:2]]
+    want = gptq.calibrate(merged, sources, progress=False)
+    got = gptq.calibrate(_lora_model(), sources, progress=False)
+    assert got.keys() == want.keys()
+    for name, stored in got.items():  # q, scales, zeros
+        assert all(torch.equal(a, b) for a, b in zip(stored, want[name], strict=True)), name

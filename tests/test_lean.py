@@ -123,3 +123,13 @@ def test_a_compiler_failure_leaves_the_lm_eager_and_says_to_run_without_compile(
     assert not is_compiled(llm)
     assert lean_forward(llm, torch.randn(1, 2, llm.config.hidden_size), torch.arange(2)[None],
                         torch.zeros(1, 1, 2, 2), DynamicCache()).logits.shape[1] == 1  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), [("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
+                                            ("pretraining_tp", 2)])  # fmt: skip
+def test_a_llama_the_lean_forward_does_not_compute_is_left_to_transformers(key: str, value):
+    """lean_forward has SiLU, no biases and unsliced projections built in: a Llama of another kind would get other
+    logits from it."""
+    llm = tiny_model("text", seed=3).eval().llm
+    setattr(llm.config, key, value)
+    assert not supports_lean(llm)

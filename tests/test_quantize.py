@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streaming_llm.engine import StreamingSession, translate_offline
-from streaming_llm.quantize import half_precision, merge_lora, quantize_int8, set_precision
+from streaming_llm.quantize import half_precision, merge_lora, precision_from_flags, quantize_int8, set_precision
 from streaming_llm.tiny import tiny_model
 
 SOURCE = "I would like a cup of coffee in the garden .".split()
@@ -106,3 +106,27 @@ def test_the_int8_kernel_computes_the_dequantized_product():
     rows = torch.randn(5, 64).to(torch.bfloat16)
     kernel = torch._weight_int8pack_mm(rows, layer.weight_int8, layer.scales)
     torch.testing.assert_close(kernel.float(), layer.dequantized_product(rows).float(), atol=0.02, rtol=0.02)
+
+
+def test_int8_leaves_no_float32_linear_layer_and_fuses_the_layers_that_share_an_input():
+    """Every projection and the output layer read int8 weights (a float32 one left would read 4x the bytes); q/k/v
+    and gate/up each become one fused product of their module, which ``lean`` runs once."""
+    from streaming_llm.quantize import Int8Linear
+
+    model = set_precision(tiny_model("text", seed=2), "int8")
+    assert not [name for name, m in model.llm.named_modules() if type(m) is torch.nn.Linear]
+    assert isinstance(model.llm.lm_head, Int8Linear)
+    for layer in model.llm.model.layers:
+        assert isinstance(layer.self_attn.fused_qkv, Int8Linear) and isinstance(layer.mlp.fused_gate_up, Int8Linear)
+        assert layer.self_attn.k_proj.weight_int8.data_ptr() != layer.self_attn.q_proj.weight_int8.data_ptr()
+
+
+@pytest.mark.parametrize(("flags", "precision"), [({}, "fp32"), ({"int8": True}, "int8"), ({"fp16": True}, "fp16"),
+                                                  ({"int4": True}, "int4")])  # fmt: skip
+def test_each_precision_flag_selects_its_precision(flags: dict, precision: str):
+    assert precision_from_flags(**flags) == precision
+
+
+def test_fp16_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match="half_precision is for inference"):
+        set_precision(tiny_model("text").train(), "fp16")
