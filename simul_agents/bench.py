@@ -883,8 +883,7 @@ def restore(bench: Bench, tasks: list[str], names: list[str]) -> list[str]:
     for name in names:
         marker, record = bench.done_dir / f"{name}.json", bench.records / f"{name}.json"
         if not marker.is_file() and record.is_file() and _outputs_back(bench, name):
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(record, marker)
+            _write_whole(marker, record.read_text(encoding="utf-8"))  # a kill while copying leaves no half marker
             restored.append(name)
     if restored:
         print(f"== restored from {bench.results}: {', '.join(restored)}", flush=True)

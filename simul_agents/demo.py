@@ -32,6 +32,7 @@ TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "len_ratio", "LAAL", "AL", "LA
 # (640 ms blocks) 1074 / 1510 / 2096 ms; entropy under ~1.0 waits for the whole source (LAAL 2142 at 1.0)
 ENTROPY = (2.0, 4.0, 5.0)
 WAIT_K = (1, 2, 4)
+STEP_SECONDS = 6.3  # one training step of the demo's model, measured here on 2 cores
 EVAL_MINUTES = (4, 10)  # the 7 SimulEval runs on 24 test utterances, 2 cores (README: 4.4 min); more take longer
 
 
@@ -58,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     out, data = Path(args.out), Path(args.data)
     started = time.time()
     corpus_min = max(1, args.utterances // 300)
-    train_min = max(1, round(args.steps * 6.5 / 60))
+    train_min = max(1, round(args.steps * STEP_SECONDS / 60))
     eval_min = (max(1, round(args.test * EVAL_MINUTES[0] / 24)), max(2, round(args.test * EVAL_MINUTES[1] / 24)))
     if is_checkpoint(BENCH_CHECKPOINT):
         model_plan = f"uses the trained model of `make bench` ({BENCH_CHECKPOINT}, in git: no training)"
     else:
         model_plan = (
             f"aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains {args.steps} steps "
-            f"(~{train_min} min on 2 cores, 6.3 s a step measured here) unless this demo trained one before"
+            f"(~{train_min} min on 2 cores, {STEP_SECONDS} s a step measured here) unless this demo trained one before"
         )
     print(
         "proactive-simulst demo: simultaneous English speech -> German text with Whisper tiny.en + SmolLM2-135M.\n"

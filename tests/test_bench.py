@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import random
 import shutil
 import threading
@@ -1272,14 +1273,284 @@ def test_a_kill_while_the_summary_goes_into_the_readme_leaves_the_readme_as_it_w
     readme = tmp_path / "README.md"
     before = f"# x\n\n## Results\n{B.README_START}\nearlier numbers\n{B.README_END}\n\n## After\n"
     readme.write_text(before, encoding="utf-8")
-    real_write_text = Path.write_text
-
-    def killed_half_way(self, text, *args, **kwargs):
-        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Path, "write_text", killed_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        B.embed_in_readme(readme, ["## text-to-text En-De", "", "| new | table |"], tmp_path / "results")
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        _killed_half_way_into(tmp_path, patched)
+        with pytest.raises(KeyboardInterrupt):
+            B.embed_in_readme(readme, ["## text-to-text En-De", "", "| new | table |"], tmp_path / "results")
     assert readme.read_text(encoding="utf-8") == before
+
+
+@dataclass(frozen=True)
+class _NoReadme(B.Bench):  # main's Bench, this repository's README left alone
+    readme: Path | None = None
+
+
+def _main_with_plan(tmp_path: Path, monkeypatch, plan: dict) -> list[B.Bench]:
+    """``B.main`` under ``tmp_path`` with ``plan`` (stage name -> function) for its stages; -> the Bench it made."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(B, "Bench", _NoReadme)
+    made: list[B.Bench] = []
+    monkeypatch.setattr(B, "stages", lambda bench, tasks: made.append(bench) or list(plan.items()))
+    return made
+
+
+def test_only_runs_the_stages_it_names_then_writes_the_summary(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _main_with_plan(tmp_path, monkeypatch, {"text-one": lambda: calls.append("one"),
+                                            "text-two": lambda: calls.append("two")})  # fmt: skip
+    assert B.main(["--tasks", "text", "--only", "text-two"]) == 0
+    assert calls == ["two"] and (tmp_path / "results" / "SUMMARY.md").is_file()
+
+
+def test_the_bench_hands_jobs_and_batch_to_its_stages(tmp_path, monkeypatch):
+    made = _main_with_plan(tmp_path, monkeypatch, {})
+    assert B.main(["--tasks", "text", "--jobs", "3", "--batch", "0", "--list"]) == 0
+    assert (made[0].jobs, made[0].batch) == (3, 1)  # a batch under 1 is SimulEval's own loop
+
+
+def test_a_failed_stage_stops_the_bench_with_exit_1_and_still_writes_the_summary(tmp_path, monkeypatch, capsys):
+    def broken():
+        raise OSError("disk on fire")
+
+    calls: list[int] = []
+    _main_with_plan(tmp_path, monkeypatch, {"text-one": broken, "text-two": lambda: calls.append(2)})
+    assert B.main(["--tasks", "text"]) == 1
+    assert calls == [] and "error: stage text-one failed: OSError: disk on fire" in capsys.readouterr().err
+    assert (tmp_path / "results" / "SUMMARY.md").is_file()
+
+
+def test_list_shows_each_stage_done_or_to_run(tmp_path, monkeypatch, capsys):
+    _main_with_plan(tmp_path, monkeypatch, {"text-one": lambda: None, "text-two": lambda: None})
+    _mark_done(B.Bench(), "text-one")
+    assert B.main(["--tasks", "text", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "text-one                 done" in lines and "text-two                 to run" in lines
+
+
+def test_a_redone_stage_starts_its_clock_again(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    bench.clock("text-sweep-main").parent.mkdir(parents=True)
+    bench.clock("text-sweep-main").write_text(json.dumps({"seconds": 6000.0, "attempts": 3}))
+    _mark_done(bench, "text-sweep-main", seconds=6000.0, attempts=3)
+    B.forget(bench, "text-sweep-main")
+    record = B.run_stage(bench, "text-sweep-main", lambda: {})
+    assert record["seconds"] < 60.0 and record["attempts"] == 1
+
+
+def test_a_failed_attempt_s_time_counts_in_the_next_one_even_under_a_heartbeat(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(B.time, "time", lambda: now[0])
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+
+    def slow_then_broken():
+        now[0] += 20.0  # less than one heartbeat
+        raise OSError("disk on fire")
+
+    with pytest.raises(B.StageFailed):
+        B.run_stage(bench, "one", slow_then_broken)
+    record = B.run_stage(bench, "one", lambda: {})
+    assert (record["seconds"], record["attempts"]) == (20.0, 2)
+
+
+def test_a_variant_trained_longer_gets_its_own_steps_the_others_the_plan_s(tmp_path, monkeypatch):
+    import training.train
+
+    seen = {}
+
+    def fake_train(cfg, resume):
+        seen[Path(cfg.out_dir).name] = cfg
+        (Path(cfg.out_dir) / "final").mkdir(parents=True)
+        return Path(cfg.out_dir) / "final"
+
+    monkeypatch.setattr(training.train, "train", fake_train)
+    monkeypatch.setattr(B, "training_summary", lambda path: {})
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    for variant in ("main", "stream-0.3-x4"):
+        B.stage_train(bench, B.TASKS["text"], variant)
+    assert seen["main"].max_steps == B.TASKS["text"].steps and seen["stream-0.3-x4"].max_steps == 2000
+
+
+def test_a_sweep_with_failed_runs_fails_its_stage_and_a_sweep_refused_names_the_redo(tmp_path, monkeypatch):
+    import simul_agents.sweep
+
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    monkeypatch.setattr(B, "test_files", lambda task, bench: SimpleNamespace(source="s.txt", target="t.txt"))
+    monkeypatch.setattr(simul_agents.sweep, "sweep", lambda config, jobs: ([{"head": "offline"}], ["k=3: killed"]))
+    with pytest.raises(B.StageFailed, match="failed runs: k=3: killed"):
+        B.run_stage(bench, "text-sweep-main", lambda: B.stage_sweep(bench, B.TASKS["text"], "main"))
+    assert not (bench.done_dir / "text-sweep-main.json").exists()
+
+    def refused(config, jobs):
+        raise simul_agents.sweep.SweepError("made with another checkpoint")
+
+    monkeypatch.setattr(simul_agents.sweep, "sweep", refused)
+    with pytest.raises(simul_agents.sweep.SweepError, match="another checkpoint.*--redo text-sweep-main"):
+        B.stage_sweep(bench, B.TASKS["text"], "main")
+
+
+def test_a_probe_trained_again_is_compared_against_main_s_runs(tmp_path, monkeypatch):
+    import simul_agents.compare
+
+    seen = {}
+    monkeypatch.setattr(simul_agents.compare, "compare_task",
+                        lambda root, variants, task, decodings: seen.update(decodings) or {})  # fmt: skip
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    B.stage_compare(bench, B.TASKS["text"], ["main", "probe-word-start", "main-reencode", "no-mslm"])
+    assert seen == {"probe-word-start": "main", "main-reencode": "main"}
+
+
+def test_a_cost_benchmark_keeps_its_last_line_and_a_failed_one_fails_its_stage(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    script = tmp_path / "streaming_cost.py"
+    script.write_text("print('warming up')\nprint('{\"rtf\": 0.5}')\n")
+    B.run_stage(bench, "streaming-cost", lambda: B.stage_benchmark(bench, str(script), []))
+    assert json.loads((bench.results / "bench" / "streaming_cost.json").read_text()) == {"rtf": 0.5}
+    script.write_text("print('{\"rtf\": 9.9}')\nraise SystemExit(3)\n")
+    with pytest.raises(B.StageFailed, match="exited with 3"):
+        B.run_stage(bench, "training-cost", lambda: B.stage_benchmark(bench, str(script), []))
+
+
+def test_the_computation_aware_stage_comes_back_only_with_every_precision_s_runs(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    bench.records.mkdir(parents=True)
+    (bench.records / "speech-computation-aware.json").write_text(json.dumps({"seconds": 1, "runs": 20}))
+    for variant in B.CA_VARIANTS[:-1]:  # the compiled int4 runs' archive is missing
+        bench.archive_dir("speech", variant).mkdir(parents=True)
+        (bench.archive_dir("speech", variant) / "sweep.csv").write_text("task,head,param,output\n")
+    assert B.restore(bench, ["speech"], ["speech-computation-aware"]) == []
+    bench.archive_dir("speech", B.CA_VARIANTS[-1]).mkdir(parents=True)
+    (bench.archive_dir("speech", B.CA_VARIANTS[-1]) / "sweep.csv").write_text("task,head,param,output\n")
+    assert B.restore(bench, ["speech"], ["speech-computation-aware"]) == ["speech-computation-aware"]
+
+
+def _one_run_table(bench: B.Bench, task: str, variant: str) -> None:
+    from simul_agents.sweep import write_csv
+
+    eval_dir = bench.runs / task / f"eval-{variant}"
+    eval_dir.mkdir(parents=True)
+    row = {"task": "t", "head": "offline", "param": "-", "BLEU": 2.0, "chrF": 21.0, "LAAL": 7.9, "n_instances": 10,
+           "mean_source_length": 7.9, "latency_unit": "words"}  # fmt: skip
+    write_csv([row], eval_dir / "sweep.csv")
+
+
+def test_the_summary_lists_the_stages_in_the_order_they_finished_with_their_minutes(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=None)
+    _mark_done(bench, "text-train-main", finished="2026-11-30 10:00", seconds=90)
+    _mark_done(bench, "assets", finished="2026-11-30 11:00", seconds=30)
+    lines = B.write_summary(bench, ["text"]).read_text().splitlines()
+    train = lines.index("| text-train-main | 1.5 | 2026-11-30 10:00 | ? |  |")
+    assert lines.index("| assets | 0.5 | 2026-11-30 11:00 | ? |  |") > train
+
+
+def test_a_finished_sweep_is_not_called_partial(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=None)
+    assert B.planned_runs("text", "no-mslm-seed2") == 1  # the offline decode alone
+    _one_run_table(bench, "text", "no-mslm-seed2")
+    summary = B.write_summary(bench, ["text"]).read_text()
+    assert "| no-mslm-seed2 | offline | - |" in summary and "**Partial:**" not in summary
+
+
+def test_the_summary_carries_the_comparisons_and_the_cost_benchmarks(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=None)
+    _one_run_table(bench, "text", "main")
+    (bench.results / "text").mkdir(parents=True)
+    (bench.results / "text" / "compare.json").write_text("{}")
+    (bench.results / "bench").mkdir(parents=True)
+    (bench.results / "bench" / "streaming_cost.json").write_text('{\n  "rtf": 0.5\n}\n')
+    summary = B.write_summary(bench, ["text"]).read_text()
+    assert "### Paired bootstrap" in summary
+    assert '## streaming-cost benchmark\n\n```\n{\n  "rtf": 0.5\n}\n```' in summary
+
+
+def test_the_readme_gets_the_summary_without_its_title_and_links_to_both_tasks_images(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n{B.README_START}\n{B.README_END}\n")
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=readme)
+    B.write_summary(bench, ["text"])
+    assert "`make bench` results" not in readme.read_text() and readme.read_text().count("\n# ") == 0
+    B.embed_in_readme(readme, ["## speech-to-text En-De", "![quality-latency](speech/curve.png)"], bench.results)
+    assert "### speech-to-text En-De\n![quality-latency](results/speech/curve.png)" in readme.read_text()
+
+
+def test_a_readme_without_the_bench_markers_is_left_as_it_is(tmp_path, caplog):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results", readme=readme)
+    assert B.write_summary(bench, ["text"]).is_file()
+    assert readme.read_text() == "# Project\n" and "has no <!-- bench:start -->" in caplog.text
+
+
+def test_a_comparison_finished_in_the_same_minute_as_its_sweep_is_not_run_again(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    _mark_done(bench, "text-sweep-main", finished="2026-11-30 10:00", runs=B.planned_runs("text", "main"))
+    _mark_done(bench, "text-compare-main", finished="2026-11-30 10:00", variants=["main"])  # a quick one, after it
+    assert B.outgrown_compares(bench, ["text"]) == []
+
+
+def test_a_running_stage_is_seen_as_running_by_another_bench_process(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    seen: list[str | None] = []
+    B.run_stage(bench, "one", lambda: seen.append(B.running(bench, "one")))  # what --list asks meanwhile
+    assert seen == [str(os.getpid())] and B.running(bench, "one") is None
+
+
+def test_the_computation_aware_stage_can_be_redone(tmp_path):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    for variant in B.CA_VARIANTS:
+        (bench.runs / "speech" / f"eval-{variant}").mkdir(parents=True)
+    _mark_done(bench, "speech-computation-aware", runs=20)
+    removed = B.forget(bench, "speech-computation-aware")
+    assert all(bench.runs / "speech" / f"eval-{v}" in removed for v in B.CA_VARIANTS)
+    assert not (bench.done_dir / "speech-computation-aware.json").exists()
+
+
+def test_a_stage_s_notes_in_the_summary_are_cut_at_a_whole_item():
+    notes = B._compact({"steps": 500, "log": "x" * 200, "extra": "y" * 100})
+    assert notes == "steps=500, log=" + "x" * 200 + ", …"
+
+
+def _killed_half_way_into(folder: Path, patched: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or a full disk) half-way through any file written into ``folder``, by ``write_text`` or a copy."""
+    write_text, copyfile = Path.write_text, shutil.copyfile
+
+    def half_text(self, data, *args, **kwargs):
+        if self.parent == folder:
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, data, *args, **kwargs)
+
+    def half_copy(src, dst, *args, **kwargs):
+        if Path(dst).parent == folder:
+            data = Path(src).read_text(encoding="utf-8")
+            write_text(Path(dst), data[: len(data) // 2], encoding="utf-8")
+            raise KeyboardInterrupt
+        return copyfile(src, dst, *args, **kwargs)
+
+    patched.setattr(Path, "write_text", half_text)
+    patched.setattr(shutil, "copyfile", half_copy)
+
+
+def test_a_start_killed_while_it_restores_a_done_marker_restores_it_on_the_next_start(tmp_path, monkeypatch):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    bench.records.mkdir(parents=True)
+    (bench.records / "streaming-cost.json").write_text(json.dumps({"stage": "streaming-cost", "seconds": 60.0}))
+    (bench.results / "bench" / "streaming_cost.json").write_text("{}")
+    with monkeypatch.context() as patched:
+        _killed_half_way_into(bench.done_dir, patched)
+        with pytest.raises(KeyboardInterrupt):
+            B.restore(bench, [], ["streaming-cost"])
+    assert B.restore(bench, [], ["streaming-cost"]) == ["streaming-cost"]
+    assert B.run_stage(bench, "streaming-cost", lambda: {"output": "again"}) == {"stage": "streaming-cost",
+                                                                                 "seconds": 60.0}  # fmt: skip
+
+
+def test_a_start_killed_while_it_unmarks_a_stage_leaves_a_clock_the_stage_can_read(tmp_path, monkeypatch):
+    bench = B.Bench(runs=tmp_path / "runs", results=tmp_path / "results")
+    _mark_done(bench, "one", seconds=600.0, attempts=2)
+    with monkeypatch.context() as patched:
+        _killed_half_way_into(bench.clock("one").parent, patched)
+        with pytest.raises(KeyboardInterrupt):
+            B.unmark(bench, ["one"], "the plan has more runs")
+    B.unmark(bench, ["one"], "the plan has more runs")  # the next start unmarks it again
+    record = B.run_stage(bench, "one", lambda: {})
+    assert 600.0 <= record["seconds"] < 660.0 and record["attempts"] == 3
