@@ -151,13 +151,15 @@ def test_simuleval_writes_every_slice_inside_out_wav_whatever_its_id(tmp_path):
 @pytest.mark.parametrize("argv,problem", [
     (["build", "--dev-share", "2"], "argument --dev-share: 2: a fraction of the sentences"),
     (["build", "--dev-share", "0.6", "--test-share", "0.5"], "--dev-share 0.6 + --test-share 0.5: must be below 1"),
+    (["build", "--dev-share", "0.5", "--test-share", "0.5"], "--dev-share 0.5 + --test-share 0.5: must be below 1"),
     (["build", "--max-utterances", "-5"], "argument --max-utterances: -5: must be at least 1"),
     (["build", "--max-utterances", "0"], "argument --max-utterances: 0: must be at least 1"),
     (["build", "--max-train", "-1"], "argument --max-train: -1: must be at least 0"),
     (["build", "--workers", "0"], "argument --workers: 0: must be at least 1"),
     (["simuleval", "M.tsv", "--max-utterances", "-1", "--seed", "1"], "--max-utterances: -1: must be at least 1"),
     (["simuleval", "M.tsv", "--max-utterances", "0"], "argument --max-utterances: 0: must be at least 1"),
-], ids=["share", "sum", "max-negative", "max-zero", "cap-negative", "workers", "seeded-negative", "zero"])  # fmt: skip
+], ids=["share", "sum", "sum-one", "max-negative", "max-zero", "cap-negative", "workers", "seeded-negative",
+        "zero"])  # fmt: skip
 def test_cli_refuses_counts_and_shares_out_of_range_in_one_line(tmp_path, capsys, argv, problem):
     with pytest.raises(SystemExit) as caught:
         main([*argv, "--out", str(tmp_path / "out")])
@@ -285,3 +287,104 @@ def test_cli_out_is_refused_when_empty_not_taken_as_the_working_folder(tmp_path,
         main(["build", "--out", "", "--text-only"])
     assert caught.value.code == 2 and "argument --out: an empty path; give a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_histograms_count_each_edge_in_the_bin_it_opens_and_words_of_the_source(tmp_path):
+    from training.corpus.check import BAR_WIDTH, format_report
+
+    sf.write(tmp_path / "one.wav", tone(1.0), 16000)
+    sf.write(tmp_path / "half.wav", tone(0.5), 16000)
+    rows = [Row("one", str(tmp_path / "one.wav"), 16000, "One two three.", "Eins zwei drei vier fünf."),
+            Row("half", str(tmp_path / "half.wav"), 8000, "Two words.", "Zwei Wörter sind es hier."),
+            Row("text", "", 0, "Just two.", "Nur zwei Wörter hier und mehr.")]  # fmt: skip
+    write_manifest(tmp_path / "m.tsv", rows)
+    report = check_manifest(tmp_path / "m.tsv", progress=False)
+    assert report.ok and report.duration_histogram["< 1 s"] == 1 and report.duration_histogram["1-2 s"] == 1
+    assert report.word_histogram["< 3 words"] == 2 and report.word_histogram["3-5 words"] == 1
+    bars = format_report(report).splitlines()
+    assert any(line.endswith(" 2 " + "#" * BAR_WIDTH) for line in bars)  # the fullest bin: a full-width bar
+
+
+def test_check_decode_compares_the_length_of_an_mp3_that_its_header_only_estimates(tmp_path):
+    from fixtures_corpus import write_covost
+
+    _, clips = write_covost(tmp_path)
+    clip = clips / "common_voice_en_1.mp3"  # 1 s at 48 kHz: 16000 samples at 16 kHz
+    write_manifest(tmp_path / "m.tsv", [Row("c", str(clip), 12345, "He said yes.", "Er sagte ja.")])
+    assert check_manifest(tmp_path / "m.tsv", progress=False).ok  # without --decode: an estimate, not compared
+    report = check_manifest(tmp_path / "m.tsv", decode=True, progress=False)
+    assert len(report.problems) == 1 and "n_frames 12345, but the audio has" in report.problems[0]
+
+
+def test_check_report_shows_the_first_problems_and_counts_the_rest():
+    from training.corpus.check import CheckReport, format_report
+
+    def report(n: int) -> str:
+        problems = [f"problem {i}" for i in range(n)]
+        return format_report(CheckReport("m.tsv", 0, 0, 0, 0.0, {}, {}, {}, problems), max_problems=3)
+
+    three = report(3)
+    assert "  problem 2" in three and "more" not in three
+    four = report(4)
+    assert "  problem 2" in four and "problem 3" not in four and four.endswith("  ... and 1 more")
+
+
+def test_build_exits_1_and_says_so_when_a_sentence_could_not_be_synthesised(tmp_path, capsys, monkeypatch):
+    from fixtures_corpus import fake_synthesizer
+
+    from training.corpus import offline
+
+    def flaky(text):
+        if "laughing" in text:
+            raise RuntimeError("voice crashed")
+        return fake_synthesizer()(text)
+
+    monkeypatch.setattr(offline, "check_voice", lambda voice: None)
+    monkeypatch.setattr(offline, "make_synthesizer", lambda voice, threads=1: flaky)
+    ding = write_ding(tmp_path / "de-en", DING_LINES)
+    argv = ["build", "--out", str(tmp_path / "s"), "--ding", str(ding), "--voice", "espeak", "--workers", "1"]
+    assert main(argv) == 1
+    assert "1 sentence(s) could not be synthesised (see warnings); rerun to retry them" in capsys.readouterr().out
+
+
+def test_build_warns_of_an_empty_split_of_the_whole_ding_file_or_of_a_zero_share(tmp_path, caplog):
+    ding = write_ding(tmp_path / "de-en", DING_LINES)  # 8 sentences: none of them falls in dev
+    assert main(["build", "--out", str(tmp_path / "a"), "--ding", str(ding), "--text-only"]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.endswith("dev.tsv has no rows: the Ding file gives dev none of its sentences; "
+                            "pass a larger --dev-share")
+    caplog.clear()
+    argv = ["build", "--out", str(tmp_path / "b"), "--ding", str(ding), "--text-only", "--test-share", "0"]
+    assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.endswith("test.tsv has no rows: --test-share is 0; pass e.g. --test-share 0.05") for w in warnings)
+
+
+def test_build_max_split_0_leaves_that_split_empty(tmp_path):
+    ding = write_ding(tmp_path / "de-en", [f"Satz Nummer {i}. :: This is sentence number {i}." for i in range(60)])
+    argv = ["build", "--ding", str(ding), "--text-only"]
+    assert main([*argv, "--out", str(tmp_path / "all")]) == 0
+    assert read_manifest(tmp_path / "all" / "test.tsv")  # uncapped: test has rows
+    assert main([*argv, "--out", str(tmp_path / "none"), "--max-test", "0"]) == 0
+    assert read_manifest(tmp_path / "none" / "test.tsv") == []
+
+
+def test_build_without_a_ding_file_is_one_line_saying_what_to_install(tmp_path, caplog, monkeypatch):
+    from training.corpus import offline
+    from training.corpus.sources import AssetMissing
+
+    def missing():
+        raise AssetMissing("no Ding dictionary: run `make assets` or `apt-get install trans-de-en`")
+
+    monkeypatch.setattr(offline, "ding_file", missing)
+    assert main(["build", "--out", str(tmp_path / "o"), "--text-only"]) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "apt-get install trans-de-en" in message
+
+
+def test_check_fails_when_any_of_several_manifests_is_bad_not_only_the_last(tmp_path, capsys):
+    good = _good_manifest(tmp_path)
+    bad = tmp_path / "bad.tsv"
+    write_manifest(bad, [Row("gone", str(tmp_path / "gone.wav"), 100, "Missing.", "Fehlt.")])
+    assert main(["check", str(bad), str(good)]) == 1
+    assert main(["check", str(good), str(bad)]) == 1

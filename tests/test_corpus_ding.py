@@ -108,3 +108,51 @@ def test_real_ding_file_counts():
 
 def test_write_ding_fixture(tmp_path):
     assert len(read_ding(write_ding(tmp_path / "de-en"))) == 8
+
+
+def test_negative_split_shares_are_refused():
+    for dev, test in ((-0.1, 0.2), (0.1, -0.05)):
+        with pytest.raises(ValueError, match="each >= 0"):
+            SplitShares(dev=dev, test=test)
+
+
+def test_an_utterance_id_is_the_same_in_every_version_so_a_rerun_finds_its_audio():
+    """Audio files are named by id: an id scheme that changed would orphan every file of a built corpus."""
+    (pair,) = parse_ding_lines(["Ich musste lachen. :: I couldn't help laughing."])
+    (planned,) = plan_corpus([pair])
+    assert planned.id == "ding-ef601f9419eb"
+
+
+def test_the_plan_lists_sentences_in_the_order_of_the_ding_file():
+    pairs = parse_ding_lines(_sentences(200))
+    planned = plan_corpus(pairs, 50)
+    lines = [u.pair.line for u in planned]
+    assert lines == sorted(lines) and len(lines) == 50
+
+
+@pytest.mark.parametrize("line", [
+    "so wie du willst :: You better go home.",  # the German side is a fragment: no capital, no end
+    "Herr Smith kam nach Hause :: Mr. Smith came home",  # neither side ends a sentence
+])
+def test_a_pair_is_kept_only_when_both_sides_are_whole_sentences(line):
+    assert parse_ding_lines([line]) == []
+
+
+def test_an_asset_folder_without_the_file_falls_back_to_the_system_ding_file(tmp_path, monkeypatch):
+    from training.corpus import sources
+
+    system = write_ding(tmp_path / "system-de-en")
+    (tmp_path / "asset").mkdir()  # an asset folder that lacks de-en.txt (an interrupted `make assets`)
+    monkeypatch.setattr(sources, "_asset_dir", lambda name: (tmp_path / "asset", ""))
+    monkeypatch.setattr(sources, "DING_SYSTEM_FILE", system)
+    assert sources.ding_file() == system
+
+
+def test_a_piper_voice_without_its_json_config_is_missing_not_half_found(tmp_path, monkeypatch):
+    from training.corpus import sources
+
+    (tmp_path / "en_US-joe-medium.onnx").write_bytes(b"model")  # its .onnx.json is absent
+    monkeypatch.setattr(sources, "_asset_dir", lambda name: (tmp_path, ""))
+    monkeypatch.setattr(sources, "PIPER_PACKAGE", "no_such_piper_voice_package")  # nor is the package installed
+    with pytest.raises(sources.AssetMissing, match="no Piper voice"):
+        sources.piper_voice_files()

@@ -57,6 +57,7 @@ def test_frames_at_16k_matches_the_resampler(tmp_path, rate):
         (f"{HEADER}\nx\t\t0\tHi.\t\t\n".encode(), r"m.tsv:2: empty tgt_text"),
         (f"{HEADER}\nx\t\tmany\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames 'many' is not an integer"),
         (f"{HEADER}\nx\ta.wav\t0\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames is 0 for a row with audio"),
+        (f"{HEADER}\nx\ta.wav\t-1\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames -1 is negative"),
         (f"{HEADER}\nx\t\t16000\tHi.\tHallo.\t\n".encode(), r"m.tsv:2: n_frames 16000 for a text-to-text row"),
         (b"", r"m.tsv:1: empty file"),
     ],
@@ -147,3 +148,21 @@ def test_a_slice_of_a_file_in_a_folder_whose_name_holds_colons(tmp_path):
     (row,) = read_manifest(manifest)
     assert row.audio == f"{folder / 'talk.wav'}:4000:8000"
     assert len(load_audio_spec(row.audio)) == probe_spec(row.audio)[1] == 8000
+
+
+def test_a_slice_may_end_at_its_files_last_sample_and_not_one_past_it(tmp_path):
+    from speech_frontend.audio import AudioError
+
+    sf.write(tmp_path / "a.wav", tone(0.5), 16000)  # 8000 samples
+    assert probe_spec(f"{tmp_path / 'a.wav'}:7000:1000")[1] == 1000
+    for spec in (f"{tmp_path / 'a.wav'}:7000:1001", f"{tmp_path / 'a.wav'}:8000:0"):
+        with pytest.raises(AudioError, match="past the end|beyond the end"):
+            probe_spec(spec)
+
+
+def test_write_audio_refuses_no_samples_and_leaves_no_file(tmp_path):
+    from speech_frontend.audio import AudioError
+
+    with pytest.raises(AudioError, match="refusing to write"):
+        write_audio(tmp_path / "x.flac", tone(0.0), "flac")
+    assert list(tmp_path.iterdir()) == []

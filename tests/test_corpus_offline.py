@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 import soundfile as sf
-from fixtures_corpus import fake_synthesizer, write_ding
+from fixtures_corpus import fake_synthesizer, tone, write_ding
 
 from speech_frontend.audio import SAMPLE_RATE
 from training.corpus.errors import CorpusError
@@ -207,3 +208,83 @@ def test_a_rerun_makes_again_an_audio_file_whose_header_cannot_be_read(tmp_path,
     assert report.made == len(again) == 2 and report.reused == 8 and sum(report.counts.values()) == 10
     assert sf.info(str(empty)).frames > 0 and sf.info(str(junk)).frames > 0
     assert "empty file (0 bytes); removing it and synthesising it again" in caplog.text
+
+
+def test_each_audio_file_is_16_bit_16k_and_as_long_as_the_voice_said_and_the_report_sums_the_hours(tmp_path):
+    """The fake voice speaks 20 ms a character at 22,050 Hz: each file, resampled, keeps that duration."""
+    out = tmp_path / "corpus"
+    report = build_offline_corpus(out, ding=_ding(tmp_path, 6), synthesize=fake_synthesizer(), progress=False)
+    rows = _all_rows(out).values()
+    for row in rows:
+        assert abs(row.duration_s - 0.02 * len(row.src_text)) < 0.001
+        assert sf.info(row.audio).subtype == "PCM_16"
+    assert abs(report.audio_hours * 3600 - sum(r.duration_s for r in rows)) < 1e-6
+
+
+def test_negative_caps_are_refused_not_taken_as_counting_from_the_end(tmp_path):
+    ding = _ding(tmp_path, 10)
+    with pytest.raises(ValueError, match="max_utterances -3 is negative"):
+        build_offline_corpus(tmp_path / "a", ding=ding, max_utterances=-3, text_only=True, progress=False)
+    with pytest.raises(ValueError, match="split cap test=-1"):
+        build_offline_corpus(tmp_path / "b", ding=ding, split_caps={"test": -1}, text_only=True, progress=False)
+
+
+def test_an_unreadable_file_whose_synthesis_fails_again_is_reported_as_failed_not_a_traceback(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    broken = sorted((out / AUDIO_DIR).glob("*.flac"))[0]
+    broken.write_bytes(b"not audio")
+
+    def crashing(text):
+        raise RuntimeError("voice crashed")
+
+    report = build_offline_corpus(out, ding=ding, synthesize=crashing, progress=False)
+    assert report.failed == [broken.stem] and report.made == 0 and report.reused == 4
+    assert sum(report.counts.values()) == 4 and not broken.exists()
+
+
+def test_a_file_with_a_header_but_no_samples_is_made_again(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, audio_format="wav", synthesize=fake_synthesizer(), progress=False)
+    hollow = sorted((out / AUDIO_DIR).glob("*.wav"))[0]
+    sf.write(hollow, tone(0.0), SAMPLE_RATE, subtype="PCM_16")  # a valid WAV header, 0 samples
+    again: list[str] = []
+    report = build_offline_corpus(out, ding=ding, audio_format="wav", synthesize=fake_synthesizer(again),
+                                  progress=False)
+    assert report.made == len(again) == 1 and sum(report.counts.values()) == 5
+    assert sf.info(hollow).frames > 0
+
+
+def test_a_voice_that_returns_no_samples_is_a_reported_failure(tmp_path):
+    def silent(text):
+        if "number 2." in text:
+            return np.zeros(0, dtype=np.float32), 22050
+        return fake_synthesizer()(text)
+
+    report = build_offline_corpus(tmp_path / "c", ding=_ding(tmp_path, 5), synthesize=silent, progress=False)
+    assert len(report.failed) == 1 and report.made == 4 and sum(report.counts.values()) == 4
+
+
+def test_an_audio_file_that_is_not_16k_mono_is_refused_naming_it(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    foreign = sorted((out / AUDIO_DIR).glob("*.flac"))[0]
+    sf.write(foreign, tone(0.5, 22050), 22050, format="FLAC")  # put there by another tool
+    with pytest.raises(CorpusError, match=rf"{foreign.name}: 22050 Hz, 1 channels; expected 16 kHz mono"):
+        build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(), progress=False)
+
+
+def test_resuming_with_another_audio_format_is_refused(tmp_path):
+    out, ding = tmp_path / "corpus", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, synthesize=fake_synthesizer(), progress=False)
+    with pytest.raises(CorpusError, match="built with format 'flac', not 'wav'; pass --format flac"):
+        build_offline_corpus(out, ding=ding, audio_format="wav", synthesize=fake_synthesizer(), progress=False)
+    assert not list((out / AUDIO_DIR).glob("*.wav"))
+
+
+def test_a_text_only_corpus_made_before_corpus_json_can_be_rebuilt_text_only(tmp_path):
+    out, ding = tmp_path / "text", _ding(tmp_path, 5)
+    build_offline_corpus(out, ding=ding, text_only=True, progress=False)
+    (out / "corpus.json").unlink()  # as a build before corpus.json existed left it
+    report = build_offline_corpus(out, ding=ding, text_only=True, progress=False)
+    assert sum(report.counts.values()) == 5 and (out / "corpus.json").is_file()

@@ -755,3 +755,90 @@ def test_each_epoch_trains_the_same_length_buckets_in_a_new_order():
     assert all(sorted(sorted(b) for b in batches) == buckets for batches in epochs)
     assert all(epochs[e] != epochs[e + 1] for e in range(3)), epochs  # a new order each epoch
     assert bucket_batches(examples, 2, seed=0, epoch=2) == epochs[2]  # the same order for the same epoch
+
+
+# ---- phi edge cases, and the examples a manifest gives ------------------------------------------------
+
+
+def test_phi_refuses_a_source_without_units():
+    with pytest.raises(ValueError, match="at least one source unit"):
+        sample_phi(0, 3, torch.Generator().manual_seed(0))
+
+
+def test_token_phi_draws_one_value_per_word_even_when_the_first_token_opens_no_word():
+    from training.phi import word_index
+
+    word_start = torch.tensor([True, False, True, False])  # tokens 0 and 2 open a word, 1 and 3 continue one
+    ids = [1, 0, 2, 3, 2]  # the first token (a continuation, e.g. after a prefix) still opens word 0
+    assert word_index(ids, word_start).tolist() == [0, 1, 2, 2, 3]
+    phi = sample_token_phi(9, ids, word_start, torch.Generator().manual_seed(5))
+    per_word = sample_phi(9, 4, torch.Generator().manual_seed(5))
+    assert phi.tolist() == per_word[[0, 1, 2, 2, 3]].tolist()
+
+
+def test_load_examples_keeps_rows_exactly_at_each_limit(tmp_path):
+    from training.corpus.manifest import Row, write_manifest
+    from training.data import load_examples
+
+    sf.write(tmp_path / "one.wav", np.zeros(16000, dtype=np.float32), 16000)
+    write_manifest(tmp_path / "s.tsv", [Row("s", str(tmp_path / "one.wav"), 16000, "a b", "c d")])
+    assert [e.id for e in load_examples(tmp_path / "s.tsv", "speech", 1.0, 200, False)] == ["s"]  # 1 s of 1 s
+    with pytest.raises(ValueError, match=r"1\.0 s of audio, more than max_source_seconds=0.99"):
+        load_examples(tmp_path / "s.tsv", "speech", 0.99, 200, False)
+    write_manifest(tmp_path / "t.tsv", [Row("t", "", 0, "one two three", "eins zwei drei")])
+    capacity = (lambda words: len(words) + 3, 6)  # three words: six embeddings, as many as the group holds
+    assert len(load_examples(tmp_path / "t.tsv", "text", 30, 3, False, text_capacity=capacity)) == 1
+    write_manifest(tmp_path / "t4.tsv", [Row("t4", "", 0, "one two three four", "eins zwei drei vier")])
+    with pytest.raises(ValueError, match="are 7 tokens, more than the model's source capacity of 6"):
+        load_examples(tmp_path / "t4.tsv", "text", 30, 200, False, text_capacity=capacity)
+    with pytest.raises(ValueError, match="3 source words, more than max_source_words=2"):
+        load_examples(tmp_path / "t.tsv", "text", 30, 2, False)
+
+
+def test_a_slice_that_starts_past_the_end_of_its_file_is_refused_at_load_naming_its_line(tmp_path):
+    from training.corpus.manifest import Row, write_manifest
+    from training.data import load_examples
+
+    sf.write(tmp_path / "a.wav", np.zeros(8000, dtype=np.int16), 16000, subtype="PCM_16")
+    write_manifest(tmp_path / "m.tsv", [Row("ok", str(tmp_path / "a.wav"), 8000, "a b", "c d"),
+                                        Row("late", f"{tmp_path / 'a.wav'}:20000:100", 100, "a b", "c d")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"m\.tsv:3: example late"):
+        load_examples(tmp_path / "m.tsv", "speech", 30, 200, False)
+
+
+def test_bucket_batches_group_examples_of_similar_length_whatever_the_manifest_order():
+    from training.data import Example, bucket_batches
+
+    lengths = [5, 1, 6, 2, 4, 3]
+    examples = [Example(f"p{i}", "w", "t", n) for i, n in enumerate(lengths)]
+    batches = bucket_batches(examples, 2, seed=0, epoch=0)
+    assert sorted(sorted(lengths[i] for i in b) for b in batches) == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_the_encoder_cache_is_not_reused_for_an_audio_file_replaced_since(tmp_path):
+    from training.data import Example, SourceUnits
+
+    model = tiny_model("speech")
+    path = tmp_path / "a.wav"
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(8000)).astype(np.float32), 16000)
+    units = SourceUnits(model, tmp_path / "cache", encoder_trained=False)
+    example = Example("a", str(path), "t", 8000)
+    before = units.frames(example)
+    sf.write(path, (0.1 * np.random.default_rng(1).standard_normal(12000)).astype(np.float32), 16000)  # rebuilt
+    after = units.frames(example)
+    assert after.shape != before.shape
+    assert torch.equal(after, units.frames(example))  # the new entry is cached in its turn
+
+
+def test_runs_with_another_block_size_sharing_an_encoder_cache_never_read_each_others_frames(tmp_path):
+    """``encoder_cache`` may name one folder for several runs: the same weights at another block size give other
+    frames (the block-causal mask differs), so their entries must not be shared."""
+    from training.data import Example, SourceUnits
+
+    path = tmp_path / "a.wav"
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(24000)).astype(np.float32), 16000)
+    example = Example("a", str(path), "t", 24000)
+    for block_ms in (320, 640):
+        model = tiny_model("speech", block_ms=block_ms)
+        cached = SourceUnits(model, tmp_path / "shared", encoder_trained=False).frames(example)
+        assert torch.equal(cached, SourceUnits(model, None, encoder_trained=False).frames(example))
