@@ -545,6 +545,11 @@ def keep_offline(runs: Sequence[dict], offline: dict, mean_source: float) -> dic
     }
 
 
+def _laal(value: float | None) -> str:
+    """A LAAL in a line or table: two decimals, or '-' for a run that wrote nothing (SimulEval gives it no LAAL)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _keep_line(keep: dict, unit: str, variant: str = "") -> str:
     """'Best proactive head at LAAL <= 2.77 words (35% of the mean source): probe ..., = 95.5% of ...'; with a
     variant: 'stream-0.3-x4, best proactive head ... of its offline chrF ...'."""
@@ -552,9 +557,10 @@ def _keep_line(keep: dict, unit: str, variant: str = "") -> str:
     if keep["best"] is None:
         return f"{variant}, no proactive point at {at}." if variant else f"No proactive point has {at}."
     best = keep["best"]
+    offline = f"{'its' if variant else 'the'} offline chrF {keep['offline_chrF']:.1f}"
+    share = f"no share of {offline}" if keep["share"] is None else f"= {100 * keep['share']:.1f}% of {offline}"
     return (f"{f'{variant}, best' if variant else 'Best'} proactive head at {at}: {best['head']} {best['param']}, "
-            f"chrF {best['chrF']:.1f} at LAAL {best['LAAL']:.2f} = {100 * keep['share']:.1f}% of "
-            f"{'its' if variant else 'the'} offline chrF {keep['offline_chrF']:.1f}.")  # fmt: skip
+            f"chrF {best['chrF']:.1f} at LAAL {best['LAAL']:.2f} {share}.")  # fmt: skip
 
 
 def _variant_line(variant: str, title: str, points: list[dict]) -> str:
@@ -582,7 +588,7 @@ def _oracle_line(o: dict, unit: str, variant: str = "") -> str:
     """The oracle's point, how often it is the offline decode, the heads' reach of its chrF, and it against
     wait-k at its LAAL."""
     line = (f"{f'{variant}, oracle' if variant else 'Oracle'} head (reads the whole source; analysis only): LAAL "
-            f"{o['LAAL']:.2f} {unit}, chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}.")  # fmt: skip
+            f"{_laal(o['LAAL'])} {unit}, chrF {o['chrF']:.1f}, BLEU {o['BLEU']:.2f}.")  # fmt: skip
     if "same_as_offline" in o:
         line += f" Its output equals the offline decode on {o['same_as_offline']} of {o['instances']} instances"
         line += (  # another variant's decode (``--reencode``) may re-read them: it explains its own
@@ -618,8 +624,9 @@ def _decoding_table(variant: str, model: str, points: list[dict], unit: str) -> 
     for p in points:
         c, b = p["chrF"], p["BLEU"]
         mark = " *" if c["p"] < 0.05 else ""
-        lines.append(f"| {p['head']} | {p['param']} | {p['LAAL']:.2f} | {p['baseline_LAAL']:.2f} | {c['system']:.1f} | "
-                     f"{c['delta']:+.2f}{mark} | {c['p']:.3f} | {b['delta']:+.2f} | {b['p']:.3f} |")  # fmt: skip
+        lines.append(f"| {p['head']} | {p['param']} | {_laal(p['LAAL'])} | {_laal(p['baseline_LAAL'])} | "
+                     f"{c['system']:.1f} | {c['delta']:+.2f}{mark} | {c['p']:.3f} | {b['delta']:+.2f} | "
+                     f"{b['p']:.3f} |")  # fmt: skip
     return lines
 
 
@@ -641,7 +648,7 @@ def format_comparison(result: dict) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for p in points:
             if not p.get("matched"):
-                lines.append(f"| {p['head']} {p['param']} | {p['LAAL']:.2f} | none within 10% | | | | | | |")
+                lines.append(f"| {p['head']} {p['param']} | {_laal(p['LAAL'])} | none within 10% | | | | | | |")
                 continue
             c, b = p["chrF"], p["BLEU"]
             mark = " *" if c["p"] < 0.05 else ""

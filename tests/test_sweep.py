@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -434,3 +435,126 @@ def test_an_empty_list_of_values_is_refused(setup, tmp_path):
     config = load_config(write_config(setup, tmp_path / "empty.yaml", heads={"entropy": {"threshold": []}}))
     with pytest.raises(SweepError, match=r"heads.entropy.threshold: an empty list; give at least one value"):
         expand_runs(config)
+
+
+def _settings(**changes) -> dict:
+    """A run's recorded settings (``sweep.run_settings``'s keys), with ``changes``."""
+    return {"checkpoint": "ckpt", "checkpoint_sha256": "c", "source": "s.txt", "source_sha256": "s", "target": "t.txt",
+            "target_sha256": "t", "source_segment_size": 320, "agent_args": {"max_len_a": "1"}, "head": "attention",
+            "head_params": {"threshold": "0.5", "frontier": "1"}, **changes}  # fmt: skip
+
+
+def test_a_changed_segment_size_or_a_head_parameter_left_out_counts_as_other_settings():
+    from simul_agents.sweep import settings_changes
+
+    assert settings_changes(_settings(), _settings(source_segment_size=160)) == ["source_segment_size 320 -> 160"]
+    assert settings_changes(_settings(), _settings(head_params={"threshold": "0.5"})) == [
+        "head_params.frontier 1 -> (unset)"]  # the head's default now
+
+
+def test_a_sharded_run_killed_before_its_merge_has_results_and_an_empty_log_has_none(tmp_path):
+    from simul_agents.sweep import SETTINGS, Run, changed_runs, has_results
+
+    run = Run("attention", (("threshold", 0.5),), "threshold=0.5", tmp_path / "attention" / "threshold=0.5")
+    shard = run.output / "shards" / "000000-000002"
+    shard.mkdir(parents=True)
+    (run.output / SETTINGS).write_text(json.dumps(_settings()), encoding="utf-8")
+    (run.output / "instances.log").write_text("", encoding="utf-8")
+    assert not has_results(run.output)
+    (shard / "instances.log").write_text(json.dumps({"index": 0}) + "\n", encoding="utf-8")
+    assert has_results(run.output)
+    assert changed_runs({run: _settings(checkpoint_sha256="d")}) == {run: ["checkpoint ckpt: its content changed"]}
+
+
+def test_a_count_of_zero_shards_is_refused(setup, tmp_path):
+    with pytest.raises(SweepError, match="shards: 0; expected a whole number of at least 1"):
+        load_config(write_config(setup, tmp_path / "zero.yaml", shards=0))
+
+
+def test_a_target_with_more_lines_than_the_source_is_refused_before_any_run(setup, tmp_path, capsys):
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join([*REFERENCES, "Noch eine ."]) + "\n", encoding="utf-8")
+    config = write_config(setup, tmp_path / "long.yaml", target=str(long))
+    assert main([str(config)]) == 2
+    assert "5 lines, the source has 4" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_ended_without_error_but_left_instances_out_is_reported_failed(setup, tmp_path, monkeypatch, capsys):
+    import simul_agents.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_job_inprocess", lambda config, job, n: None)  # wrote nothing, no error
+    config = write_config(setup, tmp_path / "tiny.yaml", heads={"wait-k": {"k": [2]}, "offline": False})
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED wait-k k=2: " in err and "does not hold every instance 0..3" in err
+
+
+def test_a_failed_parallel_job_is_reported_with_its_log(setup, tmp_path, monkeypatch, capsys):
+    import simul_agents.sweep as sweep_module
+
+    def fake_call(command, stdout, stderr, env):
+        stdout.write("proactive_agent: error: out of memory\n")
+        return 3
+
+    monkeypatch.setattr(sweep_module.subprocess, "call", fake_call)
+    config = write_config(setup, tmp_path / "tiny.yaml", heads={"wait-k": {"k": [2]}, "offline": False})
+    assert main([str(config), "--jobs", "2"]) == 1
+    assert "FAILED wait-k k=2: exit code 3: proactive_agent: error: out of memory" in capsys.readouterr().err
+
+
+def test_the_markdown_table_lists_every_run_and_marks_missing_values(tmp_path):
+    from simul_agents.sweep import write_markdown
+
+    rows = [{"head": "wait-k", "param": "k=2", "BLEU": 12.345, "LAAL": 1.5, "AL_CA": None, "latency_unit": "words"},
+            {"head": "offline", "param": "-", "BLEU": 20.0, "LAAL": 7.25, "AL_CA": None, "latency_unit": "words"}]
+    write_markdown(rows, tmp_path / "sweep.md")
+    table = (tmp_path / "sweep.md").read_text(encoding="utf-8").splitlines()
+    assert table[0].startswith("Latency in words;") and len(table) == 6
+    assert table[4].startswith("| wait-k | k=2 | 12.35 | - |") and table[5].startswith("| offline | - | 20.00 |")
+
+
+def test_shards_on_the_command_line_split_the_run_and_a_finished_run_is_not_split_again(setup, tmp_path):
+    heads = {"wait-k": {"k": [1]}, "offline": False}
+    config = str(write_config(setup, tmp_path / "tiny.yaml", heads=heads))
+    assert main([config, "--shards", "2"]) == 0
+    run = tmp_path / "runs" / "wait-k" / "k=1"
+    assert sorted(p.name for p in (run / "shards").iterdir()) == ["000000-000002", "000002-000004"]
+    shutil.rmtree(run / "shards")  # as the bench restores a run from results/: its log, no shards
+    stamp = (run / "instances.log").stat().st_mtime_ns
+    assert main([config, "--shards", "2"]) == 0
+    assert (run / "instances.log").stat().st_mtime_ns == stamp and not (run / "shards").exists()
+
+
+def test_redo_runs_every_shard_again_under_the_new_settings(setup, tmp_path):
+    heads = {"wait-k": {"k": [1]}, "offline": False}
+    first = write_config(setup, tmp_path / "first.yaml", heads=heads, shards=2)
+    assert main([str(first)]) == 0
+    shard = tmp_path / "runs" / "wait-k" / "k=1" / "shards" / "000000-000002" / "instances.log"
+    stamp = shard.stat().st_mtime_ns
+    other = write_config(setup, tmp_path / "other.yaml", heads=heads, shards=2, checkpoint=str(setup / "other-ckpt"))
+    assert main([str(other), "--redo"]) == 0
+    assert shard.stat().st_mtime_ns != stamp
+
+
+def test_a_run_killed_before_its_first_instance_runs_under_the_new_settings_and_records_them(setup, tmp_path):
+    heads = {"wait-k": {"k": [2]}, "offline": False}
+    assert main([str(write_config(setup, tmp_path / "first.yaml", heads=heads))]) == 0
+    run = tmp_path / "runs" / "wait-k" / "k=2"
+    for name in ("instances.log", "scores.tsv", "config.yaml"):
+        (run / name).unlink(missing_ok=True)  # its settings written, then killed before any instance
+    other = str(write_config(setup, tmp_path / "other.yaml", heads=heads, checkpoint=str(setup / "other-ckpt")))
+    assert main([other]) == 0
+    assert json.loads((run / "settings.json").read_text())["checkpoint"] == str(setup / "other-ckpt")
+    assert main([other]) == 0  # not refused as made under the first checkpoint
+
+
+def test_a_source_file_rewritten_in_place_is_a_change_of_settings(setup, tmp_path, capsys):
+    source = tmp_path / "source.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    config = str(write_config(setup, tmp_path / "tiny.yaml", source=str(source),
+                              heads={"wait-k": {"k": [2]}, "offline": False}))  # fmt: skip
+    assert main([config]) == 0
+    source.write_text("\n".join(reversed(SENTENCES)) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main([config]) == 2
+    assert f"source {source}: its content changed" in capsys.readouterr().err
