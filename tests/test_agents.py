@@ -504,3 +504,75 @@ def test_compiled_agent_writes_what_the_eager_agent_writes_and_compiles_nothing_
     for a, b in [*zip(eager, compiled, strict=True), *zip(eager_reread, compiled_reread, strict=True)]:
         assert a["prediction"] == b["prediction"] and a["delays"] == b["delays"]
     assert any(len(a["delays"]) > 1 and a["delays"][0] < a["source_length"] for a in eager_reread)  # words to re-read
+
+
+@pytest.mark.parametrize("mode", ["auto", "segment"])
+def test_the_speech_max_len_cap_counts_encoder_blocks_read(data, tmp_path, mode):
+    """--max-len-a 1 --max-len-b 0 on speech: after u blocks of 320 ms at most u words, in one session and under
+    --long-audio segment alike; a head that always writes (entropy under 1000 nats) meets the cap at every block."""
+    cap = ["--max-len-a", "1", "--max-len-b", "0", "--max-target-tokens", "200"]
+    instances = speech_run(data, tmp_path, "--head", "entropy", "--threshold", "1000", *cap, "--long-audio", mode,
+                           name=mode)  # fmt: skip
+    for ins in instances:
+        length, delays = ins["source_length"], ins["delays"]
+        assert len(delays) >= 2 and len(delays) <= math.ceil(length / 320)  # the last, partial block is a unit too
+        assert all(delay >= min(320 * j, length) for j, delay in enumerate(delays, start=1)), delays
+
+
+@pytest.mark.parametrize(("head", "field"), [("wait-k", "k"), ("fixed-chunk", "chunk"), ("local-agreement", "n")])
+def test_the_k_flag_sets_each_heads_documented_parameter(data, head, field):
+    """--k: wait-k's k, fixed-chunk's chunk (source units per chunk, not the words written after it),
+    LocalAgreement's n; the other parameters keep their defaults."""
+    from argparse import Namespace
+
+    from simul_agents.proactive_agent import build_head
+    from streaming_llm.heads import make_head
+
+    args = Namespace(checkpoint=str(data / "text-ckpt"), head=head, threshold=None, k=3, head_param=None)
+    assert build_head(args) == make_head(head, **{field: 3})
+
+
+def test_a_speech_source_shorter_than_one_block_is_translated_not_dropped_as_empty(data, tmp_path):
+    """0.2 s of audio (under one 320 ms block) reads no unit before the source ends; finishing it pads the block,
+    so the instance writes the offline translation of that audio (not the warning for an empty source)."""
+    from fixtures_models import offline_words
+
+    from streaming_llm.checkpoint import load_checkpoint
+
+    audio = tone(0.2)
+    sf.write(tmp_path / "short.wav", audio, 16000, subtype="FLOAT")
+    (tmp_path / "source.txt").write_text(f"{tmp_path / 'short.wav'}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("Ich .\n", encoding="utf-8")
+    (ins,) = simuleval(ProactiveAgent, data / "speech-ckpt", tmp_path / "source.txt", tmp_path / "target.txt",
+                       tmp_path / "out", "--source-segment-size", "320", "--head", "wait-k", "--k", "1")  # fmt: skip
+    expected = offline_words(load_checkpoint(data / "speech-ckpt"), audio, max_target_tokens=24)
+    assert expected and ins["prediction"].split() == expected
+
+
+def test_auto_long_audio_measures_a_files_length_at_its_own_sample_rate(data, tmp_path):
+    """31 s at 8 kHz is 248 000 samples on disk, under one session's 476 160, but 31 s is over its 29.76 s:
+    --long-audio auto streams it in segments (a one-session run would fail the instance as too long)."""
+    sf.write(tmp_path / "long8k.wav", tone(31.0, rate=8000), 8000, subtype="FLOAT")
+    (tmp_path / "source.txt").write_text(f"{tmp_path / 'long8k.wav'}\n", encoding="utf-8")
+    (tmp_path / "target.txt").write_text("Ich .\n", encoding="utf-8")
+    (ins,) = simuleval(ProactiveAgent, data / "speech-ckpt", tmp_path / "source.txt", tmp_path / "target.txt",
+                       tmp_path / "out", "--source-segment-size", "320", "--head", "wait-k", "--k", "1")  # fmt: skip
+    assert ins["prediction"].strip() and ins["source_length"] == pytest.approx(31000, abs=1)
+
+
+def test_a_speech_instance_skipped_mid_utterance_reads_to_its_end_before_finishing(data, tmp_path):
+    """--long-audio off --skip-failed: 31 s of speech fails at the session's 29.76 s. The agent reads the rest
+    before it finishes: an early finish made SimulEval reset it and feed the rest as if new (words written after
+    the failure, and every later instance counted one too far, so the second failure was logged as instance 2)."""
+    sf.write(tmp_path / "long.wav", tone(31.0), 16000, subtype="FLOAT")
+    lines = [tmp_path / "long.wav", tmp_path / "long.wav", data / "s2.wav"]
+    (tmp_path / "source.txt").write_text("".join(f"{p}\n" for p in lines), encoding="utf-8")
+    (tmp_path / "target.txt").write_text("Ich .\n" * 3, encoding="utf-8")
+    args = (ProactiveAgent, data / "speech-ckpt", tmp_path / "source.txt", tmp_path / "target.txt")
+    options = ("--source-segment-size", "320", "--head", "wait-k", "--k", "1", "--long-audio", "off")
+    instances = simuleval(*args, tmp_path / "out", *options, "--skip-failed")
+    failed = [json.loads(line) for line in (tmp_path / "out" / "failed.jsonl").read_text().splitlines()]
+    assert [f["index"] for f in failed] == [0, 1]
+    assert all(delay <= 29760 for ins in instances[:2] for delay in ins["delays"])  # nothing after the failure
+    alone = simuleval(*args, tmp_path / "alone", *options, "--start-index", "2")
+    assert instances[2]["prediction"] == alone[0]["prediction"] and instances[2]["delays"] == alone[0]["delays"]

@@ -441,3 +441,44 @@ def test_the_oracle_compares_with_the_full_views_next_word_after_the_written_pre
             session.write_word()
         assert memory["oracle_target"] == reference[len(session.words) : len(session.words) + 1]
     assert len(session.words) >= 2  # a target after a prefix of two words or more was checked
+
+
+def test_a_probe_threshold_of_one_is_taken_with_a_lag_ceiling_which_then_sets_the_schedule():
+    """As entropy's threshold 0: the probe alone would never write, but with ``max_lag`` the ceiling writes, so
+    ``--head probe --threshold 1 --head-param max_lag=3`` is a wait-3 schedule, not an error."""
+    head = make_head("probe", threshold=1.0, min_lag=3, max_lag=3)
+    for units in range(1, 8):
+        for n_words in range(8):
+            state = signals(units_read=units, n_words=n_words)
+            assert decide(head, FakeSession(state), {}) is WaitKHead(k=3).decide(state, None, {})
+
+
+def test_the_attention_heads_layers_reach_the_session_as_lm_layer_indices(model):
+    """``layers`` names the LM's layers: on this 2-layer LM "last" and "upper" are layer 1, "all" is both."""
+    for layers, expected in [("last", [1]), ("upper", [1]), ("all", [0, 1]), ("-1", [1]), ("0", [0])]:
+        assert AttentionHead(layers=layers).session_options(model) == {"attention_layers": expected}
+
+
+def test_a_head_parameter_may_be_spelt_with_a_hyphen():
+    """``--head-param min-lag=2`` is ``min_lag=2``, as command-line flags are spelt."""
+    assert parse_head_params(["min-lag=2 max-lag=4"]) == {"min_lag": "2", "max_lag": "4"}
+    assert make_head("entropy", **parse_head_params(["min-lag=2"])).min_lag == 2
+
+
+@pytest.mark.parametrize("cap", [4, 8])
+def test_under_a_token_cap_the_oracle_compares_with_the_full_view_cut_at_the_same_cap(model, cap):
+    """``max_target_tokens`` cuts the last word ("Kaf" of "Kaffee"): the oracle's full-source session has the same
+    cap, so that cut word matches and is written when the full view's is, not only once the source has ended."""
+    offline = StreamingSession(model, max_target_tokens=cap)
+    offline.push_words(WORDS)
+    offline.finish_source()
+    reference = greedy_words(offline)
+    session, memory, delays = StreamingSession(model, max_target_tokens=cap), {"full_source": WORDS}, []
+    for i, word in enumerate(WORDS):
+        session.push_words([word])
+        if i == len(WORDS) - 1:
+            session.finish_source()
+        while decide(OracleHead(), session, memory) is WRITE and session.write_word() is not None:
+            delays.append(session.units_read)
+    assert session.words == reference and session.finished
+    assert delays[-1] < len(WORDS)  # the tiny model's oracle writes the cut word before the last source word

@@ -657,3 +657,71 @@ def test_a_space_then_a_word_start_token_make_one_word():
     assert session.write_word() == "Haus" and session.written == [SPACE, 308, 337, 84]
     assert session.write_word() == "Haus" and session.write_word() is None
     assert session.finished and session.words == ["Haus", "Haus"]
+
+
+def test_the_hidden_state_a_probe_sees_is_the_last_layers_of_the_masked_full_forward():
+    """``signals().hidden`` (d,): the pending row's last hidden state, as the masked training forward gives it
+    (what ``training.probe`` fits the probe on), at every step of a schedule."""
+    model = tiny_model("text", seed=1)
+    targets = model.target_ids(TARGET_TEXT)
+    phi = random_phi(len(SOURCE_WORDS), len(targets), torch.Generator().manual_seed(1))
+    session, hidden = StreamingSession(model), []
+    for t, y in enumerate(targets):
+        while session.units_read < int(phi[t]):
+            session.push_words([SOURCE_WORDS[session.units_read]])
+            if session.units_read == len(SOURCE_WORDS):
+                session.finish_source()
+        hidden.append(session.signals().hidden.clone())
+        session.force_target([y])
+    embeds, positions, layouts = model.assemble([model.text_units(SOURCE_WORDS)], [targets])
+    with torch.no_grad():
+        _, full = model(embeds, positions, layouts, [phi])
+    torch.testing.assert_close(torch.stack(hidden), full[0, layouts[0].predictor_rows()], atol=1e-4, rtol=1e-4)
+
+
+def test_the_attention_signal_averages_the_chosen_layers_of_attention_by_layer():
+    """``source_attention`` (units_read,): the mean over the session's ``attention_layers`` of
+    ``attention_by_layer()`` rows (L, units_read): a head's ``layers`` picks which layers count."""
+    model = tiny_model("text", seed=5)
+    for layers in ([0], [1], [0, 1]):
+        session = StreamingSession(model, attention_layers=layers)
+        session.push_words(SOURCE_WORDS[:4])
+        by_layer = session.attention_by_layer()  # (2, 4)
+        assert not torch.allclose(by_layer[0], by_layer[1])  # the layers differ, so the choice shows
+        torch.testing.assert_close(session.signals().source_attention, by_layer[layers].mean(0))
+
+
+def test_attention_per_unit_does_not_depend_on_how_many_units_a_push_brings():
+    """Four words pushed at once or one by one: each keeps its own attention mass (a speech segment of several
+    blocks likewise), so the attention head's frontier is the newest unit, not all of the push on its first."""
+    model = tiny_model("text", seed=5)
+    together, apart = StreamingSession(model, attention_layers=[0, 1]), StreamingSession(model, attention_layers=[0, 1])
+    together.push_words(SOURCE_WORDS[:4])
+    for word in SOURCE_WORDS[:4]:
+        apart.push_words([word])
+    by_layer = together.attention_by_layer()  # (2, 4)
+    torch.testing.assert_close(by_layer, apart.attention_by_layer())
+    assert (by_layer > 0).all()
+
+
+def test_a_speech_session_holds_no_more_than_the_encoders_context_whatever_the_llms_capacity():
+    """An LLM source group larger than Whisper's 1500 frames (max_source_embeddings=500, stack 4: 2000 frames):
+    the session still takes at most 93 blocks of 320 ms, and refuses more audio before encoding any of it."""
+    model = tiny_model("speech", max_source_embeddings=500)
+    assert model.config.source_capacity == 500
+    assert engine.max_source_samples(model) == 93 * model.block_samples
+    session = StreamingSession(model)
+    with pytest.raises(engine.SourceTooLong):
+        session.push_audio(np.zeros(93 * model.block_samples + 1, dtype=np.float32))
+    assert session.units_read == 0 and session.samples_in == 0
+
+
+def test_blank_source_words_are_no_units():
+    """A blank or whitespace word (an empty SimulEval segment, a double space split badly) adds no source unit:
+    the session reads and decodes as if it were not there."""
+    model = tiny_model("text")
+    with_blanks, plain = StreamingSession(model), StreamingSession(model)
+    assert with_blanks.push_words(["I", "", " ", "would"]) == 2 and with_blanks.push_words(["\t"]) == 0
+    plain.push_words(["I", "would"])
+    assert with_blanks.units_read == 2
+    torch.testing.assert_close(with_blanks.next_logits(), plain.next_logits(), rtol=0, atol=0)
