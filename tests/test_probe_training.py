@@ -212,3 +212,30 @@ def test_rows_chooses_the_rows_the_probe_learns_from_word_starts_or_every_token(
     for name, weight in expected.items():
         torch.testing.assert_close(ws[f"probe.{name}"], weight.to(ws[f"probe.{name}"].dtype))
     assert not torch.equal(ws["probe.0.weight"], al["probe.0.weight"])
+
+
+def test_by_default_the_probe_learns_from_as_many_examples_as_the_training_saw_with_grad_accum(tmp_path, monkeypatch):
+    trained = {"batch_size": 1, "grad_accum": 3, "max_steps": 2, "train_manifest": TINY}
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "model", extra={"train_config": trained})
+    seen = []
+    real = P.collect
+    monkeypatch.setattr(P, "collect", lambda *a, **k: seen.append(len(a[1])) or real(*a, **k))
+    P.run(folder, tmp_path / "out", P.ProbeConfig(dev_examples=0, epochs=1))
+    assert seen == [1 * 3 * 2]
+
+
+def test_dev_examples_zero_does_not_read_the_training_s_dev_manifest(tmp_path):
+    trained = {"train_manifest": TINY, "dev_manifest": str(tmp_path / "gone.tsv"), "batch_size": 2, "max_steps": 2}
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "model", extra={"train_config": trained})
+    report = P.run(folder, tmp_path / "out", P.ProbeConfig(dev_examples=0, epochs=1))
+    assert "dev" not in report and report["dev_manifest"] == ""
+
+
+def test_examples_are_drawn_at_random_by_seed_not_the_manifest_s_first_rows(tmp_path, monkeypatch):
+    folder = save_checkpoint(tiny_model("text"), tmp_path / "model", extra={"train_config": {"train_manifest": TINY}})
+    drawn = []
+    real = P.collect
+    monkeypatch.setattr(P, "collect", lambda *a, **k: drawn.append(sorted(ex.id for ex in a[1])) or real(*a, **k))
+    for seed in (0, 1):
+        P.run(folder, tmp_path / f"out{seed}", P.ProbeConfig(examples=4, dev_examples=0, epochs=1, seed=seed))
+    assert drawn[0] != drawn[1] and ["pair0", "pair1", "pair2", "pair3"] not in drawn

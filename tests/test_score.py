@@ -255,3 +255,45 @@ def test_score_cli_prints_failed_and_empty_counts_only_when_there_are_some(tmp_p
     assert main([str(_output(tmp_path / "clean", GOOD_ROW))]) == 0
     printed = capsys.readouterr().out
     assert "n_failed" not in printed and "n_empty" not in printed, printed
+
+
+def test_an_empty_log_is_a_one_line_error_naming_it(tmp_path, capsys):
+    """A run killed before its first instance leaves an empty instances.log."""
+    out = tmp_path / "empty"
+    out.mkdir()
+    (out / "instances.log").write_text("\n", encoding="utf-8")
+    assert main([str(out)]) == 2
+    assert f"{out / 'instances.log'}: no instances" in capsys.readouterr().err
+
+
+def test_config_yaml_says_text_even_when_the_log_lists_its_source(tmp_path):
+    """The log's look is only the fallback: a text run whose log lists its source words is still scored in words."""
+    out = _output(tmp_path / "text", {**GOOD_ROW, "source": ["x", "y", "z"]})
+    (out / "config.yaml").write_text("source_type: text\n", encoding="utf-8")
+    scores = score_output(out, write=False)
+    assert scores["source_type"] == "text" and scores["latency_unit"] == "words"
+
+
+def test_the_table_shows_a_missing_or_nan_score_as_a_dash():
+    from simul_agents.score import format_table
+
+    table = format_table([{"BLEU": 12.3456, "AL_CA": None, "LAAL": float("nan"), "n_instances": 3}],
+                         columns=["BLEU", "AL_CA", "LAAL", "n_instances"])  # fmt: skip
+    assert table.splitlines()[1].split() == ["12.346", "-", "-", "3"]
+
+
+def test_chrf_word_order_two_scores_chrf_plus_plus_here_and_in_simulevals_scorer():
+    from sacrebleu.metrics import CHRF
+
+    from simul_agents.chrf_scorer import CHRFScorer
+
+    row = {**GOOD_ROW, "prediction": "das haus ist klein", "reference": "das kleine haus ist alt"}
+    expected = CHRF(word_order=2).corpus_score([row["prediction"]], [[row["reference"]]]).score
+    assert expected != CHRF().corpus_score([row["prediction"]], [[row["reference"]]]).score
+    assert score_module.score_instances([row], speech=False, chrf_word_order=2)["chrF"] == pytest.approx(expected)
+
+    class Args:
+        chrf_word_order = 2
+
+    instance = type("Instance", (), {"prediction": row["prediction"], "reference": row["reference"]})()
+    assert CHRFScorer.from_args(Args())({0: instance}) == pytest.approx(expected)
