@@ -967,24 +967,14 @@ def _drop_table_rows(table: Path, variants: set[str]) -> None:
     """Rewrite ``results/<task>/runs.csv`` without the rows of ``variants``."""
     import csv
 
+    from simul_agents.sweep import csv_text
+
     if not table.is_file():
         return
     with open(table, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, [r for r in reader if r["variant"] not in variants]
-    _write_whole(table, _csv_text(fields or [], rows))
-
-
-def _csv_text(fields: list[str], rows: list[dict]) -> str:
-    """``rows`` as CSV text with a header (written whole: a fresh machine's bench starts from ``runs.csv``)."""
-    import csv
-    import io
-
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    _write_whole(table, csv_text(fields or [], rows))  # whole: a fresh machine's bench starts from runs.csv
 
 
 def _outputs_back(bench: Bench, name: str) -> bool:
@@ -1178,7 +1168,7 @@ def _number(value: str):
 
 
 def write_task_results(bench: Bench, task: str) -> list[dict]:
-    from simul_agents.sweep import COLUMNS, fill_len_ratio, plot
+    from simul_agents.sweep import COLUMNS, csv_text, fill_len_ratio, plot
 
     for eval_dir in sorted((bench.runs / task).glob("eval-*")):  # finished runs, even of an unfinished sweep
         fill_len_ratio(eval_dir)  # runs scored before the column existed
@@ -1188,9 +1178,7 @@ def write_task_results(bench: Bench, task: str) -> list[dict]:
         return rows
     out = bench.results / task
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["variant", *COLUMNS]
-    table = [{k: "" if r.get(k) is None else r.get(k) for k in fields} for r in rows]
-    _write_whole(out / "runs.csv", _csv_text(fields, table))
+    _write_whole(out / "runs.csv", csv_text(["variant", *COLUMNS], rows))
     unit = "words" if task == "text" else "ms"
     plot(main_curves(rows), out / "curve.png", f"offline {task}-to-text En-De (LAAL in {unit})")
     for steps in other_budgets(rows):  # longer-trained models on their own axes: they would squash main's curves

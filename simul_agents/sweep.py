@@ -51,6 +51,7 @@ import argparse
 import csv
 import difflib
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -638,11 +639,17 @@ def score_options(config: SweepConfig) -> dict:
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    path.write_text(csv_text(COLUMNS, rows), encoding="utf-8")
+
+
+def csv_text(fields: Sequence[str], rows: Sequence[dict]) -> str:
+    """``rows`` as CSV text: a header of ``fields``, then each row's values of them (a missing or None one empty)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in fields})
+    return buffer.getvalue()
 
 
 def fill_len_ratio(eval_dir: Path) -> int:
