@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from fixtures_training import MANIFEST, ROOT, TINY_TEXT, tiny_cfg
 
 import training.train as trainer
 from training.config import load_config, parse_overrides
@@ -17,15 +18,7 @@ from training.corpus.manifest import MANIFEST_COLUMNS
 from training.phi import sample_phi
 from training.train import build_training_model, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_TEXT = ROOT / "training" / "configs" / "tiny_text.yaml"
 TINY_SPEECH = ROOT / "training" / "configs" / "tiny_speech.yaml"
-MANIFEST = ROOT / "tests" / "data" / "tiny_text.tsv"
-
-
-def tiny_cfg(tmp_path, **overrides):
-    base = dict(out_dir=str(tmp_path / "run"), train_manifest=str(MANIFEST), dev_manifest="", eval_every=1000)
-    return load_config(TINY_TEXT, {**base, **overrides})
 
 
 def error_lines(capsys) -> list[str]:

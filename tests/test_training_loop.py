@@ -5,22 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_training import MANIFEST, TINY_TEXT, tiny_cfg
 from safetensors.torch import load_file
 
 import training.train as trainer
-from training.config import TrainConfig, load_config
+from training.config import load_config
 from training.data import Example, SourceUnits, load_examples
 from training.train import build_training_model, evaluate, micro_batches, train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_TEXT = ROOT / "training" / "configs" / "tiny_text.yaml"
-MANIFEST = ROOT / "tests" / "data" / "tiny_text.tsv"
 TERMS = ("loss", "full", "mslm", "spsd", "probe")
-
-
-def tiny_cfg(tmp_path: Path, **overrides) -> TrainConfig:
-    base = dict(out_dir=str(tmp_path / "run"), train_manifest=str(MANIFEST), dev_manifest="", eval_every=1000)
-    return load_config(TINY_TEXT, {**base, **overrides})
 
 
 def four_rows(tmp_path: Path) -> Path:
