@@ -1241,6 +1241,8 @@ def summary_tasks(bench: Bench, tasks: list[str]) -> list[str]:
 
 
 def write_summary(bench: Bench, tasks: list[str]) -> Path:
+    from simul_agents.sweep import cell
+
     done = {}  # the committed records (this machine's or an earlier one's), then this machine's markers
     for folder in (bench.records, bench.done_dir):
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -1312,7 +1314,7 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
         ]
         for r in rows:
             param = r["param"] + (" †" if r.get("earlier") else "")
-            cells = [r["variant"], r["head"], param] + [_fmt(r.get(c)) for c in ("BLEU", "chrF", "len_ratio", "AL",
+            cells = [r["variant"], r["head"], param] + [cell(r.get(c)) for c in ("BLEU", "chrF", "len_ratio", "AL",
                                                                                  "LAAL", "LAAL_CA", "RCO")]  # fmt: skip
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines += ca_table(rows)
@@ -1336,6 +1338,8 @@ def write_summary(bench: Bench, tasks: list[str]) -> Path:
 
 def ca_table(rows: list[dict]) -> list[str]:
     """The computation-aware runs (SimulEval one instance at a time) as LAAL_CA over LAAL, per LLM precision."""
+    from simul_agents.sweep import cell
+
     ca = [r for r in rows if r["variant"] in CA_VARIANTS and r.get("LAAL_CA") is not None and r.get("LAAL")]
     if not ca:
         return []
@@ -1351,8 +1355,8 @@ def ca_table(rows: list[dict]) -> list[str]:
     ]
     for r in ca:
         ratio = r["LAAL_CA"] / r["LAAL"]
-        cells = [r["variant"], r["head"], r["param"], _fmt(r["LAAL"]), _fmt(r["LAAL_CA"]), f"{ratio:.2f}",
-                 _fmt(r.get("BLEU")), _fmt(r.get("chrF"))]  # fmt: skip
+        cells = [r["variant"], r["head"], r["param"], cell(r["LAAL"]), cell(r["LAAL_CA"]), f"{ratio:.2f}",
+                 cell(r.get("BLEU")), cell(r.get("chrF"))]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
@@ -1372,12 +1376,6 @@ def embed_in_readme(readme: Path, lines: list[str], results: Path) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     _write_whole(readme, head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-    return "-" if value is None else str(value)
 
 
 NOTE_FIRST = ("attempts", "train_minutes", "steps", "s_per_step", "dev_full", "dev_source_gain", "dev_bleu", "dev_chrf")

@@ -171,10 +171,7 @@ def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> 
 
 
 def format_rows(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
-        return "-" if value is None else str(value)
+    from simul_agents.sweep import cell
 
     lines = ["  ".join(f"{c:>9s}" for c in TABLE_COLUMNS)]
     for row in sorted(rows, key=lambda r: (r["head"], str(r["param"]))):

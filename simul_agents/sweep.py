@@ -652,6 +652,13 @@ def csv_text(fields: Sequence[str], rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+def cell(value) -> str:
+    """A table's cell: a float to two decimals (whole above 100, e.g. milliseconds), None as '-'."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
 def fill_len_ratio(eval_dir: Path) -> int:
     """Give the rows of ``eval_dir/sweep.csv`` scored before ``len_ratio`` was a column their value, from their
     ``instances.log`` where it is here (the other columns are left as they were scored); returns the rows filled."""
