@@ -1418,5 +1418,14 @@ def _torch_version() -> str:
     return torch.__version__
 
 
+def run_from_root(argv: list[str] | None = None) -> int:
+    """``python -m simul_agents.bench`` from any folder: the bench's data/, runs/bench/ and results/ are the
+    repository's (run elsewhere, it would start the whole experiment again there and embed that in the README)."""
+    if Path.cwd().resolve() != ROOT:
+        print(f"== running in {ROOT} (the bench's data/, runs/bench/ and results/ live there)", flush=True)
+        os.chdir(ROOT)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_from_root())

@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_CHECKPOINT = Path("results/speech/model")  # written by `make bench` (simul_agents/bench.py)
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its results/ hold the bench's models, in git
+BENCH_CHECKPOINT = ROOT / "results" / "speech" / "model"  # written by `make bench` (simul_agents/bench.py)
 ALIGN_STEPS = 400  # CTC steps aligning the adapter first (training/align.py): ~0.4 s each here
 WARMUP_STEPS = 20  # the learning rate's warmup (the same whatever --steps, so that a resumed demo continues)
-TEXT_CHECKPOINT = Path("results/text/model")  # the bench's text model (in git): the demo's LLM starts from it
+TEXT_CHECKPOINT = ROOT / "results" / "text" / "model"  # the bench's text model (in git): the demo's LLM starts from it
 TABLE_COLUMNS = ("head", "param", "BLEU", "chrF", "len_ratio", "LAAL", "AL", "LAAL_CA", "RCO")
 # spread over the bench speech model's curve (its 500 test utterances): entropy LAAL 1848 / 1390 / 882 ms, wait-k
 # (640 ms blocks) 1074 / 1510 / 2096 ms; entropy under ~1.0 waits for the whole source (LAAL 2142 at 1.0)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     train_min = max(1, round(args.steps * STEP_SECONDS / 60))
     eval_min = (max(1, round(args.test * EVAL_MINUTES[0] / 24)), max(2, round(args.test * EVAL_MINUTES[1] / 24)))
     if is_checkpoint(BENCH_CHECKPOINT):
-        model_plan = f"uses the trained model of `make bench` ({BENCH_CHECKPOINT}, in git: no training)"
+        model_plan = f"uses the trained model of `make bench` ({shown(BENCH_CHECKPOINT)}, in git: no training)"
     else:
         model_plan = (
             f"aligns the speech adapter ({ALIGN_STEPS} CTC steps, ~2 min) and trains {args.steps} steps "
@@ -128,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
+def shown(path: Path) -> Path:
+    """``path`` as a user here would type it: relative to the working folder when it lies under it."""
+    try:
+        return path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def is_checkpoint(path: Path) -> bool:
     """A readable checkpoint directory (its metadata checked, weights not loaded)."""
     from streaming_llm.checkpoint import CheckpointError, read_meta
@@ -143,16 +152,17 @@ def train_or_reuse(out: Path, data: Path, steps: int, with_dev: bool = True) -> 
     """The bench checkpoint if there is one, else this demo's (trained now, resumable)."""
     for candidate in (BENCH_CHECKPOINT, out / "train" / "final"):
         if is_checkpoint(candidate):
-            return candidate
+            return shown(candidate)
     from training.config import load_config
     from training.train import train
 
     start = {}
     if is_checkpoint(TEXT_CHECKPOINT):
-        start = {"init_llm": str(TEXT_CHECKPOINT)}
-        print(f"   the LLM starts from the text model {TEXT_CHECKPOINT} (it already translates; the adapter learns)")
+        text_model = shown(TEXT_CHECKPOINT)
+        start = {"init_llm": str(text_model)}
+        print(f"   the LLM starts from the text model {text_model} (it already translates; the adapter learns)")
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "training" / "configs" / "offline_speech.yaml",
+        ROOT / "training" / "configs" / "offline_speech.yaml",
         {
             "train_manifest": str(data / "train.tsv"),
             "dev_manifest": str(data / "dev.tsv") if with_dev else "",

@@ -1736,3 +1736,13 @@ def test_compare_cli_writes_the_result_as_json(task_dir, tmp_path):
     assert main([str(task_dir), "--variants", "main", "no-mslm", "--json", str(tmp_path / "compare.json")]) == 0
     written = json.loads((tmp_path / "compare.json").read_text(encoding="utf-8"))
     assert written == json.loads(json.dumps(compare_task(task_dir, ["main", "no-mslm"])))
+
+
+def test_bench_started_outside_the_repository_runs_in_it(tmp_path, monkeypatch, capsys):
+    import simul_agents.bench as B
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(B, "main", lambda argv=None: Path.cwd())  # where the stages would run
+    assert B.run_from_root(["--list"]) == B.ROOT
+    assert f"running in {B.ROOT}" in capsys.readouterr().out
+    assert B.run_from_root(["--list"]) == B.ROOT and capsys.readouterr().out == ""  # already there: silent

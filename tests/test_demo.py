@@ -145,3 +145,13 @@ def test_demo_says_it_uses_the_bench_model_when_there_is_one(tmp_path, monkeypat
     assert demo.main([]) == 1
     out = capsys.readouterr().out
     assert f"uses the trained model of `make bench` ({tmp_path / 'bench-model'}" in out and "trains" not in out
+
+
+def test_demo_finds_the_repositorys_bench_model_from_any_working_folder(tmp_path, monkeypatch):
+    import training.train
+
+    monkeypatch.setattr(training.train, "train", lambda cfg, resume: pytest.fail("the demo trained a model"))
+    monkeypatch.chdir(tmp_path)  # `python -m simul_agents.demo` started outside the repository
+    assert demo.train_or_reuse(Path("out"), Path("data"), steps=10) == demo.ROOT / "results" / "speech" / "model"
+    monkeypatch.chdir(demo.ROOT)  # from the repository, the path a user there would type
+    assert demo.train_or_reuse(Path("out"), Path("data"), steps=10) == Path("results/speech/model")
